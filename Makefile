@@ -1,0 +1,24 @@
+# Two entry points a newcomer needs: `make demo` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+$(BIN)/activate: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.1,<=2.14.1"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(BIN)/activate
+
+venv: $(BIN)/activate
+
+demo: venv  ## the main job on the embedded default: local Ray, local files, narrow model
+	$(BIN)/python -m jobs.demo --output demo_out
+
+test: venv  ## the whole suite, slow end-to-end tests included
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+.PHONY: venv demo test test-fast

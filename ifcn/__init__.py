@@ -1,0 +1,11 @@
+"""InstanceFCN (Dai et al., ECCV 2016): instance-sensitive fully convolutional networks."""
+from .checkpoint import checkpoint_digest, load_checkpoint, save_checkpoint
+from .config import BACKBONES, PAPER_SCALES, InferenceConfig, ModelConfig
+from .model import InstanceFCN, load_vgg16_weights
+from .ops import assemble
+from .predictor import Candidates, Predictor, postprocess
+
+__all__ = [
+    "BACKBONES", "PAPER_SCALES", "Candidates", "InferenceConfig", "InstanceFCN", "ModelConfig", "Predictor",
+    "assemble", "checkpoint_digest", "load_checkpoint", "load_vgg16_weights", "postprocess", "save_checkpoint",
+]

@@ -1,0 +1,153 @@
+"""Multi-scale inference, split in two so a pipeline can run the halves on different machines:
+
+    Predictor.candidates(image)  GPU: every scale's forward, top windows, assembling
+    postprocess(candidates)      CPU: paste, binarise, mask NMS, top N, COCO RLE
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import InferenceConfig
+from .model import InstanceFCN
+from .ops import assemble, crop_bbox, crop_to_rle, mask_nms, paste_masks
+from .transforms import image_to_tensor, normalize, resize, scaled_size
+
+
+@dataclass
+class Candidates:
+    """Top windows of every scale for one image, before pasting (all numpy).
+
+    scores: (C,) float32 objectness probability; cells: (C, 2) int32 window top-left feature
+    cell (y0, x0) at its scale; masks: (C, m, m) float16 assembled probabilities;
+    scale: (C,) int32 short side; factor: (C, 2) float32 resized/original size (fy, fx).
+    """
+
+    image_size: tuple[int, int]
+    scores: np.ndarray
+    cells: np.ndarray
+    masks: np.ndarray
+    scale: np.ndarray
+    factor: np.ndarray
+    stride: int = 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_size": np.asarray(self.image_size, dtype=np.int64), "scores": self.scores,
+                "cells": self.cells, "masks": self.masks, "scale": self.scale, "factor": self.factor,
+                "stride": np.int64(self.stride)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Candidates":
+        h, w = (int(v) for v in np.asarray(d["image_size"]).reshape(2))
+        m = np.asarray(d["masks"])
+        return cls((h, w), np.asarray(d["scores"], np.float32).reshape(-1), np.asarray(d["cells"], np.int32).reshape(-1, 2),
+                   m.reshape(-1, *m.shape[-2:]) if m.size else m.reshape(0, 0, 0),
+                   np.asarray(d["scale"], np.int32).reshape(-1), np.asarray(d["factor"], np.float32).reshape(-1, 2),
+                   int(d.get("stride", 8)))
+
+
+def postprocess(cands: Candidates, config: InferenceConfig) -> list[dict[str, Any]]:
+    """Paste, binarise, mask-NMS and encode: the CPU half of inference.
+
+    Returns proposals best first: {score, rle (COCO compressed, str counts), bbox (x, y, w, h),
+    area, scale}.
+    """
+    keep = cands.scores >= config.min_score
+    tops: list[int] = []
+    lefts: list[int] = []
+    crops: list[np.ndarray] = []
+    idx: list[int] = []
+    # All windows of one scale share a factor, so each scale pastes as one batch.
+    for s in np.unique(cands.scale[keep]):
+        sel = np.flatnonzero(keep & (cands.scale == s))
+        fy, fx = (float(v) for v in cands.factor[sel[0]])
+        pasted = paste_masks(cands.masks[sel].astype(np.float32), cands.cells[sel].astype(np.int64), (fy, fx),
+                             cands.image_size, cands.stride, config.mask_threshold)
+        for i, (top, left, crop) in zip(sel, pasted):
+            tops.append(top)
+            lefts.append(left)
+            crops.append(crop)
+            idx.append(int(i))
+    boxes = np.zeros((len(crops), 4), dtype=np.float64)
+    nonempty = np.zeros(len(crops), dtype=bool)
+    for j, (top, left, crop) in enumerate(zip(tops, lefts, crops)):
+        box = crop_bbox(top, left, crop)
+        if box is not None:
+            boxes[j], nonempty[j] = box, True
+    live = np.flatnonzero(nonempty)
+    areas = np.array([int(crops[j].sum()) for j in live], dtype=np.int64)
+    scores = cands.scores[np.asarray(idx, dtype=np.int64)[live]] if len(live) else np.zeros(0, np.float32)
+    rles = _LazyRles([(tops[j], lefts[j], crops[j]) for j in live], cands.image_size)
+    kept = mask_nms(rles, scores, boxes[live], areas, config.nms_iou, config.max_proposals)
+    out = []
+    for j in kept:
+        src = idx[live[j]]
+        out.append({"score": float(scores[j]), "rle": rles[j], "bbox": [float(v) for v in boxes[live[j]]],
+                    "area": int(areas[j]), "scale": int(cands.scale[src])})
+    return out
+
+
+class _LazyRles:
+    """RLEs encoded on first use: NMS only needs those of masks it actually compares."""
+
+    def __init__(self, crops: list[tuple[int, int, np.ndarray]], image_size: tuple[int, int]) -> None:
+        self._crops, self._size, self._cache = crops, image_size, {}
+
+    def __len__(self) -> int:
+        return len(self._crops)
+
+    def __getitem__(self, i: int) -> dict:
+        i = int(i)
+        if i not in self._cache:
+            self._cache[i] = crop_to_rle(*self._crops[i], self._size)
+        return self._cache[i]
+
+
+class Predictor:
+    """Runs a trained InstanceFCN on one image at every scale of an InferenceConfig."""
+
+    def __init__(self, model: InstanceFCN, config: InferenceConfig = InferenceConfig(),
+                 device: str | torch.device | None = None, amp_dtype: torch.dtype | None = None) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.amp_dtype = amp_dtype  # e.g. torch.bfloat16 on GPUs; None = full precision
+
+    @torch.inference_mode()
+    def candidates(self, image: np.ndarray) -> Candidates:
+        """image: (H, W, 3) uint8 RGB -> top windows of every scale (GPU half)."""
+        mcfg = self.model.config
+        m, half = mcfg.m, mcfg.m // 2
+        height, width = image.shape[:2]
+        base = image_to_tensor(image, self.device)  # (1, 3, H, W)
+        parts: list[tuple[np.ndarray, ...]] = []
+        for short in self.config.scales:
+            size = scaled_size(height, width, short, self.config.max_size)
+            x = normalize(resize(base, size))
+            amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                   else contextlib.nullcontext())
+            with amp:
+                scores, objectness = self.model(x)  # (1, k*k, h, w), (1, 1, h, w)
+            scores, objectness = scores.float(), objectness.float()
+            fw = objectness.shape[-1]
+            flat = objectness.reshape(-1)
+            top = torch.topk(flat, min(self.config.windows_per_scale, flat.numel()))
+            ys, xs = top.indices // fw, top.indices % fw
+            cells = torch.stack([ys - half, xs - half], dim=1)  # (T, 2) window top-left cells
+            windows = torch.cat([torch.zeros_like(ys)[:, None], cells], dim=1)  # (T, 3)
+            probs = torch.sigmoid(assemble(scores, windows, m))  # (T, m, m)
+            n = len(ys)
+            parts.append((torch.sigmoid(top.values).cpu().numpy().astype(np.float32),
+                           cells.cpu().numpy().astype(np.int32), probs.half().cpu().numpy(),
+                           np.full(n, short, np.int32),
+                           np.tile(np.array([size[0] / height, size[1] / width], np.float32), (n, 1))))
+        cols = [np.concatenate(c) for c in zip(*parts)]
+        return Candidates((height, width), *cols, stride=mcfg.stride)
+
+    def predict(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """image: (H, W, 3) uint8 RGB -> proposals best first (see `postprocess`)."""
+        return postprocess(self.candidates(image), self.config)

@@ -1,0 +1,39 @@
+"""Image -> network input: resize to a short side, normalise with ImageNet statistics."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def scaled_size(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+    """(h, w) with the short side at `short_side`, unless that pushes the long side past `max_size`."""
+    factor = short_side / min(height, width)
+    if max(height, width) * factor > max_size:
+        factor = max_size / max(height, width)
+    return max(1, int(round(height * factor))), max(1, int(round(width * factor)))
+
+
+def image_to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) float in [0, 1] on `device`."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+    t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    return t.permute(2, 0, 1)[None].float().div_(255.0)  # (1, 3, H, W)
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3, h, w), antialiased so small scales do not alias."""
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> ImageNet-normalised, as VGG-16 was trained."""
+    mean = images.new_tensor(IMAGENET_MEAN)[:, None, None]
+    std = images.new_tensor(IMAGENET_STD)[:, None, None]
+    return (images - mean) / std

@@ -1,0 +1,1 @@
+"""Distributed InstanceFCN batch job on Ray Data: sources, stages, sinks."""
