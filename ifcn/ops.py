@@ -4,6 +4,8 @@ No model state here: each function is tested against a slow reference in tests/t
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
@@ -45,26 +47,29 @@ def assemble(scores: torch.Tensor, windows: torch.Tensor, m: int) -> torch.Tenso
     return torch.where(inside, out, torch.full_like(out, BACKGROUND_LOGIT))
 
 
-def _interp_matrix(start_px: np.ndarray, count: int, first_cell_px: np.ndarray, factor: float, m: int,
-                   stride: int) -> np.ndarray:
-    """(W, count, m) bilinear weights that resample an m-cell window row onto image pixels.
+class _AxisSamples:
+    """Bilinear sampling of one axis for a batch of windows: each pixel of a window's span blends
+    cells i0 and i1 with weight t on i1. All fields (W, count); `valid` marks pixels inside both
+    the window's span and the image.
 
-    Output pixel p = start_px + t (centre p + 0.5) sits at resized coordinate (p + 0.5) * factor,
-    i.e. at window cell u = ((p + 0.5) * factor - first_cell_px) / stride - 0.5, clamped to [0, m-1].
-    Pixels outside the window's span [first_cell_px, first_cell_px + m*stride) get zero weight.
+    Pixel p (centre p + 0.5) sits at resized coordinate (p + 0.5) * factor, i.e. at window cell
+    u = ((p + 0.5) * factor - stride * c0) / stride - 0.5, clamped to [0, m-1].
     """
-    p = start_px[:, None] + np.arange(count)[None, :]  # (W, count)
-    r = (p + 0.5) * factor - first_cell_px[:, None]  # resized px from window start
-    inside = (r >= 0) & (r < m * stride)
-    u = np.clip(r / stride - 0.5, 0.0, m - 1.0)
-    i0 = np.floor(u).astype(np.int64)
-    i1 = np.minimum(i0 + 1, m - 1)
-    w1 = (u - i0) * inside
-    w0 = (1.0 - (u - i0)) * inside
-    mat = np.zeros((*p.shape, m), dtype=np.float32)
-    np.put_along_axis(mat, i0[..., None], w0[..., None].astype(np.float32), axis=-1)
-    np.add.at(mat, (*np.indices(p.shape), i1), w1.astype(np.float32))
-    return mat
+
+    def __init__(self, cell0: np.ndarray, factor: float, m: int, stride: int, size: int) -> None:
+        self.start, count = window_pixel_span(cell0, factor, m, stride)
+        p = self.start[:, None] + np.arange(count)[None, :]  # (W, count) image pixels
+        r = (p + 0.5) * factor - (cell0 * stride)[:, None]  # resized px from the window's start
+        self.valid = (r >= 0) & (r < m * stride) & (p >= 0) & (p < size)
+        u = np.clip(r / stride - 0.5, 0.0, m - 1.0)
+        self.i0 = np.floor(u).astype(np.int64)
+        self.i1 = np.minimum(self.i0 + 1, m - 1)
+        self.t = (u - self.i0).astype(np.float32)
+
+    def support(self, on: np.ndarray) -> np.ndarray:
+        """(W, count) pixels that blend at least one cell marked in `on` (W, m)."""
+        rows = np.arange(len(on))[:, None]
+        return self.valid & (on[rows, self.i0] | on[rows, self.i1])
 
 
 def window_pixel_span(cell0: np.ndarray, factor: float, m: int, stride: int) -> tuple[np.ndarray, int]:
@@ -78,37 +83,49 @@ def window_pixel_span(cell0: np.ndarray, factor: float, m: int, stride: int) -> 
     return start, count
 
 
+_EMPTY_CROP = (0, 0, np.zeros((0, 0), dtype=bool))
+
+
 def paste_masks(probs: np.ndarray, cells: np.ndarray, factor: tuple[float, float], image_size: tuple[int, int],
                 stride: int = 8, threshold: float = 0.5) -> list[tuple[int, int, np.ndarray]]:
     """Pastes m x m window probabilities back into image pixels and binarises them.
 
     probs: (W, m, m) in [0, 1]; cells: (W, 2) window top-left feature cells (y0, x0) at a scale
     whose resized/original factor is (fy, fx); image_size: (H, W) of the original image.
-    Returns per window (top, left, crop): crop is a bool (h, w) array inside the image.
+    Returns per window (top, left, crop): crop is the mask's tight bool (h, w) box inside the image,
+    (0, 0, (0, 0)) when the mask is empty. Pixel p samples the window bilinearly at cell
+    u = ((p + 0.5) * factor - stride * c0) / stride - 0.5 (clamped to [0, m-1]) and is zero outside
+    the window's span [stride * c0, stride * (c0 + m)) in resized pixels.
     """
     n, m, _ = probs.shape
     height, width = image_size
     if n == 0:
         return []
-    y_start, y_count = window_pixel_span(cells[:, 0], factor[0], m, stride)
-    x_start, x_count = window_pixel_span(cells[:, 1], factor[1], m, stride)
-    ry = _interp_matrix(y_start, y_count, cells[:, 0] * stride, factor[0], m, stride)  # (W, Sy, m)
-    rx = _interp_matrix(x_start, x_count, cells[:, 1] * stride, factor[1], m, stride)  # (W, Sx, m)
+    probs = np.asarray(probs, dtype=np.float32)
+    on = probs > threshold  # (W, m, m)
+    ay = _AxisSamples(cells[:, 0].astype(np.int64), factor[0], m, stride, height)
+    ax = _AxisSamples(cells[:, 1].astype(np.int64), factor[1], m, stride, width)
+    # Bilinear weights are convex, so a pixel can pass the threshold only where one of the cells
+    # it blends does: only those rows/columns are resampled (masks are sparse in their windows).
+    ys_live, xs_live = ay.support(on.any(axis=2)), ax.support(on.any(axis=1))  # (W, Sy), (W, Sx)
     out: list[tuple[int, int, np.ndarray]] = []
-    chunk = max(1, int(8e6 // max(1, y_count * x_count)))  # bounds the float buffer to ~32 MB
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        full = torch.from_numpy(ry[s:e]) @ torch.from_numpy(probs[s:e].astype(np.float32)) @ torch.from_numpy(
-            rx[s:e]).transpose(1, 2)  # (w, Sy, Sx)
-        binary = (full > threshold).numpy()
-        for i in range(e - s):
-            top, left = int(y_start[s + i]), int(x_start[s + i])
-            y0, y1 = max(0, top), min(height, top + y_count)
-            x0, x1 = max(0, left), min(width, left + x_count)
-            if y1 <= y0 or x1 <= x0:
-                out.append((0, 0, np.zeros((0, 0), dtype=bool)))
-                continue
-            out.append((y0, x0, binary[i, y0 - top:y1 - top, x0 - left:x1 - left]))
+    for w in range(n):
+        ry, rx = np.flatnonzero(ys_live[w]), np.flatnonzero(xs_live[w])
+        if ry.size == 0 or rx.size == 0:
+            out.append(_EMPTY_CROP)
+            continue
+        a, b, c, d = ry[0], ry[-1] + 1, rx[0], rx[-1] + 1
+        tx, ty = ax.t[w, c:d], ay.t[w, a:b, None]
+        p = probs[w]
+        q = p[:, ax.i0[w, c:d]] * (1.0 - tx) + p[:, ax.i1[w, c:d]] * tx  # (m, wx): along x first
+        v = q[ay.i0[w, a:b]] * (1.0 - ty) + q[ay.i1[w, a:b]] * ty  # (hy, wx)
+        binary = v > threshold
+        rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
+        if rows.size == 0:
+            out.append(_EMPTY_CROP)
+            continue
+        top, left = int(ay.start[w] + a + rows[0]), int(ax.start[w] + c + cols[0])
+        out.append((top, left, binary[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]))
     return out
 
 
@@ -124,28 +141,27 @@ def crop_bbox(top: int, left: int, crop: np.ndarray) -> tuple[float, float, floa
 def crop_to_rle(top: int, left: int, crop: np.ndarray, image_size: tuple[int, int]) -> dict:
     """COCO compressed RLE of a full-image mask that is zero outside `crop`, without building it.
 
-    Touches only the crop's columns: O(H * w) rather than O(H * W).
+    Touches only the crop's pixels: O(h * w) rather than O(H * W). Runs are read off the crop's
+    columns (column-major, as COCO counts), each followed by one zero that stands for the
+    H - h background pixels between the crop's end in one column and its start in the next.
     """
     height, width = image_size
     h, w = crop.shape
-    if h == 0 or w == 0:
+    if h == 0 or w == 0 or not crop.any():
         return _encode_counts([height * width], image_size)
-    cols = np.zeros((w, height), dtype=np.uint8)  # column-major strip of the crop's columns
-    cols[:, top:top + h] = crop.T
-    flat = cols.reshape(-1)
-    change = np.flatnonzero(np.diff(flat)) + 1  # positions where the value flips
-    bounds = np.concatenate(([0], change, [flat.size]))
-    runs = np.diff(bounds).tolist()
-    if flat.size and flat[0]:  # COCO RLE starts with a run of zeros
-        runs.insert(0, 0)
-    runs[0] += left * height  # zeros in the columns before the crop
-    tail = (width - left - w) * height  # zeros in the columns after it
-    if flat[-1]:
-        if tail:
-            runs.append(tail)
-    else:
-        runs[-1] += tail
-    return _encode_counts(runs, image_size)
+    sep = 1 if h < height else 0  # a full-height crop's columns follow each other directly
+    strip = np.zeros((w, h + sep), dtype=np.int8)  # (w, h [+1]) column-major crop + separators
+    strip[:, :h] = crop.T
+    flat = strip.reshape(-1)
+    # full-image column-major position of each strip element
+    pos = ((left + np.arange(w)) * height + top)[:, None] + np.arange(h + sep)[None, :]
+    prev = np.concatenate(([0], flat[:-1]))  # the image starts with background
+    pos = pos.reshape(-1)
+    change = pos[(flat != prev) & (pos < height * width)]  # first pixel of every later run
+    # without separators a crop ending on a set pixel needs the run after it closed explicitly
+    tail = [pos[-1] + 1] if flat[-1] and pos[-1] + 1 < height * width else []
+    bounds = np.concatenate(([0], change, tail, [height * width]))
+    return _encode_counts(np.diff(bounds).tolist(), image_size)
 
 
 def _encode_counts(runs: list[int], image_size: tuple[int, int]) -> dict:
@@ -156,34 +172,69 @@ def _encode_counts(runs: list[int], image_size: tuple[int, int]) -> dict:
     return rle
 
 
-def mask_nms(rles: list[dict], scores: np.ndarray, boxes: np.ndarray, areas: np.ndarray, iou_threshold: float,
+class GreedyMaskNMS:
+    """Greedy mask NMS fed one mask at a time in score order, so callers can stop producing masks
+    once `max_keep` are kept. A mask is kept unless its IoU with a kept one exceeds the threshold.
+
+    Pairs whose IoU cannot exceed the threshold (box intersection / larger area <= threshold,
+    an upper bound of the IoU) skip the exact RLE IoU, so RLEs are asked for only when needed.
+    """
+
+    def __init__(self, iou_threshold: float, max_keep: int) -> None:
+        self.iou_threshold, self.max_keep = iou_threshold, max_keep
+        self.kept_rles: list[dict] = []
+        self._boxes = np.zeros((max(1, min(max_keep, 4096)), 4), dtype=np.float64)  # x0, y0, x1, y1
+        self._areas = np.zeros(len(self._boxes), dtype=np.float64)
+
+    @property
+    def full(self) -> bool:
+        return len(self.kept_rles) >= self.max_keep
+
+    def offer(self, box: tuple[float, float, float, float] | np.ndarray, area: int, rle: Callable[[], dict]) -> bool:
+        """box: (x, y, w, h) tight box; area: pixels; rle: returns the mask's COCO RLE when asked.
+
+        Returns whether the mask is kept (its RLE is then in `kept_rles`).
+        """
+        if self.full:
+            return False
+        n = len(self.kept_rles)
+        x0, y0, bw, bh = (float(v) for v in box)
+        x1, y1 = x0 + bw, y0 + bh
+        mine: dict | None = None
+        if n:
+            kb = self._boxes[:n]
+            iw = np.minimum(x1, kb[:, 2]) - np.maximum(x0, kb[:, 0])
+            ih = np.minimum(y1, kb[:, 3]) - np.maximum(y0, kb[:, 1])
+            bound = np.clip(iw, 0, None) * np.clip(ih, 0, None) / np.maximum(np.maximum(self._areas[:n], area), 1)
+            near = np.flatnonzero(bound > self.iou_threshold)
+            if near.size:
+                mine = rle()
+                ious = mask_utils.iou([self.kept_rles[i] for i in near], [mine], [0])
+                if np.any(np.asarray(ious) > self.iou_threshold):
+                    return False
+        if n == len(self._boxes):
+            self._boxes = np.concatenate([self._boxes, np.zeros_like(self._boxes)])
+            self._areas = np.concatenate([self._areas, np.zeros_like(self._areas)])
+        self._boxes[n] = (x0, y0, x1, y1)
+        self._areas[n] = area
+        self.kept_rles.append(mine if mine is not None else rle())
+        return True
+
+
+def mask_nms(rles: Sequence[dict], scores: np.ndarray, boxes: np.ndarray, areas: np.ndarray, iou_threshold: float,
              max_keep: int) -> np.ndarray:
     """Greedy mask NMS: in score order, keep a mask unless its IoU with a kept one exceeds the threshold.
 
-    boxes: (N, 4) xywh tight boxes, areas: (N,) mask areas. Pairs whose IoU cannot exceed the
-    threshold (box intersection / larger area <= threshold) skip the exact RLE IoU. Returns kept
-    indices, best first (ties broken by index).
+    rles: N COCO RLEs (any indexable; read only where boxes overlap enough to matter);
+    boxes: (N, 4) xywh tight boxes, areas: (N,) mask areas. Returns kept indices, best first
+    (ties broken by index).
     """
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    if len(order) == 0:
-        return np.zeros(0, dtype=np.int64)
-    x0, y0 = boxes[:, 0], boxes[:, 1]
-    x1, y1 = x0 + boxes[:, 2], y0 + boxes[:, 3]
+    nms = GreedyMaskNMS(iou_threshold, max_keep)
     kept: list[int] = []
-    kept_arr = np.zeros(0, dtype=np.int64)
     for idx in order:
-        if kept:
-            iw = np.minimum(x1[idx], x1[kept_arr]) - np.maximum(x0[idx], x0[kept_arr])
-            ih = np.minimum(y1[idx], y1[kept_arr]) - np.maximum(y0[idx], y0[kept_arr])
-            inter_bound = np.clip(iw, 0, None) * np.clip(ih, 0, None)
-            bound = inter_bound / np.maximum(areas[idx], areas[kept_arr])
-            near = kept_arr[bound > iou_threshold]
-            if near.size:
-                ious = mask_utils.iou([rles[i] for i in near], [rles[idx]], [0])
-                if np.any(np.asarray(ious) > iou_threshold):
-                    continue
-        kept.append(int(idx))
-        kept_arr = np.asarray(kept, dtype=np.int64)
-        if len(kept) >= max_keep:
+        if nms.full:
             break
-    return kept_arr
+        if nms.offer(boxes[idx], int(areas[idx]), lambda i=idx: rles[i]):
+            kept.append(int(idx))
+    return np.asarray(kept, dtype=np.int64)

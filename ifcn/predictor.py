@@ -14,7 +14,7 @@ import torch
 
 from .config import InferenceConfig
 from .model import InstanceFCN
-from .ops import assemble, crop_bbox, crop_to_rle, mask_nms, paste_masks
+from .ops import GreedyMaskNMS, assemble, crop_bbox, crop_to_rle, paste_masks
 from .transforms import image_to_tensor, normalize, resize, scaled_size
 
 
@@ -50,61 +50,52 @@ class Candidates:
                    int(d.get("stride", 8)))
 
 
+# Windows pasted per round beyond the ones still needed: NMS drops some, and one round more
+# costs more than a few spare windows.
+_SPARE_WINDOWS = 64
+
+
 def postprocess(cands: Candidates, config: InferenceConfig) -> list[dict[str, Any]]:
     """Paste, binarise, mask-NMS and encode: the CPU half of inference.
 
     Returns proposals best first: {score, rle (COCO compressed, str counts), bbox (x, y, w, h),
-    area, scale}.
+    area, scale}. Windows are pasted in score order, a round at a time, and NMS stops as soon as
+    `max_proposals` are kept, so most low-ranked windows are never pasted; ties keep candidate order.
     """
-    keep = cands.scores >= config.min_score
-    tops: list[int] = []
-    lefts: list[int] = []
-    crops: list[np.ndarray] = []
-    idx: list[int] = []
-    # All windows of one scale share a factor, so each scale pastes as one batch.
-    for s in np.unique(cands.scale[keep]):
-        sel = np.flatnonzero(keep & (cands.scale == s))
-        fy, fx = (float(v) for v in cands.factor[sel[0]])
-        pasted = paste_masks(cands.masks[sel].astype(np.float32), cands.cells[sel].astype(np.int64), (fy, fx),
-                             cands.image_size, cands.stride, config.mask_threshold)
-        for i, (top, left, crop) in zip(sel, pasted):
-            tops.append(top)
-            lefts.append(left)
-            crops.append(crop)
-            idx.append(int(i))
-    boxes = np.zeros((len(crops), 4), dtype=np.float64)
-    nonempty = np.zeros(len(crops), dtype=bool)
-    for j, (top, left, crop) in enumerate(zip(tops, lefts, crops)):
-        box = crop_bbox(top, left, crop)
-        if box is not None:
-            boxes[j], nonempty[j] = box, True
-    live = np.flatnonzero(nonempty)
-    areas = np.array([int(crops[j].sum()) for j in live], dtype=np.int64)
-    scores = cands.scores[np.asarray(idx, dtype=np.int64)[live]] if len(live) else np.zeros(0, np.float32)
-    rles = _LazyRles([(tops[j], lefts[j], crops[j]) for j in live], cands.image_size)
-    kept = mask_nms(rles, scores, boxes[live], areas, config.nms_iou, config.max_proposals)
-    out = []
-    for j in kept:
-        src = idx[live[j]]
-        out.append({"score": float(scores[j]), "rle": rles[j], "bbox": [float(v) for v in boxes[live[j]]],
-                    "area": int(areas[j]), "scale": int(cands.scale[src])})
+    live = np.flatnonzero(cands.scores >= config.min_score)
+    order = live[np.argsort(-cands.scores[live].astype(np.float64), kind="stable")]
+    nms = GreedyMaskNMS(config.nms_iou, config.max_proposals)
+    out: list[dict[str, Any]] = []
+    pos = 0
+    while pos < len(order) and not nms.full:
+        batch = order[pos:pos + config.max_proposals - len(out) + _SPARE_WINDOWS]
+        pos += len(batch)
+        for i, (top, left, crop) in zip(batch, _paste(cands, batch, config.mask_threshold)):
+            box = crop_bbox(top, left, crop)
+            if box is None:
+                continue
+            area = int(np.count_nonzero(crop))
+            if nms.offer(box, area, lambda: crop_to_rle(top, left, crop, cands.image_size)):
+                out.append({"score": float(cands.scores[i]), "rle": nms.kept_rles[-1], "bbox": list(box),
+                            "area": area, "scale": int(cands.scale[i])})
+                if nms.full:
+                    break
     return out
 
 
-class _LazyRles:
-    """RLEs encoded on first use: NMS only needs those of masks it actually compares."""
-
-    def __init__(self, crops: list[tuple[int, int, np.ndarray]], image_size: tuple[int, int]) -> None:
-        self._crops, self._size, self._cache = crops, image_size, {}
-
-    def __len__(self) -> int:
-        return len(self._crops)
-
-    def __getitem__(self, i: int) -> dict:
-        i = int(i)
-        if i not in self._cache:
-            self._cache[i] = crop_to_rle(*self._crops[i], self._size)
-        return self._cache[i]
+def _paste(cands: Candidates, idx: np.ndarray, threshold: float) -> list[tuple[int, int, np.ndarray]]:
+    """paste_masks for candidates `idx` (any scales), results in the order of `idx`."""
+    out: list[tuple[int, int, np.ndarray]] = [None] * len(idx)  # type: ignore[list-item]
+    scales = cands.scale[idx]
+    for s in np.unique(scales):  # all windows of one scale share a factor: one batch each
+        at = np.flatnonzero(scales == s)
+        sel = idx[at]
+        fy, fx = (float(v) for v in cands.factor[sel[0]])
+        pasted = paste_masks(cands.masks[sel].astype(np.float32), cands.cells[sel].astype(np.int64), (fy, fx),
+                             cands.image_size, cands.stride, threshold)
+        for j, p in zip(at, pasted):
+            out[j] = p
+    return out
 
 
 class Predictor:

@@ -1,0 +1,207 @@
+"""How close does multi-scale InstanceFCN inference get to the machine's dense matmul rate?
+
+    python bench/model.py [--backbone vgg16|vgg16_narrow] [--size 480x640] [--heads structured|random]
+
+Measures, in one run on one machine:
+  - the multi-scale forward's FLOPs, counted from every conv's shapes (2 * MACs) with forward hooks;
+  - dense fp32 matmul GFLOP/s (torch.mm of large square matrices): the machine's ceiling;
+  - the bare multi-scale forward's GFLOP/s (pre-resized inputs, model(x) per scale);
+  - the whole Predictor.predict() (resize, forward, top windows, assemble, paste, binarise,
+    mask NMS, RLE) as forward FLOPs over its wall time, with its candidates/postprocess split.
+and prints the ratios forward/matmul, predict/matmul, predict/forward. Each time is the best of
+--repeat runs (after one warm-up), the least disturbed by other processes on a shared machine.
+
+--heads structured (default) keeps the real network's compute but replaces its two head outputs
+with the maps a well-trained model would give on the synthetic scene (sharp instance-sensitive
+scores, objectness peaks at instance centres of the right size), so pasting and NMS see
+realistic near-duplicate masks. --heads random uses the random-init heads as they are (noisy
+~0.5 masks, which make NMS artificially cheap or hard depending on the seed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ifcn import BACKBONES, PAPER_SCALES, InferenceConfig, InstanceFCN, ModelConfig, Predictor, postprocess
+from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size
+
+MATMUL_N = 4096  # large enough that torch.mm runs at the BLAS's peak, small enough to take ~1 s on 2 cores
+
+
+def synthetic_scene(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(H, W, 3) uint8 image of flat-coloured rectangles and ellipses (some touching) on texture,
+    and their (H, W) bool instance masks."""
+    rng = np.random.default_rng(seed)
+    image = (rng.random((height, width, 3)) * 80 + 40).astype(np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    instances = []
+    short = min(height, width)
+    for i in range(24):
+        size = short * float(np.exp(rng.uniform(np.log(0.06), np.log(0.7))))
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        ry, rx = size / 2 * rng.uniform(0.6, 1.0), size / 2 * rng.uniform(0.6, 1.0)
+        if i % 2:
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        else:
+            mask = (np.abs(yy - cy) <= ry) & (np.abs(xx - cx) <= rx)
+        for other in instances:  # later objects occlude earlier ones
+            other &= ~mask
+        instances.append(mask)
+        image[mask] = rng.integers(0, 256, 3)
+        if i % 6 == 0:  # a touching twin to the right: one foreground blob, two instances
+            twin = np.roll(mask, int(2 * rx), axis=1) & (xx >= cx + rx)
+            for other in instances:
+                other &= ~twin
+            instances.append(twin)
+            image[twin] = rng.integers(0, 256, 3)
+    return image, [m for m in instances if m.sum() > 16]
+
+
+class OracleHeads(nn.Module):
+    """Runs the real InstanceFCN (same FLOPs), then returns the maps a well-trained model would:
+    for each instance, a pixel is positive only in the score map of its cell in the window centred
+    on the instance; objectness peaks (with noise) at instance centres whose size fits the window."""
+
+    def __init__(self, model: InstanceFCN, instances: list[np.ndarray], seed: int = 0) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.instances = [torch.from_numpy(m) for m in instances]
+        self.boxes = []  # (y0, x0, y1, x1) in original pixels, exclusive ends
+        for m in instances:
+            rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+            self.boxes.append((rows[0], cols[0], rows[-1] + 1, cols[-1] + 1))
+        self.seed = seed
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, objectness = self.model(images)  # (1, k*k, h, w), (1, 1, h, w)
+        k, m, stride = self.config.k, self.config.m, self.config.stride
+        fh, fw = scores.shape[-2:]
+        height, width = self.instances[0].shape
+        fy, fx = images.shape[-2] / height, images.shape[-1] / width  # resized / original
+        gen = torch.Generator().manual_seed(self.seed + fh)
+        ideal = torch.full((k * k, fh, fw), -6.0)
+        obj = torch.rand((fh, fw), generator=gen) * 4.0 - 8.0  # background: low, noisy
+        ys = ((torch.arange(fh) * stride + stride / 2) / fy).long().clamp(max=height - 1)  # cell centre -> pixel
+        xs = ((torch.arange(fw) * stride + stride / 2) / fx).long().clamp(max=width - 1)
+        for inst, (by0, bx0, by1, bx1) in zip(self.instances, self.boxes):
+            cells = inst[ys][:, xs]  # (fh, fw) bool: the instance sampled at cell centres
+            if not cells.any():
+                continue
+            cy = (by0 + by1) / 2 * fy / stride  # box centre in feature cells
+            cx = (bx0 + bx1) / 2 * fx / stride
+            y0, x0 = round(cy) - m // 2, round(cx) - m // 2
+            iy, ix = torch.nonzero(cells, as_tuple=True)
+            part = ((iy - y0).clamp(0, m - 1) * k // m) * k + (ix - x0).clamp(0, m - 1) * k // m
+            ideal[part, iy, ix] = 6.0
+            # objectness: the larger side at ~60% of the window (DeepMask's rule), within 2^(+-1/2)
+            side = max((by1 - by0) * fy, (bx1 - bx0) * fx)
+            fit = abs(np.log2(side / (0.6 * m * stride)))
+            if fit < 0.5:
+                dy = torch.arange(fh)[:, None] - cy
+                dx = torch.arange(fw)[None, :] - cx
+                peak = 6.0 - 2.0 * fit - (dy**2 + dx**2) / 2.0
+                obj = torch.maximum(obj, peak)
+        return ideal[None].to(scores.dtype), obj[None, None].to(objectness.dtype)
+
+
+def conv_flops(model: nn.Module, inputs: list[torch.Tensor]) -> float:
+    """2 * multiply-accumulates of every Conv2d over all inputs, read from the layers' shapes."""
+    total = 0.0
+
+    def hook(mod: nn.Conv2d, _inp: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        kh, kw = mod.kernel_size
+        total += 2.0 * out.numel() * (mod.in_channels // mod.groups) * kh * kw
+
+    handles = [mod.register_forward_hook(hook) for mod in model.modules() if isinstance(mod, nn.Conv2d)]
+    try:
+        with torch.inference_mode():
+            for x in inputs:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def best_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_gflops(n: int, repeat: int) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2.0 * n**3 / best_time(lambda: torch.mm(a, b), repeat) / 1e9
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backbone", choices=BACKBONES, default="vgg16")
+    ap.add_argument("--size", default="480x640", help="image HxW (default 480x640, a typical COCO image)")
+    ap.add_argument("--scales", default=",".join(map(str, PAPER_SCALES)), help="short sides (the paper's six)")
+    ap.add_argument("--proposals", type=int, default=1000, help="max proposals kept (AR@1000)")
+    ap.add_argument("--heads", choices=("structured", "random"), default="structured")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args(argv)
+    height, width = (int(v) for v in args.size.lower().split("x"))
+
+    torch.manual_seed(0)
+    model = InstanceFCN(ModelConfig(args.backbone)).eval()
+    image, instances = synthetic_scene(height, width)
+    net: nn.Module = OracleHeads(model, instances) if args.heads == "structured" else model
+    config = InferenceConfig(scales=tuple(int(s) for s in args.scales.split(",")), max_proposals=args.proposals)
+    predictor = Predictor(model, config, device="cpu")
+    predictor.model = net  # same compute, chosen heads; Predictor only calls model(x) and model.config
+
+    base = image_to_tensor(image)
+    inputs = [normalize(resize(base, scaled_size(height, width, s, config.max_size))) for s in config.scales]
+    flops = conv_flops(model, inputs)
+
+    def forward_all() -> None:
+        with torch.inference_mode():
+            for x in inputs:
+                model(x)
+
+    mm = matmul_gflops(MATMUL_N, args.repeat)
+    t_forward = best_time(forward_all, args.repeat)
+    t_cands = best_time(lambda: predictor.candidates(image), args.repeat)
+    cands = predictor.candidates(image)
+    t_post = best_time(lambda: postprocess(cands, config), args.repeat)
+    t_predict = best_time(lambda: predictor.predict(image), args.repeat)
+    proposals = predictor.predict(image)
+    mm_after = matmul_gflops(MATMUL_N, args.repeat)  # the machine did not change speed mid-run
+
+    fwd_rate, pred_rate = flops / t_forward / 1e9, flops / t_predict / 1e9
+    sizes = [tuple(x.shape[-2:]) for x in inputs]
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"python {sys.version.split()[0]}")
+    print(f"model: {args.backbone}, heads {args.heads}, image {height}x{width}, scales {list(config.scales)} "
+          f"-> inputs {sizes}, {len(instances)} synthetic instances")
+    print(f"forward FLOPs (convs, 2*MACs, all scales): {flops / 1e9:.1f} GFLOP")
+    print(f"matmul fp32 {MATMUL_N}^2:   {mm:8.1f} GFLOP/s (after the run: {mm_after:.1f})")
+    print(f"forward (bare, all scales): {t_forward:8.3f} s  {fwd_rate:8.1f} GFLOP/s")
+    print(f"predict (whole):            {t_predict:8.3f} s  {pred_rate:8.1f} GFLOP/s  "
+          f"({len(proposals)} proposals from {len(cands.scores)} windows)")
+    print(f"  candidates (GPU half):    {t_cands:8.3f} s")
+    print(f"  postprocess (CPU half):   {t_post:8.3f} s")
+    mm_ref = statistics.mean([mm, mm_after])
+    print(f"ratios: forward/matmul {fwd_rate / mm_ref:.3f}  predict/matmul {pred_rate / mm_ref:.3f}  "
+          f"predict/forward {pred_rate / fwd_rate:.3f}  (matmul = mean of before/after)")
+
+
+if __name__ == "__main__":
+    main()

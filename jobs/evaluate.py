@@ -1,0 +1,244 @@
+"""Class-agnostic mask average recall (AR@10/100/1000, by size) of InstanceFCN proposals on COCO.
+
+Run a checkpoint over the annotation file's images:
+    python -m jobs.evaluate --annotations file:///data/coco/annotations/instances_val2014.json \\
+        --checkpoint s3://bucket/ifcn.pt --images s3://bucket/coco/val2014 --limit 5000 --iou-protocol deepmask
+or score existing proposals (a COCO results JSON, or a pipeline output folder with masks/):
+    python -m jobs.evaluate --annotations ann.json --predictions s3://bucket/out/run1
+Prints a table and writes the numbers as JSON (--out, or next to the predictions).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from typing import Any, TextIO
+
+import numpy as np
+
+from ifcn.evaluate import (IOU_LABELS, IOU_PROTOCOLS, average_recall, format_table, load_gt, load_results_json,
+                           load_results_parquet, predictions_to_results)
+from ifcn.io import filesystem, join, open_url
+
+
+class Progress:
+    """A one-line counter on stderr (rewritten in place on a terminal, every ~5% otherwise)."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+        self.total, self.label, self.stream = total, label, stream or sys.stderr
+        self.start, self.done = time.perf_counter(), 0
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if not self.tty and self.done != self.total and self.done % max(1, self.total // 20):
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = elapsed / max(1, self.done)
+        eta = rate * (self.total - self.done)
+        line = f"{self.label}: {self.done}/{self.total} images, {rate:.2f} s/image, ETA {eta:.0f} s"
+        self.stream.write(("\r" + line) if self.tty else line + "\n")
+        if self.tty and self.done == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ...] | None = None,
+                   max_proposals: int | None = None, limit: int | None = None, device: str | None = None,
+                   storage_options: dict | None = None, progress: bool = True) -> tuple[list[dict], list[int]]:
+    """Runs ifcn.Predictor over the annotation file's images (file order, first `limit`).
+
+    Returns COCO results entries and the evaluated image ids.
+    """
+    from PIL import Image
+
+    from ifcn import InferenceConfig, Predictor, load_checkpoint
+
+    overrides: dict[str, Any] = {}
+    if scales:
+        overrides["scales"] = tuple(scales)
+    if max_proposals:
+        overrides["max_proposals"] = int(max_proposals)
+    predictor = Predictor(load_checkpoint(checkpoint, storage_options), InferenceConfig(**overrides), device=device)
+    todo = gt["images"][:limit] if limit else gt["images"]
+    bar = Progress(len(todo), "jobs.evaluate") if progress else None
+    results: list[dict] = []
+    for img in todo:
+        url = join(images, img["file_name"])
+        with open_url(url, "rb", storage_options) as f:
+            try:
+                pixels = np.asarray(Image.open(f).convert("RGB"))
+            except OSError as e:
+                raise ValueError(f"{url}: not a readable image ({e})") from e
+        results += predictions_to_results(img["id"], predictor.predict(pixels))
+        if bar:
+            bar.update()
+    return results, [img["id"] for img in todo]
+
+
+def is_output_folder(url: str, storage_options: dict | None = None) -> bool:
+    """True for a pipeline output (a folder with masks/), False for a results file."""
+    fs, path = filesystem(url, storage_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url}: no such file or folder (give a COCO results JSON or a pipeline output)")
+    if fs.isdir(path):
+        if not fs.exists(join(path, "masks")):
+            raise FileNotFoundError(f"{url}: a folder without masks/ (expected a pipeline output folder)")
+        return True
+    return False
+
+
+def top_per_image(results: list[dict], n: int) -> list[dict]:
+    """The n best-scored results of each image."""
+    by_image: dict[Any, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+    return [r for rs in by_image.values() for r in sorted(rs, key=lambda r: -float(r["score"]))[:n]]
+
+
+def default_out(predictions: str | None, save_predictions: str | None) -> str | None:
+    """Where the numbers go when --out is not given: beside the predictions."""
+    src = predictions or save_predictions
+    if src is None:
+        return None
+    if predictions and not predictions.rstrip("/").endswith(".json"):
+        return join(predictions, "ar.json")  # inside the pipeline output folder
+    return src[:-5] + ".ar.json" if src.endswith(".json") else src + ".ar.json"
+
+
+def write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
+    fs, path = filesystem(url, storage_options)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: str | None = None,
+             predictions: str | None = None, scales: tuple[int, ...] | None = None,
+             max_proposals: int | None = None, iou_protocol: str = "coco", limit: int | None = None,
+             device: str | None = None, save_predictions: str | None = None, out: str | None = None,
+             storage_options: dict | None = None, progress: bool = True) -> dict[str, Any]:
+    """AR of a checkpoint (run over `images`) or of saved `predictions`; returns (and writes to `out`) a report.
+
+    The report: {"metrics": {AR@10, ...}, "iou_protocol", "iou_thresholds", "num_images", "num_results", ...}.
+    """
+    if (checkpoint is None) == (predictions is None):
+        raise ValueError("give exactly one of checkpoint (with images) or predictions")
+    if checkpoint is not None and images is None:
+        raise ValueError("checkpoint needs images: the root URL that the annotations' file_names are relative to")
+    if iou_protocol not in IOU_PROTOCOLS:
+        raise ValueError(f"iou_protocol={iou_protocol!r}: choose one of {list(IOU_PROTOCOLS)}")
+    gt = load_gt(annotations, storage_options)
+    image_ids = None
+    if checkpoint is not None:
+        results, image_ids = predict_images(gt, checkpoint, images, scales, max_proposals, limit, device,
+                                            storage_options, progress)
+        if save_predictions:
+            write_json(save_predictions, results, storage_options)
+    else:
+        if scales:
+            raise ValueError("scales only apply with checkpoint (saved predictions are already made)")
+        if is_output_folder(predictions, storage_options):
+            results = load_results_parquet(predictions, gt, max_proposals, storage_options)
+        else:
+            results = load_results_json(predictions, storage_options)
+            if max_proposals:
+                results = top_per_image(results, max_proposals)
+        if limit:
+            image_ids = [img["id"] for img in gt["images"][:limit]]
+    evaluated = set(image_ids) if image_ids is not None else {img["id"] for img in gt["images"]}
+    predicted = {r["image_id"] for r in results} & evaluated
+    report = {
+        "metrics": average_recall(gt, results, iou_protocol, image_ids),
+        "iou_protocol": iou_protocol,
+        "iou_thresholds": [round(float(t), 4) for t in IOU_PROTOCOLS[iou_protocol]],
+        "num_images": len(evaluated),
+        "num_images_with_predictions": len(predicted),
+        "num_results": len(results),
+        "annotations": annotations if isinstance(annotations, str) else None,
+        "checkpoint": checkpoint,
+        "predictions": predictions,
+        "max_proposals": max_proposals,
+        "scales": list(scales) if scales else None,
+    }
+    out = out or default_out(predictions, save_predictions)
+    if out:
+        write_json(out, report, storage_options)
+        report["out"] = out
+    return report
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"jobs.evaluate: error: {message} (see --help)\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _Parser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--annotations", required=True, help="COCO instances JSON (any fsspec URL)")
+    p.add_argument("--checkpoint", help="InstanceFCN checkpoint to run over the annotations' images")
+    p.add_argument("--images", help="root URL that the annotations' file_names are relative to (with --checkpoint)")
+    p.add_argument("--predictions", help="COCO results JSON, or a pipeline output folder with masks/")
+    p.add_argument("--scales", help="comma-separated short sides, e.g. 119,178,267,400,600,900 (with --checkpoint)")
+    p.add_argument("--max-proposals", type=int, help="keep at most N proposals per image")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images of the annotations")
+    p.add_argument("--iou-protocol", choices=sorted(IOU_PROTOCOLS), default="coco",
+                   help="; ".join(f"{k}: {v}" for k, v in IOU_LABELS.items()))
+    p.add_argument("--device", help="torch device for --checkpoint (default: cuda if available)")
+    p.add_argument("--save-predictions", help="write the --checkpoint run's COCO results JSON here")
+    p.add_argument("--out", help="where to write the numbers as JSON (default: beside the predictions)")
+    p.add_argument("--storage-options", help="JSON dict for fsspec, e.g. '{\"anon\": true}'")
+    args = p.parse_args(argv)
+    if (args.checkpoint is None) == (args.predictions is None):
+        p.error("give exactly one of --checkpoint (with --images) or --predictions")
+    if args.checkpoint and not args.images:
+        p.error("--checkpoint needs --images, the root that the annotations' file_names are relative to")
+    if args.scales and not args.checkpoint:
+        p.error("--scales only applies with --checkpoint")
+    try:
+        args.scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
+    except ValueError:
+        p.error(f"--scales {args.scales!r}: expected comma-separated integers like 119,178,267")
+    try:
+        args.storage_options = json.loads(args.storage_options) if args.storage_options else None
+    except json.JSONDecodeError as e:
+        p.error(f"--storage-options is not JSON ({e})")
+    for name in ("max_proposals", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        try:
+            report = evaluate(args.annotations, checkpoint=args.checkpoint, images=args.images,
+                              predictions=args.predictions, scales=args.scales, max_proposals=args.max_proposals,
+                              iou_protocol=args.iou_protocol, limit=args.limit, device=args.device,
+                              save_predictions=args.save_predictions, out=args.out,
+                              storage_options=args.storage_options)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+            print(f"jobs.evaluate: error: {msg}", file=sys.stderr)
+            return 2
+        finally:
+            for w in caught:
+                if issubclass(w.category, UserWarning):
+                    print(f"jobs.evaluate: warning: {w.message}", file=sys.stderr)
+    print(format_table(report["metrics"], args.iou_protocol))
+    print(f"  images: {report['num_images']} ({report['num_images_with_predictions']} with predictions), "
+          f"proposals: {report['num_results']}")
+    if report["num_images_with_predictions"] < report["num_images"]:
+        print("  note: images without predictions count as misses (use --limit to evaluate a prefix)")
+    print(f"  written to {report['out']}" if "out" in report else "  (not written: give --out)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Draws one image's best proposals from a pipeline output as a PNG.
+
+    python -m jobs.show --output s3://bucket/out/run1 --image a/000012.jpg --out file:///tmp/000012.png --top 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from ifcn.evaluate import read_parquet_dataset
+from ifcn.io import filesystem, join
+from ifcn.viz import draw_proposals, save_png
+from pipeline.decode import ImageError, decode_image, read_bytes  # decode exactly as the pipeline did (EXIF, alpha)
+
+MASK_COLUMNS = ["image_id", "uri", "rank", "score", "bbox", "rle", "height", "width"]
+SHOWN_IDS = 5  # valid ids listed when an id is unknown
+
+
+def _table(url: str, columns: list[str], image_id: str | None, storage_options: dict | None):
+    """Rows of one image (or, with image_id None, just the column) of a Parquet dataset; None if absent."""
+    fs, path = filesystem(url, storage_options)
+    if not fs.exists(path):
+        return None
+    filt = ds.field("image_id") == image_id if image_id is not None else None
+    return read_parquet_dataset(url, columns, filt, storage_options)
+
+
+def load_proposals(output: str, image_id: str, storage_options: dict | None = None) -> tuple[str, list[dict]]:
+    """(uri, proposals best first as {rle, bbox, score, rank}) of one image of a pipeline output.
+
+    Raises LookupError naming a few valid ids when the output has no such image, and ValueError when
+    the pipeline recorded the image as an error.
+    """
+    images = _table(join(output, "images"), ["image_id", "uri", "status", "error"], image_id, storage_options)
+    masks = _table(join(output, "masks"), MASK_COLUMNS, image_id, storage_options)
+    if images is None and masks is None:
+        raise FileNotFoundError(f"{output}: no images/ or masks/ tables (is this a jobs.segment output folder?)")
+    if images is not None and images.num_rows:
+        row = images.slice(0, 1).to_pylist()[0]
+        if row["status"] != "ok":
+            raise ValueError(f"image {image_id!r} was not segmented: {row['error'] or row['status']}")
+        uri = row["uri"]
+    elif masks is not None and masks.num_rows:
+        uri = masks.column("uri")[0].as_py()
+    else:
+        raise LookupError(f"image {image_id!r} is not in {output}; valid ids include "
+                          f"{valid_ids(output, storage_options)}")
+    proposals = []
+    if masks is not None and masks.num_rows:
+        masks = masks.sort_by("rank")
+        for r in masks.to_pylist():
+            proposals.append({"rank": r["rank"], "score": r["score"], "bbox": r["bbox"],
+                              "rle": {"size": [r["height"], r["width"]], "counts": r["rle"]}})
+    return uri, proposals
+
+
+def valid_ids(output: str, storage_options: dict | None = None, n: int = SHOWN_IDS) -> list[str]:
+    """A few image ids that the output does hold (from images/, else masks/)."""
+    for table in ("images", "masks"):
+        t = _table(join(output, table), ["image_id"], None, storage_options)
+        if t is not None and t.num_rows:
+            return sorted(pc.unique(t.column("image_id")).to_pylist())[:n]
+    return []
+
+
+def show(output: str, image_id: str, out: str, top: int = 20, storage_options: dict | None = None) -> dict[str, Any]:
+    """Reads one image's proposals and pixels, draws the `top` best, writes a PNG to `out`."""
+    uri, proposals = load_proposals(output, image_id, storage_options)
+    pixels = decode_image(read_bytes(uri, storage_options), uri)
+    if proposals and tuple(proposals[0]["rle"]["size"]) != pixels.shape[:2]:
+        raise ValueError(f"{uri}: decoded size {pixels.shape[:2]} != the masks' size "
+                         f"{tuple(proposals[0]['rle']['size'])} (was the file replaced after the run?)")
+    save_png(draw_proposals(pixels, proposals, top=top), out, storage_options)
+    return {"image_id": image_id, "uri": uri, "num_proposals": len(proposals),
+            "drawn": min(top, len(proposals)), "out": out}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"jobs.show: error: {message} (see --help)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="python -m jobs.show", description=__doc__.split("\n")[0])
+    p.add_argument("--output", required=True, help="pipeline output folder (with masks/ and images/)")
+    p.add_argument("--image", required=True, help="image_id as in the tables (e.g. a/000012.jpg)")
+    p.add_argument("--out", required=True, help="PNG to write (any fsspec URL)")
+    p.add_argument("--top", type=int, default=20, help="how many of the best proposals to draw")
+    p.add_argument("--storage-options", help="JSON dict for fsspec, e.g. '{\"anon\": true}'")
+    args = p.parse_args(argv)
+    if args.top < 0:
+        p.error("--top must be >= 0")
+    try:
+        storage_options = json.loads(args.storage_options) if args.storage_options else None
+    except json.JSONDecodeError as e:
+        p.error(f"--storage-options is not JSON ({e})")
+    try:
+        info = show(args.output, args.image, args.out, args.top, storage_options)
+    except (OSError, ValueError, LookupError, pa.ArrowException, ImageError) as e:
+        msg = e.args[0] if isinstance(e, LookupError) and e.args else e  # KeyError's str() adds quotes
+        print(f"jobs.show: error: {msg}", file=sys.stderr)
+        return 2
+    print(f"drew {info['drawn']} of {info['num_proposals']} proposals of {info['image_id']} ({info['uri']}) "
+          f"to {info['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""SegmentConfig: everything one run of the batch job needs, with library defaults.
+
+Model-side defaults come from `ifcn.InferenceConfig` and decode limits from `pipeline.decode`;
+the CLI (jobs/segment.py) forwards only the flags a user set, so those stay authoritative.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ifcn import InferenceConfig
+
+from .decode import MAX_PIXELS, MIN_SIDE
+
+AMP_MODES = ("none", "bf16")
+
+
+class SegmentError(Exception):
+    """A problem with the job's inputs or settings, found before any work starts.
+
+    Its message is one line naming the input and the fix; the CLI prints it without a traceback.
+    """
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """One run: where to read, where to write, which weights, how to infer and how to spread it."""
+
+    input: str  # prefix URL (listed recursively) or a .txt / .parquet manifest of URIs
+    output: str  # folder URL for masks/, images/, _manifest.json
+    checkpoint: str  # ifcn checkpoint URL (ifcn.save_checkpoint / jobs.train)
+    inference: InferenceConfig = InferenceConfig()
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for every URL
+    shard_size: int = 128  # images per committed shard: a kill loses at most ~1 shard per actor of work
+    max_pixels: int = MAX_PIXELS  # larger images become error rows (checked from the header)
+    min_side: int = MIN_SIDE  # smaller images become error rows
+    amp: str = "none"  # "bf16": bfloat16 autocast on CUDA (faster, results differ slightly); CPU ignores it
+    actors: int | None = None  # inference actors; None -> one per GPU, or CPUs // 2 without GPUs
+    gpus_per_actor: float | None = None  # None -> 1 when the cluster has GPUs, else 0 (CPU actors)
+    batch_size: int = 4  # images per actor call; Predictor runs images one by one, so this only amortises overhead
+
+    def __post_init__(self) -> None:
+        for name in ("input", "output", "checkpoint"):
+            if not getattr(self, name):
+                raise SegmentError(f"--{name} is required (a URL or local path)")
+        if self.amp not in AMP_MODES:
+            raise SegmentError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
+        for name in ("shard_size", "max_pixels", "min_side", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SegmentError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.actors is not None and self.actors < 1:
+            raise SegmentError(f"--actors {self.actors}: must be >= 1")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise SegmentError(f"--gpus-per-actor {self.gpus_per_actor}: must be >= 0")
+        if self.output.rstrip("/") == self.input.rstrip("/"):
+            raise SegmentError(f"--output {self.output} is the input prefix; write results to another folder")
+
+    def result_settings(self) -> dict[str, Any]:
+        """Settings that change the output tables (not resources): a re-run must match them."""
+        return {"inference": self.inference.to_dict(), "shard_size": self.shard_size,
+                "max_pixels": self.max_pixels, "min_side": self.min_side, "amp": self.amp}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["inference"] = self.inference.to_dict()
+        d["storage_options"] = sorted(self.storage_options)  # keys only: values may be secrets
+        return d
+
+    @classmethod
+    def from_options(cls, input: str, output: str, checkpoint: str, **options: Any) -> "SegmentConfig":
+        """Builds a config from CLI-style options; InferenceConfig fields (scales, nms_iou, ...)
+        go to `inference`, the rest to SegmentConfig. Unset options keep library defaults."""
+        inference_fields = set(InferenceConfig.__dataclass_fields__)
+        inf = {k: v for k, v in options.items() if k in inference_fields}
+        rest = {k: v for k, v in options.items() if k not in inference_fields}
+        try:
+            inference = replace(InferenceConfig(), **inf)
+        except ValueError as e:
+            raise SegmentError(str(e)) from None
+        return cls(input=input, output=output, checkpoint=checkpoint, inference=inference, **rest)
+
+
+def digest(obj: Any) -> str:
+    """sha256 of a JSON-able object (sorted keys): fingerprints listings and settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """First line of an exception's message, bounded: error rows and CLI errors are one line."""
+    text = str(e).strip().splitlines()
+    return text[0][:limit] if text else ""

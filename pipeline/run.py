@@ -1,0 +1,254 @@
+"""The batch job: the one place that builds the Ray Data graph and sets its resources.
+
+    inputs (sorted, sharded) ─> read_images (CPU tasks) ─> InferenceActor pool (GPU or CPU actors)
+        ─> reduce_batch (CPU tasks) ─> driver: collect rows per shard, commit each complete shard
+
+Why the driver commits: Ray Data streams rows of one image each, in no guaranteed order. The
+driver iterates the last stage (`iter_batches`), buffers rows per shard, and commits a shard
+(pipeline/sink.py: temp files, move, commit marker last) as soon as all of its images have
+arrived; Ray Data keeps executing in the background meanwhile, so the actors never wait on
+Parquet. Commits in one process make "exactly once" easy to reason about: a shard is written
+by one writer, once per run, and a re-run skips shards whose marker exists. The heavy work
+(decode, forward passes, NMS, RLE) stays in Ray workers; the driver only concatenates and
+writes Parquet.
+
+Usage (the CLI is jobs/segment.py):
+
+    from pipeline.config import SegmentConfig
+    from pipeline.run import run_segment
+    summary = run_segment(SegmentConfig(input="data/", output="out/", checkpoint="model.pt"))
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ifcn import checkpoint_digest, load_checkpoint
+
+from .config import SegmentConfig, SegmentError, one_line
+from .infer import InferenceActor
+from .reduce import reduce_batch
+from .schema import FORMAT
+from .sink import JOB_FILE, MANIFEST_FILE, OutputStore
+from .sources import InputItem, Shard, list_inputs, listing_digest, make_shards, read_images
+
+READ_BATCH = 4  # images per read call: small, so decoded pixels stream to the actors early
+REDUCE_BATCH = 4  # images per reducer call: NMS of one image is already tens of ms
+READ_CPUS = 0.5  # reading is half waiting on storage, so two read tasks share a core
+MAX_INPUT_BLOCKS = 2000  # listing blocks: enough parallelism, few enough objects for millions of inputs
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, decided before any work starts."""
+
+    items: list[InputItem]
+    shards: list[Shard]
+    pending: list[Shard]  # shards without a commit marker
+    store: OutputStore
+    job: dict[str, Any]  # the output's fingerprint (_job.json)
+    checkpoint_sha256: str
+    model_config: dict[str, Any]
+
+
+def prepare(config: SegmentConfig) -> Plan:
+    """Preflight: checkpoint, input listing, shards, output state. Raises SegmentError (one line)."""
+    so = config.storage_options
+    try:
+        sha = checkpoint_digest(config.checkpoint, so)
+        model_config = load_checkpoint(config.checkpoint, so).config.to_dict()
+    except Exception as e:
+        raise SegmentError(f"--checkpoint {config.checkpoint}: cannot load it ({type(e).__name__}: {one_line(e)}); "
+                           f"pass a file written by ifcn.save_checkpoint or jobs.train") from None
+    items = list_inputs(config.input, so)
+    shards = make_shards(items, config.shard_size)
+    job = {"format": FORMAT, "inputs_sha256": listing_digest(items), "num_inputs": len(items),
+           "num_shards": len(shards), "settings": config.result_settings(), "checkpoint_sha256": sha}
+    job = json.loads(json.dumps(job))  # as it reads back from _job.json (tuples become lists)
+    try:
+        store = OutputStore(config.output, so)
+        previous = store.read_json(JOB_FILE)
+        committed = store.committed()
+    except Exception as e:
+        raise SegmentError(f"--output {config.output}: cannot read it ({type(e).__name__}: {one_line(e)}); "
+                           f"check the URL, credentials and --storage-options") from None
+    if previous is None and committed:
+        raise SegmentError(f"--output {config.output} holds committed shards but no {JOB_FILE}; "
+                           f"use a new --output, or delete it to start over")
+    if previous is not None:
+        diffs = _job_differences(previous, job)
+        if diffs:
+            raise SegmentError(f"--output {config.output} holds results of a different run ({'; '.join(diffs)}); "
+                               f"use a new --output, or delete it to start over")
+    by_id = {s.shard_id: s for s in shards}
+    for sid, marker in committed.items():
+        if sid not in by_id or marker.get("digest") != by_id[sid].digest:
+            raise SegmentError(f"--output {config.output}: commit marker of shard {sid} does not match this "
+                               f"input listing; use a new --output, or delete it to start over")
+    try:
+        if previous is None:
+            store.write_json(JOB_FILE, job)
+        store.remove_uncommitted(set(committed))
+    except Exception as e:
+        raise SegmentError(f"--output {config.output}: cannot write to it ({type(e).__name__}: {one_line(e)}); "
+                           f"check permissions, credentials and --storage-options") from None
+    pending = [s for s in shards if s.shard_id not in committed]
+    return Plan(items, shards, pending, store, job, sha, model_config)
+
+
+def resolve_resources(config: SegmentConfig, cluster: dict[str, float]) -> tuple[int, float]:
+    """(actors, gpus_per_actor): one actor per GPU when the cluster has GPUs, else CPU actors.
+
+    On an autoscaling cluster whose GPU workers are not up yet, pass --gpus-per-actor and --actors.
+    """
+    gpus, cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
+    per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    if config.actors is not None:
+        return config.actors, per_actor
+    if per_actor > 0:
+        return max(1, int(gpus // per_actor)), per_actor
+    return max(1, int(cpus // 2)), per_actor  # leave half the CPUs to read and reduce tasks
+
+
+def build_dataset(plan: Plan, config: SegmentConfig, actors: int, gpus_per_actor: float):
+    """The Ray Data graph over the pending shards' images (lazy; iterate it to run)."""
+    import ray.data
+
+    rows = [(it.image_id, it.uri, s.shard_id) for s in plan.pending for it in s.items]
+    table = pa.table({name: [r[i] for r in rows] for i, name in enumerate(("image_id", "uri", "shard_id"))},
+                     schema=pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("shard_id", pa.string())]))
+    per_block = max(READ_BATCH, math.ceil(len(rows) / MAX_INPUT_BLOCKS))
+    ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(rows), per_block)])
+    ds = ds.map_batches(
+        # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
+        # actor stage (it fuses task -> actor stages with equal resources): decoding stays in tasks.
+        read_images, batch_format="pyarrow", batch_size=READ_BATCH, num_cpus=READ_CPUS,
+        fn_kwargs={"storage_options": config.storage_options, "max_pixels": config.max_pixels,
+                   "min_side": config.min_side})
+    ds = ds.map_batches(
+        InferenceActor, batch_format="pyarrow", batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor, num_cpus=1,
+        fn_constructor_kwargs={"checkpoint": config.checkpoint, "inference": config.inference.to_dict(),
+                               "storage_options": config.storage_options, "amp": config.amp})
+    return ds.map_batches(reduce_batch, batch_format="pyarrow", batch_size=REDUCE_BATCH, num_cpus=1,
+                          fn_kwargs={"inference": config.inference.to_dict()})
+
+
+class ShardCollector:
+    """Buffers reduced rows per shard and commits a shard once all of its images have arrived."""
+
+    def __init__(self, shards: list[Shard], store: OutputStore, log: Callable[[str], None]) -> None:
+        self.shards = {s.shard_id: s for s in shards}
+        self.store, self.log = store, log
+        self.parts: dict[str, list[pa.Table]] = {}
+        self.seen: dict[str, set[str]] = {}
+        self.markers: list[dict[str, Any]] = []
+
+    def add(self, batch: pa.Table) -> None:
+        for sid in set(batch.column("shard_id").to_pylist()):
+            rows = batch.filter(pc.equal(batch.column("shard_id"), sid))
+            seen = self.seen.setdefault(sid, set())
+            ids = rows.column("image_id").to_pylist()
+            fresh = [i for i, image_id in enumerate(ids) if image_id not in seen]
+            if len(fresh) < len(ids):  # a retried task delivered an image twice: keep the first
+                rows = rows.take(fresh)
+            seen.update(ids)
+            self.parts.setdefault(sid, []).append(rows)
+            if len(seen) == len(self.shards[sid].items):
+                self._commit(sid)
+
+    def _commit(self, sid: str) -> None:
+        marker = self.store.commit(self.shards[sid], pa.concat_tables(self.parts.pop(sid)))
+        self.markers.append(marker)
+        self.log(f"committed shard {sid}: {marker['num_images']} images ({marker['num_error']} errors), "
+                 f"{marker['num_proposals']} proposals [{len(self.markers)}/{len(self.shards)} this run]")
+
+    def missing(self) -> list[str]:
+        return sorted(set(self.shards) - {m["shard_id"] for m in self.markers})
+
+
+def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Runs the job (or the rest of it) and returns the summary; also writes <output>/_manifest.json.
+
+    Starts a local Ray unless one is initialised (or RAY_ADDRESS points at a cluster).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    plan = prepare(config)
+    skipped = len(plan.shards) - len(plan.pending)
+    log(f"{len(plan.items)} images in {len(plan.shards)} shards of {config.shard_size}; "
+        f"{skipped} already committed, {len(plan.pending)} to run")
+    collector = ShardCollector(plan.pending, plan.store, log)
+    actors, gpus_per_actor = 0, 0.0
+    if plan.pending:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        actors, gpus_per_actor = resolve_resources(config, ray.cluster_resources())
+        log(f"inference: {actors} actor(s), {gpus_per_actor} GPU each, batch size {config.batch_size}")
+        ds = build_dataset(plan, config, actors, gpus_per_actor)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            collector.add(batch)
+        if collector.missing():
+            raise RuntimeError(f"shards {collector.missing()[:10]} did not receive all their images; "
+                               f"re-run the same command to finish them")
+    wall = time.perf_counter() - start
+    markers = plan.store.committed()
+    counts = {"images": sum(m["num_images"] for m in markers.values()),
+              "images_ok": sum(m["num_ok"] for m in markers.values()),
+              "images_error": sum(m["num_error"] for m in markers.values()),
+              "proposals": sum(m["num_proposals"] for m in markers.values()),
+              "shards": len(markers), "shards_skipped": skipped, "shards_run": len(collector.markers)}
+    processed = sum(m["num_images"] for m in collector.markers)
+    summary = {"output": config.output, **counts, "images_this_run": processed, "wall_s": round(wall, 3),
+               "images_per_s": round(processed / wall, 3) if wall > 0 else 0.0,
+               "actors": actors, "gpus_per_actor": gpus_per_actor}
+    plan.store.write_json(MANIFEST_FILE, {
+        "format": FORMAT, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "input": config.input, "output": config.output, "config": config.to_dict(),
+        "checkpoint": {"url": config.checkpoint, "sha256": plan.checkpoint_sha256, "model": plan.model_config},
+        "inputs_sha256": plan.job["inputs_sha256"], "num_inputs": len(plan.items), "counts": counts,
+        "last_run": {"wall_s": summary["wall_s"], "images": processed, "images_per_s": summary["images_per_s"],
+                     "actors": actors, "gpus_per_actor": gpus_per_actor},
+        "tables": {"masks": "masks/*.parquet", "images": "images/*.parquet"},
+        "versions": versions()})
+    return summary
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name, dist in (("ifcn", "instancefcn"), ("torch", "torch"), ("ray", "ray"), ("pyarrow", "pyarrow")):
+        try:
+            out[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def _job_differences(previous: dict[str, Any], job: dict[str, Any]) -> list[str]:
+    """Human-readable differences between an output's fingerprint and this run's."""
+    diffs = []
+    if previous.get("format") != job["format"]:
+        diffs.append(f"format {previous.get('format')} vs {job['format']}")
+    if previous.get("inputs_sha256") != job["inputs_sha256"]:
+        diffs.append(f"input listing differs ({previous.get('num_inputs')} images before, {job['num_inputs']} now)")
+    if previous.get("checkpoint_sha256") != job["checkpoint_sha256"]:
+        diffs.append("checkpoint differs (sha256)")
+    old, new = previous.get("settings", {}), job["settings"]
+    for key in sorted(set(old) | set(new)):
+        if key == "inference":
+            a, b = old.get(key, {}), new.get(key, {})
+            diffs += [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif old.get(key) != new.get(key):
+            diffs.append(f"{key} {old.get(key)} vs {new.get(key)}")
+    return diffs

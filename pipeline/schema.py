@@ -1,0 +1,95 @@
+"""The output tables' schemas: the one place that knows column names, types and meanings.
+
+The README copies `MASKS_COLUMNS` and `IMAGES_COLUMNS`; change a column here and nowhere else
+(and bump `FORMAT`, since readers downstream depend on it).
+
+Layout under the job's --output URL:
+
+    masks/part-<shard>.parquet    one row per proposal, sorted by (image_id, rank)
+    images/part-<shard>.parquet   one row per input image, sorted by image_id
+    _commits/<shard>.json         commit marker of a shard, written last (counts, digest)
+    _job.json                     fingerprint of inputs + config, written before any shard
+    _manifest.json                config, checkpoint sha256, versions, counts (end of each run)
+    _tmp/                         files being written; never read
+
+Readers glob `masks/*.parquet` (or DuckDB's `masks/**/*.parquet`); `_`-prefixed paths are
+skipped by pyarrow.dataset and never match those globs.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+FORMAT = "instancefcn-segment/1"
+
+# (name, arrow type, doc). Order is the column order in the files.
+MASKS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
+    ("image_id", pa.string(), "input's path relative to the input prefix (e.g. 'a/000012.jpg'), "
+                              "or its full URI for manifest inputs"),
+    ("uri", pa.string(), "full URI of the image file (s3://..., file:///...)"),
+    ("rank", pa.int32(), "0 = best proposal of the image, by objectness score after mask NMS"),
+    ("score", pa.float32(), "objectness probability in [0, 1]"),
+    ("bbox", pa.list_(pa.float32(), 4), "tight box of the mask in image pixels: x, y, w, h (COCO order)"),
+    ("area", pa.int64(), "mask area in pixels"),
+    ("rle", pa.string(), "COCO compressed RLE counts; decode with "
+                         "pycocotools.mask.decode({'size': [height, width], 'counts': rle})"),
+    ("height", pa.int32(), "RLE size: image height in pixels (after EXIF orientation)"),
+    ("width", pa.int32(), "RLE size: image width in pixels (after EXIF orientation)"),
+    ("scale", pa.int32(), "short side (px) of the inference scale that produced the proposal"),
+)
+
+IMAGES_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
+    ("image_id", pa.string(), "as in masks"),
+    ("uri", pa.string(), "as in masks"),
+    ("width", pa.int32(), "pixels after EXIF orientation; null when the image could not be decoded"),
+    ("height", pa.int32(), "pixels after EXIF orientation; null when the image could not be decoded"),
+    ("status", pa.string(), "'ok' or 'error'"),
+    ("error", pa.string(), "one-line reason when status = 'error' (corrupt, too large, ...), else null"),
+    ("num_proposals", pa.int32(), "rows of this image in masks (0 for errors)"),
+    ("read_ms", pa.float32(), "time to fetch the file's bytes"),
+    ("decode_ms", pa.float32(), "time to decode the bytes to RGB"),
+    ("infer_ms", pa.float32(), "model time: all scales' forward passes, top windows, assembling"),
+    ("postprocess_ms", pa.float32(), "paste, binarise, mask NMS and RLE encoding"),
+)
+
+MASKS_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in MASKS_COLUMNS])
+IMAGES_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in IMAGES_COLUMNS])
+
+# Columns that are facts about the inputs and results (equal across re-runs); the rest are timings.
+IMAGES_RESULT_COLUMNS: tuple[str, ...] = ("image_id", "uri", "width", "height", "status", "error", "num_proposals")
+TIMING_COLUMNS: tuple[str, ...] = ("read_ms", "decode_ms", "infer_ms", "postprocess_ms")
+
+# Proposals of one image as they travel from reducer tasks to the driver: one list per image,
+# exploded into masks rows at commit time (so a shard's images and masks commit together).
+PROPOSAL_TYPE = pa.struct([pa.field(n, t) for n, t, _ in MASKS_COLUMNS
+                           if n not in ("image_id", "uri", "height", "width")])
+REDUCED_SCHEMA = pa.schema([*IMAGES_SCHEMA, pa.field("shard_id", pa.string()),
+                            pa.field("proposals", pa.list_(PROPOSAL_TYPE))])
+
+MASKS_ROW_GROUP_ROWS = 16_384  # ~16 images at 1000 proposals: image_id min/max stats let readers skip groups
+PARQUET_COMPRESSION = "zstd"
+
+
+def proposals_to_rows(proposals: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ifcn.postprocess output (best first) -> PROPOSAL_TYPE dicts with their rank."""
+    return [{"rank": i, "score": p["score"], "bbox": p["bbox"], "area": p["area"], "rle": p["rle"]["counts"],
+             "scale": p["scale"]} for i, p in enumerate(proposals)]
+
+
+def reduced_to_tables(reduced: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """REDUCED_SCHEMA rows (one per image) -> (images, masks) tables, sorted for pruning."""
+    reduced = reduced.sort_by("image_id")
+    images = reduced.select(IMAGES_SCHEMA.names).cast(IMAGES_SCHEMA)
+    counts = reduced.column("proposals").combine_chunks()
+    lengths = pc.list_value_length(counts).fill_null(0).to_numpy(zero_copy_only=False)
+    parent = pc.list_parent_indices(counts)  # (P,) row of each proposal
+    flat = pc.list_flatten(counts)  # (P,) structs, in image then rank order
+    take = lambda name: reduced.column(name).take(parent)  # noqa: E731
+    columns = {"image_id": take("image_id"), "uri": take("uri"),
+               **{f.name: flat.field(f.name) for f in PROPOSAL_TYPE},
+               "height": take("height"), "width": take("width")}
+    masks = pa.table({n: columns[n] for n in MASKS_SCHEMA.names}).cast(MASKS_SCHEMA)
+    assert int(lengths.sum()) == masks.num_rows
+    return images, masks

@@ -1,0 +1,251 @@
+"""Real infrastructure on loopback for end-to-end tests: an S3 endpoint (moto's server mode)
+and a Ray head node with its job API. Plain functions/classes; the pytest fixtures that use
+them live in conftest.py.
+
+Both are real network services started as subprocesses, so the code under test talks HTTP
+to them exactly as it would to AWS S3 or a Ray cluster. Each is stopped by the process ids
+it started (never a machine-wide `ray stop`: other people's Ray runs on this machine).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    import psutil
+except ImportError:  # not a direct dependency; Ray bundles a copy and puts it on sys.path on import
+    import ray  # noqa: F401
+    import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: ray, moto_server
+
+# Credentials moto accepts; any non-empty values work, these are the conventional ones.
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the OS picks; a race is possible but rare)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Returns once `url` answers any HTTP status (401 means up, just locked)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before {url} answered; "
+                               f"log: {_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s; log: {_tail(log)}")
+
+
+def _tail(log: Path | None, n: int = 2000) -> str:
+    if log is None or not log.exists():
+        return "(none)"
+    return log.read_text(errors="replace")[-n:]
+
+
+def _kill_tree(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM then SIGKILL exactly these processes and their descendants."""
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p = psutil.Process(pid)
+            procs += [p, *p.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=grace)
+
+
+# ---------------------------------------------------------------------------- S3
+
+@dataclass
+class S3Server:
+    """moto's S3 server on 127.0.0.1; `env` is what a client (s3fs, boto3, a subprocess) needs."""
+
+    endpoint: str
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**S3_CREDENTIALS, "AWS_ENDPOINT_URL": self.endpoint, "AWS_ENDPOINT_URL_S3": self.endpoint}
+
+    @property
+    def storage_options(self) -> dict:
+        """The same settings as fsspec storage options (for code paths that ignore AWS_* env)."""
+        return {"key": "testing", "secret": "testing", "token": "testing",
+                "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}}
+
+    @classmethod
+    def start(cls, workdir: Path, timeout: float = 60.0) -> "S3Server":
+        port = free_port()
+        log = workdir / "moto.log"
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir,
+                                    env={**os.environ, **S3_CREDENTIALS}, start_new_session=True)
+        endpoint = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(endpoint + "/moto-api/", timeout, proc, log)
+        except BaseException:
+            _kill_tree([proc.pid])
+            raise
+        return cls(endpoint, proc, log)
+
+    def reset(self) -> None:
+        """Drops every bucket and object (moto's own reset endpoint)."""
+        req = urllib.request.Request(self.endpoint + "/moto-api/reset", method="POST")
+        urllib.request.urlopen(req, timeout=10).close()
+
+    def stop(self) -> None:
+        _kill_tree([self.proc.pid])
+
+
+# ---------------------------------------------------------------------------- Ray head
+
+@dataclass
+class RayHead:
+    """A Ray head node started with `ray start --head --block`.
+
+    `--block` keeps the `ray start` process in the foreground as the parent of the GCS,
+    raylet and dashboard; terminating it tears them down. Processes that outlive it are
+    found by this head's unique temp dir in their command line and stopped by pid.
+    """
+
+    gcs_address: str
+    dashboard_url: str  # what `ray job submit --address` takes
+    temp_dir: Path
+    proc: subprocess.Popen
+    log: Path
+    token: str = field(repr=False)
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """Environment for `ray job submit` / JobSubmissionClient against this head.
+
+        Ray 2.60 turns token auth on for new heads; the head here gets its token from the
+        environment (not ~/.ray/auth_token), so clients need the same two variables.
+        """
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+
+    @classmethod
+    def start(cls, num_cpus: int = 2, timeout: float = 120.0, env: dict[str, str] | None = None) -> "RayHead":
+        # Short path: Ray puts unix sockets under it (108-byte limit).
+        temp_dir = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))
+        port, dash = free_port(), free_port()
+        token = secrets.token_hex(32)
+        cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               f"--port={port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+               # Every fixed default port gets a free one, so two heads on one machine never collide.
+               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+               f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+               f"--metrics-export-port={free_port()}", f"--object-store-memory={300 * 1024 * 1024}",
+               f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+        log = temp_dir / "ray_start.log"
+        head_env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=head_env,
+                                    start_new_session=True)
+        head = cls(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", temp_dir, proc, log, token)
+        try:
+            wait_http(head.dashboard_url + "/api/version", timeout, proc, log)
+            head._wait_job_api(timeout)
+        except BaseException:
+            head.stop()
+            raise
+        return head
+
+    def _wait_job_api(self, timeout: float) -> None:
+        """The dashboard's HTTP port opens before its job module serves; poll the job list.
+
+        Plain HTTP with the bearer token: Ray caches its auth mode per process at import,
+        so an in-process JobSubmissionClient could not switch to this head's token.
+        """
+        deadline = time.monotonic() + timeout
+        req = urllib.request.Request(self.dashboard_url + "/api/jobs/",
+                                     headers={"Authorization": f"Bearer {self.token}"})
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}; log: {_tail(self.log)}")
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, OSError) as e:
+                last = e
+            time.sleep(0.5)
+        raise TimeoutError(f"Ray job API at {self.dashboard_url} not ready in {timeout:.0f} s: {last}")
+
+    def own_pids(self) -> list[int]:
+        """This head's processes: descendants of `ray start`, members of its session (it was
+        started with its own session id), and anything naming its unique temp dir."""
+        pids = {self.proc.pid}
+        with contextlib.suppress(psutil.Error):
+            pids.update(c.pid for c in psutil.Process(self.proc.pid).children(recursive=True))
+        marker = str(self.temp_dir)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            with contextlib.suppress(psutil.Error, TypeError, OSError):
+                if os.getsid(p.info["pid"]) == self.proc.pid or any(marker in a for a in p.info["cmdline"] or ()):
+                    pids.add(p.info["pid"])
+        pids.discard(os.getpid())
+        return sorted(pids)
+
+    def stop(self) -> None:
+        # Collect first: once `ray start` exits its children are re-parented and harder to find.
+        pids = self.own_pids()
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.terminate()  # `ray start --block` stops its children in order on SIGTERM
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=30)
+        _kill_tree(sorted(set(pids) | set(self.own_pids())))
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def ray_job_submit(head: RayHead, entrypoint: list[str], working_dir: Path = REPO,
+                   env: dict[str, str] | None = None, timeout: float = 600.0,
+                   runtime_env_json: str | None = None) -> subprocess.CompletedProcess:
+    """`ray job submit --address <dashboard> --working-dir <dir> -- <entrypoint>`, waiting for the end.
+
+    The CLI follows the job's logs and exits non-zero when the job fails, so the returned
+    stdout holds the job's own output.
+    """
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head.dashboard_url, "--working-dir", str(working_dir)]
+    if runtime_env_json:
+        cmd += ["--runtime-env-json", runtime_env_json]
+    cmd += ["--", *entrypoint]
+    return subprocess.run(cmd, env={**os.environ, **(env or {}), **head.client_env}, capture_output=True,
+                          text=True, timeout=timeout, cwd=working_dir)

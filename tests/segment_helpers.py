@@ -1,0 +1,79 @@
+"""Tiny inputs for the batch-job tests: a narrow random-init checkpoint and small images.
+
+The checkpoint's last score and objectness convs are scaled up so logits sit far from 0: with
+raw random init every mask probability is ~0.5, and a binarisation threshold of 0.5 would
+then hinge on the last bit of float arithmetic (a test of "same RLE" must not).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as pds
+import torch
+from PIL import Image
+
+import ifcn
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and fast on 2 CPU cores; the same options go to the pipeline and to the reference Predictor.
+INFERENCE = {"scales": (64, 96), "max_proposals": 20, "windows_per_scale": 40}
+LOGIT_GAIN = 40.0  # pushes random-init logits away from the 0.5 threshold
+
+
+def write_checkpoint(path: Path, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    model = ifcn.InstanceFCN(ifcn.ModelConfig(backbone="vgg16_narrow"))
+    with torch.no_grad():
+        model.score_head[2].weight.mul_(LOGIT_GAIN)
+        model.objectness_head[2].weight.mul_(LOGIT_GAIN)
+    url = str(path)
+    ifcn.save_checkpoint(model, url)
+    return url
+
+
+def write_images(folder: Path, names: list[str], seed: int = 0) -> list[Path]:
+    """Smooth random blobs (so masks have structure) at 96-160 px, saved by extension."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name in names:
+        h, w = (int(v) for v in rng.integers(96, 161, 2))
+        small = rng.random((h // 16 + 2, w // 16 + 2, 3))
+        big = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
+        noise = rng.integers(-20, 21, big.shape)
+        image = np.clip(big.astype(np.int64) + noise, 0, 255).astype(np.uint8)
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF",
+               ".webp": "WEBP"}[path.suffix.lower()]
+        Image.fromarray(image).save(path, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        paths.append(path)
+    return paths
+
+
+def read_table(output: str | Path, name: str) -> pd.DataFrame:
+    """A whole output table through pyarrow.dataset (which skips `_`-prefixed paths)."""
+    table = pds.dataset(str(Path(output) / name), format="parquet").to_table()
+    keys = ["image_id", "rank"] if name == "masks" else ["image_id"]
+    return table.to_pandas().sort_values(keys).reset_index(drop=True)
+
+
+def cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
+    """`python -m jobs.segment ARGS` in a fresh process with its own local Ray (RAY_ADDRESS=local,
+    so it never joins a head node some other test started)."""
+    return subprocess.run([sys.executable, "-m", "jobs.segment", *args], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def cli_env() -> dict[str, str]:
+    return {**os.environ, "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def inference_flags() -> list[str]:
+    return ["--scales", ",".join(map(str, INFERENCE["scales"])), "--max-proposals", str(INFERENCE["max_proposals"]),
+            "--windows-per-scale", str(INFERENCE["windows_per_scale"])]

@@ -1,0 +1,68 @@
+"""Checkpoints: round trip through local paths and file:// URLs, digest, clear errors.
+
+Run: pytest tests/test_checkpoint.py -q
+"""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from ifcn import InstanceFCN, ModelConfig, checkpoint_digest, load_checkpoint, save_checkpoint
+from ifcn.checkpoint import read_checkpoint
+
+
+def _model(seed: int) -> InstanceFCN:
+    torch.manual_seed(seed)
+    model = InstanceFCN(ModelConfig("vgg16_narrow", k=3, m=9))
+    # non-default batch-norm statistics so buffers are checked too
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.mark.parametrize("as_url", [False, True])
+def test_round_trip(tmp_path, as_url: bool) -> None:
+    model = _model(0)
+    path = tmp_path / "nested" / "dir" / "model.pt"  # parents are created
+    url = f"file://{path}" if as_url else str(path)
+    save_checkpoint(model, url, extra={"step": 7, "note": "x"})
+    loaded = load_checkpoint(url)
+    assert loaded.config == model.config
+    assert not loaded.training
+    want = model.state_dict()
+    got = loaded.state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    assert read_checkpoint(url)["extra"] == {"step": 7, "note": "x"}
+    assert not (path.parent / "model.pt.tmp").exists()  # written to a temp file, then moved
+    x = torch.randn(1, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_digest_is_sha256_of_file(tmp_path) -> None:
+    path = tmp_path / "model.pt"
+    save_checkpoint(_model(0), str(path))
+    want = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert checkpoint_digest(str(path)) == want
+    assert checkpoint_digest(f"file://{path}") == want
+    save_checkpoint(_model(1), str(tmp_path / "other.pt"))
+    assert checkpoint_digest(str(tmp_path / "other.pt")) != want
+
+
+def test_wrong_files_raise_clear_errors(tmp_path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file at all")
+    with pytest.raises(ValueError, match="not a readable torch file"):
+        load_checkpoint(str(garbage))
+    state_only = tmp_path / "state_only.pt"
+    torch.save(_model(0).state_dict(), state_only)  # weights without the checkpoint envelope
+    with pytest.raises(ValueError, match="not an InstanceFCN checkpoint.*save_checkpoint"):
+        load_checkpoint(f"file://{state_only}")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_checkpoint(str(tmp_path / "absent.pt"))

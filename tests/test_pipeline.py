@@ -1,0 +1,259 @@
+"""End-to-end runs of the batch job on a real local Ray: results equal the in-process Predictor,
+one images row per input, re-runs skip committed shards, readers (DuckDB, pyarrow, pandas,
+pycocotools) agree with the tables, manifest inputs, and the CLI's one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pycocotools import mask as mask_utils
+
+import ifcn
+from pipeline.config import SegmentConfig, SegmentError
+from pipeline.decode import decode_image, read_bytes
+from pipeline.run import run_segment
+from pipeline.schema import IMAGES_RESULT_COLUMNS, IMAGES_SCHEMA, MASKS_SCHEMA
+from segment_helpers import INFERENCE, cli, inference_flags, read_table, write_checkpoint, write_images
+
+NAMES = ["a.jpg", "b.PNG", "c.jpeg", "nested/d.png", "nested/deeper/e.JPG"]
+CORRUPT = "broken.jpg"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("segment")
+    folder = root / "images"
+    write_images(folder, NAMES)
+    (folder / CORRUPT).write_bytes(b"<html>403 Forbidden</html>")  # what a failed download saves as .jpg
+    (folder / "notes.txt").write_text("not an image: not listed")
+    return {"root": root, "images": folder, "checkpoint": write_checkpoint(root / "model.pt")}
+
+
+def _config(inputs: dict, output: Path, **kw) -> SegmentConfig:
+    return SegmentConfig.from_options(input=str(kw.pop("input", inputs["images"])), output=str(output),
+                                      checkpoint=inputs["checkpoint"], **{"shard_size": 2, **INFERENCE, **kw})
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_local, inputs: dict) -> dict:
+    output = inputs["root"] / "out"
+    summary = run_segment(_config(inputs, output))
+    return {"output": output, "summary": summary}
+
+
+def _reference(inputs: dict, uri: str) -> list[dict]:
+    """The in-process Predictor on the image the job read (same decode, same config)."""
+    model = ifcn.load_checkpoint(inputs["checkpoint"])
+    predictor = ifcn.Predictor(model, ifcn.InferenceConfig(**INFERENCE), device="cpu")
+    return predictor.predict(decode_image(read_bytes(uri, None), uri, 50_000_000, 16))
+
+
+def test_masks_equal_in_process_predictor(first_run: dict, inputs: dict) -> None:
+    masks = read_table(first_run["output"], "masks")
+    images = read_table(first_run["output"], "images")
+    ok = images[images.status == "ok"]
+    assert len(ok) == len(NAMES)
+    for row in ok.itertuples():
+        ref = _reference(inputs, row.uri)
+        got = masks[masks.image_id == row.image_id]
+        assert len(ref) > 0 and len(got) == len(ref) == row.num_proposals, row.image_id
+        assert got["rank"].tolist() == list(range(len(ref)))
+        assert got["rle"].tolist() == [p["rle"]["counts"] for p in ref]
+        np.testing.assert_array_equal(got["score"].to_numpy(), np.float32([p["score"] for p in ref]))
+        np.testing.assert_array_equal(np.stack(got["bbox"].to_numpy()), np.float32([p["bbox"] for p in ref]))
+        assert got["area"].tolist() == [p["area"] for p in ref]
+        assert got["scale"].tolist() == [p["scale"] for p in ref]
+        assert set(got["height"]) == {row.height} and set(got["width"]) == {row.width}
+
+
+def test_one_images_row_per_input_with_errors(first_run: dict, inputs: dict) -> None:
+    images = read_table(first_run["output"], "images")
+    assert sorted(images.image_id) == sorted([*NAMES, CORRUPT])
+    bad = images[images.image_id == CORRUPT].iloc[0]
+    assert bad.status == "error" and CORRUPT in bad.error and bad.num_proposals == 0
+    assert pd.isna(bad.width) and pd.isna(bad.height)
+    ok = images[images.status == "ok"]
+    assert ok.error.isna().all() and (ok.num_proposals > 0).all()
+    assert all(uri.startswith("file://") and uri.endswith(i) for uri, i in zip(images.uri, images.image_id))
+    for _, row in ok.iterrows():  # width/height are the decoded image's
+        h, w = decode_image(read_bytes(row.uri, None), row.uri).shape[:2]
+        assert (row.height, row.width) == (h, w)
+    s = first_run["summary"]
+    assert (s["images_ok"], s["images_error"], s["shards"]) == (len(NAMES), 1, 3)
+    assert s["proposals"] == int(ok.num_proposals.sum()) == len(read_table(first_run["output"], "masks"))
+
+
+def test_files_schema_layout_and_manifest(first_run: dict, inputs: dict) -> None:
+    out = first_run["output"]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [f"part-00000{i}.parquet" for i in range(3)]
+    for name, schema in (("masks", MASKS_SCHEMA), ("images", IMAGES_SCHEMA)):
+        for f in (out / name).iterdir():
+            meta = pq.ParquetFile(f).metadata
+            assert pq.read_schema(f).remove_metadata() == schema
+            assert meta.row_group(0).column(0).compression == "ZSTD"
+            assert meta.row_group(0).column(0).statistics.has_min_max  # image_id stats: readers can prune
+        table = pq.read_table(out / name / "part-000001.parquet")
+        keys = list(zip(*(table.column(k).to_pylist() for k in (["image_id", "rank"] if name == "masks"
+                                                                else ["image_id"]))))
+        assert keys == sorted(keys)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["checkpoint"]["sha256"] == ifcn.checkpoint_digest(inputs["checkpoint"])
+    assert set(manifest["versions"]) >= {"ifcn", "torch", "ray", "pyarrow"}
+    assert manifest["counts"]["images"] == len(NAMES) + 1
+    assert manifest["config"]["inference"]["scales"] == list(INFERENCE["scales"])
+    assert len(list((out / "_commits").iterdir())) == 3
+    assert not list((out / "_tmp").glob("**/*.parquet")) if (out / "_tmp").exists() else True
+
+
+def test_readers_duckdb_pandas_pycocotools(first_run: dict) -> None:
+    out = first_run["output"]
+    masks = read_table(out, "masks")
+    counts = duckdb.sql(f"select image_id, count(*) n, max(score) top from read_parquet('{out}/masks/**/*.parquet') "
+                        f"group by image_id order by image_id").fetchall()
+    expect = masks.groupby("image_id").agg(n=("rank", "size"), top=("score", "max")).sort_index()
+    assert [(i, n) for i, n, _ in counts] == list(zip(expect.index, expect.n))
+    np.testing.assert_array_equal([t for *_, t in counts], expect.top.to_numpy())
+    best = duckdb.sql(f"select image_id, score from read_parquet('{out}/masks/**/*.parquet') where rank = 0 "
+                      f"order by image_id").fetchall()
+    assert [s for _, s in best] == [t for *_, t in counts]  # rank 0 is the top score
+    joined = duckdb.sql(f"select count(*) from read_parquet('{out}/masks/**/*.parquet') m join "
+                        f"read_parquet('{out}/images/**/*.parquet') i using (image_id) where i.status = 'ok'").fetchall()
+    assert joined == [(len(masks),)]
+    assert len(pd.read_parquet(out / "masks")) == len(masks)  # pandas reads the folder too
+    for row in masks.itertuples():
+        rle = {"size": [int(row.height), int(row.width)], "counts": row.rle.encode()}
+        decoded = mask_utils.decode(rle)  # (H, W) uint8
+        assert decoded.shape == (row.height, row.width)
+        assert int(decoded.sum()) == int(mask_utils.area(rle)) == row.area
+        np.testing.assert_allclose(mask_utils.toBbox(rle), row.bbox, atol=1e-4)
+
+
+def test_rerun_skips_committed_shards(first_run: dict, inputs: dict) -> None:
+    out = first_run["output"]
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/part-*.parquet")}
+    masks_before, images_before = read_table(out, "masks"), read_table(out, "images")
+    summary = run_segment(_config(inputs, out))
+    assert (summary["shards_skipped"], summary["shards_run"], summary["images_this_run"]) == (3, 0, 0)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/part-*.parquet")} == before
+    pd.testing.assert_frame_equal(read_table(out, "masks"), masks_before)
+    pd.testing.assert_frame_equal(read_table(out, "images"), images_before)
+
+
+def test_rerun_finishes_partial_output_without_duplicates(first_run: dict, inputs: dict, tmp_path: Path) -> None:
+    """A copy of the output with one shard's marker gone and a stray temp file: the shard is redone."""
+    out = tmp_path / "out"
+    shutil.copytree(first_run["output"], out)
+    (out / "_commits" / "000001.json").unlink()
+    (out / "_tmp" / "junk").mkdir(parents=True, exist_ok=True)
+    (out / "_tmp" / "junk" / "part-000001.parquet").write_bytes(b"half a file")
+    summary = run_segment(_config(inputs, out))
+    assert (summary["shards_skipped"], summary["shards_run"], summary["images_this_run"]) == (2, 1, 2)
+    cols = list(IMAGES_RESULT_COLUMNS)
+    pd.testing.assert_frame_equal(read_table(out, "images")[cols], read_table(first_run["output"], "images")[cols])
+    pd.testing.assert_frame_equal(read_table(out, "masks"), read_table(first_run["output"], "masks"))
+
+
+def test_mismatched_rerun_is_refused(first_run: dict, inputs: dict, tmp_path: Path) -> None:
+    out = first_run["output"]
+    with pytest.raises(SegmentError, match="nms_iou 0.8 vs 0.5"):
+        run_segment(_config(inputs, out, nms_iou=0.5))
+    with pytest.raises(SegmentError, match="shard_size 2 vs 3"):
+        run_segment(_config(inputs, out, shard_size=3))
+    other = tmp_path / "images"
+    shutil.copytree(inputs["images"], other)
+    write_images(other, ["zz_new.png"], seed=5)
+    with pytest.raises(SegmentError, match=r"input listing differs \(6 images before, 7 now\)"):
+        run_segment(_config(inputs, out, input=other))
+
+
+@pytest.mark.parametrize("kind", ["txt", "parquet"])
+def test_manifest_inputs(first_run: dict, inputs: dict, kind: str, tmp_path: Path) -> None:
+    """Manifest URIs (local path, file:// URL, a missing file) -> image_id = full URI; proposals as before."""
+    folder = inputs["images"]
+    uris = [str(folder / "a.jpg"), (folder / "nested" / "d.png").as_uri(), str(folder / "missing.jpg")]
+    manifest = tmp_path / f"list.{kind}"
+    if kind == "txt":
+        manifest.write_text("# images to segment\n" + "\n".join(uris) + "\n\n")
+    else:
+        pq.write_table(pa.table({"uri": uris, "extra": [1, 2, 3]}), manifest)
+    out = tmp_path / "out"
+    summary = run_segment(_config(inputs, out, input=manifest))
+    assert (summary["images_ok"], summary["images_error"]) == (2, 1)
+    images = read_table(out, "images").set_index("image_id")
+    full = {u: (u if "://" in u else Path(u).as_uri()) for u in uris}
+    assert sorted(images.index) == sorted(full.values())
+    assert "no such file" in images.loc[full[uris[2]], "error"]
+    masks = read_table(out, "masks")
+    first = read_table(first_run["output"], "masks")
+    for uri, name in ((uris[0], "a.jpg"), (uris[1], "nested/d.png")):
+        assert masks[masks.image_id == full[uri]].rle.tolist() == first[first.image_id == name].rle.tolist()
+        assert (masks[masks.image_id == full[uri]].uri == full[uri]).all()
+
+
+# --- CLI: one-line errors before any work starts (no Ray is started) ----------------------------
+
+def _assert_one_line_error(result, *needles: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_cli_wrong_flag(inputs: dict, tmp_path: Path) -> None:
+    r = cli("--input", str(inputs["images"]), "--output", str(tmp_path / "o"), "--checkpoint", inputs["checkpoint"],
+            "--nms-iuo", "0.5")
+    _assert_one_line_error(r, "--nms-iuo")
+    r = cli("--input", str(inputs["images"]), "--output", str(tmp_path / "o"), "--checkpoint", inputs["checkpoint"],
+            "--scales", "64,big")
+    _assert_one_line_error(r, "--scales", "64,big")
+    r = cli("--input", str(inputs["images"]), "--output", str(tmp_path / "o"), "--checkpoint", inputs["checkpoint"],
+            "--nms-iou", "1.5")
+    _assert_one_line_error(r, "nms_iou")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_missing_checkpoint(inputs: dict, tmp_path: Path) -> None:
+    r = cli("--input", str(inputs["images"]), "--output", str(tmp_path / "o"),
+            "--checkpoint", str(tmp_path / "nope.pt"))
+    _assert_one_line_error(r, "--checkpoint", "nope.pt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_missing_and_empty_input(inputs: dict, tmp_path: Path) -> None:
+    r = cli("--input", str(tmp_path / "no_such_dir"), "--output", str(tmp_path / "o"),
+            "--checkpoint", inputs["checkpoint"])
+    _assert_one_line_error(r, "--input", "no_such_dir", "no such file or prefix")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.md").write_text("no images here")
+    r = cli("--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), "--checkpoint", inputs["checkpoint"])
+    _assert_one_line_error(r, "--input", "no images found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_rerun_prints_summary(first_run: dict, inputs: dict, tmp_path: Path) -> None:
+    """The CLI on a copy of the module's output re-runs nothing and prints the final summary."""
+    out = tmp_path / "o"
+    shutil.copytree(first_run["output"], out)
+    r = cli("--input", str(inputs["images"]), "--output", str(out), "--checkpoint", inputs["checkpoint"],
+            "--shard-size", "2", *inference_flags())
+    assert r.returncode == 0, r.stderr
+    assert "5 images ok, 1 errors" in r.stdout and str(out) in r.stdout and "images/s" in r.stdout
+    assert os.path.exists(out / "_manifest.json")
