@@ -4,7 +4,8 @@ No model state here: each function is tested against a slow reference in tests/t
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ class _AxisSamples:
         u = np.clip(r / stride - 0.5, 0.0, m - 1.0)
         self.i0 = np.floor(u).astype(np.int64)
         self.i1 = np.minimum(self.i0 + 1, m - 1)
-        self.t = (u - self.i0).astype(np.float32)
+        self.t = u - self.i0
 
     def support(self, on: np.ndarray) -> np.ndarray:
         """(W, count) pixels that blend at least one cell marked in `on` (W, m)."""
@@ -101,12 +102,13 @@ def paste_masks(probs: np.ndarray, cells: np.ndarray, factor: tuple[float, float
     height, width = image_size
     if n == 0:
         return []
-    probs = np.asarray(probs, dtype=np.float32)
-    on = probs > threshold  # (W, m, m)
+    probs = np.asarray(probs, dtype=np.float64)  # float64: bit-identical to the per-pixel formula
+    # Bilinear weights are convex, so a pixel can pass the threshold only where one of the cells
+    # it blends does (up to rounding, hence the margin): only those rows/columns are resampled,
+    # and masks are sparse in their windows.
+    on = probs > threshold - 1e-9  # (W, m, m)
     ay = _AxisSamples(cells[:, 0].astype(np.int64), factor[0], m, stride, height)
     ax = _AxisSamples(cells[:, 1].astype(np.int64), factor[1], m, stride, width)
-    # Bilinear weights are convex, so a pixel can pass the threshold only where one of the cells
-    # it blends does: only those rows/columns are resampled (masks are sparse in their windows).
     ys_live, xs_live = ay.support(on.any(axis=2)), ax.support(on.any(axis=1))  # (W, Sy), (W, Sx)
     out: list[tuple[int, int, np.ndarray]] = []
     for w in range(n):
@@ -153,14 +155,12 @@ def crop_to_rle(top: int, left: int, crop: np.ndarray, image_size: tuple[int, in
     strip = np.zeros((w, h + sep), dtype=np.int8)  # (w, h [+1]) column-major crop + separators
     strip[:, :h] = crop.T
     flat = strip.reshape(-1)
-    # full-image column-major position of each strip element
-    pos = ((left + np.arange(w)) * height + top)[:, None] + np.arange(h + sep)[None, :]
-    prev = np.concatenate(([0], flat[:-1]))  # the image starts with background
-    pos = pos.reshape(-1)
-    change = pos[(flat != prev) & (pos < height * width)]  # first pixel of every later run
-    # without separators a crop ending on a set pixel needs the run after it closed explicitly
-    tail = [pos[-1] + 1] if flat[-1] and pos[-1] + 1 < height * width else []
-    bounds = np.concatenate(([0], change, tail, [height * width]))
+    change = np.flatnonzero(np.diff(flat, prepend=0))  # runs start here (the image starts with background)
+    if flat[-1]:  # only without separators: the run after the crop starts past its last pixel
+        change = np.append(change, flat.size)
+    col, row = np.divmod(change, h + sep)
+    pos = (left + col) * height + top + row  # full-image column-major position
+    bounds = np.concatenate(([0], pos[pos < height * width], [height * width]))
     return _encode_counts(np.diff(bounds).tolist(), image_size)
 
 
@@ -172,62 +172,85 @@ def _encode_counts(runs: list[int], image_size: tuple[int, int]) -> dict:
     return rle
 
 
+# A mask as NMS sees it: a COCO RLE, or a pasted crop (top, left, bool (h, w)) inside the image.
+Mask = Union[dict, tuple[int, int, np.ndarray]]
+
+
+def _crop_intersection(a: tuple[int, int, np.ndarray], b: tuple[int, int, np.ndarray]) -> int:
+    """Pixels two pasted crops share, read off the overlap of their boxes only."""
+    (ta, la, ca), (tb, lb, cb) = a, b
+    y0, y1 = max(ta, tb), min(ta + ca.shape[0], tb + cb.shape[0])
+    x0, x1 = max(la, lb), min(la + ca.shape[1], lb + cb.shape[1])
+    if y1 <= y0 or x1 <= x0:
+        return 0
+    return int(np.count_nonzero(ca[y0 - ta:y1 - ta, x0 - la:x1 - la] & cb[y0 - tb:y1 - tb, x0 - lb:x1 - lb]))
+
+
 class GreedyMaskNMS:
     """Greedy mask NMS fed one mask at a time in score order, so callers can stop producing masks
     once `max_keep` are kept. A mask is kept unless its IoU with a kept one exceeds the threshold.
 
-    Pairs whose IoU cannot exceed the threshold (box intersection / larger area <= threshold,
-    an upper bound of the IoU) skip the exact RLE IoU, so RLEs are asked for only when needed.
+    Pairs whose IoU cannot exceed the threshold (judged from boxes and areas alone) skip the
+    exact IoU. Exact IoUs come from pycocotools for RLEs and
+    from the overlapping pixels for crops (same value: intersection / union in float64).
     """
 
     def __init__(self, iou_threshold: float, max_keep: int) -> None:
         self.iou_threshold, self.max_keep = iou_threshold, max_keep
-        self.kept_rles: list[dict] = []
-        self._boxes = np.zeros((max(1, min(max_keep, 4096)), 4), dtype=np.float64)  # x0, y0, x1, y1
+        self.kept: list[Mask] = []
+        self._boxes = np.zeros((16, 4), dtype=np.float64)  # x0, y0, x1, y1 of kept masks; grows by doubling
         self._areas = np.zeros(len(self._boxes), dtype=np.float64)
 
     @property
     def full(self) -> bool:
-        return len(self.kept_rles) >= self.max_keep
+        return len(self.kept) >= self.max_keep
 
-    def offer(self, box: tuple[float, float, float, float] | np.ndarray, area: int, rle: Callable[[], dict]) -> bool:
-        """box: (x, y, w, h) tight box; area: pixels; rle: returns the mask's COCO RLE when asked.
-
-        Returns whether the mask is kept (its RLE is then in `kept_rles`).
-        """
+    def offer(self, mask: Mask, box: Sequence[float], area: int) -> bool:
+        """mask: RLE or (top, left, crop), all offered masks of one kind; box: (x, y, w, h) tight box;
+        area: its pixel count. Returns whether the mask is kept (appended to `kept`)."""
         if self.full:
             return False
-        n = len(self.kept_rles)
+        n = len(self.kept)
         x0, y0, bw, bh = (float(v) for v in box)
         x1, y1 = x0 + bw, y0 + bh
-        mine: dict | None = None
         if n:
             kb = self._boxes[:n]
             iw = np.minimum(x1, kb[:, 2]) - np.maximum(x0, kb[:, 0])
             ih = np.minimum(y1, kb[:, 3]) - np.maximum(y0, kb[:, 1])
-            bound = np.clip(iw, 0, None) * np.clip(ih, 0, None) / np.maximum(np.maximum(self._areas[:n], area), 1)
+            # IoU = I / (a + b - I) grows with the intersection I, which is at most the boxes'
+            # overlap and either area: that I gives an upper bound on the IoU
+            kept_areas = self._areas[:n]
+            inter = np.minimum(np.clip(iw, 0, None) * np.clip(ih, 0, None), np.minimum(kept_areas, area))
+            bound = inter / np.maximum(kept_areas + area - inter, 1)
             near = np.flatnonzero(bound > self.iou_threshold)
-            if near.size:
-                mine = rle()
-                ious = mask_utils.iou([self.kept_rles[i] for i in near], [mine], [0])
-                if np.any(np.asarray(ious) > self.iou_threshold):
-                    return False
+            if near.size and self._overlaps(mask, area, near):
+                return False
         if n == len(self._boxes):
             self._boxes = np.concatenate([self._boxes, np.zeros_like(self._boxes)])
             self._areas = np.concatenate([self._areas, np.zeros_like(self._areas)])
         self._boxes[n] = (x0, y0, x1, y1)
         self._areas[n] = area
-        self.kept_rles.append(mine if mine is not None else rle())
+        self.kept.append(mask)
         return True
+
+    def _overlaps(self, mask: Mask, area: int, near: np.ndarray) -> bool:
+        """Whether `mask` has IoU above the threshold with any kept mask in `near` (best boxes first)."""
+        if isinstance(mask, dict):
+            ious = mask_utils.iou([self.kept[i] for i in near], [mask], [0])
+            return bool(np.any(np.asarray(ious) > self.iou_threshold))
+        for i in near:
+            inter = _crop_intersection(self.kept[i], mask)
+            if inter / (self._areas[i] + area - inter) > self.iou_threshold:
+                return True
+        return False
 
 
 def mask_nms(rles: Sequence[dict], scores: np.ndarray, boxes: np.ndarray, areas: np.ndarray, iou_threshold: float,
              max_keep: int) -> np.ndarray:
     """Greedy mask NMS: in score order, keep a mask unless its IoU with a kept one exceeds the threshold.
 
-    rles: N COCO RLEs (any indexable; read only where boxes overlap enough to matter);
-    boxes: (N, 4) xywh tight boxes, areas: (N,) mask areas. Returns kept indices, best first
-    (ties broken by index).
+    rles: N COCO RLEs; boxes: (N, 4) xywh tight boxes, areas: (N,) mask areas. Returns kept
+    indices, best first (ties broken by index).
     """
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
     nms = GreedyMaskNMS(iou_threshold, max_keep)
@@ -235,6 +258,6 @@ def mask_nms(rles: Sequence[dict], scores: np.ndarray, boxes: np.ndarray, areas:
     for idx in order:
         if nms.full:
             break
-        if nms.offer(boxes[idx], int(areas[idx]), lambda i=idx: rles[i]):
+        if nms.offer(rles[idx], boxes[idx], int(areas[idx])):
             kept.append(int(idx))
     return np.asarray(kept, dtype=np.int64)

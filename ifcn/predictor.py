@@ -75,9 +75,9 @@ def postprocess(cands: Candidates, config: InferenceConfig) -> list[dict[str, An
             if box is None:
                 continue
             area = int(np.count_nonzero(crop))
-            if nms.offer(box, area, lambda: crop_to_rle(top, left, crop, cands.image_size)):
-                out.append({"score": float(cands.scores[i]), "rle": nms.kept_rles[-1], "bbox": list(box),
-                            "area": area, "scale": int(cands.scale[i])})
+            if nms.offer((top, left, crop), box, area):  # only kept masks are RLE-encoded
+                out.append({"score": float(cands.scores[i]), "rle": crop_to_rle(top, left, crop, cands.image_size),
+                            "bbox": list(box), "area": area, "scale": int(cands.scale[i])})
                 if nms.full:
                     break
     return out

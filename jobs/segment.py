@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except SegmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {summary['images_ok']} images ok, {summary['images_error']} errors, "
-          f"{summary['proposals']} proposals; {summary['images_this_run']} images this run in {summary['wall_s']:.1f} s "
-          f"({summary['images_per_s']:.2f} images/s); {summary['shards_skipped']} shards were already committed; "
-          f"output: {summary['output']}")
+    s = summary
+    print(f"done: {s['images_ok']} images ok, {s['images_error']} errors, {s['proposals']} proposals; "
+          f"{s['images_this_run']} images this run in {s['wall_s']:.1f} s ({s['images_per_s']:.2f} images/s); "
+          f"{s['shards_skipped']} shards were already committed; output: {s['output']}")
     return 0
 
 

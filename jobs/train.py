@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         from ifcn.train import train
 
         model_url = train(config)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"model: {model_url}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -45,6 +46,7 @@ class SegmentConfig:
         for name in ("input", "output", "checkpoint"):
             if not getattr(self, name):
                 raise SegmentError(f"--{name} is required (a URL or local path)")
+            object.__setattr__(self, name, os.fspath(getattr(self, name)))  # pathlib.Path works too
         if self.amp not in AMP_MODES:
             raise SegmentError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
         for name in ("shard_size", "max_pixels", "min_side", "batch_size"):

@@ -84,9 +84,11 @@ def prepare(config: SegmentConfig) -> Plan:
     if previous is None and committed:
         raise SegmentError(f"--output {config.output} holds committed shards but no {JOB_FILE}; "
                            f"use a new --output, or delete it to start over")
+    rewrite_job = previous is None
     if previous is not None:
         diffs = _job_differences(previous, job)
-        if diffs:
+        rewrite_job = bool(diffs) and not committed  # nothing committed yet: nothing to conflict with
+        if diffs and committed:
             raise SegmentError(f"--output {config.output} holds results of a different run ({'; '.join(diffs)}); "
                                f"use a new --output, or delete it to start over")
     by_id = {s.shard_id: s for s in shards}
@@ -95,7 +97,7 @@ def prepare(config: SegmentConfig) -> Plan:
             raise SegmentError(f"--output {config.output}: commit marker of shard {sid} does not match this "
                                f"input listing; use a new --output, or delete it to start over")
     try:
-        if previous is None:
+        if rewrite_job:
             store.write_json(JOB_FILE, job)
         store.remove_uncommitted(set(committed))
     except Exception as e:
@@ -123,11 +125,12 @@ def build_dataset(plan: Plan, config: SegmentConfig, actors: int, gpus_per_actor
     """The Ray Data graph over the pending shards' images (lazy; iterate it to run)."""
     import ray.data
 
-    rows = [(it.image_id, it.uri, s.shard_id) for s in plan.pending for it in s.items]
-    table = pa.table({name: [r[i] for r in rows] for i, name in enumerate(("image_id", "uri", "shard_id"))},
-                     schema=pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("shard_id", pa.string())]))
+    rows = [{"image_id": it.image_id, "uri": it.uri, "shard_id": s.shard_id} for s in plan.pending for it in s.items]
+    schema = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("shard_id", pa.string())])
     per_block = max(READ_BATCH, math.ceil(len(rows) / MAX_INPUT_BLOCKS))
-    ds = ray.data.from_arrow([table.slice(i, per_block) for i in range(0, len(rows), per_block)])
+    # Separate tables, not slices of one: a pickled slice can carry its parent's whole buffers.
+    ds = ray.data.from_arrow([pa.Table.from_pylist(rows[i:i + per_block], schema=schema)
+                              for i in range(0, len(rows), per_block)])
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
         # actor stage (it fuses task -> actor stages with equal resources): decoding stays in tasks.
@@ -152,28 +155,35 @@ class ShardCollector:
         self.parts: dict[str, list[pa.Table]] = {}
         self.seen: dict[str, set[str]] = {}
         self.markers: list[dict[str, Any]] = []
+        self.done: set[str] = set()
 
     def add(self, batch: pa.Table) -> None:
         for sid in set(batch.column("shard_id").to_pylist()):
+            if sid in self.done:  # a retried task delivered images of a committed shard again
+                continue
             rows = batch.filter(pc.equal(batch.column("shard_id"), sid))
             seen = self.seen.setdefault(sid, set())
-            ids = rows.column("image_id").to_pylist()
-            fresh = [i for i, image_id in enumerate(ids) if image_id not in seen]
-            if len(fresh) < len(ids):  # a retried task delivered an image twice: keep the first
+            fresh = []
+            for i, image_id in enumerate(rows.column("image_id").to_pylist()):
+                if image_id not in seen:  # a retried task may deliver an image twice: keep the first
+                    seen.add(image_id)
+                    fresh.append(i)
+            if len(fresh) < rows.num_rows:
                 rows = rows.take(fresh)
-            seen.update(ids)
             self.parts.setdefault(sid, []).append(rows)
             if len(seen) == len(self.shards[sid].items):
                 self._commit(sid)
 
     def _commit(self, sid: str) -> None:
         marker = self.store.commit(self.shards[sid], pa.concat_tables(self.parts.pop(sid)))
+        self.done.add(sid)
+        del self.seen[sid]
         self.markers.append(marker)
         self.log(f"committed shard {sid}: {marker['num_images']} images ({marker['num_error']} errors), "
                  f"{marker['num_proposals']} proposals [{len(self.markers)}/{len(self.shards)} this run]")
 
     def missing(self) -> list[str]:
-        return sorted(set(self.shards) - {m["shard_id"] for m in self.markers})
+        return sorted(set(self.shards) - self.done)
 
 
 def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -188,20 +198,27 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
     log(f"{len(plan.items)} images in {len(plan.shards)} shards of {config.shard_size}; "
         f"{skipped} already committed, {len(plan.pending)} to run")
     collector = ShardCollector(plan.pending, plan.store, log)
-    actors, gpus_per_actor = 0, 0.0
+    actors, gpus_per_actor, run_s = 0, 0.0, 0.0
     if plan.pending:
         import ray
 
         if not ray.is_initialized():
             ray.init()
-        actors, gpus_per_actor = resolve_resources(config, ray.cluster_resources())
+        cluster = ray.cluster_resources()
+        actors, gpus_per_actor = resolve_resources(config, cluster)
         log(f"inference: {actors} actor(s), {gpus_per_actor} GPU each, batch size {config.batch_size}")
+        if actors * gpus_per_actor > cluster.get("GPU", 0) or actors > cluster.get("CPU", 0):
+            log(f"warning: {actors} actors x {gpus_per_actor} GPU need more than the cluster has now "
+                f"({cluster.get('GPU', 0)} GPU, {cluster.get('CPU', 0)} CPU); they wait for an autoscaler")
         ds = build_dataset(plan, config, actors, gpus_per_actor)
+        run_start = time.perf_counter()
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             collector.add(batch)
+        run_s = time.perf_counter() - run_start
         if collector.missing():
             raise RuntimeError(f"shards {collector.missing()[:10]} did not receive all their images; "
                                f"re-run the same command to finish them")
+    plan.store.remove_tmp()
     wall = time.perf_counter() - start
     markers = plan.store.committed()
     counts = {"images": sum(m["num_images"] for m in markers.values()),
@@ -212,14 +229,16 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
     processed = sum(m["num_images"] for m in collector.markers)
     summary = {"output": config.output, **counts, "images_this_run": processed, "wall_s": round(wall, 3),
                "images_per_s": round(processed / wall, 3) if wall > 0 else 0.0,
+               # the Ray Data execution alone (no listing, checkpoint check or Ray start-up)
+               "pipeline_s": round(run_s, 3), "pipeline_images_per_s": round(processed / run_s, 3) if run_s else 0.0,
                "actors": actors, "gpus_per_actor": gpus_per_actor}
     plan.store.write_json(MANIFEST_FILE, {
         "format": FORMAT, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "input": config.input, "output": config.output, "config": config.to_dict(),
         "checkpoint": {"url": config.checkpoint, "sha256": plan.checkpoint_sha256, "model": plan.model_config},
         "inputs_sha256": plan.job["inputs_sha256"], "num_inputs": len(plan.items), "counts": counts,
-        "last_run": {"wall_s": summary["wall_s"], "images": processed, "images_per_s": summary["images_per_s"],
-                     "actors": actors, "gpus_per_actor": gpus_per_actor},
+        "last_run": {k: summary[k] for k in ("images_this_run", "wall_s", "images_per_s", "pipeline_s",
+                                             "pipeline_images_per_s", "actors", "gpus_per_actor")},
         "tables": {"masks": "masks/*.parquet", "images": "images/*.parquet"},
         "versions": versions()})
     return summary
@@ -239,7 +258,7 @@ def _job_differences(previous: dict[str, Any], job: dict[str, Any]) -> list[str]
     """Human-readable differences between an output's fingerprint and this run's."""
     diffs = []
     if previous.get("format") != job["format"]:
-        diffs.append(f"format {previous.get('format')} vs {job['format']}")
+        diffs.append(f"format: {previous.get('format')} before, {job['format']} now")
     if previous.get("inputs_sha256") != job["inputs_sha256"]:
         diffs.append(f"input listing differs ({previous.get('num_inputs')} images before, {job['num_inputs']} now)")
     if previous.get("checkpoint_sha256") != job["checkpoint_sha256"]:
@@ -248,7 +267,8 @@ def _job_differences(previous: dict[str, Any], job: dict[str, Any]) -> list[str]
     for key in sorted(set(old) | set(new)):
         if key == "inference":
             a, b = old.get(key, {}), new.get(key, {})
-            diffs += [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            diffs += [f"{k}: {a.get(k)} before, {b.get(k)} now"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         elif old.get(key) != new.get(key):
-            diffs.append(f"{key} {old.get(key)} vs {new.get(key)}")
+            diffs.append(f"{key}: {old.get(key)} before, {new.get(key)} now")
     return diffs

@@ -72,6 +72,15 @@ MASKS_ROW_GROUP_ROWS = 16_384  # ~16 images at 1000 proposals: image_id min/max 
 PARQUET_COMPRESSION = "zstd"
 
 
+def columns_markdown() -> str:
+    """Both tables' columns as Markdown (what the README shows)."""
+    out = []
+    for title, columns in (("masks", MASKS_COLUMNS), ("images", IMAGES_COLUMNS)):
+        out += [f"`{title}/`", "", "| column | type | meaning |", "|---|---|---|"]
+        out += [f"| `{n}` | {t} | {doc} |" for n, t, doc in columns] + [""]
+    return "\n".join(out)
+
+
 def proposals_to_rows(proposals: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """ifcn.postprocess output (best first) -> PROPOSAL_TYPE dicts with their rank."""
     return [{"rank": i, "score": p["score"], "bbox": p["bbox"], "area": p["area"], "rle": p["rle"]["counts"],

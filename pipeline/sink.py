@@ -74,8 +74,7 @@ class OutputStore:
     def remove_uncommitted(self, committed: set[str]) -> int:
         """Deletes `_tmp/` and table files of shards without a commit marker; returns files removed."""
         removed = 0
-        if self.fs.exists(self.path(TMP_DIR)):
-            self.fs.rm(self.path(TMP_DIR), recursive=True)
+        _remove_quietly(self.fs, self.path(TMP_DIR))
         for table in TABLES:
             d = self.path(table)
             if not self.fs.exists(d):
@@ -103,7 +102,7 @@ class OutputStore:
         for table_name in TABLES:
             self.fs.makedirs(self.path(table_name), exist_ok=True)
             self.fs.mv(f"{tmp}/{table_name}/{name}", self.path(table_name, name))
-        self.fs.rm(tmp, recursive=True)
+        _remove_quietly(self.fs, tmp)  # object stores have no empty folders to remove
         status = images.column("status").to_pylist()
         marker = {"shard_id": shard.shard_id, "digest": shard.digest, "num_images": images.num_rows,
                   "num_ok": status.count("ok"), "num_error": status.count("error"),
@@ -111,6 +110,10 @@ class OutputStore:
                   "committed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.write_json(f"{COMMITS_DIR}/{shard.shard_id}.json", marker)
         return marker
+
+    def remove_tmp(self) -> None:
+        """Drops `_tmp/` once a run has nothing left in flight."""
+        _remove_quietly(self.fs, self.path(TMP_DIR))
 
     # --- helpers ----------------------------------------------------------------------
     def _put(self, data: bytes, path: str) -> None:
@@ -131,6 +134,13 @@ def _parquet_bytes(table: pa.Table, row_group_size: int | None) -> bytes:
     pq.write_table(table, buf, compression=PARQUET_COMPRESSION, row_group_size=row_group_size,
                    write_statistics=True)
     return buf.getvalue()
+
+
+def _remove_quietly(fs, path: str) -> None:
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 def _shard_of(file_name: str) -> str:

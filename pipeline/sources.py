@@ -64,8 +64,9 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None) -> list
             elif is_image_path(path):
                 items = [InputItem(posixpath.basename(path), fs.unstrip_protocol(path))]
             else:
-                raise SegmentError(f"--input {url}: a file that is neither a manifest ({', '.join(MANIFEST_EXTENSIONS)}) "
-                                   f"nor an image; pass a prefix, a manifest or an image")
+                raise SegmentError(f"--input {url}: a file that is neither a manifest "
+                                   f"({', '.join(MANIFEST_EXTENSIONS)}) nor an image; "
+                                   f"pass a prefix, a manifest or an image")
         elif fs.isdir(path):
             items = [InputItem(posixpath.relpath(p, path), fs.unstrip_protocol(p))
                      for p in fs.find(path, withdirs=False) if is_image_path(p)]

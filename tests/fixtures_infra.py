@@ -23,14 +23,19 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:
-    import psutil
-except ImportError:  # not a direct dependency; Ray bundles a copy and puts it on sys.path on import
-    import ray  # noqa: F401
-    import psutil
-
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, moto_server
+
+
+def _psutil():
+    """psutil is not a direct dependency; Ray bundles a copy and puts it on sys.path on import."""
+    try:
+        import psutil
+    except ImportError:
+        import ray  # noqa: F401
+        import psutil
+    return psutil
+
 
 # Credentials moto accepts; any non-empty values work, these are the conventional ones.
 S3_CREDENTIALS = {
@@ -73,6 +78,7 @@ def _tail(log: Path | None, n: int = 2000) -> str:
 
 def _kill_tree(pids: list[int], grace: float = 10.0) -> None:
     """SIGTERM then SIGKILL exactly these processes and their descendants."""
+    psutil = _psutil()
     procs: list[psutil.Process] = []
     for pid in pids:
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -140,8 +146,8 @@ class RayHead:
     """A Ray head node started with `ray start --head --block`.
 
     `--block` keeps the `ray start` process in the foreground as the parent of the GCS,
-    raylet and dashboard; terminating it tears them down. Processes that outlive it are
-    found by this head's unique temp dir in their command line and stopped by pid.
+    raylet and dashboard; interrupting it tears them down. Processes that outlive it are
+    found by session id or this head's unique temp dir and stopped by pid.
     """
 
     gcs_address: str
@@ -213,6 +219,7 @@ class RayHead:
     def own_pids(self) -> list[int]:
         """This head's processes: descendants of `ray start`, members of its session (it was
         started with its own session id), and anything naming its unique temp dir."""
+        psutil = _psutil()
         pids = {self.proc.pid}
         with contextlib.suppress(psutil.Error):
             pids.update(c.pid for c in psutil.Process(self.proc.pid).children(recursive=True))
@@ -227,10 +234,12 @@ class RayHead:
     def stop(self) -> None:
         # Collect first: once `ray start` exits its children are re-parented and harder to find.
         pids = self.own_pids()
+        # `ray start --block` shuts its children down on Ctrl-C (SIGINT) in a few seconds; it
+        # sat out SIGTERM for 30+ s here. What it leaves behind is killed by pid below.
         with contextlib.suppress(ProcessLookupError):
-            self.proc.terminate()  # `ray start --block` stops its children in order on SIGTERM
+            self.proc.send_signal(signal.SIGINT)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=15)
         _kill_tree(sorted(set(pids) | set(self.own_pids())))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 

@@ -131,7 +131,7 @@ def test_synthetic_instances_touch_and_have_model_friendly_sizes():
         assert len(masks) >= 2
         for a in range(len(m)):
             ys, xs = np.nonzero(m[a])
-            sides.append(max(ys.ptp(), xs.ptp()) + 1)
+            sides.append(max(np.ptp(ys), np.ptp(xs)) + 1)
             grown = m[a].copy()
             grown[1:] |= m[a][:-1]
             grown[:-1] |= m[a][1:]

@@ -11,7 +11,8 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from ifcn.ops import BACKGROUND_LOGIT, assemble, cell_to_map, crop_bbox, crop_to_rle, mask_nms, paste_masks
+from ifcn.ops import (BACKGROUND_LOGIT, GreedyMaskNMS, assemble, cell_to_map, crop_bbox, crop_to_rle, mask_nms,
+                      paste_masks)
 
 
 # ----------------------------------------------------------------------------- assembling
@@ -185,6 +186,9 @@ def test_paste_masks_matches_bilinear_reference(m: int, factor: tuple[float, flo
                                     [fh - m, fw - m]]]).astype(np.int64)
     probs = rng.random((len(cells), m, m)).astype(np.float32)
     probs[0] = 1.0  # a solid window: its crop is exactly the window's span inside the image
+    probs[1] = np.where(rng.random((m, m)) < 0.3, 0.5, 0.5 - 2.0**-11)  # cells at the threshold (fp16 0.5)
+    probs[2] = 0.0
+    probs[2, 1:3, m // 2:] = 0.9  # a sparse mask: most of the window is never resampled
     got = paste_masks(probs, cells, factor, image_size, stride, threshold)
     assert len(got) == len(cells)
     for i, (top, left, crop) in enumerate(got):
@@ -192,9 +196,11 @@ def test_paste_masks_matches_bilinear_reference(m: int, factor: tuple[float, flo
         assert 0 <= top and 0 <= left and top + crop.shape[0] <= image_size[0] and left + crop.shape[1] <= image_size[1]
         ref = _reference_paste(probs[i].astype(np.float64), tuple(cells[i]), factor, image_size, stride)
         full = _full(top, left, crop, image_size)
-        # the fast path multiplies in float32: only pixels within rounding of the threshold may differ
-        differ = full != (ref > threshold)
-        assert np.all(np.abs(ref[differ] - threshold) < 1e-5), f"window {i}: {differ.sum()} pixels differ"
+        np.testing.assert_array_equal(full, ref > threshold, err_msg=f"window {i}")
+        if full.any():  # crops are the masks' tight boxes
+            assert crop[0].any() and crop[-1].any() and crop[:, 0].any() and crop[:, -1].any()
+        else:
+            assert crop.size == 0
     # window 0 is all ones: its mask is every pixel whose centre falls inside the window span
     ref0 = _reference_paste(np.ones((m, m)), tuple(cells[0]), factor, image_size, stride)
     np.testing.assert_array_equal(_full(*got[0], image_size), ref0 > threshold)
@@ -354,3 +360,29 @@ def test_mask_nms_empty_and_max_keep() -> None:
     scores = np.array([0.1, 0.5, 0.3, 0.9, 0.2])
     assert mask_nms(rles, scores, boxes, areas, 0.5, 3).tolist() == [3, 1, 2]
     assert mask_nms(rles, scores, boxes, areas, 0.5, 1).tolist() == [3]
+
+
+def _tight_crop(mask: np.ndarray) -> tuple[int, int, np.ndarray]:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return int(rows[0]), int(cols[0]), mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+@pytest.mark.parametrize("iou_threshold", [0.3, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_nms_on_crops_matches_brute_force(iou_threshold: float, seed: int) -> None:
+    """The pasted-crop path (exact IoU from overlapping pixels) keeps what the RLE path keeps."""
+    rng = np.random.default_rng(seed)
+    masks = _random_masks(rng, 60)
+    scores = rng.random(60)
+    order = np.argsort(-scores, kind="stable")
+    for max_keep in (1000, 9):
+        nms = GreedyMaskNMS(iou_threshold, max_keep)
+        kept = []
+        for i in order:
+            top, left, crop = _tight_crop(masks[i])
+            if nms.offer((top, left, crop), crop_bbox(top, left, crop), int(crop.sum())):
+                kept.append(int(i))
+        assert kept == _reference_nms(masks, scores, iou_threshold, max_keep)
+        assert nms.full == (len(kept) == max_keep)
+        if nms.full:
+            assert not nms.offer(_tight_crop(masks[0]), (0, 0, 1, 1), 1)

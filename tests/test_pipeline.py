@@ -19,8 +19,11 @@ from pycocotools import mask as mask_utils
 import ifcn
 from pipeline.config import SegmentConfig, SegmentError
 from pipeline.decode import decode_image, read_bytes
-from pipeline.run import run_segment
+from pipeline.infer import InferenceActor
+from pipeline.reduce import reduce_batch
+from pipeline.run import prepare, run_segment
 from pipeline.schema import IMAGES_RESULT_COLUMNS, IMAGES_SCHEMA, MASKS_SCHEMA
+from pipeline.sources import read_images
 from segment_helpers import INFERENCE, cli, inference_flags, read_table, write_checkpoint, write_images
 
 NAMES = ["a.jpg", "b.PNG", "c.jpeg", "nested/d.png", "nested/deeper/e.JPG"]
@@ -134,7 +137,8 @@ def test_readers_duckdb_pandas_pycocotools(first_run: dict) -> None:
                       f"order by image_id").fetchall()
     assert [s for _, s in best] == [t for *_, t in counts]  # rank 0 is the top score
     joined = duckdb.sql(f"select count(*) from read_parquet('{out}/masks/**/*.parquet') m join "
-                        f"read_parquet('{out}/images/**/*.parquet') i using (image_id) where i.status = 'ok'").fetchall()
+                        f"read_parquet('{out}/images/**/*.parquet') i using (image_id) "
+                        f"where i.status = 'ok'").fetchall()
     assert joined == [(len(masks),)]
     assert len(pd.read_parquet(out / "masks")) == len(masks)  # pandas reads the folder too
     for row in masks.itertuples():
@@ -172,15 +176,24 @@ def test_rerun_finishes_partial_output_without_duplicates(first_run: dict, input
 
 def test_mismatched_rerun_is_refused(first_run: dict, inputs: dict, tmp_path: Path) -> None:
     out = first_run["output"]
-    with pytest.raises(SegmentError, match="nms_iou 0.8 vs 0.5"):
+    with pytest.raises(SegmentError, match="nms_iou: 0.8 before, 0.5 now"):
         run_segment(_config(inputs, out, nms_iou=0.5))
-    with pytest.raises(SegmentError, match="shard_size 2 vs 3"):
+    with pytest.raises(SegmentError, match="shard_size: 2 before, 3 now"):
         run_segment(_config(inputs, out, shard_size=3))
     other = tmp_path / "images"
     shutil.copytree(inputs["images"], other)
     write_images(other, ["zz_new.png"], seed=5)
     with pytest.raises(SegmentError, match=r"input listing differs \(6 images before, 7 now\)"):
         run_segment(_config(inputs, out, input=other))
+
+
+def test_changed_settings_are_fine_before_any_commit(inputs: dict, tmp_path: Path) -> None:
+    """A job killed before its first commit may be re-run with other settings (no Ray needed)."""
+    out = tmp_path / "out"
+    prepare(_config(inputs, out, nms_iou=0.5))
+    plan = prepare(_config(inputs, out))
+    assert json.loads((out / "_job.json").read_text())["settings"]["inference"]["nms_iou"] == 0.8
+    assert [s.shard_id for s in plan.pending] == ["000000", "000001", "000002"]
 
 
 @pytest.mark.parametrize("kind", ["txt", "parquet"])
@@ -205,6 +218,27 @@ def test_manifest_inputs(first_run: dict, inputs: dict, kind: str, tmp_path: Pat
     for uri, name in ((uris[0], "a.jpg"), (uris[1], "nested/d.png")):
         assert masks[masks.image_id == full[uri]].rle.tolist() == first[first.image_id == name].rle.tolist()
         assert (masks[masks.image_id == full[uri]].uri == full[uri]).all()
+
+
+def test_inference_and_postprocess_failures_become_error_rows(inputs: dict) -> None:
+    """The stages called directly (no Ray): a bad row becomes an error row, its batch-mates go on."""
+    uri = (inputs["images"] / "a.jpg").as_uri()
+    read = read_images(pa.table({"image_id": ["a", "b"], "uri": [uri, uri], "shard_id": ["0", "0"]}),
+                       None, 50_000_000, 16)
+    pixels = read.column("pixels").to_pylist()
+    read = read.set_column(read.schema.get_field_index("pixels"), "pixels",
+                           pa.array([pixels[0], pixels[1][:-5]], pa.large_binary()))  # b: truncated pixels
+    inferred = InferenceActor(inputs["checkpoint"], ifcn.InferenceConfig(**INFERENCE).to_dict())(read)
+    assert inferred.column("status").to_pylist() == ["ok", "error"]
+    assert "inference failed" in inferred.column("error")[1].as_py()
+    blobs = inferred.column("candidates").to_pylist()
+    doubled = pa.concat_tables([inferred.slice(0, 1), inferred.slice(0, 1)])
+    doubled = doubled.set_column(doubled.schema.get_field_index("candidates"), "candidates",
+                                 pa.array([blobs[0], b"not npz"], pa.large_binary()))
+    reduced = reduce_batch(doubled, ifcn.InferenceConfig(**INFERENCE).to_dict()).to_pylist()
+    assert [r["status"] for r in reduced] == ["ok", "error"]
+    assert "postprocessing failed" in reduced[1]["error"] and reduced[1]["proposals"] == []
+    assert [p["rle"] for p in reduced[0]["proposals"]] == [p["rle"]["counts"] for p in _reference(inputs, uri)]
 
 
 # --- CLI: one-line errors before any work starts (no Ray is started) ----------------------------

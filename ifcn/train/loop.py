@@ -264,11 +264,11 @@ def train(config: TrainConfig, log: Log = print) -> str:
 
     Starts a local Ray when none is running (and stops it after); otherwise uses the connected one.
     """
+    check_inputs(config)
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    check_inputs(config)
     started = False
     if not ray.is_initialized():
         ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers * config.cpus_per_worker),
@@ -281,7 +281,13 @@ def train(config: TrainConfig, log: Log = print) -> str:
                 scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                              resources_per_worker={"CPU": config.cpus_per_worker}),
                 run_config=RunConfig(name="instancefcn", storage_path=tmp))
-            trainer.fit()
+            try:
+                trainer.fit()
+            except Exception as e:  # Ray wraps worker errors with their traceback; keep the last line
+                if type(e).__module__.startswith("ray"):
+                    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                    raise RuntimeError(f"training failed: {lines[-1] if lines else type(e).__name__}") from e
+                raise
     finally:
         if started:
             ray.shutdown()

@@ -1,0 +1,182 @@
+"""Listing, manifests, sharding, the read stage, configs and the schema helpers (no Ray)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ifcn import InferenceConfig
+from pipeline.config import SegmentConfig, SegmentError
+from pipeline.decode import MAX_PIXELS, MIN_SIDE
+from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, REDUCED_SCHEMA, reduced_to_tables
+from pipeline.sink import OutputStore
+from pipeline.sources import (InputItem, image_from_row, list_inputs, listing_digest, make_shards, read_images)
+from segment_helpers import write_images
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "in"
+    write_images(root, ["b.jpg", "A.PNG", "sub/c.Jpeg", "sub/x/d.bmp", "e.tif", "f.TIFF", "g.webp"])
+    (root / "sub" / "notes.txt").write_text("skip me")
+    (root / "h.gif").write_bytes(b"GIF89a")  # not a listed extension
+    return root
+
+
+def test_prefix_listing_recursive_case_insensitive_sorted(tree: Path) -> None:
+    items = list_inputs(str(tree))
+    ids = [it.image_id for it in items]
+    assert ids == sorted(["A.PNG", "b.jpg", "e.tif", "f.TIFF", "g.webp", "sub/c.Jpeg", "sub/x/d.bmp"])
+    assert all(it.uri == (tree / it.image_id).as_uri() for it in items)
+    # file:// URL and trailing slash list the same inputs (same digest -> same shards on re-run)
+    assert listing_digest(list_inputs(tree.as_uri() + "/")) == listing_digest(items)
+
+
+def test_single_image_input(tree: Path) -> None:
+    assert list_inputs(str(tree / "b.jpg")) == [InputItem("b.jpg", (tree / "b.jpg").as_uri())]
+
+
+def test_manifests_txt_and_parquet(tree: Path, tmp_path: Path) -> None:
+    uris = [(tree / "b.jpg").as_uri(), str(tree / "A.PNG"), "s3://bucket/k/z.jpg"]
+    txt = tmp_path / "m.txt"
+    txt.write_text("# comment\n\n" + "\n".join(uris + [uris[0]]) + "\n")  # a duplicate line is listed once
+    pqt = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"uri": uris}), pqt)
+    expect = sorted([(tree / "b.jpg").as_uri(), (tree / "A.PNG").as_uri(), "s3://bucket/k/z.jpg"])
+    for manifest in (txt, pqt):
+        items = list_inputs(str(manifest))
+        assert [it.image_id for it in items] == expect and [it.uri for it in items] == expect
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"path": uris}), bad)
+    with pytest.raises(SegmentError, match="no 'uri' column"):
+        list_inputs(str(bad))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing", "no such file or prefix"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "no images found"),
+    (lambda p: (p / "data.csv").write_text("a,b") and p / "data.csv", "neither a manifest"),
+])
+def test_bad_inputs_are_one_line_errors(tmp_path: Path, make, message: str) -> None:
+    with pytest.raises(SegmentError, match=message) as e:
+        list_inputs(str(make(tmp_path)))
+    assert "\n" not in str(e.value) and "--input" in str(e.value)
+
+
+def test_shards_are_fixed_and_stable() -> None:
+    items = [InputItem(f"{i:03d}.jpg", f"file:///x/{i:03d}.jpg") for i in range(10)]
+    shards = make_shards(items, 4)
+    assert [s.shard_id for s in shards] == ["000000", "000001", "000002"]
+    assert [len(s.items) for s in shards] == [4, 4, 2]
+    assert [it for s in shards for it in s.items] == items  # nothing lost or repeated
+    again = make_shards(list(items), 4)
+    assert [s.digest for s in again] == [s.digest for s in shards]
+    assert len({s.digest for s in shards}) == 3
+    assert make_shards(items, 4)[0].digest != make_shards(items[1:], 4)[0].digest
+    assert make_shards([], 4) == []
+    assert [s.shard_id for s in make_shards(items * 200, 1)][-1] == "001999"  # ids sort like shards
+
+
+def test_read_stage_rows_and_errors(tree: Path, tmp_path: Path) -> None:
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    uris = [(tree / "b.jpg").as_uri(), (tmp_path / "corrupt.png").as_uri(), (tmp_path / "gone.jpg").as_uri()]
+    batch = pa.table({"image_id": ["b", "c", "g"], "uri": uris, "shard_id": ["0", "0", "1"]})
+    out = read_images(batch, None, MAX_PIXELS, MIN_SIDE)
+    rows = out.to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "error", "error"]
+    assert [r["shard_id"] for r in rows] == ["0", "0", "1"]
+    assert "corrupt.png" in rows[1]["error"] and "gone.jpg" in rows[2]["error"]
+    assert rows[1]["pixels"] == b"" and rows[1]["width"] is None and rows[0]["error"] is None
+    image = image_from_row(rows[0]["pixels"], rows[0]["height"], rows[0]["width"])
+    from PIL import Image
+    np.testing.assert_array_equal(image, np.asarray(Image.open(tree / "b.jpg").convert("RGB")))
+    too_big = read_images(batch.slice(0, 1), None, max_pixels=100, min_side=MIN_SIDE).to_pylist()[0]
+    assert too_big["status"] == "error" and "max_pixels=100" in too_big["error"]
+
+
+def test_config_routes_options_and_keeps_library_defaults() -> None:
+    c = SegmentConfig.from_options("in/", "out/", "m.pt", scales=(64, 96), nms_iou=0.7, shard_size=8, amp="bf16")
+    assert c.inference == InferenceConfig(scales=(64, 96), nms_iou=0.7)
+    assert (c.shard_size, c.amp, c.max_pixels, c.min_side) == (8, "bf16", MAX_PIXELS, MIN_SIDE)
+    assert SegmentConfig.from_options("in/", "out/", "m.pt").inference == InferenceConfig()
+    with pytest.raises(SegmentError, match="nms_iou"):
+        SegmentConfig.from_options("in/", "out/", "m.pt", nms_iou=2.0)
+    with pytest.raises(SegmentError, match="--shard-size 0"):
+        SegmentConfig.from_options("in/", "out/", "m.pt", shard_size=0)
+    with pytest.raises(SegmentError, match="--amp"):
+        SegmentConfig.from_options("in/", "out/", "m.pt", amp="fp8")
+    with pytest.raises(SegmentError, match="is the input prefix"):
+        SegmentConfig.from_options("data/", "data", "m.pt")
+    assert json.dumps(c.to_dict())  # the manifest stores it
+
+
+def _reduced(rows: list[dict]) -> pa.Table:
+    base = {"uri": "file:///x", "status": "ok", "error": None, "read_ms": 1.0, "decode_ms": 1.0, "infer_ms": 1.0,
+            "postprocess_ms": 1.0, "shard_id": "000000", "width": 30, "height": 20}
+    full = [{**base, **r, "num_proposals": len(r["proposals"])} for r in rows]
+    return pa.Table.from_pylist(full, schema=REDUCED_SCHEMA)
+
+
+def _prop(rank: int, score: float) -> dict:
+    return {"rank": rank, "score": score, "bbox": [1.0, 2.0, 3.0, 4.0], "area": 12, "rle": f"r{rank}", "scale": 64}
+
+
+def test_reduced_rows_explode_into_sorted_tables() -> None:
+    reduced = _reduced([
+        {"image_id": "b", "proposals": [_prop(0, 0.9), _prop(1, 0.5)]},
+        {"image_id": "a", "proposals": [_prop(0, 0.7)]},
+        {"image_id": "c", "status": "error", "error": "bad", "width": None, "height": None, "proposals": []},
+    ])
+    images, masks = reduced_to_tables(reduced)
+    assert images.schema == IMAGES_SCHEMA and masks.schema == MASKS_SCHEMA
+    assert images.column("image_id").to_pylist() == ["a", "b", "c"]
+    assert [(r["image_id"], r["rank"], r["rle"]) for r in masks.to_pylist()] == [("a", 0, "r0"), ("b", 0, "r0"),
+                                                                                   ("b", 1, "r1")]
+    assert masks.column("bbox").to_pylist()[0] == [1.0, 2.0, 3.0, 4.0]
+    assert masks.column("height").to_pylist() == [20, 20, 20]
+    empty_images, empty_masks = reduced_to_tables(_reduced([{"image_id": "c", "status": "error", "proposals": []}]))
+    assert empty_images.num_rows == 1 and empty_masks.num_rows == 0 and empty_masks.schema == MASKS_SCHEMA
+
+
+def test_commit_refuses_a_shard_with_missing_images(tmp_path: Path) -> None:
+    shard = make_shards([InputItem("a", "file:///a"), InputItem("b", "file:///b")], 2)[0]
+    store = OutputStore(str(tmp_path / "out"))
+    with pytest.raises(RuntimeError, match="not committing"):
+        store.commit(shard, _reduced([{"image_id": "a", "proposals": []}]))
+    assert store.committed() == {}
+    marker = store.commit(shard, _reduced([{"image_id": "a", "proposals": [_prop(0, 0.5)]},
+                                           {"image_id": "b", "proposals": []}]))
+    assert (marker["num_images"], marker["num_proposals"], marker["digest"]) == (2, 1, shard.digest)
+    assert store.committed() == {"000000": marker}
+    # a part file of a shard without a marker is removed before a re-run; committed ones stay
+    (tmp_path / "out" / "masks" / "part-000009.parquet").write_bytes(b"x")
+    assert store.remove_uncommitted({"000000"}) == 1
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["part-000000.parquet"]
+
+
+def test_collector_commits_each_shard_once_despite_duplicates(tmp_path: Path) -> None:
+    """Rows arrive out of order, one image twice (a retried task) and after its shard committed."""
+    from pipeline.run import ShardCollector
+
+    items = [InputItem(i, f"file:///{i}") for i in "abcde"]
+    shards = make_shards(items, 2)  # ab, cd, e
+    store = OutputStore(str(tmp_path / "out"))
+    logs: list[str] = []
+    collector = ShardCollector(shards, store, logs.append)
+
+    def rows(*pairs: tuple[str, str]) -> pa.Table:
+        return _reduced([{"image_id": i, "shard_id": s, "proposals": [_prop(0, 0.5)]} for i, s in pairs])
+
+    collector.add(rows(("c", "000001"), ("a", "000000"), ("a", "000000")))
+    assert collector.done == set() and collector.missing() == ["000000", "000001", "000002"]
+    collector.add(rows(("e", "000002"), ("b", "000000")))
+    assert collector.done == {"000000", "000002"}
+    collector.add(rows(("a", "000000"), ("d", "000001")))  # late duplicate of a committed shard
+    assert collector.missing() == [] and len(logs) == 3
+    assert {sid: m["num_images"] for sid, m in store.committed().items()} == {"000000": 2, "000001": 2, "000002": 1}
+    images = pq.read_table(tmp_path / "out" / "images" / "part-000000.parquet")
+    assert images.column("image_id").to_pylist() == ["a", "b"]
