@@ -8,8 +8,9 @@ Measures, in one run on one machine:
   - the bare multi-scale forward's GFLOP/s (pre-resized inputs, model(x) per scale);
   - the whole Predictor.predict() (resize, forward, top windows, assemble, paste, binarise,
     mask NMS, RLE) as forward FLOPs over its wall time, with its candidates/postprocess split.
-and prints the ratios forward/matmul, predict/matmul, predict/forward. Each time is the best of
---repeat runs (after one warm-up), the least disturbed by other processes on a shared machine.
+and prints the ratios forward/matmul, predict/matmul, predict/forward. Matmul, forward and
+predict run in interleaved rounds (one warm-up round, then --repeat) so all see the same load;
+each reports its best round, the least disturbed by other processes on a shared machine.
 
 --heads structured (default) keeps the real network's compute but replaces its two head outputs
 with the maps a well-trained model would give on the synthetic scene (sharp instance-sensitive
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -132,20 +132,15 @@ def conv_flops(model: nn.Module, inputs: list[torch.Tensor]) -> float:
     return total
 
 
-def best_time(fn: Callable[[], object], repeat: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def matmul_gflops(n: int, repeat: int) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2.0 * n**3 / best_time(lambda: torch.mm(a, b), repeat) / 1e9
+def best_time(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up
+    return min(timed(fn) for _ in range(repeat))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scales", default=",".join(map(str, PAPER_SCALES)), help="short sides (the paper's six)")
     ap.add_argument("--proposals", type=int, default=1000, help="max proposals kept (AR@1000)")
     ap.add_argument("--heads", choices=("structured", "random"), default="structured")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3, help="timed rounds after one warm-up round")
     args = ap.parse_args(argv)
     height, width = (int(v) for v in args.size.lower().split("x"))
 
@@ -176,14 +171,17 @@ def main(argv: list[str] | None = None) -> None:
             for x in inputs:
                 model(x)
 
-    mm = matmul_gflops(MATMUL_N, args.repeat)
-    t_forward = best_time(forward_all, args.repeat)
-    t_cands = best_time(lambda: predictor.candidates(image), args.repeat)
+    # Interleaved rounds (matmul, forward, predict) so all three see the same machine load;
+    # each keeps its best round. The first round warms up (oneDNN picks kernels per shape).
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    rounds: list[tuple[float, float, float]] = []
+    for _ in range(1 + args.repeat):
+        rounds.append((timed(lambda: torch.mm(a, b)), timed(forward_all), timed(lambda: predictor.predict(image))))
+    t_mm, t_forward, t_predict = (min(col) for col in zip(*rounds[1:]))
+    mm = 2.0 * MATMUL_N**3 / t_mm / 1e9
     cands = predictor.candidates(image)
     t_post = best_time(lambda: postprocess(cands, config), args.repeat)
-    t_predict = best_time(lambda: predictor.predict(image), args.repeat)
-    proposals = predictor.predict(image)
-    mm_after = matmul_gflops(MATMUL_N, args.repeat)  # the machine did not change speed mid-run
+    proposals = postprocess(cands, config)
 
     fwd_rate, pred_rate = flops / t_forward / 1e9, flops / t_predict / 1e9
     sizes = [tuple(x.shape[-2:]) for x in inputs]
@@ -192,15 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {args.backbone}, heads {args.heads}, image {height}x{width}, scales {list(config.scales)} "
           f"-> inputs {sizes}, {len(instances)} synthetic instances")
     print(f"forward FLOPs (convs, 2*MACs, all scales): {flops / 1e9:.1f} GFLOP")
-    print(f"matmul fp32 {MATMUL_N}^2:   {mm:8.1f} GFLOP/s (after the run: {mm_after:.1f})")
+    print(f"matmul fp32 {MATMUL_N}^2:   {t_mm:8.3f} s  {mm:8.1f} GFLOP/s")
     print(f"forward (bare, all scales): {t_forward:8.3f} s  {fwd_rate:8.1f} GFLOP/s")
     print(f"predict (whole):            {t_predict:8.3f} s  {pred_rate:8.1f} GFLOP/s  "
           f"({len(proposals)} proposals from {len(cands.scores)} windows)")
-    print(f"  candidates (GPU half):    {t_cands:8.3f} s")
-    print(f"  postprocess (CPU half):   {t_post:8.3f} s")
-    mm_ref = statistics.mean([mm, mm_after])
-    print(f"ratios: forward/matmul {fwd_rate / mm_ref:.3f}  predict/matmul {pred_rate / mm_ref:.3f}  "
-          f"predict/forward {pred_rate / fwd_rate:.3f}  (matmul = mean of before/after)")
+    print(f"  of which postprocess:     {t_post:8.3f} s  (paste, binarise, mask NMS, RLE; CPU half)")
+    print(f"ratios: forward/matmul {fwd_rate / mm:.3f}  predict/matmul {pred_rate / mm:.3f}  "
+          f"predict/forward {pred_rate / fwd_rate:.3f}")
+    print("per round (matmul, forward, predict) s: " + "; ".join(", ".join(f"{t:.2f}" for t in r) for r in rounds))
 
 
 if __name__ == "__main__":

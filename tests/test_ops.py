@@ -342,6 +342,12 @@ def test_mask_nms_just_above_and_below_threshold() -> None:
         assert mask_nms(rles, scores, boxes, areas, iou, 10).tolist() == [0, 1]
         assert mask_nms(rles, scores, boxes, areas, iou - 0.005, 10).tolist() == [0]
         assert mask_nms(rles, scores, boxes, areas, iou + 0.005, 10).tolist() == [0, 1]
+        for thr, want in ((iou, 2), (iou - 0.005, 1), (iou + 0.005, 2)):  # the pasted-crop path agrees
+            nms = GreedyMaskNMS(thr, 10)
+            for mask in (a, other):
+                crop = _tight_crop(mask)
+                nms.offer(crop, crop_bbox(*crop), int(mask.sum()))
+            assert len(nms.kept) == want
     # boxes that overlap while masks do not (two L shapes): the box bound must not suppress
     l1, l2 = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
     l1[:, 0] = l1[9, :] = True

@@ -71,6 +71,16 @@ def test_resume_continues_where_it_stopped(tiny_data, tmp_path):
     assert [r["loss"] for r in again["history"]] == pytest.approx([r["loss"] for r in straight["history"]], rel=1e-4)
 
 
+def test_output_on_s3_checkpoints_and_resumes(tiny_data, s3_bucket):
+    out = s3_bucket + "/run"
+    train_local(tiny_config(tiny_data, out, max_steps=2), log=quiet)
+    logs: list[str] = []
+    again = train_local(tiny_config(tiny_data, out, max_steps=3), log=logs.append)
+    assert again["step"] == 3 and any("resuming" in s for s in logs)
+    model = ifcn.load_checkpoint(out + "/model.pt")
+    assert model.config.backbone == "vgg16_narrow"
+
+
 def test_resume_refuses_another_model(tiny_data, tmp_path):
     train_local(tiny_config(tiny_data, tmp_path, max_steps=1), log=quiet)
     with pytest.raises(ValueError, match="fcn-baseline.*another --output"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -243,8 +244,13 @@ def _ray_worker(config_dict: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     world, rank = ctx.get_world_size(), ctx.get_world_rank()
     wrap = (lambda m: ray.train.torch.prepare_model(m, move_to_device=False)) if world > 1 else None
-    run_loop(config, rank=rank, world=world, device=ray.train.torch.get_device(), wrap=wrap,
-             log=lambda s: print(s, flush=True))
+    run_loop(config, rank=rank, world=world, device=ray.train.torch.get_device(), wrap=wrap, log=_worker_log)
+
+
+def _worker_log(line: str) -> None:
+    """Ray Train patches print() into its logger, which echoes each line twice on the driver."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
 
 
 def check_inputs(config: TrainConfig) -> None:

@@ -1,0 +1,54 @@
+"""Runs the one-map FCN baseline (connected components) over a COCO dataset's images.
+
+Train it with `python -m jobs.train --model fcn-baseline ...`; then
+    python -m jobs.baseline --checkpoint file:///runs/base/model.pt --images file:///data/val/images \
+        --annotations file:///data/val/annotations.json --output file:///runs/base/results.json --scales 192,256,320,384
+    python -m jobs.evaluate --annotations file:///data/val/annotations.json --predictions file:///runs/base/results.json
+writes COCO results JSON (one entry per proposal) that jobs.evaluate scores like InstanceFCN's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.baseline", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="model.pt written by jobs.train --model fcn-baseline")
+    p.add_argument("--images", required=True)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--output", required=True, help="COCO results JSON URL")
+    p.add_argument("--scales", default=None, help="comma-separated short sides (default: the paper's six)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images")
+    p.add_argument("--storage-options", type=json.loads, default=None)
+    args = p.parse_args(argv)
+    try:
+        scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
+    except ValueError:
+        p.error(f"--scales {args.scales!r}: expected comma-separated integers like 192,256,320")
+    from ifcn import InferenceConfig
+    from ifcn.baseline import load_baseline, predict
+    from ifcn.data import CocoDataset
+    from ifcn.evaluate import predictions_to_results
+    from ifcn.io import open_url
+
+    try:
+        config = InferenceConfig(scales=scales) if scales else InferenceConfig()
+        model = load_baseline(args.checkpoint, args.storage_options)
+        ds = CocoDataset(args.images, args.annotations, args.storage_options)
+        results = []
+        n = len(ds) if args.limit is None else min(args.limit, len(ds))
+        for i in range(n):
+            results += predictions_to_results(ds.images[i]["id"], predict(model, ds.read_image(i), config))
+        with open_url(args.output, "w", args.storage_options) as f:
+            json.dump(results, f)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(results)} proposals for {n} images to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
