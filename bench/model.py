@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     predictor.model = net  # same compute, chosen heads; Predictor only calls model(x) and model.config
 
     base = image_to_tensor(image)
-    inputs = [normalize(resize(base, scaled_size(height, width, s, config.max_size))) for s in config.scales]
+    # the bare forward gets the layout Predictor uses (channels_last, set on the model by Predictor)
+    inputs = [normalize(resize(base, scaled_size(height, width, s, config.max_size))).contiguous(
+        memory_format=torch.channels_last) for s in config.scales]
     flops = conv_flops(model, inputs)
 
     def forward_all() -> None:

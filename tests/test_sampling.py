@@ -202,3 +202,11 @@ def test_loss_without_positives_is_objectness_only_and_differentiable():
     assert parts["mask"] == 0.0 and scores.grad is not None
     torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(objectness[0, 0, [1, 2], [1, 3]],
                                                                         torch.zeros(2)))
+
+
+def test_image_without_instances_gives_negatives_only():
+    ex = augment(np.zeros((50, 60, 3), np.uint8), np.zeros((0, 50, 60), np.uint8), np.zeros((0, 4)),
+                 np.zeros(0, bool), np.random.default_rng(0), (64,), 1000, True)
+    batch = sample_example(ex, M, STRIDE, 16, 0.5, torch.Generator().manual_seed(0))
+    assert batch.num_positive == 0 and batch.labels.tolist() == [0.0] * 16
+    assert batch.targets.shape == (0, M, M)
