@@ -79,13 +79,22 @@ class OracleHeads(nn.Module):
             rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
             self.boxes.append((rows[0], cols[0], rows[-1] + 1, cols[-1] + 1))
         self.seed = seed
+        self._maps: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores, objectness = self.model(images)  # (1, k*k, h, w), (1, 1, h, w)
+        key = tuple(images.shape[-2:])
+        if key not in self._maps:  # maps depend only on the input size: computed once per scale
+            self._maps[key] = self._oracle_maps(images.shape[-2:], scores.shape[-2:])
+        ideal, obj = self._maps[key]
+        return ideal.to(scores.dtype), obj.to(objectness.dtype)
+
+    def _oracle_maps(self, size: tuple[int, int], grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, k*k, h, w) score logits and (1, 1, h, w) objectness logits for an input of `size`."""
         k, m, stride = self.config.k, self.config.m, self.config.stride
-        fh, fw = scores.shape[-2:]
+        fh, fw = grid
         height, width = self.instances[0].shape
-        fy, fx = images.shape[-2] / height, images.shape[-1] / width  # resized / original
+        fy, fx = size[0] / height, size[1] / width  # resized / original
         gen = torch.Generator().manual_seed(self.seed + fh)
         ideal = torch.full((k * k, fh, fw), -6.0)
         obj = torch.rand((fh, fw), generator=gen) * 4.0 - 8.0  # background: low, noisy
@@ -109,7 +118,7 @@ class OracleHeads(nn.Module):
                 dx = torch.arange(fw)[None, :] - cx
                 peak = 6.0 - 2.0 * fit - (dy**2 + dx**2) / 2.0
                 obj = torch.maximum(obj, peak)
-        return ideal[None].to(scores.dtype), obj[None, None].to(objectness.dtype)
+        return ideal[None], obj[None, None]
 
 
 def conv_flops(model: nn.Module, inputs: list[torch.Tensor]) -> float:

@@ -9,6 +9,7 @@ from typing import Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 # Logit for window cells that fall outside the feature map: sigmoid(-1e4) == 0 (background),
@@ -38,14 +39,15 @@ def assemble(scores: torch.Tensor, windows: torch.Tensor, m: int) -> torch.Tenso
     windows = windows.to(device=scores.device, dtype=torch.long).reshape(-1, 3)
     if windows.shape[0] == 0:
         return scores.new_zeros((0, m, m))
+    # A background border of m cells makes every window one plain gather: a window starting
+    # further out than the border is all background, as is the border itself.
+    padded = F.pad(scores, (m, m, m, m), value=BACKGROUND_LOGIT)  # (N, k*k, H + 2m, W + 2m)
     offs = torch.arange(m, device=scores.device)
-    ys = windows[:, 1:2] + offs  # (W, m)
-    xs = windows[:, 2:3] + offs  # (W, m)
+    ys = windows[:, 1:2].clamp(-m, height) + m + offs  # (W, m) rows of `padded`
+    xs = windows[:, 2:3].clamp(-m, width) + m + offs  # (W, m)
     b = windows[:, 0][:, None, None]  # (W, 1, 1)
     ch = cell_to_map(m, k, scores.device)[None]  # (1, m, m)
-    out = scores[b, ch, ys.clamp(0, height - 1)[:, :, None], xs.clamp(0, width - 1)[:, None, :]]  # (W, m, m)
-    inside = ((ys >= 0) & (ys < height))[:, :, None] & ((xs >= 0) & (xs < width))[:, None, :]  # (W, m, m)
-    return torch.where(inside, out, torch.full_like(out, BACKGROUND_LOGIT))
+    return padded[b, ch, ys[:, :, None], xs[:, None, :]]  # (W, m, m)
 
 
 class _AxisSamples:
