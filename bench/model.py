@@ -34,6 +34,7 @@ from ifcn import BACKBONES, PAPER_SCALES, InferenceConfig, InstanceFCN, ModelCon
 from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size
 
 MATMUL_N = 4096  # large enough that torch.mm runs at the BLAS's peak, small enough to take ~1 s on 2 cores
+MATMUL_REPS = 3  # products per round: a sample long enough not to land in one lucky quiet moment
 
 
 def synthetic_scene(height: int, width: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -141,15 +142,16 @@ def conv_flops(model: nn.Module, inputs: list[torch.Tensor]) -> float:
     return total
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds over all its threads)."""
+    w0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - w0, time.process_time() - c0
 
 
 def best_time(fn: Callable[[], object], repeat: int) -> float:
     fn()  # warm-up
-    return min(timed(fn) for _ in range(repeat))
+    return min(timed(fn)[0] for _ in range(repeat))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -185,11 +187,13 @@ def main(argv: list[str] | None = None) -> None:
     # Interleaved rounds (matmul, forward, predict) so all three see the same machine load;
     # each keeps its best round. The first round warms up (oneDNN picks kernels per shape).
     a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
-    rounds: list[tuple[float, float, float]] = []
+    rounds: list[tuple[tuple[float, float], ...]] = []
     for _ in range(1 + args.repeat):
-        rounds.append((timed(lambda: torch.mm(a, b)), timed(forward_all), timed(lambda: predictor.predict(image))))
-    t_mm, t_forward, t_predict = (min(col) for col in zip(*rounds[1:]))
-    mm = 2.0 * MATMUL_N**3 / t_mm / 1e9
+        rounds.append((timed(lambda: [torch.mm(a, b) for _ in range(MATMUL_REPS)]), timed(forward_all), timed(lambda: predictor.predict(image))))
+    t_mm, t_forward, t_predict = (min(t[0] for t in col) for col in zip(*rounds[1:]))
+    c_mm, c_forward, c_predict = (min(t[1] for t in col) for col in zip(*rounds[1:]))
+    mm_flops = 2.0 * MATMUL_N**3 * MATMUL_REPS
+    mm = mm_flops / t_mm / 1e9
     cands = predictor.candidates(image)
     t_post = best_time(lambda: postprocess(cands, config), args.repeat)
     proposals = postprocess(cands, config)
@@ -201,14 +205,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"model: {args.backbone}, heads {args.heads}, image {height}x{width}, scales {list(config.scales)} "
           f"-> inputs {sizes}, {len(instances)} synthetic instances")
     print(f"forward FLOPs (convs, 2*MACs, all scales): {flops / 1e9:.1f} GFLOP")
-    print(f"matmul fp32 {MATMUL_N}^2:   {t_mm:8.3f} s  {mm:8.1f} GFLOP/s")
+    print(f"matmul fp32 {MATMUL_REPS}x{MATMUL_N}^2: {t_mm:8.3f} s  {mm:8.1f} GFLOP/s")
     print(f"forward (bare, all scales): {t_forward:8.3f} s  {fwd_rate:8.1f} GFLOP/s")
     print(f"predict (whole):            {t_predict:8.3f} s  {pred_rate:8.1f} GFLOP/s  "
           f"({len(proposals)} proposals from {len(cands.scores)} windows)")
     print(f"  of which postprocess:     {t_post:8.3f} s  (paste, binarise, mask NMS, RLE; CPU half)")
     print(f"ratios: forward/matmul {fwd_rate / mm:.3f}  predict/matmul {pred_rate / mm:.3f}  "
           f"predict/forward {pred_rate / fwd_rate:.3f}")
-    print("per round (matmul, forward, predict) s: " + "; ".join(", ".join(f"{t:.2f}" for t in r) for r in rounds))
+    # CPU seconds are what the process got of the cores: on a machine shared with other jobs they
+    # track the work done better than wall time does (waiting for a core costs no CPU time).
+    print(f"CPU-time ratios (load-robust): forward/matmul {flops / c_forward / (mm_flops / c_mm):.3f}  "
+          f"predict/matmul {flops / c_predict / (mm_flops / c_mm):.3f}  predict/forward {c_forward / c_predict:.3f}")
+    print("rounds (wall s / CPU s) matmul, forward, predict: "
+          + "; ".join(", ".join(f"{w:.2f}/{c:.2f}" for w, c in r) for r in rounds))
 
 
 if __name__ == "__main__":

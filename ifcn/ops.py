@@ -112,13 +112,14 @@ def paste_masks(probs: np.ndarray, cells: np.ndarray, factor: tuple[float, float
     ay = _AxisSamples(cells[:, 0].astype(np.int64), factor[0], m, stride, height)
     ax = _AxisSamples(cells[:, 1].astype(np.int64), factor[1], m, stride, width)
     ys_live, xs_live = ay.support(on.any(axis=2)), ax.support(on.any(axis=1))  # (W, Sy), (W, Sx)
+    y_first, y_end = _first_and_end(ys_live)  # (W,) live pixel range [first, end) per window
+    x_first, x_end = _first_and_end(xs_live)
     out: list[tuple[int, int, np.ndarray]] = []
     for w in range(n):
-        ry, rx = np.flatnonzero(ys_live[w]), np.flatnonzero(xs_live[w])
-        if ry.size == 0 or rx.size == 0:
+        a, b, c, d = y_first[w], y_end[w], x_first[w], x_end[w]
+        if a >= b or c >= d:
             out.append(_EMPTY_CROP)
             continue
-        a, b, c, d = ry[0], ry[-1] + 1, rx[0], rx[-1] + 1
         tx, ty = ax.t[w, c:d], ay.t[w, a:b, None]
         p = probs[w]
         q = p[:, ax.i0[w, c:d]] * (1.0 - tx) + p[:, ax.i1[w, c:d]] * tx  # (m, wx): along x first
@@ -131,6 +132,14 @@ def paste_masks(probs: np.ndarray, cells: np.ndarray, factor: tuple[float, float
         top, left = int(ay.start[w] + a + rows[0]), int(ax.start[w] + c + cols[0])
         out.append((top, left, binary[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]))
     return out
+
+
+def _first_and_end(live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """live: (W, S) bool -> per row the first True index and one past the last (0, 0 when none)."""
+    any_ = live.any(axis=1)
+    first = np.argmax(live, axis=1)
+    end = live.shape[1] - np.argmax(live[:, ::-1], axis=1)
+    return np.where(any_, first, 0), np.where(any_, end, 0)
 
 
 def crop_bbox(top: int, left: int, crop: np.ndarray) -> tuple[float, float, float, float] | None:
@@ -163,11 +172,13 @@ def crop_to_rle(top: int, left: int, crop: np.ndarray, image_size: tuple[int, in
     col, row = np.divmod(change, h + sep)
     pos = (left + col) * height + top + row  # full-image column-major position
     bounds = np.concatenate(([0], pos[pos < height * width], [height * width]))
-    return _encode_counts(np.diff(bounds).tolist(), image_size)
+    return _encode_counts(np.diff(bounds).astype(np.uint32), image_size)
 
 
-def _encode_counts(runs: list[int], image_size: tuple[int, int]) -> dict:
-    """Uncompressed column-major run lengths -> COCO compressed RLE with str counts."""
+def _encode_counts(runs: list[int] | np.ndarray, image_size: tuple[int, int]) -> dict:
+    """Uncompressed column-major run lengths -> COCO compressed RLE with str counts.
+
+    A uint32 array goes to pycocotools without a Python-list round trip."""
     height, width = image_size
     rle = mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width)
     rle["counts"] = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]

@@ -14,7 +14,7 @@ import torch
 
 from .config import InferenceConfig
 from .model import InstanceFCN
-from .ops import GreedyMaskNMS, assemble, crop_bbox, crop_to_rle, paste_masks
+from .ops import GreedyMaskNMS, assemble, crop_to_rle, paste_masks
 from .transforms import image_to_tensor, normalize, resize, scaled_size
 
 
@@ -71,9 +71,9 @@ def postprocess(cands: Candidates, config: InferenceConfig) -> list[dict[str, An
         batch = order[pos:pos + config.max_proposals - len(out) + _SPARE_WINDOWS]
         pos += len(batch)
         for i, (top, left, crop) in zip(batch, _paste(cands, batch, config.mask_threshold)):
-            box = crop_bbox(top, left, crop)
-            if box is None:
+            if crop.size == 0:  # pasted crops are the masks' tight boxes: empty means no mask
                 continue
+            box = (float(left), float(top), float(crop.shape[1]), float(crop.shape[0]))
             area = int(np.count_nonzero(crop))
             if nms.offer((top, left, crop), box, area):  # only kept masks are RLE-encoded
                 out.append({"score": float(cands.scores[i]), "rle": crop_to_rle(top, left, crop, cands.image_size),

@@ -139,10 +139,15 @@ def test_sample_example_targets_are_the_positive_instances_masks():
     assert batch.num_positive == 9 and len(batch.labels) == 256
     assert batch.labels[:9].eq(1).all() and batch.labels[9:].eq(0).all()
     centre = [i for i, c in enumerate(batch.cells.tolist()) if c == [12, 16]][0]
-    # Rows 52..147 -> cells 6.5..18.4: >= half covered rows are cells 7..18 (cell 6 is half: 48..55 has 4 rows)
+    # Rows 52..147: cells 6 (48..55) and 18 (144..151) have 4 of 8 rows inside, so count; columns
+    # 102..161: cells 12 (96..103) and 20 (160..167) have only 2, so they do not.
     expected = torch.zeros(M, M)
-    rows = [r for r in range(32) if ((torch.arange(8 * r, 8 * r + 8) >= 52) & (torch.arange(8 * r, 8 * r + 8) < 148)).sum() >= 4]
-    cols = [c for c in range(32) if ((torch.arange(8 * c, 8 * c + 8) >= 102) & (torch.arange(8 * c, 8 * c + 8) < 162)).sum() >= 4]
+
+    def covered(lo: int, hi: int) -> list[int]:  # cells with >= 4 of their 8 pixels inside [lo, hi)
+        return [i for i in range(32) if len(set(range(8 * i, 8 * i + 8)) & set(range(lo, hi))) >= 4]
+
+    rows, cols = covered(52, 148), covered(102, 162)
+    assert rows == list(range(6, 19)) and cols == list(range(13, 20))
     for r in rows:
         for c in cols:
             expected[r - 2, c - 6] = 1

@@ -10,7 +10,6 @@ history); a run with the same output resumes from it. The final model is <output
 from __future__ import annotations
 
 import io
-import math
 import os
 import sys
 import tempfile
