@@ -293,13 +293,14 @@ def main(argv: list[str] | None = None) -> int:
     cpu_ratio = (pipe["images"] / pipe["cpu_s"]) / (bare["images"] / bare["cpu_s"])
     print(f"ratio pipeline / best bare ({bare['mode']}) images/s: {ratio:.3f} (target >= 0.9)")
     print(f"ratio of images per CPU-second (pipeline / bare): {cpu_ratio:.3f} "
-          f"(insensitive to other load on the machine)")
+          f"(moves much less with other load on the machine)")
     print("pipeline stage means per image (from its images table): "
           + ", ".join(f"{k} {v:.1f}" for k, v in pipe["stage_ms_mean"].items()))
     print(f"candidates hand-off actor -> reducer: {handoff['candidates_mb']:.2f} MB/image, "
           f"pack {handoff['pack_ms']:.1f} ms, unpack {handoff['unpack_ms']:.1f} ms")
     print("CPU seconds by process role: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(pipe["cpu_s_by_role"].items())))
-    print("peak RSS (MB) by process role: " + "; ".join(f"{k} {v}" for k, v in sorted(pipe["peak_rss_mb_by_role"].items())))
+    print("peak RSS (MB) by process role: "
+          + "; ".join(f"{k} {v}" for k, v in sorted(pipe["peak_rss_mb_by_role"].items())))
     print(f"load average (1 min) before/after: {load0[0]:.1f} / {load1[0]:.1f} on {os.cpu_count()} cores")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "bare": bares, "pipeline": pipe,
