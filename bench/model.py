@@ -21,6 +21,7 @@ realistic near-duplicate masks. --heads random uses the random-init heads as the
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--proposals", type=int, default=1000, help="max proposals kept (AR@1000)")
     ap.add_argument("--heads", choices=("structured", "random"), default="structured")
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds after one warm-up round")
+    ap.add_argument("--compare-nchw", action="store_true",
+                    help="also time the bare forward in the default NCHW layout (Predictor uses channels_last)")
     args = ap.parse_args(argv)
     height, width = (int(v) for v in args.size.lower().split("x"))
 
@@ -187,9 +190,21 @@ def main(argv: list[str] | None = None) -> None:
     # Interleaved rounds (matmul, forward, predict) so all three see the same machine load;
     # each keeps its best round. The first round warms up (oneDNN picks kernels per shape).
     a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    nchw_model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    nchw_inputs = [x.contiguous() for x in inputs]
+
+    def forward_nchw() -> None:
+        with torch.inference_mode():
+            for x in nchw_inputs:
+                nchw_model(x)
+
     rounds: list[tuple[tuple[float, float], ...]] = []
+    nchw_rounds: list[tuple[float, float]] = []
     for _ in range(1 + args.repeat):
-        rounds.append((timed(lambda: [torch.mm(a, b) for _ in range(MATMUL_REPS)]), timed(forward_all), timed(lambda: predictor.predict(image))))
+        rounds.append((timed(lambda: [torch.mm(a, b) for _ in range(MATMUL_REPS)]), timed(forward_all),
+                       timed(lambda: predictor.predict(image))))
+        if args.compare_nchw:
+            nchw_rounds.append(timed(forward_nchw))
     t_mm, t_forward, t_predict = (min(t[0] for t in col) for col in zip(*rounds[1:]))
     c_mm, c_forward, c_predict = (min(t[1] for t in col) for col in zip(*rounds[1:]))
     mm_flops = 2.0 * MATMUL_N**3 * MATMUL_REPS
@@ -212,6 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  of which postprocess:     {t_post:8.3f} s  (paste, binarise, mask NMS, RLE; CPU half)")
     print(f"ratios: forward/matmul {fwd_rate / mm:.3f}  predict/matmul {pred_rate / mm:.3f}  "
           f"predict/forward {pred_rate / fwd_rate:.3f}")
+    if nchw_rounds:
+        t_nchw, c_nchw = min(t[0] for t in nchw_rounds[1:]), min(t[1] for t in nchw_rounds[1:])
+        print(f"forward NCHW (for contrast):{t_nchw:8.3f} s  {flops / t_nchw / 1e9:8.1f} GFLOP/s  "
+              f"(channels_last / NCHW speed: wall {t_nchw / t_forward:.2f}x, CPU {c_nchw / c_forward:.2f}x)")
     # CPU seconds are what the process got of the cores: on a machine shared with other jobs they
     # track the work done better than wall time does (waiting for a core costs no CPU time).
     print(f"CPU-time ratios (load-robust): forward/matmul {flops / c_forward / (mm_flops / c_mm):.3f}  "
