@@ -27,7 +27,6 @@ default (1000 windows per scale, mask NMS at IoU 0.8, top 1000 proposals).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -41,11 +40,7 @@ from typing import Any
 
 import numpy as np
 
-try:
-    import psutil
-except ImportError:  # Ray bundles psutil and puts it on sys.path when imported
-    import ray  # noqa: F401
-    import psutil
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

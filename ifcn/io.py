@@ -22,3 +22,16 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
 
 def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Writes `data` to `url`, creating parent folders; a temp file moved over the target means a
+    reader (or a resumed run) never sees half a file."""
+    fs, path = filesystem(url, storage_options)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = path + ".tmp"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pycocotools import mask as mask_utils
 
-from .io import filesystem
+from .io import write_bytes
 
 # Distinct, saturated colours (matplotlib's tab10 without its grey), cycled by rank.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -84,9 +84,4 @@ def save_png(image: Image.Image, url: str, storage_options: dict | None = None) 
     """Writes `image` as PNG to any fsspec URL, creating parent folders where the filesystem has them."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    fs, path = filesystem(url, storage_options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(buf.getvalue())
+    write_bytes(url, buf.getvalue(), storage_options)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ifcn.evaluate import (IOU_LABELS, IOU_PROTOCOLS, average_recall, format_table, load_gt, load_results_json,
                            load_results_parquet, predictions_to_results)
-from ifcn.io import filesystem, join, open_url
+from ifcn.io import filesystem, join, open_url, write_bytes
 
 
 class Progress:
@@ -109,12 +109,7 @@ def default_out(predictions: str | None, save_predictions: str | None) -> str | 
 
 
 def write_json(url: str, obj: Any, storage_options: dict | None = None) -> None:
-    fs, path = filesystem(url, storage_options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+    write_bytes(url, json.dumps(obj, indent=2).encode(), storage_options)
 
 
 def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: str | None = None,

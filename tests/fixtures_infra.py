@@ -28,12 +28,8 @@ BIN = Path(sys.executable).parent  # the venv's bin: ray, moto_server
 
 
 def _psutil():
-    """psutil is not a direct dependency; Ray bundles a copy and puts it on sys.path on import."""
-    try:
-        import psutil
-    except ImportError:
-        import ray  # noqa: F401
-        import psutil
+    import psutil  # a test extra
+
     return psutil
 
 

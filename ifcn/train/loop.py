@@ -23,7 +23,7 @@ from torch import nn
 from ..checkpoint import save_checkpoint
 from ..config import ModelConfig
 from ..data.coco import CocoDataset
-from ..io import filesystem, join, open_url
+from ..io import filesystem, join, open_url, write_bytes
 from ..model import InstanceFCN, load_vgg16_weights
 from .config import TrainConfig
 from .loss import instance_fcn_loss
@@ -70,17 +70,6 @@ def image_index(step: int, rank: int, world: int, num_images: int, seed: int) ->
     return int(np.random.default_rng([seed, epoch]).permutation(num_images)[pos])
 
 
-def _write_bytes(url: str, data: bytes, storage_options: dict | None) -> None:
-    """Atomic-enough write through fsspec: temp file, then move over the target."""
-    fs, path = filesystem(url, storage_options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path + ".tmp", "wb") as f:
-        f.write(data)
-    fs.mv(path + ".tmp", path)
-
-
 def load_state(config: TrainConfig) -> dict[str, Any] | None:
     """The resumable state in config.output, or None for a fresh run."""
     url = join(config.output, "checkpoint.pt")
@@ -105,7 +94,7 @@ def save_state(config: TrainConfig, model: nn.Module, optimizer: torch.optim.Opt
              "optimizer": optimizer.state_dict()}
     buf = io.BytesIO()
     torch.save(state, buf)
-    _write_bytes(join(config.output, "checkpoint.pt"), buf.getvalue(), config.storage_options)
+    write_bytes(join(config.output, "checkpoint.pt"), buf.getvalue(), config.storage_options)
 
 
 def write_loss_curve(config: TrainConfig, history: list[dict[str, float]]) -> None:
@@ -114,7 +103,7 @@ def write_loss_curve(config: TrainConfig, history: list[dict[str, float]]) -> No
         return
     cols = list(history[0])
     lines = [",".join(cols)] + [",".join(f"{row[c]:.6g}" for c in cols) for row in history]
-    _write_bytes(join(config.output, "loss.csv"), ("\n".join(lines) + "\n").encode(), config.storage_options)
+    write_bytes(join(config.output, "loss.csv"), ("\n".join(lines) + "\n").encode(), config.storage_options)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,7 +121,7 @@ def write_loss_curve(config: TrainConfig, history: list[dict[str, float]]) -> No
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    _write_bytes(join(config.output, "loss.png"), buf.getvalue(), config.storage_options)
+    write_bytes(join(config.output, "loss.png"), buf.getvalue(), config.storage_options)
 
 
 def _fmt_time(seconds: float) -> str:
