@@ -7,7 +7,7 @@ Measures, in one run on one machine:
   - dense fp32 matmul GFLOP/s (torch.mm of large square matrices): the machine's ceiling;
   - the bare multi-scale forward's GFLOP/s (pre-resized inputs, model(x) per scale);
   - the whole Predictor.predict() (resize, forward, top windows, assemble, paste, binarise,
-    mask NMS, RLE) as forward FLOPs over its wall time, with its candidates/postprocess split.
+    mask NMS, RLE) as forward FLOPs over its wall time, and postprocess (the CPU half) alone.
 and prints the ratios forward/matmul, predict/matmul, predict/forward. Matmul, forward and
 predict run in interleaved rounds (one warm-up round, then --repeat) so all see the same load;
 each reports its best round, the least disturbed by other processes on a shared machine.
