@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .io import filesystem, open_url
+from .io import open_url, write_bytes
 from .model import InstanceFCN
 
 FORMAT = "instancefcn-checkpoint/1"
@@ -21,14 +21,7 @@ def save_checkpoint(model: InstanceFCN, url: str, extra: dict[str, Any] | None =
     payload = {"format": FORMAT, "config": model.config.to_dict(), "state_dict": state, "extra": extra or {}}
     buf = io.BytesIO()
     torch.save(payload, buf)
-    fs, path = filesystem(url, storage_options)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = path + ".tmp"
-    with fs.open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    fs.mv(tmp, path)
+    write_bytes(url, buf.getvalue(), storage_options)
 
 
 def read_checkpoint(url: str, storage_options: dict | None = None) -> dict[str, Any]:
@@ -47,6 +40,10 @@ def read_checkpoint(url: str, storage_options: dict | None = None) -> dict[str, 
 def load_checkpoint(url: str, storage_options: dict | None = None) -> InstanceFCN:
     """InstanceFCN with config and weights from `url`, in eval mode on CPU."""
     payload = read_checkpoint(url, storage_options)
+    kind = payload.get("extra", {}).get("model", "instancefcn")
+    if kind != "instancefcn":
+        raise ValueError(f"checkpoint {url}: holds a {kind!r} model, not InstanceFCN; load it with "
+                         f"ifcn.baseline.load_baseline (or train InstanceFCN with jobs.train)")
     model = InstanceFCN(ModelConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     return model.eval()

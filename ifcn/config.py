@@ -1,7 +1,7 @@
 """Frozen configs with the paper's defaults (Dai et al., ECCV 2016, arXiv:1603.08678)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 # Backbone name -> channel widths of VGG-16's five conv stages. "vgg16" is the paper's;

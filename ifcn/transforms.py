@@ -21,6 +21,8 @@ def image_to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> to
     """(H, W, 3) uint8 -> (1, 3, H, W) float in [0, 1] on `device`."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+    if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. decoded buffers)
+        image = image.copy()
     t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
     return t.permute(2, 0, 1)[None].float().div_(255.0)  # (1, 3, H, W)
 

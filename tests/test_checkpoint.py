@@ -66,3 +66,12 @@ def test_wrong_files_raise_clear_errors(tmp_path) -> None:
         load_checkpoint(f"file://{state_only}")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_checkpoint(str(tmp_path / "absent.pt"))
+
+
+def test_baseline_checkpoint_is_refused_by_name(tmp_path) -> None:
+    from ifcn.baseline import FCNBaseline, save_baseline
+
+    url = str(tmp_path / "baseline.pt")
+    save_baseline(FCNBaseline(ModelConfig(backbone="vgg16_narrow")), url)
+    with pytest.raises(ValueError, match="'fcn-baseline' model, not InstanceFCN.*load_baseline"):
+        load_checkpoint(url)
