@@ -56,6 +56,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, or CPUs/2)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 with GPUs, else 0 = CPU)")
     p.add_argument("--batch-size", type=int, help="images per inference actor call")
+    p.add_argument("--postprocess", choices=("auto", "tasks", "actor"),
+                   help="paste/NMS/RLE in reducer tasks (GPU default) or inside the actors (CPU-only default)")
     p.add_argument("--max-pixels", type=int, help="images with more pixels become error rows")
     p.add_argument("--amp", choices=("bf16", "none"), help="bf16 autocast on CUDA (default none)")
     return p

@@ -16,6 +16,7 @@ from ifcn import InferenceConfig
 from .decode import MAX_PIXELS, MIN_SIDE
 
 AMP_MODES = ("none", "bf16")
+POSTPROCESS_MODES = ("auto", "tasks", "actor")
 
 
 class SegmentError(Exception):
@@ -41,12 +42,18 @@ class SegmentConfig:
     actors: int | None = None  # inference actors; None -> one per GPU, or CPUs // 2 without GPUs
     gpus_per_actor: float | None = None  # None -> 1 when the cluster has GPUs, else 0 (CPU actors)
     batch_size: int = 4  # images per actor call; Predictor runs images one by one, so this only amortises overhead
+    # Where paste/NMS/RLE run: "tasks" (CPU reducer tasks after the actor pool, so GPUs never wait
+    # on them), "actor" (inside each inference actor, one actor per core: what a CPU-only cluster
+    # wants), or "auto" (tasks with GPU actors, actor without). Results are the same either way.
+    postprocess: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("input", "output", "checkpoint"):
             if not getattr(self, name):
                 raise SegmentError(f"--{name} is required (a URL or local path)")
             object.__setattr__(self, name, os.fspath(getattr(self, name)))  # pathlib.Path works too
+        if self.postprocess not in POSTPROCESS_MODES:
+            raise SegmentError(f"--postprocess {self.postprocess!r}: choose one of {', '.join(POSTPROCESS_MODES)}")
         if self.amp not in AMP_MODES:
             raise SegmentError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
         for name in ("shard_size", "max_pixels", "min_side", "batch_size"):

@@ -15,7 +15,7 @@ import pyarrow as pa
 from ifcn import InferenceConfig, postprocess
 
 from .config import one_line
-from .infer import unpack_candidates
+from .infer import InferenceActor, unpack_candidates
 from .schema import REDUCED_SCHEMA, proposals_to_rows
 
 
@@ -38,3 +38,19 @@ def reduce_batch(batch: pa.Table, inference: dict[str, Any]) -> pa.Table:
         row.update(proposals=proposals, num_proposals=len(proposals), postprocess_ms=ms)
         rows.append({name: row.get(name) for name in REDUCED_SCHEMA.names})
     return pa.Table.from_pylist(rows, schema=REDUCED_SCHEMA)
+
+
+class InferAndReduceActor(InferenceActor):
+    """Both halves in one actor, for CPU-only clusters (`--postprocess actor`, the default there).
+
+    With no GPU to keep busy, a separate reducer stage only leaves the actor's core idle while
+    reducers queue; one actor per core running the whole `predict()` uses every core.
+    """
+
+    def __init__(self, checkpoint: str, inference: dict[str, Any], storage_options: dict[str, Any] | None = None,
+                 amp: str = "none", torch_threads: int | None = None) -> None:
+        super().__init__(checkpoint, inference, storage_options, amp, torch_threads)
+        self.inference = inference
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return reduce_batch(super().__call__(batch), self.inference)

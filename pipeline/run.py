@@ -36,7 +36,7 @@ from ifcn import checkpoint_digest, load_checkpoint
 
 from .config import SegmentConfig, SegmentError, one_line
 from .infer import InferenceActor
-from .reduce import reduce_batch
+from .reduce import InferAndReduceActor, reduce_batch
 from .schema import FORMAT
 from .sink import JOB_FILE, MANIFEST_FILE, OutputStore
 from .sources import InputItem, Shard, list_inputs, listing_digest, make_shards, read_images
@@ -107,21 +107,42 @@ def prepare(config: SegmentConfig) -> Plan:
     return Plan(items, shards, pending, store, job, sha, model_config)
 
 
-def resolve_resources(config: SegmentConfig, cluster: dict[str, float]) -> tuple[int, float]:
-    """(actors, gpus_per_actor): one actor per GPU when the cluster has GPUs, else CPU actors.
+@dataclass(frozen=True)
+class Resources:
+    """How the inference stage is spread over the cluster (decided once, logged, put in the manifest)."""
+
+    actors: int
+    gpus_per_actor: float
+    cpus_per_actor: float
+    postprocess_in_actor: bool  # paste/NMS/RLE inside the actors instead of reducer tasks
+
+
+def resolve_resources(config: SegmentConfig, cluster: dict[str, float]) -> Resources:
+    """One GPU actor per GPU with reducer tasks behind them; without GPUs, one CPU actor per core
+    that also postprocesses (a CPU actor would otherwise idle a core while reducers queue).
 
     On an autoscaling cluster whose GPU workers are not up yet, pass --gpus-per-actor and --actors.
     """
     gpus, cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
     per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if gpus >= 1 else 0.0)
+    in_actor = config.postprocess == "actor" or (config.postprocess == "auto" and per_actor == 0)
     if config.actors is not None:
-        return config.actors, per_actor
-    if per_actor > 0:
-        return max(1, int(gpus // per_actor)), per_actor
-    return max(1, int(cpus // 2)), per_actor  # leave half the CPUs to read and reduce tasks
+        actors = config.actors
+    elif per_actor > 0:
+        actors = max(1, int(gpus // per_actor))
+    elif in_actor:
+        actors = max(1, int(cpus))  # each actor runs the whole predict(): one per core
+    else:
+        actors = max(1, int(cpus // 2))  # leave half the CPUs to read and reduce tasks
+    cpus_per_actor = 1.0
+    if per_actor == 0 and in_actor:
+        # Logical CPUs: leave room for one read task beside a pool that fills every core, or the
+        # pool would hold all CPUs and reading (hence the job) would never start.
+        cpus_per_actor = max(0.25, min(1.0, (cpus - READ_CPUS) / actors))
+    return Resources(actors, per_actor, cpus_per_actor, in_actor)
 
 
-def build_dataset(plan: Plan, config: SegmentConfig, actors: int, gpus_per_actor: float):
+def build_dataset(plan: Plan, config: SegmentConfig, res: Resources):
     """The Ray Data graph over the pending shards' images (lazy; iterate it to run)."""
     import ray.data
 
@@ -138,10 +159,14 @@ def build_dataset(plan: Plan, config: SegmentConfig, actors: int, gpus_per_actor
         fn_kwargs={"storage_options": config.storage_options, "max_pixels": config.max_pixels,
                    "min_side": config.min_side})
     ds = ds.map_batches(
-        InferenceActor, batch_format="pyarrow", batch_size=config.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor, num_cpus=1,
+        InferAndReduceActor if res.postprocess_in_actor else InferenceActor, batch_format="pyarrow",
+        batch_size=config.batch_size, compute=ray.data.ActorPoolStrategy(size=res.actors),
+        num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor,
         fn_constructor_kwargs={"checkpoint": config.checkpoint, "inference": config.inference.to_dict(),
-                               "storage_options": config.storage_options, "amp": config.amp})
+                               "storage_options": config.storage_options, "amp": config.amp,
+                               "torch_threads": max(1, int(res.cpus_per_actor))})
+    if res.postprocess_in_actor:
+        return ds
     return ds.map_batches(reduce_batch, batch_format="pyarrow", batch_size=REDUCE_BATCH, num_cpus=1,
                           fn_kwargs={"inference": config.inference.to_dict()})
 
@@ -198,19 +223,21 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
     log(f"{len(plan.items)} images in {len(plan.shards)} shards of {config.shard_size}; "
         f"{skipped} already committed, {len(plan.pending)} to run")
     collector = ShardCollector(plan.pending, plan.store, log)
-    actors, gpus_per_actor, run_s = 0, 0.0, 0.0
+    actors, gpus_per_actor, run_s, res = 0, 0.0, 0.0, None
     if plan.pending:
         import ray
 
         if not ray.is_initialized():
             ray.init()
         cluster = ray.cluster_resources()
-        actors, gpus_per_actor = resolve_resources(config, cluster)
-        log(f"inference: {actors} actor(s), {gpus_per_actor} GPU each, batch size {config.batch_size}")
-        if actors * gpus_per_actor > cluster.get("GPU", 0) or actors > cluster.get("CPU", 0):
+        res = resolve_resources(config, cluster)
+        actors, gpus_per_actor = res.actors, res.gpus_per_actor
+        log(f"inference: {actors} actor(s), {gpus_per_actor} GPU each, batch size {config.batch_size}; "
+            f"postprocess in {'the actors' if res.postprocess_in_actor else 'reducer tasks'}")
+        if actors * gpus_per_actor > cluster.get("GPU", 0) or actors * res.cpus_per_actor > cluster.get("CPU", 0):
             log(f"warning: {actors} actors x {gpus_per_actor} GPU need more than the cluster has now "
                 f"({cluster.get('GPU', 0)} GPU, {cluster.get('CPU', 0)} CPU); they wait for an autoscaler")
-        ds = build_dataset(plan, config, actors, gpus_per_actor)
+        ds = build_dataset(plan, config, res)
         run_start = time.perf_counter()
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             collector.add(batch)
@@ -231,7 +258,8 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
                "images_per_s": round(processed / wall, 3) if wall > 0 else 0.0,
                # the Ray Data execution alone (no listing, checkpoint check or Ray start-up)
                "pipeline_s": round(run_s, 3), "pipeline_images_per_s": round(processed / run_s, 3) if run_s else 0.0,
-               "actors": actors, "gpus_per_actor": gpus_per_actor}
+               "actors": actors, "gpus_per_actor": gpus_per_actor,
+               "postprocess": "actor" if res and res.postprocess_in_actor else "tasks"}
     plan.store.write_json(MANIFEST_FILE, {
         "format": FORMAT, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "input": config.input, "output": config.output, "config": config.to_dict(),
