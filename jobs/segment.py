@@ -66,7 +66,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
     # Imported after parsing so --help and flag errors are instant (no torch/ray import).
-    from pipeline.config import SegmentConfig, SegmentError
+    import ray.exceptions
+
+    from pipeline.config import SegmentConfig, SegmentError, one_line
     from pipeline.run import run_segment
 
     try:
@@ -75,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     except SegmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError, ray.exceptions.RayError) as e:
+        # Mid-run failures (storage, Ray): committed shards stay committed, so re-running resumes.
+        # Ray wraps a worker's error in its traceback: the last line is the error itself.
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        reason = lines[-1][:300] if isinstance(e, ray.exceptions.RayError) and lines else one_line(e)
+        print(f"error: {type(e).__name__}: {reason}; committed shards are kept, re-run the same command "
+              f"to resume", file=sys.stderr)
+        return 1
     s = summary
     print(f"done: {s['images_ok']} images ok, {s['images_error']} errors, {s['proposals']} proposals; "
           f"{s['images_this_run']} images this run in {s['wall_s']:.1f} s ({s['images_per_s']:.2f} images/s); "

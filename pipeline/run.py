@@ -243,7 +243,7 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
             collector.add(batch)
         run_s = time.perf_counter() - run_start
         if collector.missing():
-            raise RuntimeError(f"shards {collector.missing()[:10]} did not receive all their images; "
+            raise SegmentError(f"shards {collector.missing()[:10]} did not receive all their images; "
                                f"re-run the same command to finish them")
     plan.store.remove_tmp()
     wall = time.perf_counter() - start

@@ -24,7 +24,7 @@ from ifcn.io import filesystem, open_url
 from .config import SegmentError, digest, one_line
 from .decode import ImageError, decode_image, read_bytes
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 MANIFEST_EXTENSIONS = (".txt", ".parquet")
 READ_ATTEMPTS = 3  # object stores drop the odd request; a file that fails 3 times becomes an error row
 

@@ -23,14 +23,15 @@ def tree(tmp_path: Path) -> Path:
     root = tmp_path / "in"
     write_images(root, ["b.jpg", "A.PNG", "sub/c.Jpeg", "sub/x/d.bmp", "e.tif", "f.TIFF", "g.webp"])
     (root / "sub" / "notes.txt").write_text("skip me")
-    (root / "h.gif").write_bytes(b"GIF89a")  # not a listed extension
+    (root / "h.gif").write_bytes(b"GIF89a")  # listed (decoding it fails later: an error row, not a skip)
+    (root / "i.svg").write_text("<svg/>")  # not an image format the job decodes: not listed
     return root
 
 
 def test_prefix_listing_recursive_case_insensitive_sorted(tree: Path) -> None:
     items = list_inputs(str(tree))
     ids = [it.image_id for it in items]
-    assert ids == sorted(["A.PNG", "b.jpg", "e.tif", "f.TIFF", "g.webp", "sub/c.Jpeg", "sub/x/d.bmp"])
+    assert ids == sorted(["A.PNG", "b.jpg", "e.tif", "f.TIFF", "g.webp", "h.gif", "sub/c.Jpeg", "sub/x/d.bmp"])
     assert all(it.uri == (tree / it.image_id).as_uri() for it in items)
     # file:// URL and trailing slash list the same inputs (same digest -> same shards on re-run)
     assert listing_digest(list_inputs(tree.as_uri() + "/")) == listing_digest(items)

@@ -45,7 +45,7 @@ class TrainConfig:
     flip: bool = True  # random horizontal flip
     vgg16_weights: str | None = None  # ImageNet VGG-16 state dict URL (torchvision layout)
     max_minutes: float | None = None  # stop (and save) after this much training time
-    max_steps: int | None = None  # stop (and save) after this many steps of this run's schedule
+    max_steps: int | None = None  # stop (and save) at this absolute step (the schedule keeps `steps`)
     seed: int = 0
     checkpoint_every: int = 200  # steps between resumable checkpoints
     log_every: int = 20  # steps between progress lines / loss-curve points
@@ -62,6 +62,9 @@ class TrainConfig:
         if self.steps < 1 or self.windows_per_image < 2 or self.num_workers < 1 or self.cpus_per_worker < 1:
             raise ValueError("TrainConfig: steps >= 1, windows_per_image >= 2, num_workers >= 1 and "
                              "cpus_per_worker >= 1 are required")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError(f"TrainConfig: checkpoint_every={self.checkpoint_every} and log_every={self.log_every} "
+                             f"must be >= 1")
         if not 0.0 < self.positive_fraction <= 1.0:
             raise ValueError(f"TrainConfig.positive_fraction={self.positive_fraction}: must be in (0, 1]")
         if self.lr is not None and self.lr <= 0:

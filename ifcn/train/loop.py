@@ -168,7 +168,8 @@ def run_loop(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.d
     step, window = start, []
     while step < end:
         elapsed = time.monotonic() - t0
-        stop = torch.tensor([float(config.max_minutes is not None and elapsed >= 60 * config.max_minutes)])
+        # on `device`: NCCL (GPU DDP) cannot all-reduce CPU tensors
+        stop = torch.tensor([float(config.max_minutes is not None and elapsed >= 60 * config.max_minutes)], device=device)
         if distributed:
             torch.distributed.all_reduce(stop, op=torch.distributed.ReduceOp.MAX)  # all ranks stop together
         if stop.item():

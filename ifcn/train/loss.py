@@ -25,8 +25,9 @@ def instance_fcn_loss(scores: torch.Tensor, objectness: torch.Tensor, batch: Win
         obj = objectness.sum() * 0.0
     p = batch.num_positive
     if p:
-        windows = torch.cat([torch.zeros(p, 1, dtype=torch.long), batch.cells[:p] - m // 2], dim=1)  # (P, 3)
-        logits = assemble(scores, windows.to(scores.device), m)  # (P, m, m)
+        cells = batch.cells[:p].to(scores.device)
+        windows = torch.cat([cells.new_zeros((p, 1)), cells - m // 2], dim=1)  # (P, 3), on the scores' device
+        logits = assemble(scores, windows, m)  # (P, m, m)
         mask = F.binary_cross_entropy_with_logits(logits, batch.targets.to(logits.device, logits.dtype))
     else:
         mask = scores.sum() * 0.0  # keeps every parameter in the graph (DDP needs that)
