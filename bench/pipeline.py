@@ -50,7 +50,7 @@ from PIL import Image  # noqa: E402
 
 import ifcn  # noqa: E402
 from ifcn.data.synth import SynthConfig, render_image  # noqa: E402
-from pipeline.decode import decode_image  # noqa: E402
+from ifcn.image import decode_image  # noqa: E402
 
 SAMPLE_S = 0.2  # psutil sampling period: short enough to catch an actor's peak during a batch
 

@@ -16,10 +16,10 @@ import time
 import warnings
 from typing import Any, TextIO
 
-import numpy as np
 
 from ifcn.evaluate import (IOU_LABELS, IOU_PROTOCOLS, average_recall, format_table, load_gt, load_results_json,
                            load_results_parquet, predictions_to_results)
+from ifcn.image import ImageError, decode_image
 from ifcn.io import filesystem, join, open_url, write_bytes
 
 
@@ -52,8 +52,6 @@ def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ..
 
     Returns COCO results entries and the evaluated image ids.
     """
-    from PIL import Image
-
     from ifcn import InferenceConfig, Predictor, load_checkpoint
 
     overrides: dict[str, Any] = {}
@@ -68,10 +66,11 @@ def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ..
     for img in todo:
         url = join(images, img["file_name"])
         with open_url(url, "rb", storage_options) as f:
-            try:
-                pixels = np.asarray(Image.open(f).convert("RGB"))
-            except OSError as e:
-                raise ValueError(f"{url}: not a readable image ({e})") from e
+            data = f.read()
+        try:  # decoded exactly as the pipeline decodes (EXIF, alpha, 16-bit), so both AR paths agree
+            pixels = decode_image(data, url)
+        except ImageError as e:
+            raise ValueError(f"image {url}: {e.problem}") from None
         results += predictions_to_results(img["id"], predictor.predict(pixels))
         if bar:
             bar.update()

@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 from ifcn.evaluate import read_parquet_dataset
 from ifcn.io import filesystem, join
 from ifcn.viz import draw_proposals, save_png
-from pipeline.decode import ImageError, decode_image, read_bytes  # decode exactly as the pipeline did (EXIF, alpha)
+from ifcn.image import ImageError, decode_image, read_bytes  # decode exactly as the pipeline did (EXIF, alpha)
 
 MASK_COLUMNS = ["image_id", "uri", "rank", "score", "bbox", "rle", "height", "width"]
 SHOWN_IDS = 5  # valid ids listed when an id is unknown

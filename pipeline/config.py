@@ -1,6 +1,6 @@
 """SegmentConfig: everything one run of the batch job needs, with library defaults.
 
-Model-side defaults come from `ifcn.InferenceConfig` and decode limits from `pipeline.decode`;
+Model-side defaults come from `ifcn.InferenceConfig` and decode limits from `ifcn.image`;
 the CLI (jobs/segment.py) forwards only the flags a user set, so those stay authoritative.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from ifcn import InferenceConfig
 
-from .decode import MAX_PIXELS, MIN_SIDE
+from ifcn.image import MAX_PIXELS, MIN_SIDE
 
 AMP_MODES = ("none", "bf16")
 POSTPROCESS_MODES = ("auto", "tasks", "actor")

@@ -64,6 +64,19 @@ def test_image_without_annotations_has_empty_arrays(tmp_path):
     assert s.masks.shape == (0, H, W) and s.boxes.shape == (0, 4) and s.iscrowd.shape == (0,)
 
 
+def test_reader_decodes_like_the_pipeline_16_bit_and_corrupt(tmp_path):
+    """Training sees the job's pixels: a 16-bit PNG is scaled, not saturated to white by convert("RGB")."""
+    images, ann = write_coco(tmp_path, [])
+    ramp = (np.arange(H * W, dtype=np.uint32).reshape(H, W) * 65535 // (H * W - 1)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "images" / "a.png")  # mode I;16
+    got = CocoDataset(images, ann).read_image(0)
+    want = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)  # round(v * 255 / 65535)
+    np.testing.assert_array_equal(got, np.repeat(want[..., None], 3, axis=2))
+    (tmp_path / "images" / "a.png").write_bytes(b"<html>403</html>")
+    with pytest.raises(ValueError, match=r"a\.png: not a decodable image"):
+        CocoDataset(images, ann).read_image(0)
+
+
 def test_missing_annotations_file_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json.*--annotations"):
         CocoDataset(str(tmp_path), str(tmp_path / "nope.json"))

@@ -1,4 +1,4 @@
-"""pipeline.decode: every odd input becomes RGB with the right pixels, or one ImageError line.
+"""ifcn.image: every odd input becomes RGB with the right pixels, or one ImageError line.
 
 All images are generated in memory with PIL (or written byte by byte for PNG variants PIL
 cannot save), so the expected pixels are known exactly.
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from pipeline.decode import ImageError, decode_image, read_bytes
+from ifcn.image import ImageError, decode_image, read_bytes
 
 URI = "s3://b/x.jpg"
 

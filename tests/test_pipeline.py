@@ -18,7 +18,7 @@ from pycocotools import mask as mask_utils
 
 import ifcn
 from pipeline.config import SegmentConfig, SegmentError
-from pipeline.decode import decode_image, read_bytes
+from ifcn.image import decode_image, read_bytes
 from pipeline.infer import InferenceActor
 from pipeline.reduce import reduce_batch
 from pipeline.run import Resources, prepare, resolve_resources, run_segment

@@ -21,7 +21,7 @@ from PIL import Image
 
 import ifcn
 from ifcn.data.synth import SynthConfig, render_image
-from pipeline.decode import ImageError, decode_image, read_bytes
+from ifcn.image import ImageError, decode_image, read_bytes
 
 from fixtures_infra import REPO
 

@@ -11,7 +11,7 @@ import pytest
 
 from ifcn import InferenceConfig
 from pipeline.config import SegmentConfig, SegmentError
-from pipeline.decode import MAX_PIXELS, MIN_SIDE
+from ifcn.image import MAX_PIXELS, MIN_SIDE
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, REDUCED_SCHEMA, reduced_to_tables
 from pipeline.sink import OutputStore
 from pipeline.sources import (InputItem, image_from_row, list_inputs, listing_digest, make_shards, read_images)

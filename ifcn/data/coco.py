@@ -6,16 +6,15 @@ window sampler can ignore windows on them rather than call them negatives (as CO
 """
 from __future__ import annotations
 
-import io
 import json
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ..image import ImageError, decode_image
 from ..io import join, open_url
 
 
@@ -98,7 +97,10 @@ class CocoDataset:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"image {info['file_name']!r} not found at {url}; is --images the folder "
                                     f"that holds the annotations' file_name entries?") from e
-        image = np.array(Image.open(io.BytesIO(data)).convert("RGB"))  # writable copy
+        try:  # the pipeline's decoder: EXIF orientation, alpha on white, 16-bit scaled, CMYK
+            image = decode_image(data, url)
+        except ImageError as e:
+            raise ValueError(f"image {url}: {e.problem}") from None
         if "height" in info and "width" in info and image.shape[:2] != (info["height"], info["width"]):
             raise ValueError(f"image {url} is {image.shape[1]}x{image.shape[0]} (WxH) but {self.annotations_url} "
                              f"says {info['width']}x{info['height']}: annotations do not match this image")

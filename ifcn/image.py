@@ -1,5 +1,8 @@
 """Bytes -> (H, W, 3) uint8 RGB, or an ImageError whose one-line reason goes in the images table.
 
+The one decoder of the project: the pipeline, training (ifcn.data.CocoDataset), jobs.evaluate
+and jobs.show all see the same pixels for the same file.
+
 Buckets hold whatever people uploaded: HTML error pages saved as .jpg, half-written files,
 palette GIFs, 16-bit PNGs, CMYK JPEGs from print workflows, phone photos that are stored
 sideways with an EXIF orientation tag, and the occasional 40 000 x 40 000 scan. Every one
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from ifcn.io import open_url
+from .io import open_url
 
 MAX_PIXELS = 50_000_000  # ~200 MB as decoded RGB: bigger inputs are almost always scans or bombs
 MIN_SIDE = 16  # below this even the smallest scale's window is mostly padding
@@ -40,7 +43,7 @@ class ImageError(Exception):
     """An input that cannot become an RGB array; `reason` is one line for the images table."""
 
     def __init__(self, uri: str, problem: str) -> None:
-        self.uri = uri
+        self.uri, self.problem = uri, problem
         self.reason = f"image {uri}: {problem}; recorded as error row".replace("\n", " ")
         super().__init__(self.reason)
 
