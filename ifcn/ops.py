@@ -26,8 +26,8 @@ def cell_to_map(m: int, k: int, device: torch.device | None = None) -> torch.Ten
 def assemble(scores: torch.Tensor, windows: torch.Tensor, m: int) -> torch.Tensor:
     """Instance-sensitive assembling: copies each of a window's k x k cells from its own map.
 
-    scores: (N, k*k, H, W) logits; windows: (W, 3) long (image index, y0, x0), the window's
-    top-left feature cell (may be negative or run past the map). Returns (W, m, m) logits;
+    scores: (N, k*k, H, W) logits; windows: (n, 3) long (image index, y0, x0), each window's
+    top-left feature cell (may be negative or run past the map). Returns (n, m, m) logits;
     cells outside the map read BACKGROUND_LOGIT.
     """
     if scores.ndim != 4:

@@ -53,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--windows-per-scale", type=int, help="top windows by objectness assembled per scale")
     p.add_argument("--nms-iou", type=float, help="mask IoU above which a lower-scored proposal is dropped")
     p.add_argument("--shard-size", type=int, help="images per committed shard (resume granularity)")
-    p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, or CPUs/2)")
+    p.add_argument("--actors", type=int, help="inference actors (default: one per GPU; without GPUs one per CPU)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 with GPUs, else 0 = CPU)")
     p.add_argument("--batch-size", type=int, help="images per inference actor call")
     p.add_argument("--postprocess", choices=("auto", "tasks", "actor"),

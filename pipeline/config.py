@@ -39,7 +39,7 @@ class SegmentConfig:
     max_pixels: int = MAX_PIXELS  # larger images become error rows (checked from the header)
     min_side: int = MIN_SIDE  # smaller images become error rows
     amp: str = "none"  # "bf16": bfloat16 autocast on CUDA (faster, results differ slightly); CPU ignores it
-    actors: int | None = None  # inference actors; None -> one per GPU, or CPUs // 2 without GPUs
+    actors: int | None = None  # None -> one per GPU; without GPUs one per CPU (CPUs // 2 with postprocess="tasks")
     gpus_per_actor: float | None = None  # None -> 1 when the cluster has GPUs, else 0 (CPU actors)
     batch_size: int = 4  # images per actor call; Predictor runs images one by one, so this only amortises overhead
     # Where paste/NMS/RLE run: "tasks" (CPU reducer tasks after the actor pool, so GPUs never wait

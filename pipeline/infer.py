@@ -2,7 +2,8 @@
 
 One actor holds one model; `__init__` loads the checkpoint once, `__call__` turns a batch of
 decoded images into their top windows of every scale (forward, top-K, assembling). Pasting,
-NMS and RLE run later in CPU reducer tasks (pipeline/reduce.py), so the GPU never waits on them.
+NMS and RLE run later in CPU reducer tasks (pipeline/reduce.py), so the GPU never waits on them;
+on CPU-only clusters pipeline/reduce.InferAndReduceActor runs both halves in one actor instead.
 Resources (num_gpus, pool size, batch size) are set in pipeline/run.py, not here.
 """
 from __future__ import annotations
