@@ -8,25 +8,21 @@ writes COCO results JSON (one entry per proposal) that jobs.evaluate scores like
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from jobs._cli import Parser, scales, storage_options
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.baseline", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m jobs.baseline", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="model.pt written by jobs.train --model fcn-baseline")
     p.add_argument("--images", required=True)
     p.add_argument("--annotations", required=True)
     p.add_argument("--output", required=True, help="COCO results JSON URL")
-    p.add_argument("--scales", default=None, help="comma-separated short sides (default: the paper's six)")
+    p.add_argument("--scales", type=scales, default=None, help="comma-separated short sides (default: the paper's six)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
-    p.add_argument("--storage-options", type=json.loads, default=None)
+    p.add_argument("--storage-options", type=storage_options, default=None, help="fsspec options as JSON")
     args = p.parse_args(argv)
-    try:
-        scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
-    except ValueError:
-        p.error(f"--scales {args.scales!r}: expected comma-separated integers like 192,256,320")
     from ifcn import InferenceConfig
     from ifcn.baseline import load_baseline, predict
     from ifcn.data import CocoDataset
@@ -34,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from ifcn.io import open_url
 
     try:
-        config = InferenceConfig(scales=scales) if scales else InferenceConfig()
+        config = InferenceConfig(scales=args.scales) if args.scales else InferenceConfig()
         model = load_baseline(args.checkpoint, args.storage_options)
         ds = CocoDataset(args.images, args.annotations, args.storage_options)
         results = []

@@ -21,6 +21,7 @@ from ifcn.evaluate import (IOU_LABELS, IOU_PROTOCOLS, average_recall, format_tab
                            load_results_parquet, predictions_to_results)
 from ifcn.image import ImageError, decode_image
 from ifcn.io import filesystem, join, open_url, write_bytes
+from jobs._cli import Parser, scales, storage_options
 
 
 class Progress:
@@ -166,18 +167,13 @@ def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: 
     return report
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"jobs.evaluate: error: {message} (see --help)\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = _Parser(prog="python -m jobs.evaluate", description=__doc__.split("\n")[0])
+    p = Parser(prog="jobs.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--annotations", required=True, help="COCO instances JSON (any fsspec URL)")
     p.add_argument("--checkpoint", help="InstanceFCN checkpoint to run over the annotations' images")
     p.add_argument("--images", help="root URL that the annotations' file_names are relative to (with --checkpoint)")
     p.add_argument("--predictions", help="COCO results JSON, or a pipeline output folder with masks/")
-    p.add_argument("--scales", help="comma-separated short sides, e.g. 119,178,267,400,600,900 (with --checkpoint)")
+    p.add_argument("--scales", type=scales, help="comma-separated short sides, e.g. 119,178,267,400,600,900 (with --checkpoint)")
     p.add_argument("--max-proposals", type=int, help="keep at most N proposals per image")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of the annotations")
     p.add_argument("--iou-protocol", choices=sorted(IOU_PROTOCOLS), default="coco",
@@ -185,7 +181,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="torch device for --checkpoint (default: cuda if available)")
     p.add_argument("--save-predictions", help="write the --checkpoint run's COCO results JSON here")
     p.add_argument("--out", help="where to write the numbers as JSON (default: beside the predictions)")
-    p.add_argument("--storage-options", help="JSON dict for fsspec, e.g. '{\"anon\": true}'")
+    p.add_argument("--storage-options", type=storage_options, help="JSON dict for fsspec, e.g. '{\"anon\": true}'")
     args = p.parse_args(argv)
     if (args.checkpoint is None) == (args.predictions is None):
         p.error("give exactly one of --checkpoint (with --images) or --predictions")
@@ -193,14 +189,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--checkpoint needs --images, the root that the annotations' file_names are relative to")
     if args.scales and not args.checkpoint:
         p.error("--scales only applies with --checkpoint")
-    try:
-        args.scales = tuple(int(s) for s in args.scales.split(",")) if args.scales else None
-    except ValueError:
-        p.error(f"--scales {args.scales!r}: expected comma-separated integers like 119,178,267")
-    try:
-        args.storage_options = json.loads(args.storage_options) if args.storage_options else None
-    except json.JSONDecodeError as e:
-        p.error(f"--storage-options is not JSON ({e})")
     for name in ("max_proposals", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

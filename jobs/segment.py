@@ -9,46 +9,20 @@ forwarded; everything else keeps the library defaults (ifcn.InferenceConfig, Seg
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any, NoReturn
 
-
-def _scales(text: str) -> tuple[int, ...]:
-    try:
-        scales = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated short sides, e.g. 180,270,400") from None
-    if not scales:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated short sides, e.g. 180,270,400")
-    return scales
-
-
-def _storage_options(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at char {e.pos})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"anon\": true}'")
-    return value
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line, no usage block: the job's errors are read in logs."""
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from jobs._cli import Parser, scales, storage_options
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m jobs.segment", description=__doc__.splitlines()[0],
-                argument_default=argparse.SUPPRESS)
+    p = Parser(prog="python -m jobs.segment", description=__doc__.splitlines()[0],
+               argument_default=argparse.SUPPRESS)
     p.add_argument("--input", required=True, help="prefix URL/path listed recursively for images, "
                    "or a manifest: .txt (one URI per line) or .parquet (a `uri` column)")
     p.add_argument("--output", required=True, help="folder URL for masks/, images/ and _manifest.json")
     p.add_argument("--checkpoint", required=True, help="InstanceFCN checkpoint URL (ifcn.save_checkpoint)")
-    p.add_argument("--storage-options", type=_storage_options, help="fsspec options as JSON (AWS_* env also works)")
-    p.add_argument("--scales", type=_scales, help="inference short sides, comma-separated (default: the paper's 6)")
+    p.add_argument("--storage-options", type=storage_options, help="fsspec options as JSON (AWS_* env also works)")
+    p.add_argument("--scales", type=scales, help="inference short sides, comma-separated (default: the paper's 6)")
     p.add_argument("--max-proposals", type=int, help="proposals kept per image after NMS")
     p.add_argument("--windows-per-scale", type=int, help="top windows by objectness assembled per scale")
     p.add_argument("--nms-iou", type=float, help="mask IoU above which a lower-scored proposal is dropped")

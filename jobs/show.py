@@ -4,8 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from typing import Any
 
@@ -17,6 +15,7 @@ from ifcn.evaluate import read_parquet_dataset
 from ifcn.io import filesystem, join
 from ifcn.viz import draw_proposals, save_png
 from ifcn.image import ImageError, decode_image, read_bytes  # decode exactly as the pipeline did (EXIF, alpha)
+from jobs._cli import Parser, storage_options
 
 MASK_COLUMNS = ["image_id", "uri", "rank", "score", "bbox", "rle", "height", "width"]
 SHOWN_IDS = 5  # valid ids listed when an id is unknown
@@ -81,27 +80,18 @@ def show(output: str, image_id: str, out: str, top: int = 20, storage_options: d
             "drawn": min(top, len(proposals)), "out": out}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"jobs.show: error: {message} (see --help)\n")
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m jobs.show", description=__doc__.split("\n")[0])
+    p = Parser(prog="jobs.show", description=__doc__.split("\n")[0])
     p.add_argument("--output", required=True, help="pipeline output folder (with masks/ and images/)")
     p.add_argument("--image", required=True, help="image_id as in the tables (e.g. a/000012.jpg)")
     p.add_argument("--out", required=True, help="PNG to write (any fsspec URL)")
     p.add_argument("--top", type=int, default=20, help="how many of the best proposals to draw")
-    p.add_argument("--storage-options", help="JSON dict for fsspec, e.g. '{\"anon\": true}'")
+    p.add_argument("--storage-options", type=storage_options, help="JSON dict for fsspec, e.g. '{\"anon\": true}'")
     args = p.parse_args(argv)
     if args.top < 0:
         p.error("--top must be >= 0")
     try:
-        storage_options = json.loads(args.storage_options) if args.storage_options else None
-    except json.JSONDecodeError as e:
-        p.error(f"--storage-options is not JSON ({e})")
-    try:
-        info = show(args.output, args.image, args.out, args.top, storage_options)
+        info = show(args.output, args.image, args.out, args.top, args.storage_options)
     except (OSError, ValueError, LookupError, pa.ArrowException, ImageError) as e:
         msg = e.args[0] if isinstance(e, LookupError) and e.args else e  # KeyError's str() adds quotes
         print(f"jobs.show: error: {msg}", file=sys.stderr)

@@ -5,21 +5,20 @@
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from dataclasses import replace
 
 from ifcn.data.synth import SynthConfig, write_synthetic_dataset
+from jobs._cli import Parser, storage_options
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.synth", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m jobs.synth", description=__doc__.splitlines()[0])
     p.add_argument("--output", required=True, help="folder URL (local, file://, s3://...)")
     p.add_argument("--num-images", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--size", type=int, default=SynthConfig.size, help="image side in pixels")
-    p.add_argument("--storage-options", type=json.loads, default=None, help="fsspec storage options as JSON")
+    p.add_argument("--storage-options", type=storage_options, default=None, help="fsspec storage options as JSON")
     args = p.parse_args(argv)
     if args.num_images < 1 or args.size < 32:
         p.error("--num-images must be >= 1 and --size >= 32")

@@ -9,16 +9,16 @@ Re-running with the same --output resumes from its last checkpoint. The final mo
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from ifcn.config import BACKBONES
 from ifcn.train.config import MODELS, TrainConfig
+from jobs._cli import Parser, storage_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig("", "", "")
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
     p.add_argument("--images", required=True, help="folder URL holding the COCO file_name entries")
     p.add_argument("--annotations", required=True, help="COCO instances JSON URL")
     p.add_argument("--output", required=True, help="folder URL for checkpoints, model.pt and the loss curve")
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--storage-options", type=json.loads, default=None, help="fsspec storage options as JSON")
+    p.add_argument("--storage-options", type=storage_options, default=None, help="fsspec storage options as JSON")
     args = p.parse_args(argv)
     if args.num_workers < 1 or args.cpus_per_worker < 1 or args.steps < 1 or args.windows_per_image < 2:
         p.error("--num-workers, --cpus-per-worker, --steps must be >= 1 and --windows-per-image >= 2")
