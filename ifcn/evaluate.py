@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from .data.coco import segmentation_to_rle
 from .io import filesystem, join, open_url
 
 MAX_DETS: tuple[int, int, int] = (10, 100, 1000)  # summarize() reads exactly three
@@ -70,7 +71,7 @@ def _gt_coco(data: dict) -> COCO:
         ann["category_id"] = AGNOSTIC_CATEGORY
         if "area" not in ann:
             img = images[ann["image_id"]]
-            rle = _to_rle(ann["segmentation"], img["height"], img["width"])
+            rle = segmentation_to_rle(ann["segmentation"], img["height"], img["width"])
             ann["area"] = float(mask_utils.area(rle))
         anns.append(ann)
     data["annotations"] = anns
@@ -80,14 +81,6 @@ def _gt_coco(data: dict) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-def _to_rle(segm: Any, height: int, width: int) -> dict:
-    if isinstance(segm, list):  # polygons
-        return mask_utils.merge(mask_utils.frPyObjects(segm, height, width))
-    if isinstance(segm["counts"], list):  # uncompressed RLE
-        return mask_utils.frPyObjects(segm, height, width)
-    return segm
 
 
 def _results_coco(gt: COCO, results: list[dict]) -> COCO:
@@ -109,7 +102,7 @@ def _results_coco(gt: COCO, results: list[dict]) -> COCO:
         if [int(v) for v in segm["size"]] != [img["height"], img["width"]]:
             raise ValueError(f"results[{i}]: RLE size {list(segm['size'])} != image {img['id']}'s size "
                              f"[{img['height']}, {img['width']}] in the annotations")
-        rle = _to_rle(segm, img["height"], img["width"])
+        rle = segmentation_to_rle(segm, img["height"], img["width"])
         anns.append({"id": len(anns) + 1, "image_id": img["id"], "category_id": AGNOSTIC_CATEGORY,
                      "segmentation": rle, "score": float(r["score"]), "area": float(mask_utils.area(rle)),
                      "bbox": list(mask_utils.toBbox(rle)), "iscrowd": 0})
