@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .config import InferenceConfig, ModelConfig
-from .model import InstanceFCN, _vgg16_trunk
+from .model import InstanceFCN, _vgg16_trunk, init_weights
 from .transforms import image_to_tensor, normalize, resize, scaled_size
 
 MODEL_NAME = "fcn-baseline"
@@ -35,11 +35,7 @@ class FCNBaseline(nn.Module):
         c, h = config.widths[-1], config.head_width
         self.features = _vgg16_trunk(config.widths, config.use_batch_norm)
         self.head = nn.Sequential(nn.Conv2d(c, h, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(h, 1, 1))
-        for mod in self.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(mod.bias)
-        nn.init.normal_(self.head[-1].weight, std=0.01)
+        init_weights(self, (self.head[-1],))
 
     load_backbone_state_dict = InstanceFCN.load_backbone_state_dict  # same trunk, same ImageNet layout
 

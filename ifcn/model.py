@@ -48,16 +48,7 @@ class InstanceFCN(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for mod in self.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.BatchNorm2d):
-                nn.init.ones_(mod.weight)
-                nn.init.zeros_(mod.bias)
-        for last in (self.score_head[-1], self.objectness_head[-1]):
-            nn.init.normal_(last.weight, std=0.01)
-            nn.init.zeros_(last.bias)
+        init_weights(self, (self.score_head[-1], self.objectness_head[-1]))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images: (N, 3, H, W) normalised -> (scores (N, k*k, h, w), objectness (N, 1, h, w))."""
@@ -87,6 +78,21 @@ class InstanceFCN(nn.Module):
                 f"{got}, model needs {want} ({len(bad)} tensors differ); use --backbone vgg16 for ImageNet VGG-16"
             )
         self.features.load_state_dict(given)
+
+
+def init_weights(module: nn.Module, outputs: tuple[nn.Conv2d, ...]) -> None:
+    """He init for ReLU convs, identity BatchNorm; output convs start near zero (std 0.01) so
+    early logits are ~0 and neither loss term swamps the other."""
+    for mod in module.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(mod.bias)
+        elif isinstance(mod, nn.BatchNorm2d):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)
+    for last in outputs:
+        nn.init.normal_(last.weight, std=0.01)
+        nn.init.zeros_(last.bias)
 
 
 def _key_order(key: str) -> tuple[int, str]:
