@@ -82,7 +82,7 @@ def decode_image(data: bytes, uri: str, max_pixels: int = MAX_PIXELS, min_side: 
             pil_limit = 2 * Image.MAX_IMAGE_PIXELS
             limit = (f"max_pixels={max_pixels}" if max_pixels < pil_limit
                      else f"Pillow's decompression-bomb limit ({pil_limit} px)")
-            raise ImageError(uri, f"header size exceeds {limit} (Pillow: {_first_line(e)}); "
+            raise ImageError(uri, f"header size exceeds {limit} (Pillow: {one_line(e, 200)}); "
                                   f"downscale it before processing") from None
         except MemoryError:
             raise
@@ -103,7 +103,7 @@ def decode_image(data: bytes, uri: str, max_pixels: int = MAX_PIXELS, min_side: 
         except Exception as e:
             # Truncated or corrupt pixel data: Pillow raises OSError, SyntaxError, EOFError...
             raise ImageError(uri, f"{im.format or 'image'} data is corrupt or truncated "
-                                  f"({type(e).__name__}: {_first_line(e)}); re-encode or remove the file") from e
+                                  f"({type(e).__name__}: {one_line(e, 200)}); re-encode or remove the file") from e
     rgb = _to_rgb(im, uri)
     h, w = rgb.shape[:2]
     if min(h, w) < min_side:
@@ -133,6 +133,7 @@ def _to_rgb(im: Image.Image, uri: str) -> np.ndarray:
                           f"convert it to 8-bit RGB, grayscale or 16-bit grayscale")
 
 
-def _first_line(e: BaseException) -> str:
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """First line of an exception's message, bounded: error rows and CLI errors are one line."""
     text = str(e).strip().splitlines()
-    return text[0][:200] if text else ""
+    return text[0][:limit] if text else ""

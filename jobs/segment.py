@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so --help and flag errors are instant (no torch/ray import).
     import ray.exceptions
 
-    from pipeline.config import SegmentConfig, SegmentError, one_line
+    from ifcn.image import one_line
+    from pipeline.config import SegmentConfig, SegmentError
     from pipeline.run import run_segment
 
     try:

@@ -94,9 +94,3 @@ class SegmentConfig:
 def digest(obj: Any) -> str:
     """sha256 of a JSON-able object (sorted keys): fingerprints listings and settings."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def one_line(e: BaseException, limit: int = 300) -> str:
-    """First line of an exception's message, bounded: error rows and CLI errors are one line."""
-    text = str(e).strip().splitlines()
-    return text[0][:limit] if text else ""

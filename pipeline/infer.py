@@ -17,8 +17,8 @@ import pyarrow as pa
 import torch
 
 from ifcn import Candidates, InferenceConfig, Predictor, load_checkpoint
+from ifcn.image import one_line
 
-from .config import one_line
 from .sources import image_from_row
 
 # Columns the stage passes through unchanged (the read stage's, minus the pixels).

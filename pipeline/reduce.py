@@ -13,8 +13,8 @@ from typing import Any
 import pyarrow as pa
 
 from ifcn import InferenceConfig, postprocess
+from ifcn.image import one_line
 
-from .config import one_line
 from .infer import InferenceActor, unpack_candidates
 from .schema import REDUCED_SCHEMA, proposals_to_rows
 

@@ -33,8 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ifcn import checkpoint_digest, load_checkpoint
+from ifcn.image import one_line
 
-from .config import SegmentConfig, SegmentError, one_line
+from .config import SegmentConfig, SegmentError
 from .infer import InferenceActor
 from .reduce import InferAndReduceActor, reduce_batch
 from .schema import FORMAT
@@ -223,7 +224,7 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
     log(f"{len(plan.items)} images in {len(plan.shards)} shards of {config.shard_size}; "
         f"{skipped} already committed, {len(plan.pending)} to run")
     collector = ShardCollector(plan.pending, plan.store, log)
-    actors, gpus_per_actor, run_s, res = 0, 0.0, 0.0, None
+    run_s, res = 0.0, Resources(0, 0.0, 0.0, False)  # nothing to run: no actors
     if plan.pending:
         import ray
 
@@ -231,11 +232,11 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
             ray.init()
         cluster = ray.cluster_resources()
         res = resolve_resources(config, cluster)
-        actors, gpus_per_actor = res.actors, res.gpus_per_actor
-        log(f"inference: {actors} actor(s), {gpus_per_actor} GPU each, batch size {config.batch_size}; "
+        log(f"inference: {res.actors} actor(s), {res.gpus_per_actor} GPU each, batch size {config.batch_size}; "
             f"postprocess in {'the actors' if res.postprocess_in_actor else 'reducer tasks'}")
-        if actors * gpus_per_actor > cluster.get("GPU", 0) or actors * res.cpus_per_actor > cluster.get("CPU", 0):
-            log(f"warning: {actors} actors x {gpus_per_actor} GPU need more than the cluster has now "
+        if (res.actors * res.gpus_per_actor > cluster.get("GPU", 0)
+                or res.actors * res.cpus_per_actor > cluster.get("CPU", 0)):
+            log(f"warning: {res.actors} actors x {res.gpus_per_actor} GPU need more than the cluster has now "
                 f"({cluster.get('GPU', 0)} GPU, {cluster.get('CPU', 0)} CPU); they wait for an autoscaler")
         ds = build_dataset(plan, config, res)
         run_start = time.perf_counter()
@@ -258,8 +259,8 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
                "images_per_s": round(processed / wall, 3) if wall > 0 else 0.0,
                # the Ray Data execution alone (no listing, checkpoint check or Ray start-up)
                "pipeline_s": round(run_s, 3), "pipeline_images_per_s": round(processed / run_s, 3) if run_s else 0.0,
-               "actors": actors, "gpus_per_actor": gpus_per_actor,
-               "postprocess": "actor" if res and res.postprocess_in_actor else "tasks"}
+               "actors": res.actors, "gpus_per_actor": res.gpus_per_actor,
+               "postprocess": "actor" if res.postprocess_in_actor else "tasks"}
     plan.store.write_json(MANIFEST_FILE, {
         "format": FORMAT, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "input": config.input, "output": config.output, "config": config.to_dict(),

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 from ifcn.io import filesystem, open_url
 
-from .config import SegmentError, digest, one_line
-from ifcn.image import ImageError, decode_image, read_bytes
+from .config import SegmentError, digest
+from ifcn.image import ImageError, decode_image, one_line, read_bytes
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 MANIFEST_EXTENSIONS = (".txt", ".parquet")
