@@ -4,8 +4,10 @@ from .config import BACKBONES, PAPER_SCALES, InferenceConfig, ModelConfig
 from .model import InstanceFCN, load_vgg16_weights
 from .ops import assemble
 from .predictor import Candidates, Predictor, postprocess
+from .proposals import Proposals, encode, postprocess_device, postprocess_numpy
 
 __all__ = [
     "BACKBONES", "PAPER_SCALES", "Candidates", "InferenceConfig", "InstanceFCN", "ModelConfig", "Predictor",
-    "assemble", "checkpoint_digest", "load_checkpoint", "load_vgg16_weights", "postprocess", "save_checkpoint",
+    "Proposals", "assemble", "checkpoint_digest", "encode", "load_checkpoint", "load_vgg16_weights", "postprocess",
+    "postprocess_device", "postprocess_numpy", "save_checkpoint",
 ]

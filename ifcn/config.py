@@ -67,15 +67,20 @@ PAPER_SCALES: tuple[int, ...] = tuple(int(round(600 * 1.5**e)) for e in range(-4
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Multi-scale inference. Defaults follow the paper (6 scales, NMS, top 1000)."""
+    """Multi-scale inference. Defaults follow the paper (6 scales, box NMS at 0.8, top 1000)."""
 
     scales: tuple[int, ...] = PAPER_SCALES  # short side in pixels per scale
     max_size: int = 2000  # cap on the long side after resizing (keeps huge aspect ratios bounded)
     windows_per_scale: int = 1000  # top windows by objectness assembled at each scale
     mask_threshold: float = 0.5  # probability threshold that binarises pasted masks
-    nms_iou: float = 0.8  # mask IoU above which the lower-scored proposal is dropped
+    nms: str = "box"  # "box": IoU of the masks' tight boxes (the paper's); "mask": IoU of the masks (stricter)
+    nms_iou: float = 0.8  # IoU (per `nms`) above which the lower-scored proposal is dropped
     max_proposals: int = 1000  # kept after NMS (the paper's AR@1000)
     min_score: float = 0.0  # objectness probability floor; 0 keeps everything
+    # Batching: each resized image is padded up to a multiple of `pad_to` px so that differently
+    # sized images share a forward; 0 batches only images of identical size. Padding never makes a
+    # window or a mask pixel, and an image's result never depends on its batch mates.
+    pad_to: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
@@ -85,6 +90,10 @@ class InferenceConfig:
             raise ValueError(f"InferenceConfig.mask_threshold={self.mask_threshold}: must be in (0, 1)")
         if not 0.0 < self.nms_iou <= 1.0:
             raise ValueError(f"InferenceConfig.nms_iou={self.nms_iou}: must be in (0, 1]")
+        if self.nms not in ("box", "mask"):
+            raise ValueError(f"InferenceConfig.nms={self.nms!r}: choose 'box' (the paper's) or 'mask'")
+        if self.pad_to < 0 or self.pad_to % 8:
+            raise ValueError(f"InferenceConfig.pad_to={self.pad_to}: must be 0 or a multiple of 8 px (the stride)")
         if self.max_proposals < 1 or self.windows_per_scale < 1:
             raise ValueError("InferenceConfig: max_proposals and windows_per_scale must be >= 1")
 

@@ -152,7 +152,13 @@ def crop_bbox(top: int, left: int, crop: np.ndarray) -> tuple[float, float, floa
 
 
 def crop_to_rle(top: int, left: int, crop: np.ndarray, image_size: tuple[int, int]) -> dict:
-    """COCO compressed RLE of a full-image mask that is zero outside `crop`, without building it.
+    """COCO compressed RLE of a full-image mask that is zero outside `crop`, without building it."""
+    return encode_counts(crop_runs(top, left, crop, image_size), image_size)
+
+
+def crop_runs(top: int, left: int, crop: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """COCO uncompressed run lengths (uint32, column-major, background first) of a full-image
+    mask that is zero outside `crop`.
 
     Touches only the crop's pixels: O(h * w) rather than O(H * W). Runs are read off the crop's
     columns (column-major, as COCO counts), each followed by one zero that stands for the
@@ -161,7 +167,7 @@ def crop_to_rle(top: int, left: int, crop: np.ndarray, image_size: tuple[int, in
     height, width = image_size
     h, w = crop.shape
     if h == 0 or w == 0 or not crop.any():
-        return _encode_counts([height * width], image_size)
+        return np.array([height * width], dtype=np.uint32)
     sep = 1 if h < height else 0  # a full-height crop's columns follow each other directly
     strip = np.zeros((w, h + sep), dtype=np.int8)  # (w, h [+1]) column-major crop + separators
     strip[:, :h] = crop.T
@@ -172,10 +178,10 @@ def crop_to_rle(top: int, left: int, crop: np.ndarray, image_size: tuple[int, in
     col, row = np.divmod(change, h + sep)
     pos = (left + col) * height + top + row  # full-image column-major position
     bounds = np.concatenate(([0], pos[pos < height * width], [height * width]))
-    return _encode_counts(np.diff(bounds).astype(np.uint32), image_size)
+    return np.diff(bounds).astype(np.uint32)
 
 
-def _encode_counts(runs: list[int] | np.ndarray, image_size: tuple[int, int]) -> dict:
+def encode_counts(runs: list[int] | np.ndarray, image_size: tuple[int, int]) -> dict:
     """Uncompressed column-major run lengths -> COCO compressed RLE with str counts.
 
     A uint32 array goes to pycocotools without a Python-list round trip."""
@@ -199,17 +205,23 @@ def _crop_intersection(a: tuple[int, int, np.ndarray], b: tuple[int, int, np.nda
     return int(np.count_nonzero(ca[y0 - ta:y1 - ta, x0 - la:x1 - la] & cb[y0 - tb:y1 - tb, x0 - lb:x1 - lb]))
 
 
+NMS_MODES = ("box", "mask")
+
+
 class GreedyMaskNMS:
-    """Greedy mask NMS fed one mask at a time in score order, so callers can stop producing masks
+    """Greedy NMS fed one mask at a time in score order, so callers can stop producing masks
     once `max_keep` are kept. A mask is kept unless its IoU with a kept one exceeds the threshold.
 
-    Pairs whose IoU cannot exceed the threshold (judged from boxes and areas alone) skip the
-    exact IoU. Exact IoUs come from pycocotools for RLEs and
-    from the overlapping pixels for crops (same value: intersection / union in float64).
+    mode "box" (the paper's): IoU of the masks' tight boxes. mode "mask": IoU of the masks; pairs
+    whose IoU cannot exceed the threshold (judged from boxes and areas alone) skip the exact
+    IoU, which comes from pycocotools for RLEs and from the overlapping pixels for crops (same
+    value: intersection / union in float64).
     """
 
-    def __init__(self, iou_threshold: float, max_keep: int) -> None:
-        self.iou_threshold, self.max_keep = iou_threshold, max_keep
+    def __init__(self, iou_threshold: float, max_keep: int, mode: str = "mask") -> None:
+        if mode not in NMS_MODES:
+            raise ValueError(f"NMS mode {mode!r}: choose one of {NMS_MODES}")
+        self.iou_threshold, self.max_keep, self.mode = iou_threshold, max_keep, mode
         self.kept: list[Mask] = []
         self._boxes = np.zeros((16, 4), dtype=np.float64)  # x0, y0, x1, y1 of kept masks; grows by doubling
         self._areas = np.zeros(len(self._boxes), dtype=np.float64)
@@ -228,16 +240,22 @@ class GreedyMaskNMS:
         x1, y1 = x0 + bw, y0 + bh
         if n:
             kb = self._boxes[:n]
-            iw = np.minimum(x1, kb[:, 2]) - np.maximum(x0, kb[:, 0])
-            ih = np.minimum(y1, kb[:, 3]) - np.maximum(y0, kb[:, 1])
-            # IoU = I / (a + b - I) grows with the intersection I, which is at most the boxes'
-            # overlap and either area: that I gives an upper bound on the IoU
-            kept_areas = self._areas[:n]
-            inter = np.minimum(np.clip(iw, 0, None) * np.clip(ih, 0, None), np.minimum(kept_areas, area))
-            bound = inter / np.maximum(kept_areas + area - inter, 1)
-            near = np.flatnonzero(bound > self.iou_threshold)
-            if near.size and self._overlaps(mask, area, near):
-                return False
+            iw = np.clip(np.minimum(x1, kb[:, 2]) - np.maximum(x0, kb[:, 0]), 0, None)
+            ih = np.clip(np.minimum(y1, kb[:, 3]) - np.maximum(y0, kb[:, 1]), 0, None)
+            if self.mode == "box":
+                kept_box_areas = (kb[:, 2] - kb[:, 0]) * (kb[:, 3] - kb[:, 1])
+                inter = iw * ih
+                if np.any(inter / np.maximum(kept_box_areas + bw * bh - inter, 1) > self.iou_threshold):
+                    return False
+            else:
+                # IoU = I / (a + b - I) grows with the intersection I, which is at most the boxes'
+                # overlap and either area: that I gives an upper bound on the IoU
+                kept_areas = self._areas[:n]
+                inter = np.minimum(iw * ih, np.minimum(kept_areas, area))
+                bound = inter / np.maximum(kept_areas + area - inter, 1)
+                near = np.flatnonzero(bound > self.iou_threshold)
+                if near.size and self._overlaps(mask, area, near):
+                    return False
         if n == len(self._boxes):
             self._boxes = np.concatenate([self._boxes, np.zeros_like(self._boxes)])
             self._areas = np.concatenate([self._areas, np.zeros_like(self._areas)])
@@ -259,14 +277,15 @@ class GreedyMaskNMS:
 
 
 def mask_nms(rles: Sequence[dict], scores: np.ndarray, boxes: np.ndarray, areas: np.ndarray, iou_threshold: float,
-             max_keep: int) -> np.ndarray:
-    """Greedy mask NMS: in score order, keep a mask unless its IoU with a kept one exceeds the threshold.
+             max_keep: int, mode: str = "mask") -> np.ndarray:
+    """Greedy NMS: in score order, keep a mask unless its IoU (of masks, or of boxes with
+    mode="box") with a kept one exceeds the threshold.
 
     rles: N COCO RLEs; boxes: (N, 4) xywh tight boxes, areas: (N,) mask areas. Returns kept
     indices, best first (ties broken by index).
     """
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    nms = GreedyMaskNMS(iou_threshold, max_keep)
+    nms = GreedyMaskNMS(iou_threshold, max_keep, mode)
     kept: list[int] = []
     for idx in order:
         if nms.full:

@@ -1,21 +1,36 @@
-"""Multi-scale inference, split in two so a pipeline can run the halves on different machines:
+"""Multi-scale inference for whole batches of images, with every per-pixel step on the model's device:
 
-    Predictor.candidates(image)  GPU: every scale's forward, top windows, assembling
-    postprocess(candidates)      CPU: paste, binarise, mask NMS, top N, COCO RLE
+    Predictor.windows(images)    every scale's forward (same-size images batched), top windows
+                                 by objectness, assembling; no host sync between scales
+    postprocess_device(...)      paste, binarise, tight boxes, NMS, run lengths (torch, same device)
+    proposals.encode(...)        COCO compressed RLE strings (pycocotools; CPU, after the actor)
+
+On CPU the per-pixel half defaults to the numpy reference (`postprocess_numpy`), which is the
+faster of the two there; `postprocess_on="device"` runs the torch path on CPU too (CI does).
 """
 from __future__ import annotations
 
 import contextlib
+import math
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import InferenceConfig
+from .device_ops import Windows
 from .model import InstanceFCN
-from .ops import GreedyMaskNMS, assemble, crop_to_rle, paste_masks
+from .ops import BACKGROUND_LOGIT, assemble
+from .proposals import Proposals, encode, postprocess_device, postprocess_numpy
 from .transforms import image_to_tensor, normalize, resize, scaled_size
+
+# Input pixels per forward: 8 images of 480x640 at the paper's largest scale (900 x 1200), whose
+# VGG-16 activations stay well inside a 24 GB GPU in bf16; larger groups run in several forwards.
+BATCH_PIXELS = 1 << 23
+POSTPROCESS_ON = ("auto", "device", "numpy")
 
 
 @dataclass
@@ -23,7 +38,7 @@ class Candidates:
     """Top windows of every scale for one image, before pasting (all numpy).
 
     scores: (C,) float32 objectness probability; cells: (C, 2) int32 window top-left feature
-    cell (y0, x0) at its scale; masks: (C, m, m) float16 assembled probabilities;
+    cell (y0, x0) at its scale; masks: (C, m, m) float32 (or float16) assembled probabilities;
     scale: (C,) int32 short side; factor: (C, 2) float32 resized/original size (fy, fx).
     """
 
@@ -49,97 +64,130 @@ class Candidates:
                    np.asarray(d["scale"], np.int32).reshape(-1), np.asarray(d["factor"], np.float32).reshape(-1, 2),
                    int(d.get("stride", 8)))
 
-
-# Windows pasted per round beyond the ones still needed: NMS drops some, and one round more
-# costs more than a few spare windows.
-_SPARE_WINDOWS = 64
+    @classmethod
+    def from_windows(cls, groups: list[tuple[Windows, tuple[float, float]]], image_size: tuple[int, int],
+                     stride: int) -> "Candidates":
+        host = lambda t: t.cpu().numpy()  # noqa: E731
+        w = Windows.cat([g for g, _ in groups])
+        return cls(tuple(image_size), host(w.scores).astype(np.float32), host(w.cells).astype(np.int32),
+                   host(w.probs).astype(np.float32), host(w.scale).astype(np.int32),
+                   host(w.factor).astype(np.float32), stride)
 
 
 def postprocess(cands: Candidates, config: InferenceConfig) -> list[dict[str, Any]]:
-    """Paste, binarise, mask-NMS and encode: the CPU half of inference.
-
-    Returns proposals best first: {score, rle (COCO compressed, str counts), bbox (x, y, w, h),
-    area, scale}. Windows are pasted in score order, a round at a time, and NMS stops as soon as
-    `max_proposals` are kept, so most low-ranked windows are never pasted; ties keep candidate order.
-    """
-    live = np.flatnonzero(cands.scores >= config.min_score)
-    order = live[np.argsort(-cands.scores[live].astype(np.float64), kind="stable")]
-    nms = GreedyMaskNMS(config.nms_iou, config.max_proposals)
-    out: list[dict[str, Any]] = []
-    pos = 0
-    while pos < len(order) and not nms.full:
-        batch = order[pos:pos + config.max_proposals - len(out) + _SPARE_WINDOWS]
-        pos += len(batch)
-        for i, (top, left, crop) in zip(batch, _paste(cands, batch, config.mask_threshold)):
-            if crop.size == 0:  # pasted crops are the masks' tight boxes: empty means no mask
-                continue
-            box = (float(left), float(top), float(crop.shape[1]), float(crop.shape[0]))
-            area = int(np.count_nonzero(crop))
-            if nms.offer((top, left, crop), box, area):  # only kept masks are RLE-encoded
-                out.append({"score": float(cands.scores[i]), "rle": crop_to_rle(top, left, crop, cands.image_size),
-                            "bbox": list(box), "area": area, "scale": int(cands.scale[i])})
-                if nms.full:
-                    break
-    return out
-
-
-def _paste(cands: Candidates, idx: np.ndarray, threshold: float) -> list[tuple[int, int, np.ndarray]]:
-    """paste_masks for candidates `idx` (any scales), results in the order of `idx`."""
-    out: list[tuple[int, int, np.ndarray]] = [None] * len(idx)  # type: ignore[list-item]
-    scales = cands.scale[idx]
-    for s in np.unique(scales):  # all windows of one scale share a factor: one batch each
-        at = np.flatnonzero(scales == s)
-        sel = idx[at]
-        fy, fx = (float(v) for v in cands.factor[sel[0]])
-        pasted = paste_masks(cands.masks[sel].astype(np.float32), cands.cells[sel].astype(np.int64), (fy, fx),
-                             cands.image_size, cands.stride, threshold)
-        for j, p in zip(at, pasted):
-            out[j] = p
-    return out
+    """Paste, binarise, NMS and encode with the numpy reference: proposals best first,
+    {score, rle (COCO compressed, str counts), bbox (x, y, w, h), area, scale}."""
+    return encode(postprocess_numpy(cands, config))
 
 
 class Predictor:
-    """Runs a trained InstanceFCN on one image at every scale of an InferenceConfig."""
+    """Runs a trained InstanceFCN on images at every scale of an InferenceConfig.
+
+    amp_dtype: autocast dtype for the forward (torch.bfloat16 on GPUs; None = full precision).
+    postprocess_on: "device" (torch ops where the model runs), "numpy" (the reference, on the
+    host) or "auto" (device on CUDA, numpy on CPU). compile: torch.compile the model (pays on
+    long GPU jobs: its warm-up is tens of seconds per input shape).
+    """
 
     def __init__(self, model: InstanceFCN, config: InferenceConfig = InferenceConfig(),
-                 device: str | torch.device | None = None, amp_dtype: torch.dtype | None = None) -> None:
+                 device: str | torch.device | None = None, amp_dtype: torch.dtype | None = None,
+                 postprocess_on: str = "auto", compile: bool = False) -> None:
+        if postprocess_on not in POSTPROCESS_ON:
+            raise ValueError(f"Predictor postprocess_on={postprocess_on!r}: choose one of {POSTPROCESS_ON}")
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         # channels_last: the conv layout oneDNN (CPU) and cuDNN tensor cores run fastest
         self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.config = config
-        self.amp_dtype = amp_dtype  # e.g. torch.bfloat16 on GPUs; None = full precision
+        self.amp_dtype = amp_dtype
+        self.on_device = postprocess_on == "device" or (postprocess_on == "auto" and self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # few distinct input shapes (one per scale and batch)
+        self.forward = torch.compile(self.model) if compile else self.model
 
     @torch.inference_mode()
-    def candidates(self, image: np.ndarray) -> Candidates:
-        """image: (H, W, 3) uint8 RGB -> top windows of every scale (GPU half)."""
+    def windows(self, images: list[np.ndarray]) -> list[list[tuple[Windows, tuple[float, float]]]]:
+        """images: (H, W, 3) uint8 RGB each -> per image, per scale: its top windows (on the
+        device) and the scale's (fy, fx) resized/original factor.
+
+        Images whose resized size (padded up to `pad_to`) is equal share a forward; padding is set
+        to background before windows are picked, so it yields no window and no mask pixel."""
+        cfg, mcfg = self.config, self.model.config
+        bases = [image_to_tensor(image, self.device) for image in images]  # (1, 3, H, W) each
+        out: list[list[tuple[Windows, tuple[float, float]]]] = [[] for _ in images]
+        for short in cfg.scales:
+            sizes = [scaled_size(*image.shape[:2], short, cfg.max_size) for image in images]
+            groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+            for i, size in enumerate(sizes):
+                groups[_padded(size, cfg.pad_to)].append(i)
+            for padded, members in groups.items():
+                per = max(1, BATCH_PIXELS // (padded[0] * padded[1]))
+                for lo in range(0, len(members), per):
+                    chunk = members[lo:lo + per]
+                    found = self._windows_at_scale([bases[i] for i in chunk], [sizes[i] for i in chunk], padded, short)
+                    for i, w in zip(chunk, found):
+                        height, width = images[i].shape[:2]
+                        # float32-rounded as the numpy path stores it, so both paste the same pixels
+                        factor = (float(np.float32(sizes[i][0] / height)), float(np.float32(sizes[i][1] / width)))
+                        w.factor = torch.tensor(factor, dtype=torch.float64, device=self.device).expand(len(w), 2)
+                        out[i].append((w, factor))
+        return out
+
+    def _windows_at_scale(self, bases: list[torch.Tensor], sizes: list[tuple[int, int]], padded: tuple[int, int],
+                          short: int) -> list[Windows]:
+        """One batched forward at one scale -> each image's top windows (no host sync)."""
         mcfg = self.model.config
-        m, half = mcfg.m, mcfg.m // 2
-        height, width = image.shape[:2]
-        base = image_to_tensor(image, self.device)  # (1, 3, H, W)
-        parts: list[tuple[np.ndarray, ...]] = []
-        for short in self.config.scales:
-            size = scaled_size(height, width, short, self.config.max_size)
-            x = normalize(resize(base, size)).contiguous(memory_format=torch.channels_last)
-            amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-                   else contextlib.nullcontext())
-            with amp:
-                scores, objectness = self.model(x)  # (1, k*k, h, w), (1, 1, h, w)
-            scores, objectness = scores.float(), objectness.float()
-            fw = objectness.shape[-1]
-            flat = objectness.reshape(-1)
-            top = torch.topk(flat, min(self.config.windows_per_scale, flat.numel()))
-            ys, xs = top.indices // fw, top.indices % fw
-            cells = torch.stack([ys - half, xs - half], dim=1)  # (T, 2) window top-left cells
-            windows = torch.cat([torch.zeros_like(ys)[:, None], cells], dim=1)  # (T, 3)
-            probs = torch.sigmoid(assemble(scores, windows, m))  # (T, m, m)
-            n = len(ys)
-            parts.append((torch.sigmoid(top.values).cpu().numpy().astype(np.float32),
-                           cells.cpu().numpy().astype(np.int32), probs.half().cpu().numpy(),
-                           np.full(n, short, np.int32),
-                           np.tile(np.array([size[0] / height, size[1] / width], np.float32), (n, 1))))
-        cols = [np.concatenate(c) for c in zip(*parts)]
-        return Candidates((height, width), *cols, stride=mcfg.stride)
+        m, half, stride = mcfg.m, mcfg.m // 2, mcfg.stride
+        x = torch.cat([F.pad(normalize(resize(b, s)), (0, padded[1] - s[1], 0, padded[0] - s[0]))
+                       for b, s in zip(bases, sizes)]).contiguous(memory_format=torch.channels_last)  # (B, 3, h, w)
+        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext())
+        with amp:
+            scores, objectness = self.forward(x)  # (B, k*k, fh, fw), (B, 1, fh, fw)
+        scores, objectness = scores.float(), objectness.float()
+        batch, _, fh, fw = objectness.shape
+        feats = [(math.ceil(s[0] / stride), math.ceil(s[1] / stride)) for s in sizes]  # each image's own map
+        if any(f != (fh, fw) for f in feats):  # padding: background scores, never a window
+            inside = torch.zeros((batch, 1, fh, fw), dtype=torch.bool, device=self.device)
+            for b, (h, w) in enumerate(feats):
+                inside[b, :, :h, :w] = True
+            scores = scores.masked_fill(~inside, BACKGROUND_LOGIT)
+            objectness = objectness.masked_fill(~inside, -math.inf)
+        counts = [min(self.config.windows_per_scale, h * w) for h, w in feats]
+        top = torch.topk(objectness.reshape(batch, -1), max(counts), dim=1)  # (B, T)
+        ys, xs = top.indices // fw, top.indices % fw
+        image = torch.arange(batch, device=self.device)[:, None].expand_as(ys)
+        windows = torch.stack([image, ys - half, xs - half], dim=2).reshape(-1, 3)  # (B*T, 3) window top-left cells
+        probs = torch.sigmoid(assemble(scores, windows, m)).reshape(batch, -1, m, m)  # (B, T, m, m)
+        probability = torch.sigmoid(top.values)
+        out = []
+        for b, n in enumerate(counts):
+            out.append(Windows(probability[b, :n], windows.reshape(batch, -1, 3)[b, :n, 1:], probs[b, :n],
+                               torch.empty((n, 2), dtype=torch.float64, device=self.device),
+                               torch.full((n,), short, dtype=torch.long, device=self.device)))
+        return out
+
+    def proposals(self, images: list[np.ndarray]) -> list[Proposals]:
+        """images: (H, W, 3) uint8 RGB each -> each image's proposals, best first (compact form)."""
+        mcfg = self.model.config
+        out = []
+        for image, groups in zip(images, self.windows(images)):
+            size = image.shape[:2]
+            with torch.inference_mode():
+                if self.on_device:
+                    out.append(postprocess_device(groups, size, self.config, mcfg.m, mcfg.stride))
+                else:
+                    out.append(postprocess_numpy(Candidates.from_windows(groups, size, mcfg.stride), self.config))
+        return out
+
+    def candidates(self, image: np.ndarray) -> Candidates:
+        """image: (H, W, 3) uint8 RGB -> top windows of every scale, on the host."""
+        return Candidates.from_windows(self.windows([image])[0], image.shape[:2], self.model.config.stride)
 
     def predict(self, image: np.ndarray) -> list[dict[str, Any]]:
         """image: (H, W, 3) uint8 RGB -> proposals best first (see `postprocess`)."""
-        return postprocess(self.candidates(image), self.config)
+        return encode(self.proposals([image])[0])
+
+
+def _padded(size: tuple[int, int], pad_to: int) -> tuple[int, int]:
+    if not pad_to:
+        return size
+    return (-(-size[0] // pad_to) * pad_to, -(-size[1] // pad_to) * pad_to)

@@ -43,9 +43,11 @@ def _decode(proposals: list[dict]) -> np.ndarray:
     return np.stack([mask_utils.decode(p["rle"]) for p in proposals]).astype(bool)
 
 
-def test_predict_proposals_are_consistent(model: InstanceFCN, image: np.ndarray) -> None:
-    config = _config()
-    proposals = Predictor(model, config, device="cpu").predict(image)
+@pytest.mark.parametrize("nms", ["box", "mask"])
+@pytest.mark.parametrize("postprocess_on", ["numpy", "device"])
+def test_predict_proposals_are_consistent(model: InstanceFCN, image: np.ndarray, nms: str, postprocess_on: str) -> None:
+    config = _config(nms=nms)
+    proposals = Predictor(model, config, device="cpu", postprocess_on=postprocess_on).predict(image)
     assert 1 <= len(proposals) <= config.max_proposals
     scores = [p["score"] for p in proposals]
     assert scores == sorted(scores, reverse=True)
@@ -59,6 +61,10 @@ def test_predict_proposals_are_consistent(model: InstanceFCN, image: np.ndarray)
         assert p["bbox"] == mask_utils.toBbox(p["rle"]).tolist()
         assert p["scale"] in config.scales
         assert 0.0 <= p["score"] <= 1.0
+    if nms == "box":  # IoU of the tight boxes, as filled rectangles
+        masks = np.zeros_like(masks)
+        for mk, (x, y, w, h) in zip(masks, (p["bbox"] for p in proposals)):
+            mk[int(y):int(y + h), int(x):int(x + w)] = True
     flat = masks.reshape(len(masks), -1).astype(np.int64)
     inter = flat @ flat.T
     union = flat.sum(1)[:, None] + flat.sum(1)[None, :] - inter

@@ -1,0 +1,206 @@
+"""Proposals of one image in compact form, and the two ways of making them from candidate windows.
+
+    postprocess_numpy(Candidates)   the reference: numpy, one window at a time in score order (CPU)
+    postprocess_device(Windows)     the same results as batched torch ops on the windows' device
+
+Both return `Proposals`: per proposal score, box, area, scale and COCO *uncompressed* run
+lengths; `encode` turns those into COCO compressed RLE strings (pycocotools), a CPU job the
+pipeline runs after the inference actors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import device_ops as dev
+from .config import InferenceConfig
+from .ops import GreedyMaskNMS, crop_runs, encode_counts, paste_masks
+
+
+@dataclass
+class Proposals:
+    """Kept proposals of one image, best first (all numpy).
+
+    scores: (P,) float32; boxes: (P, 4) float32 tight boxes (x, y, w, h); areas: (P,) int64;
+    scales: (P,) int32 short side of the proposal's scale; counts: (R,) uint32 every proposal's
+    column-major run lengths back to back (background first); lengths: (P,) int32 runs per proposal.
+    """
+
+    image_size: tuple[int, int]
+    scores: np.ndarray
+    boxes: np.ndarray
+    areas: np.ndarray
+    scales: np.ndarray
+    counts: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def empty(cls, image_size: tuple[int, int]) -> "Proposals":
+        return cls(tuple(image_size), np.zeros(0, np.float32), np.zeros((0, 4), np.float32), np.zeros(0, np.int64),
+                   np.zeros(0, np.int32), np.zeros(0, np.uint32), np.zeros(0, np.int32))
+
+    def runs(self) -> list[np.ndarray]:
+        """Each proposal's run lengths."""
+        return np.split(self.counts, np.cumsum(self.lengths)[:-1]) if len(self) else []
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        return {"image_size": np.asarray(self.image_size, np.int64), "scores": self.scores, "boxes": self.boxes,
+                "areas": self.areas, "scales": self.scales, "counts": self.counts, "lengths": self.lengths}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Proposals":
+        h, w = (int(v) for v in np.asarray(d["image_size"]).reshape(2))
+        return cls((h, w), np.asarray(d["scores"], np.float32).reshape(-1), np.asarray(d["boxes"], np.float32).reshape(-1, 4),
+                   np.asarray(d["areas"], np.int64).reshape(-1), np.asarray(d["scales"], np.int32).reshape(-1),
+                   np.asarray(d["counts"], np.uint32).reshape(-1), np.asarray(d["lengths"], np.int32).reshape(-1))
+
+
+def encode(p: Proposals) -> list[dict[str, Any]]:
+    """Proposals -> [{score, rle (COCO compressed, str counts), bbox (x, y, w, h), area, scale}], best first."""
+    return [{"score": float(s), "rle": encode_counts(r, p.image_size), "bbox": [float(v) for v in b], "area": int(a),
+             "scale": int(sc)} for s, r, b, a, sc in zip(p.scores, p.runs(), p.boxes, p.areas, p.scales)]
+
+
+def _from_rows(image_size: tuple[int, int], rows: list[tuple[float, np.ndarray, tuple, int, int]]) -> Proposals:
+    if not rows:
+        return Proposals.empty(image_size)
+    scores, runs, boxes, areas, scales = zip(*rows)
+    return Proposals(tuple(image_size), np.asarray(scores, np.float32), np.asarray(boxes, np.float32).reshape(-1, 4),
+                     np.asarray(areas, np.int64), np.asarray(scales, np.int32),
+                     np.concatenate(runs).astype(np.uint32), np.asarray([len(r) for r in runs], np.int32))
+
+
+# --------------------------------------------------------------------------- numpy reference
+
+# Windows pasted per round beyond the ones still needed: NMS drops some, and one round more
+# costs more than a few spare windows.
+SPARE_WINDOWS = 64
+
+
+def postprocess_numpy(cands: "Candidates", config: InferenceConfig) -> Proposals:  # noqa: F821
+    """Paste, binarise, NMS and run lengths with numpy, one window at a time (the reference).
+
+    Windows are pasted in score order, a round at a time, and NMS stops as soon as
+    `max_proposals` are kept, so most low-ranked windows are never pasted; ties keep candidate order.
+    """
+    live = np.flatnonzero(cands.scores >= config.min_score)
+    order = live[np.argsort(-cands.scores[live].astype(np.float64), kind="stable")]
+    nms = GreedyMaskNMS(config.nms_iou, config.max_proposals, config.nms)
+    rows: list[tuple[float, np.ndarray, tuple, int, int]] = []
+    pos = 0
+    while pos < len(order) and not nms.full:
+        batch = order[pos:pos + config.max_proposals - len(rows) + SPARE_WINDOWS]
+        pos += len(batch)
+        for i, (top, left, crop) in zip(batch, _paste(cands, batch, config.mask_threshold)):
+            if crop.size == 0:  # pasted crops are the masks' tight boxes: empty means no mask
+                continue
+            box = (float(left), float(top), float(crop.shape[1]), float(crop.shape[0]))
+            area = int(np.count_nonzero(crop))
+            if nms.offer((top, left, crop), box, area):  # only kept masks are run-length encoded
+                rows.append((float(cands.scores[i]), crop_runs(top, left, crop, cands.image_size), box, area,
+                             int(cands.scale[i])))
+                if nms.full:
+                    break
+    return _from_rows(cands.image_size, rows)
+
+
+def _paste(cands: "Candidates", idx: np.ndarray, threshold: float) -> list[tuple[int, int, np.ndarray]]:  # noqa: F821
+    """paste_masks for candidates `idx` (any scales), results in the order of `idx`."""
+    out: list[tuple[int, int, np.ndarray]] = [None] * len(idx)  # type: ignore[list-item]
+    scales = cands.scale[idx]
+    for s in np.unique(scales):  # all windows of one scale share a factor: one batch each
+        at = np.flatnonzero(scales == s)
+        sel = idx[at]
+        fy, fx = (float(v) for v in cands.factor[sel[0]])
+        pasted = paste_masks(cands.masks[sel].astype(np.float32), cands.cells[sel].astype(np.int64), (fy, fx),
+                             cands.image_size, cands.stride, threshold)
+        for j, p in zip(at, pasted):
+            out[j] = p
+    return out
+
+
+# --------------------------------------------------------------------------- on the device
+
+def postprocess_device(groups: list[tuple[dev.Windows, tuple[float, float]]], image_size: tuple[int, int],
+                       config: InferenceConfig, m: int, stride: int, dtype: torch.dtype = torch.float32) -> Proposals:
+    """postprocess_numpy's results from batched torch ops on the windows' own device.
+
+    groups: the image's windows, one group per scale with that scale's (fy, fx) factor as floats.
+    Host syncs: a few per image (how many windows survive, kept boxes' sizes, run counts), none
+    per window. With dtype=float64 the masks are the reference's bit for bit; float32 differs only
+    for pixels within rounding of the threshold.
+    """
+    groups = [(w, f) for w, f in groups if len(w)]
+    if not groups:
+        return Proposals.empty(image_size)
+    boxes = torch.cat([dev.tight_boxes(w, image_size, m, stride, config.mask_threshold, f, dtype) for w, f in groups])
+    w = dev.Windows.cat([g for g, _ in groups])
+    order = torch.argsort(-w.scores.double(), stable=True)  # ties keep candidate order, as the reference
+    w, boxes = w.take(order), boxes[order]
+    alive = (w.scores >= config.min_score) & (boxes[:, 2] > boxes[:, 0])  # empty masks take no part
+    if config.nms == "box":
+        keep = dev.box_nms(boxes, alive, config.nms_iou, config.max_proposals)
+    else:
+        keep = _mask_nms(w, boxes, alive, image_size, config, m, stride, dtype)
+    w, boxes = w.take(keep), boxes[keep]
+    areas, counts, lengths = [], [], []
+    for sl in dev.box_budget_chunks(boxes):
+        crops = dev.paste_in_boxes(w.take(sl), boxes[sl], image_size, m, stride, config.mask_threshold, dtype)
+        c, n = dev.crop_runs(crops, boxes[sl], image_size)
+        areas.append(crops.sum((1, 2)))
+        counts.append(c)
+        lengths.append(n)
+    if not areas:
+        return Proposals.empty(image_size)
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+    host = lambda t: t.cpu().numpy()  # noqa: E731
+    return Proposals(tuple(image_size), host(w.scores.float()), host(xywh.float()), host(torch.cat(areas)),
+                     host(w.scale.int()), host(torch.cat(counts)).astype(np.uint32), host(torch.cat(lengths)).astype(np.int32))
+
+
+def _mask_nms(w: dev.Windows, boxes: torch.Tensor, alive: torch.Tensor, image_size: tuple[int, int],
+              config: InferenceConfig, m: int, stride: int, dtype: torch.dtype) -> torch.Tensor:
+    """Greedy mask-IoU NMS in score order, pasting a round of windows at a time (as the reference):
+    areas for the round, exact intersections only for pairs whose box/area bound can pass the
+    threshold, then the greedy rule over kept + round at once. Returns kept indices, in order."""
+    device = boxes.device
+    order = torch.nonzero(alive).reshape(-1)
+    kept = torch.zeros(0, dtype=torch.long, device=device)
+    kept_area = torch.zeros(0, dtype=torch.long, device=device)
+    pos = 0
+    while pos < len(order) and len(kept) < config.max_proposals:
+        batch = order[pos:pos + config.max_proposals - len(kept) + SPARE_WINDOWS]
+        pos += len(batch)
+        area = torch.cat([dev.paste_in_boxes(w.take(batch[sl]), boxes[batch[sl]], image_size, m, stride,
+                                             config.mask_threshold, dtype).sum((1, 2))
+                          for sl in dev.box_budget_chunks(boxes[batch])])
+        group, areas = torch.cat([kept, batch]), torch.cat([kept_area, area]).double()
+        gb = boxes[group].double()
+        iw = (torch.minimum(gb[:, None, 2], gb[None, :, 2]) - torch.maximum(gb[:, None, 0], gb[None, :, 0])).clamp(min=0)
+        ih = (torch.minimum(gb[:, None, 3], gb[None, :, 3]) - torch.maximum(gb[:, None, 1], gb[None, :, 1])).clamp(min=0)
+        bound_inter = torch.minimum(iw * ih, torch.minimum(areas[:, None], areas[None, :]))
+        bound = bound_inter / (areas[:, None] + areas[None, :] - bound_inter).clamp(min=1)
+        near = torch.tril(bound > config.nms_iou, diagonal=-1)
+        near[:len(kept)] = False  # kept windows are settled
+        i, j = torch.nonzero(near, as_tuple=True)
+        suppress = torch.zeros_like(near)
+        if len(i):
+            gi, gj = group[i], group[j]
+            region = torch.cat([torch.maximum(boxes[gi, :2], boxes[gj, :2]), torch.minimum(boxes[gi, 2:], boxes[gj, 2:])], 1)
+            inter = torch.cat([(dev.paste_in_boxes(w.take(gi[sl]), region[sl], image_size, m, stride,
+                                                   config.mask_threshold, dtype)
+                                & dev.paste_in_boxes(w.take(gj[sl]), region[sl], image_size, m, stride,
+                                                     config.mask_threshold, dtype)).sum((1, 2))
+                               for sl in dev.box_budget_chunks(region)]).double()
+            suppress[i, j] = inter / (areas[i] + areas[j] - inter) > config.nms_iou
+        keep = dev.greedy_keep(suppress, torch.ones_like(group, dtype=torch.bool))[len(kept):]
+        room = config.max_proposals - len(kept)
+        kept = torch.cat([kept, batch[keep][:room]])
+        kept_area = torch.cat([kept_area, area[keep][:room]])
+    return kept

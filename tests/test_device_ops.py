@@ -1,0 +1,231 @@
+"""The device half of inference (ifcn/device_ops.py, proposals.postprocess_device) against the numpy
+reference (ifcn/ops.py, proposals.postprocess_numpy), on CPU: the same torch code runs on CUDA.
+
+float64 blending must reproduce the reference bit for bit; float32 (the GPU default) may differ
+only for pixels within rounding of the threshold, which these inputs avoid.
+Run: pytest tests/test_device_ops.py -q
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+import ifcn.device_ops as dev
+from ifcn import Candidates, InferenceConfig, InstanceFCN, ModelConfig, Predictor, postprocess_device, postprocess_numpy
+from ifcn.ops import crop_runs, paste_masks
+from test_ops import _crop_cases, _random_masks, _reference_nms
+
+
+def _windows(probs: np.ndarray, cells: np.ndarray, factor: tuple[float, float]) -> dev.Windows:
+    n = len(probs)
+    return dev.Windows(torch.linspace(1, 0, n, dtype=torch.float32), torch.from_numpy(cells).long(),
+                       torch.from_numpy(probs), torch.tensor(factor, dtype=torch.float64).expand(n, 2),
+                       torch.full((n,), 100, dtype=torch.long))
+
+
+def _paste_cases():
+    for m, factor, image_size, seed in [(7, (1.0, 1.0), (40, 50), 0), (7, (0.5, 0.75), (30, 37), 1),
+                                        (5, (2.0, 1.5), (61, 47), 2), (6, (0.37, 1.9), (23, 71), 3),
+                                        (21, (1.25, 1.25), (96, 80), 4), (21, (0.213, 0.2), (130, 170), 5)]:
+        rng = np.random.default_rng(seed)
+        stride = 8
+        fh, fw = math.ceil(image_size[0] * factor[0] / stride), math.ceil(image_size[1] * factor[1] / stride)
+        cells = np.stack([rng.integers(-m - 1, fh + 1, 12), rng.integers(-m - 1, fw + 1, 12)], axis=1)
+        cells = np.concatenate([cells, [[-m // 2, -m // 2], [fh - m // 2, fw - m // 2], [0, fw], [-m, 0],
+                                        [fh - m, fw - m]]]).astype(np.int64)
+        probs = rng.random((len(cells), m, m))
+        probs[0] = 1.0
+        probs[1] = np.where(rng.random((m, m)) < 0.3, 0.9, 0.1)
+        probs[2] = 0.0
+        probs[2, 1:3, m // 2:] = 0.9  # sparse
+        probs[3] = 0.0  # empty
+        # smooth blobs: what trained masks look like (a peak inside, falling off)
+        yy, xx = np.mgrid[:m, :m]
+        for i in range(4, 8):
+            cy, cx, r = rng.uniform(0, m, 3)
+            probs[i] = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (1 + r) ** 2))
+        yield m, factor, image_size, cells, probs.astype(np.float32)
+
+
+@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tight_boxes_and_paste_match_reference(case: int, dtype: torch.dtype) -> None:
+    m, factor, image_size, cells, probs = list(_paste_cases())[case]
+    ref = paste_masks(probs, cells, factor, image_size, 8, 0.5)
+    w = _windows(probs, cells, factor)
+    boxes = dev.tight_boxes(w, image_size, m, 8, 0.5, factor, dtype)
+    assert boxes.dtype == torch.long and boxes.shape == (len(cells), 4)
+    for i, (top, left, crop) in enumerate(ref):
+        want = [left, top, left + crop.shape[1], top + crop.shape[0]] if crop.size else [0, 0, 0, 0]
+        assert boxes[i].tolist() == want, f"window {i}"
+    live = torch.nonzero(boxes[:, 2] > boxes[:, 0]).reshape(-1)
+    crops = dev.paste_in_boxes(w.take(live), boxes[live], image_size, m, 8, 0.5, dtype)
+    for j, i in enumerate(live.tolist()):
+        top, left, crop = ref[i]
+        np.testing.assert_array_equal(crops[j, :crop.shape[0], :crop.shape[1]].numpy(), crop, err_msg=f"window {i}")
+        assert not crops[j, crop.shape[0]:].any() and not crops[j, :, crop.shape[1]:].any()
+
+
+def test_tight_boxes_of_no_windows_and_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
+    m, factor, image_size, cells, probs = list(_paste_cases())[5]
+    w = _windows(probs, cells, factor)
+    assert dev.tight_boxes(w.take(torch.zeros(0, dtype=torch.long)), image_size, m, 8, 0.5, factor).shape == (0, 4)
+    whole = dev.tight_boxes(w, image_size, m, 8, 0.5, factor)
+    monkeypatch.setattr(dev, "PASTE_BUDGET", 1)  # one window per chunk: same boxes
+    assert torch.equal(dev.tight_boxes(w, image_size, m, 8, 0.5, factor), whole)
+    chunks = dev.box_budget_chunks(whole)
+    assert [i for sl in chunks for i in range(sl.start, sl.stop)] == list(range(len(whole)))
+    for sl in chunks:  # one window per chunk, unless the others are empty (nothing to paste)
+        assert sl.stop - sl.start == 1 or int((whole[sl, 2:] - whole[sl, :2]).prod(1).clamp(min=0).max()) == 0
+
+
+@pytest.mark.parametrize("case", range(len(_crop_cases())))
+def test_crop_runs_match_reference_and_pycocotools(case: int) -> None:
+    image_size, top, left, crop = _crop_cases()[case]
+    if not crop.any():
+        return  # kept masks are never empty
+    rows, cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))  # the device path sees tight crops
+    top, left = top + rows[0], left + cols[0]
+    crop = crop[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    padded = np.zeros((2, crop.shape[0] + 3, crop.shape[1] + 2), bool)  # padded past its size, beside another
+    padded[1, :crop.shape[0], :crop.shape[1]] = crop
+    padded[0, 0, 0] = True
+    boxes = torch.tensor([[0, 0, 1, 1], [left, top, left + crop.shape[1], top + crop.shape[0]]])
+    counts, lengths = dev.crop_runs(torch.from_numpy(padded), boxes, image_size)
+    first = crop_runs(0, 0, np.ones((1, 1), bool), image_size)  # the pixel at (0, 0)
+    assert int(lengths[0]) == len(first) and counts[:len(first)].tolist() == first.tolist()
+    got = counts[int(lengths[0]):].numpy()
+    want = crop_runs(top, left, crop, image_size)
+    np.testing.assert_array_equal(got, want)
+    full = np.zeros(image_size, np.uint8)
+    full[top:top + crop.shape[0], left:left + crop.shape[1]] = crop
+    rle = mask_utils.frPyObjects({"counts": got.astype(np.uint32).tolist(), "size": list(image_size)}, *image_size)
+    np.testing.assert_array_equal(mask_utils.decode(rle), full)
+
+
+def _reference_greedy(suppress: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    kept = np.zeros(len(alive), bool)
+    for i in range(len(alive)):
+        kept[i] = alive[i] and not any(suppress[i, j] and kept[j] for j in range(i))
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_keep_equals_sequential_loop(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 80
+    suppress = rng.random((n, n)) < [0.02, 0.05, 0.2, 0.5, 0.9, 0.0][seed]
+    if seed == 0:  # a long chain: each suppresses the next, so the kept set alternates
+        suppress[:] = False
+        suppress[np.arange(1, n), np.arange(n - 1)] = True
+    alive = rng.random(n) < 0.9
+    got = dev.greedy_keep(torch.from_numpy(suppress), torch.from_numpy(alive)).numpy()
+    np.testing.assert_array_equal(got, _reference_greedy(np.tril(suppress, -1), alive))
+
+
+@pytest.mark.parametrize("iou_threshold", [0.3, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_box_nms_matches_brute_force(iou_threshold: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    masks = _random_masks(rng, 60)
+    scores = rng.random(60)
+    scores[5:10] = scores[0]
+    order = np.argsort(-scores, kind="stable")
+    boxes = []
+    for mk in masks[order]:
+        rows, cols = np.flatnonzero(mk.any(1)), np.flatnonzero(mk.any(0))
+        boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
+    box_masks = np.zeros_like(masks)
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        box_masks[order[i], y0:y1, x0:x1] = True  # box IoU = IoU of the filled boxes
+    for max_keep in (1000, 7):
+        kept = dev.box_nms(torch.tensor(boxes), torch.ones(60, dtype=torch.bool), iou_threshold, max_keep)
+        assert order[kept.numpy()].tolist() == _reference_nms(box_masks, scores, iou_threshold, max_keep)
+
+
+# ----------------------------------------------------------------------------- whole postprocess
+
+@pytest.fixture(scope="module")
+def model() -> InstanceFCN:
+    torch.manual_seed(0)
+    model = InstanceFCN(ModelConfig("vgg16_narrow")).eval()
+    torch.nn.init.normal_(model.score_head[-1].weight, std=0.5)  # masks with structure
+    torch.nn.init.normal_(model.objectness_head[-1].weight, std=0.5)
+    return model
+
+
+def _image(seed: int, size: tuple[int, int]) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = (rng.random((*size, 3)) * 60).astype(np.uint8)
+    for _ in range(5):
+        y, x = rng.integers(0, size[0] - 10), rng.integers(0, size[1] - 10)
+        img[y:y + int(rng.integers(8, 30)), x:x + int(rng.integers(8, 30))] = rng.integers(0, 256, 3)
+    return img
+
+
+def _assert_same(a, b, score_rtol: float = 0.0) -> None:
+    """Same proposals; scores to `score_rtol` (a batched conv may sum in another order than a single one)."""
+    assert a.image_size == b.image_size
+    np.testing.assert_allclose(a.scores, b.scores, rtol=score_rtol, atol=0)
+    for field in ("boxes", "areas", "scales", "counts", "lengths"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+
+
+@pytest.mark.parametrize("nms", ["box", "mask"])
+@pytest.mark.parametrize("kw", [{}, {"max_proposals": 5}, {"max_proposals": 3, "nms_iou": 0.3},
+                                {"min_score": 0.5}, {"nms_iou": 1.0}])
+def test_postprocess_device_equals_numpy_reference(model: InstanceFCN, nms: str, kw: dict) -> None:
+    config = InferenceConfig(**{"scales": (40, 56, 88), "windows_per_scale": 60, "max_proposals": 40, "nms": nms, **kw})
+    predictor = Predictor(model, config, device="cpu")
+    for seed, size in ((0, (50, 70)), (1, (83, 41))):
+        image = _image(seed, size)
+        groups = predictor.windows([image])[0]
+        want = postprocess_numpy(Candidates.from_windows(groups, size, 8), config)
+        assert len(want) > 0
+        _assert_same(postprocess_device(groups, size, config, 21, 8, torch.float64), want)
+        _assert_same(postprocess_device(groups, size, config, 21, 8, torch.float32), want)
+
+
+def test_mask_nms_rounds_and_chunks(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mask NMS that needs several paste rounds (few spare windows), in tiny chunks."""
+    import ifcn.proposals as proposals
+
+    config = InferenceConfig(scales=(40, 56, 88), windows_per_scale=80, max_proposals=12, nms="mask", nms_iou=0.3)
+    image = _image(2, (64, 64))
+    groups = Predictor(model, config, device="cpu").windows([image])[0]
+    want = postprocess_numpy(Candidates.from_windows(groups, (64, 64), 8), config)
+    monkeypatch.setattr(proposals, "SPARE_WINDOWS", 1)
+    monkeypatch.setattr(dev, "PASTE_BUDGET", 2000)
+    _assert_same(postprocess_device(groups, (64, 64), config, 21, 8, torch.float64), want)
+
+
+def test_batched_windows_equal_one_by_one(model: InstanceFCN) -> None:
+    config = InferenceConfig(scales=(40, 72), windows_per_scale=30, max_proposals=20)
+    predictor = Predictor(model, config, device="cpu", postprocess_on="device")
+    images = [_image(0, (50, 70)), _image(1, (50, 70)), _image(2, (70, 50)), _image(3, (50, 70))]
+    together = predictor.proposals(images)
+    for image, got in zip(images, together):
+        _assert_same(got, predictor.proposals([image])[0], score_rtol=1e-5)
+
+
+def test_padded_batches_never_window_or_paint_the_padding(model: InstanceFCN) -> None:
+    config = InferenceConfig(scales=(40, 72), windows_per_scale=500, max_proposals=200, pad_to=64, nms_iou=1.0)
+    predictor = Predictor(model, config, device="cpu", postprocess_on="device")
+    images = [_image(0, (50, 70)), _image(1, (45, 66)), _image(2, (33, 61))]
+    together = predictor.proposals(images)
+    groups = predictor.windows(images)
+    for image, got, g in zip(images, together, groups):
+        h, w = image.shape[:2]
+        # an image's result does not depend on its batch mates
+        _assert_same(got, predictor.proposals([image])[0], score_rtol=1e-5)
+        for win, (fy, fx) in g:
+            fh, fw = math.ceil(round(h * fy) / 8), math.ceil(round(w * fx) / 8)
+            centres = win.cells + 21 // 2
+            assert len(win) == min(500, fh * fw)  # every window of the image's own map, none of the padding
+            assert ((centres >= 0) & (centres < torch.tensor([fh, fw]))).all()
+        x, y, bw, bh = got.boxes.T
+        assert (x >= 0).all() and (y >= 0).all() and (x + bw <= w).all() and (y + bh <= h).all()
