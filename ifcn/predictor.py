@@ -167,16 +167,15 @@ class Predictor:
 
     def proposals(self, images: list[np.ndarray]) -> list[Proposals]:
         """images: (H, W, 3) uint8 RGB each -> each image's proposals, best first (compact form)."""
+        return [self.postprocess(groups, image.shape[:2]) for image, groups in zip(images, self.windows(images))]
+
+    @torch.inference_mode()
+    def postprocess(self, groups: list[tuple[Windows, tuple[float, float]]], image_size: tuple[int, int]) -> Proposals:
+        """One image's windows (from `windows`) -> its proposals, on the device or with numpy."""
         mcfg = self.model.config
-        out = []
-        for image, groups in zip(images, self.windows(images)):
-            size = image.shape[:2]
-            with torch.inference_mode():
-                if self.on_device:
-                    out.append(postprocess_device(groups, size, self.config, mcfg.m, mcfg.stride))
-                else:
-                    out.append(postprocess_numpy(Candidates.from_windows(groups, size, mcfg.stride), self.config))
-        return out
+        if self.on_device:
+            return postprocess_device(groups, image_size, self.config, mcfg.m, mcfg.stride)
+        return postprocess_numpy(Candidates.from_windows(groups, image_size, mcfg.stride), self.config)
 
     def candidates(self, image: np.ndarray) -> Candidates:
         """image: (H, W, 3) uint8 RGB -> top windows of every scale, on the host."""

@@ -48,7 +48,8 @@ class Progress:
 
 def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ...] | None = None,
                    max_proposals: int | None = None, limit: int | None = None, device: str | None = None,
-                   storage_options: dict | None = None, progress: bool = True) -> tuple[list[dict], list[int]]:
+                   storage_options: dict | None = None, progress: bool = True,
+                   nms: str | None = None) -> tuple[list[dict], list[int]]:
     """Runs ifcn.Predictor over the annotation file's images (file order, first `limit`).
 
     Returns COCO results entries and the evaluated image ids.
@@ -60,6 +61,8 @@ def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ..
         overrides["scales"] = tuple(scales)
     if max_proposals:
         overrides["max_proposals"] = int(max_proposals)
+    if nms:
+        overrides["nms"] = nms
     predictor = Predictor(load_checkpoint(checkpoint, storage_options), InferenceConfig(**overrides), device=device)
     todo = gt["images"][:limit] if limit else gt["images"]
     bar = Progress(len(todo), "jobs.evaluate") if progress else None
@@ -116,7 +119,7 @@ def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: 
              predictions: str | None = None, scales: tuple[int, ...] | None = None,
              max_proposals: int | None = None, iou_protocol: str = "coco", limit: int | None = None,
              device: str | None = None, save_predictions: str | None = None, out: str | None = None,
-             storage_options: dict | None = None, progress: bool = True) -> dict[str, Any]:
+             storage_options: dict | None = None, progress: bool = True, nms: str | None = None) -> dict[str, Any]:
     """AR of a checkpoint (run over `images`) or of saved `predictions`; returns (and writes to `out`) a report.
 
     The report: {"metrics": {AR@10, ...}, "iou_protocol", "iou_thresholds", "num_images", "num_results", ...}.
@@ -131,12 +134,12 @@ def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: 
     image_ids = None
     if checkpoint is not None:
         results, image_ids = predict_images(gt, checkpoint, images, scales, max_proposals, limit, device,
-                                            storage_options, progress)
+                                            storage_options, progress, nms)
         if save_predictions:
             write_json(save_predictions, results, storage_options)
     else:
-        if scales:
-            raise ValueError("scales only apply with checkpoint (saved predictions are already made)")
+        if scales or nms:
+            raise ValueError("scales and nms only apply with checkpoint (saved predictions are already made)")
         if is_output_folder(predictions, storage_options):
             results = load_results_parquet(predictions, gt, max_proposals, storage_options)
         else:
@@ -159,6 +162,7 @@ def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: 
         "predictions": predictions,
         "max_proposals": max_proposals,
         "scales": list(scales) if scales else None,
+        "nms": nms,
     }
     out = out or default_out(predictions, save_predictions)
     if out:
@@ -175,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--predictions", help="COCO results JSON, or a pipeline output folder with masks/")
     p.add_argument("--scales", type=scales, help="comma-separated short sides, e.g. 119,178,267,400,600,900 (with --checkpoint)")
     p.add_argument("--max-proposals", type=int, help="keep at most N proposals per image")
+    p.add_argument("--nms", choices=("box", "mask"), help="with --checkpoint: NMS by box IoU (default, the paper's) "
+                   "or mask IoU")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of the annotations")
     p.add_argument("--iou-protocol", choices=sorted(IOU_PROTOCOLS), default="coco",
                    help="; ".join(f"{k}: {v}" for k, v in IOU_LABELS.items()))
@@ -187,8 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give exactly one of --checkpoint (with --images) or --predictions")
     if args.checkpoint and not args.images:
         p.error("--checkpoint needs --images, the root that the annotations' file_names are relative to")
-    if args.scales and not args.checkpoint:
-        p.error("--scales only applies with --checkpoint")
+    for name in ("scales", "nms"):
+        if getattr(args, name) and not args.checkpoint:
+            p.error(f"--{name} only applies with --checkpoint")
     for name in ("max_proposals", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                               predictions=args.predictions, scales=args.scales, max_proposals=args.max_proposals,
                               iou_protocol=args.iou_protocol, limit=args.limit, device=args.device,
                               save_predictions=args.save_predictions, out=args.out,
-                              storage_options=args.storage_options)
+                              storage_options=args.storage_options, nms=args.nms)
         except (OSError, ValueError, KeyError, TypeError) as e:
             msg = f"missing key {e}" if isinstance(e, KeyError) else str(e)
             print(f"jobs.evaluate: error: {msg}", file=sys.stderr)

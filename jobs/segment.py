@@ -25,15 +25,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=scales, help="inference short sides, comma-separated (default: the paper's 6)")
     p.add_argument("--max-proposals", type=int, help="proposals kept per image after NMS")
     p.add_argument("--windows-per-scale", type=int, help="top windows by objectness assembled per scale")
-    p.add_argument("--nms-iou", type=float, help="mask IoU above which a lower-scored proposal is dropped")
+    p.add_argument("--nms", choices=("box", "mask"), help="NMS by IoU of the masks' tight boxes (default, the "
+                   "paper's) or of the masks (stricter)")
+    p.add_argument("--nms-iou", type=float, help="IoU above which a lower-scored proposal is dropped (default 0.8)")
+    p.add_argument("--pad-to", type=int, help="pad resized images to multiples of this many px so differently "
+                   "sized images share a forward (default 0: batch only equal sizes)")
     p.add_argument("--shard-size", type=int, help="images per committed shard (resume granularity)")
     p.add_argument("--actors", type=int, help="inference actors (default: one per GPU; without GPUs one per CPU)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 with GPUs, else 0 = CPU)")
-    p.add_argument("--batch-size", type=int, help="images per inference actor call")
+    p.add_argument("--batch-size", type=int, help="images per inference actor call (default 16 on GPU, 4 on CPU)")
     p.add_argument("--postprocess", choices=("auto", "tasks", "actor"),
-                   help="paste/NMS/RLE in reducer tasks (GPU default) or inside the actors (CPU-only default)")
+                   help="where masks' run lengths become COCO RLE strings: CPU tasks (GPU default) or the "
+                   "actors (CPU-only default); paste and NMS always run in the actors, on their device")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model on GPU actors (~1 min warm-up)")
     p.add_argument("--max-pixels", type=int, help="images with more pixels become error rows")
-    p.add_argument("--amp", choices=("bf16", "none"), help="bf16 autocast on CUDA (default none)")
+    p.add_argument("--amp", choices=("auto", "bf16", "none"), help="bf16 autocast on CUDA (default auto = bf16 on "
+                   "CUDA; CPU always runs fp32)")
     return p
 
 

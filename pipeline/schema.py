@@ -29,7 +29,7 @@ MASKS_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("image_id", pa.string(), "input's path relative to the input prefix (e.g. 'a/000012.jpg'), "
                               "or its full URI for manifest inputs"),
     ("uri", pa.string(), "full URI of the image file (s3://..., file:///...)"),
-    ("rank", pa.int32(), "0 = best proposal of the image, by objectness score after mask NMS"),
+    ("rank", pa.int32(), "0 = best proposal of the image, by objectness score after NMS"),
     ("score", pa.float32(), "objectness probability in [0, 1]"),
     ("bbox", pa.list_(pa.float32(), 4), "tight box of the mask in image pixels: x, y, w, h (COCO order)"),
     ("area", pa.int64(), "mask area in pixels"),
@@ -50,8 +50,10 @@ IMAGES_COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("num_proposals", pa.int32(), "rows of this image in masks (0 for errors)"),
     ("read_ms", pa.float32(), "time to fetch the file's bytes"),
     ("decode_ms", pa.float32(), "time to decode the bytes to RGB"),
-    ("infer_ms", pa.float32(), "model time: all scales' forward passes, top windows, assembling"),
-    ("postprocess_ms", pa.float32(), "paste, binarise, mask NMS and RLE encoding"),
+    ("infer_ms", pa.float32(), "model time: the image's share of its batch's forward passes at every scale, "
+                               "top windows and assembling"),
+    ("postprocess_ms", pa.float32(), "paste, binarise, NMS and run lengths (on the actor's device) plus COCO RLE "
+                                     "encoding"),
 )
 
 MASKS_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in MASKS_COLUMNS])
@@ -61,7 +63,7 @@ IMAGES_SCHEMA = pa.schema([pa.field(n, t) for n, t, _ in IMAGES_COLUMNS])
 IMAGES_RESULT_COLUMNS: tuple[str, ...] = ("image_id", "uri", "width", "height", "status", "error", "num_proposals")
 TIMING_COLUMNS: tuple[str, ...] = ("read_ms", "decode_ms", "infer_ms", "postprocess_ms")
 
-# Proposals of one image as they travel from reducer tasks to the driver: one list per image,
+# Proposals of one image as they travel from encoding tasks to the driver: one list per image,
 # exploded into masks rows at commit time (so a shard's images and masks commit together).
 PROPOSAL_TYPE = pa.struct([pa.field(n, t) for n, t, _ in MASKS_COLUMNS
                            if n not in ("image_id", "uri", "height", "width")])

@@ -71,7 +71,9 @@ def cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProces
 
 
 def cli_env() -> dict[str, str]:
-    return {**os.environ, "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """CUDA hidden: CLI runs take the CPU path on any machine, so their tables compare exactly."""
+    return {**os.environ, "RAY_ADDRESS": "local", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+            "CUDA_VISIBLE_DEVICES": ""}
 
 
 def inference_flags() -> list[str]:

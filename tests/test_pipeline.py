@@ -20,7 +20,7 @@ import ifcn
 from pipeline.config import SegmentConfig, SegmentError
 from ifcn.image import decode_image, read_bytes
 from pipeline.infer import InferenceActor
-from pipeline.reduce import reduce_batch
+from pipeline.reduce import encode_batch
 from pipeline.run import Resources, prepare, resolve_resources, run_segment
 from pipeline.schema import IMAGES_RESULT_COLUMNS, IMAGES_SCHEMA, MASKS_SCHEMA
 from pipeline.sources import read_images
@@ -34,7 +34,9 @@ CORRUPT = "broken.jpg"
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # num_gpus=0: the CPU path, compared exactly with a CPU Predictor even on a GPU machine
+    # (tests/test_gpu.py runs GPU actors and compares across devices at the level that holds).
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -101,12 +103,12 @@ def test_reducer_tasks_and_in_actor_postprocess_write_the_same_tables(first_run:
 
 
 @pytest.mark.parametrize(("cluster", "kw", "want"), [
-    ({"CPU": 2.0}, {}, Resources(2, 0.0, 0.75, True)),  # one actor per core + room for a read task
-    ({"CPU": 8.0}, {"postprocess": "tasks"}, Resources(4, 0.0, 1.0, False)),
-    ({"CPU": 16.0, "GPU": 4.0}, {}, Resources(4, 1.0, 1.0, False)),  # GPUs: reducers behind the actors
-    ({"CPU": 16.0, "GPU": 4.0}, {"gpus_per_actor": 0.5}, Resources(8, 0.5, 1.0, False)),
-    ({"CPU": 4.0}, {"actors": 1, "gpus_per_actor": 1.0}, Resources(1, 1.0, 1.0, False)),  # autoscaler to come
-    ({"CPU": 4.0}, {"actors": 2}, Resources(2, 0.0, 1.0, True)),
+    ({"CPU": 2.0}, {}, Resources(2, 0.0, 0.75, True, 4)),  # one actor per core + room for a read task
+    ({"CPU": 8.0}, {"postprocess": "tasks"}, Resources(4, 0.0, 1.0, False, 4)),
+    ({"CPU": 16.0, "GPU": 4.0}, {}, Resources(4, 1.0, 1.0, False, 16)),  # GPUs: encoding tasks behind the actors
+    ({"CPU": 16.0, "GPU": 4.0}, {"gpus_per_actor": 0.5, "batch_size": 8}, Resources(8, 0.5, 1.0, False, 8)),
+    ({"CPU": 4.0}, {"actors": 1, "gpus_per_actor": 1.0}, Resources(1, 1.0, 1.0, False, 16)),  # autoscaler to come
+    ({"CPU": 4.0}, {"actors": 2}, Resources(2, 0.0, 1.0, True, 4)),
 ])
 def test_resolve_resources(cluster: dict, kw: dict, want: Resources, inputs: dict, tmp_path: Path) -> None:
     assert resolve_resources(_config(inputs, tmp_path, **kw), cluster) == want
@@ -257,13 +259,13 @@ def test_inference_and_postprocess_failures_become_error_rows(inputs: dict) -> N
     inferred = InferenceActor(inputs["checkpoint"], ifcn.InferenceConfig(**INFERENCE).to_dict())(read)
     assert inferred.column("status").to_pylist() == ["ok", "error"]
     assert "inference failed" in inferred.column("error")[1].as_py()
-    blobs = inferred.column("candidates").to_pylist()
+    blobs = inferred.column("proposals").to_pylist()
     doubled = pa.concat_tables([inferred.slice(0, 1), inferred.slice(0, 1)])
-    doubled = doubled.set_column(doubled.schema.get_field_index("candidates"), "candidates",
+    doubled = doubled.set_column(doubled.schema.get_field_index("proposals"), "proposals",
                                  pa.array([blobs[0], b"not npz"], pa.large_binary()))
-    reduced = reduce_batch(doubled, ifcn.InferenceConfig(**INFERENCE).to_dict()).to_pylist()
+    reduced = encode_batch(doubled).to_pylist()
     assert [r["status"] for r in reduced] == ["ok", "error"]
-    assert "postprocessing failed" in reduced[1]["error"] and reduced[1]["proposals"] == []
+    assert "encoding its masks failed" in reduced[1]["error"] and reduced[1]["proposals"] == []
     assert [p["rle"] for p in reduced[0]["proposals"]] == [p["rle"]["counts"] for p in _reference(inputs, uri)]
 
 
