@@ -185,6 +185,46 @@ def paste_in_boxes(w: Windows, boxes: torch.Tensor, image_size: tuple[int, int],
     return blend(w.probs, ys, xs, dtype) > threshold
 
 
+class CropStore:
+    """Binarised pasted masks, each its tight-box crop in row-major order in one flat bool buffer,
+    so NMS and run lengths read masks again without pasting them again."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.start = torch.full((n,), -1, dtype=torch.long, device=device)  # (n,) offset of window i's crop
+        self._parts: list[torch.Tensor] = []
+        self._size = 0
+        self._flat: torch.Tensor | None = None
+
+    def add(self, idx: torch.Tensor, crops: torch.Tensor, boxes: torch.Tensor) -> None:
+        """crops: (k, hmax, wmax) of windows idx (k,) over their tight boxes (k, 4), False past each size."""
+        h, w = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
+        ar_y = torch.arange(crops.shape[1], device=crops.device)
+        ar_x = torch.arange(crops.shape[2], device=crops.device)
+        inside = (ar_y < h[:, None])[:, :, None] & (ar_x < w[:, None])[:, None, :]  # (k, hmax, wmax)
+        sizes = h * w
+        self.start[idx] = self._size + torch.cumsum(sizes, 0) - sizes
+        part = crops[inside]  # row-major per window, windows in order (a host sync: its length)
+        self._parts.append(part)
+        self._size += len(part)
+        self._flat = None
+
+    def read(self, idx: torch.Tensor, boxes: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """(k, hmax, wmax) bool: windows idx's masks (tight boxes `boxes`) over `region` (x0, y0, x1, y1),
+        which lies inside each window's box; False past a region's size."""
+        if self._flat is None:
+            self._flat = torch.cat(self._parts) if self._parts else torch.zeros(0, dtype=torch.bool,
+                                                                                device=self.start.device)
+        k = len(idx)
+        hmax = int((region[:, 3] - region[:, 1]).max()) if k else 0
+        wmax = int((region[:, 2] - region[:, 0]).max()) if k else 0
+        yy = region[:, 1:2] + torch.arange(hmax, device=region.device)  # (k, hmax) image rows
+        xx = region[:, 0:1] + torch.arange(wmax, device=region.device)  # (k, wmax) image columns
+        valid = (yy < region[:, 3:4])[:, :, None] & (xx < region[:, 2:3])[:, None, :]
+        width = (boxes[:, 2] - boxes[:, 0])[:, None, None]
+        pos = self.start[idx][:, None, None] + (yy - boxes[:, 1:2])[:, :, None] * width + (xx - boxes[:, 0:1])[:, None, :]
+        return self._flat[torch.where(valid, pos, torch.zeros_like(pos))] & valid
+
+
 def box_budget_chunks(boxes: torch.Tensor) -> list[slice]:
     """Slices of `boxes` (in order) whose padded pasting stays within PASTE_BUDGET (one host sync)."""
     hw = (boxes[:, 2:] - boxes[:, :2]).cpu()

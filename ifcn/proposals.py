@@ -144,31 +144,37 @@ def postprocess_device(groups: list[tuple[dev.Windows, tuple[float, float]]], im
     order = torch.argsort(-w.scores.double(), stable=True)  # ties keep candidate order, as the reference
     w, boxes = w.take(order), boxes[order]
     alive = (w.scores >= config.min_score) & (boxes[:, 2] > boxes[:, 0])  # empty masks take no part
+    store = dev.CropStore(len(w), boxes.device)
     if config.nms == "box":
         keep = dev.box_nms(boxes, alive, config.nms_iou, config.max_proposals)
+        for sl in dev.box_budget_chunks(boxes[keep]):  # paste only what NMS kept
+            store.add(keep[sl], dev.paste_in_boxes(w.take(keep[sl]), boxes[keep[sl]], image_size, m, stride,
+                                                   config.mask_threshold, dtype), boxes[keep[sl]])
     else:
-        keep = _mask_nms(w, boxes, alive, image_size, config, m, stride, dtype)
-    w, boxes = w.take(keep), boxes[keep]
+        keep = _mask_nms(w, boxes, alive, store, image_size, config, m, stride, dtype)
     areas, counts, lengths = [], [], []
-    for sl in dev.box_budget_chunks(boxes):
-        crops = dev.paste_in_boxes(w.take(sl), boxes[sl], image_size, m, stride, config.mask_threshold, dtype)
-        c, n = dev.crop_runs(crops, boxes[sl], image_size)
+    for sl in dev.box_budget_chunks(boxes[keep]):
+        crops = store.read(keep[sl], boxes[keep[sl]], boxes[keep[sl]])
+        c, n = dev.crop_runs(crops, boxes[keep[sl]], image_size)
         areas.append(crops.sum((1, 2)))
         counts.append(c)
         lengths.append(n)
     if not areas:
         return Proposals.empty(image_size)
+    w, boxes = w.take(keep), boxes[keep]
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
     host = lambda t: t.cpu().numpy()  # noqa: E731
     return Proposals(tuple(image_size), host(w.scores.float()), host(xywh.float()), host(torch.cat(areas)),
                      host(w.scale.int()), host(torch.cat(counts)).astype(np.uint32), host(torch.cat(lengths)).astype(np.int32))
 
 
-def _mask_nms(w: dev.Windows, boxes: torch.Tensor, alive: torch.Tensor, image_size: tuple[int, int],
-              config: InferenceConfig, m: int, stride: int, dtype: torch.dtype) -> torch.Tensor:
-    """Greedy mask-IoU NMS in score order, pasting a round of windows at a time (as the reference):
-    areas for the round, exact intersections only for pairs whose box/area bound can pass the
-    threshold, then the greedy rule over kept + round at once. Returns kept indices, in order."""
+def _mask_nms(w: dev.Windows, boxes: torch.Tensor, alive: torch.Tensor, store: dev.CropStore,
+              image_size: tuple[int, int], config: InferenceConfig, m: int, stride: int,
+              dtype: torch.dtype) -> torch.Tensor:
+    """Greedy mask-IoU NMS in score order, pasting a round of windows at a time (as the reference)
+    into `store`: areas for the round, exact intersections (read from the store) only for pairs
+    whose box/area bound can pass the threshold, then the greedy rule over kept + round at once.
+    Returns kept indices, in order."""
     device = boxes.device
     order = torch.nonzero(alive).reshape(-1)
     kept = torch.zeros(0, dtype=torch.long, device=device)
@@ -177,9 +183,13 @@ def _mask_nms(w: dev.Windows, boxes: torch.Tensor, alive: torch.Tensor, image_si
     while pos < len(order) and len(kept) < config.max_proposals:
         batch = order[pos:pos + config.max_proposals - len(kept) + SPARE_WINDOWS]
         pos += len(batch)
-        area = torch.cat([dev.paste_in_boxes(w.take(batch[sl]), boxes[batch[sl]], image_size, m, stride,
-                                             config.mask_threshold, dtype).sum((1, 2))
-                          for sl in dev.box_budget_chunks(boxes[batch])])
+        area = []
+        for sl in dev.box_budget_chunks(boxes[batch]):
+            crops = dev.paste_in_boxes(w.take(batch[sl]), boxes[batch[sl]], image_size, m, stride,
+                                       config.mask_threshold, dtype)
+            store.add(batch[sl], crops, boxes[batch[sl]])
+            area.append(crops.sum((1, 2)))
+        area = torch.cat(area)
         group, areas = torch.cat([kept, batch]), torch.cat([kept_area, area]).double()
         gb = boxes[group].double()
         iw = (torch.minimum(gb[:, None, 2], gb[None, :, 2]) - torch.maximum(gb[:, None, 0], gb[None, :, 0])).clamp(min=0)
@@ -193,10 +203,8 @@ def _mask_nms(w: dev.Windows, boxes: torch.Tensor, alive: torch.Tensor, image_si
         if len(i):
             gi, gj = group[i], group[j]
             region = torch.cat([torch.maximum(boxes[gi, :2], boxes[gj, :2]), torch.minimum(boxes[gi, 2:], boxes[gj, 2:])], 1)
-            inter = torch.cat([(dev.paste_in_boxes(w.take(gi[sl]), region[sl], image_size, m, stride,
-                                                   config.mask_threshold, dtype)
-                                & dev.paste_in_boxes(w.take(gj[sl]), region[sl], image_size, m, stride,
-                                                     config.mask_threshold, dtype)).sum((1, 2))
+            inter = torch.cat([(store.read(gi[sl], boxes[gi[sl]], region[sl])
+                                & store.read(gj[sl], boxes[gj[sl]], region[sl])).sum((1, 2))
                                for sl in dev.box_budget_chunks(region)]).double()
             suppress[i, j] = inter / (areas[i] + areas[j] - inter) > config.nms_iou
         keep = dev.greedy_keep(suppress, torch.ones_like(group, dtype=torch.bool))[len(kept):]
