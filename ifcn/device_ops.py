@@ -225,20 +225,41 @@ class CropStore:
         return self._flat[torch.where(valid, pos, torch.zeros_like(pos))] & valid
 
 
-def box_budget_chunks(boxes: torch.Tensor) -> list[slice]:
-    """Slices of `boxes` (in order) whose padded pasting stays within PASTE_BUDGET (one host sync)."""
-    hw = (boxes[:, 2:] - boxes[:, :2]).cpu()
+def size_groups(boxes: torch.Tensor) -> list[torch.Tensor]:
+    """Indices of `boxes` (x0, y0, x1, y1) in groups of similar size whose padded pasting stays within
+    PASTE_BUDGET: sorted by area, so a group pads little. Every index appears once (one host sync)."""
+    hw = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0)
+    order = torch.argsort(hw[:, 0] * hw[:, 1], descending=True, stable=True)
+    sizes = hw[order].cpu().tolist()
     out, lo = [], 0
-    while lo < len(hw):
-        hi, hmax, wmax = lo, 0, 0
-        while hi < len(hw):
-            nh, nw = max(hmax, int(hw[hi, 1])), max(wmax, int(hw[hi, 0]))
+    while lo < len(sizes):
+        hi, wmax, hmax = lo, 0, 0
+        while hi < len(sizes):
+            nw, nh = max(wmax, sizes[hi][0]), max(hmax, sizes[hi][1])
             if hi > lo and (hi + 1 - lo) * nh * nw > PASTE_BUDGET:
                 break
-            hmax, wmax, hi = nh, nw, hi + 1
-        out.append(slice(lo, hi))
+            wmax, hmax, hi = nw, nh, hi + 1
+        out.append(order[lo:hi])
         lo = hi
     return out
+
+
+def ragged_place(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reassembles per-item variable-length values computed in groups.
+
+    parts: (idx (k,), values (R,), lengths (k,)) per group: item idx[i]'s values are the i-th
+    lengths[i] of `values`. Returns (values, lengths) of items 0..n-1, back to back, in item order."""
+    device = parts[0][0].device
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    for idx, _, ln in parts:
+        lengths[idx] = ln
+    starts = torch.cumsum(lengths, 0) - lengths
+    out = torch.empty(int(lengths.sum()), dtype=parts[0][1].dtype, device=device)
+    for idx, values, ln in parts:
+        first = torch.cumsum(ln, 0) - ln  # (k,) each item's offset within `values`
+        rank = torch.arange(len(values), device=device) - first.repeat_interleave(ln)
+        out[starts[idx].repeat_interleave(ln) + rank] = values
+    return out, lengths
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -147,25 +147,37 @@ def postprocess_device(groups: list[tuple[dev.Windows, tuple[float, float]]], im
     store = dev.CropStore(len(w), boxes.device)
     if config.nms == "box":
         keep = dev.box_nms(boxes, alive, config.nms_iou, config.max_proposals)
-        for sl in dev.box_budget_chunks(boxes[keep]):  # paste only what NMS kept
-            store.add(keep[sl], dev.paste_in_boxes(w.take(keep[sl]), boxes[keep[sl]], image_size, m, stride,
-                                                   config.mask_threshold, dtype), boxes[keep[sl]])
+        _paste_into(store, w, keep, boxes, image_size, config, m, stride, dtype)  # only what NMS kept
     else:
         keep = _mask_nms(w, boxes, alive, store, image_size, config, m, stride, dtype)
-    areas, counts, lengths = [], [], []
-    for sl in dev.box_budget_chunks(boxes[keep]):
-        crops = store.read(keep[sl], boxes[keep[sl]], boxes[keep[sl]])
-        c, n = dev.crop_runs(crops, boxes[keep[sl]], image_size)
-        areas.append(crops.sum((1, 2)))
-        counts.append(c)
-        lengths.append(n)
-    if not areas:
+    if len(keep) == 0:
         return Proposals.empty(image_size)
     w, boxes = w.take(keep), boxes[keep]
+    areas = torch.zeros(len(keep), dtype=torch.long, device=boxes.device)
+    parts = []
+    for g in dev.size_groups(boxes):
+        crops = store.read(keep[g], boxes[g], boxes[g])
+        areas[g] = crops.sum((1, 2))
+        parts.append((g, *dev.crop_runs(crops, boxes[g], image_size)))
+    counts, lengths = dev.ragged_place(parts, len(keep))
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
     host = lambda t: t.cpu().numpy()  # noqa: E731
-    return Proposals(tuple(image_size), host(w.scores.float()), host(xywh.float()), host(torch.cat(areas)),
-                     host(w.scale.int()), host(torch.cat(counts)).astype(np.uint32), host(torch.cat(lengths)).astype(np.int32))
+    return Proposals(tuple(image_size), host(w.scores.float()), host(xywh.float()), host(areas),
+                     host(w.scale.int()), host(counts).astype(np.uint32), host(lengths).astype(np.int32))
+
+
+def _paste_into(store: dev.CropStore, w: dev.Windows, idx: torch.Tensor, boxes: torch.Tensor,
+                image_size: tuple[int, int], config: InferenceConfig, m: int, stride: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Pastes windows idx over their tight boxes into `store`, in groups of similar size; returns
+    their areas (len(idx),)."""
+    areas = torch.zeros(len(idx), dtype=torch.long, device=boxes.device)
+    for g in dev.size_groups(boxes[idx]):
+        sel = idx[g]
+        crops = dev.paste_in_boxes(w.take(sel), boxes[sel], image_size, m, stride, config.mask_threshold, dtype)
+        store.add(sel, crops, boxes[sel])
+        areas[g] = crops.sum((1, 2))
+    return areas
 
 
 def _mask_nms(w: dev.Windows, boxes: torch.Tensor, alive: torch.Tensor, store: dev.CropStore,
@@ -183,13 +195,7 @@ def _mask_nms(w: dev.Windows, boxes: torch.Tensor, alive: torch.Tensor, store: d
     while pos < len(order) and len(kept) < config.max_proposals:
         batch = order[pos:pos + config.max_proposals - len(kept) + SPARE_WINDOWS]
         pos += len(batch)
-        area = []
-        for sl in dev.box_budget_chunks(boxes[batch]):
-            crops = dev.paste_in_boxes(w.take(batch[sl]), boxes[batch[sl]], image_size, m, stride,
-                                       config.mask_threshold, dtype)
-            store.add(batch[sl], crops, boxes[batch[sl]])
-            area.append(crops.sum((1, 2)))
-        area = torch.cat(area)
+        area = _paste_into(store, w, batch, boxes, image_size, config, m, stride, dtype)
         group, areas = torch.cat([kept, batch]), torch.cat([kept_area, area]).double()
         gb = boxes[group].double()
         iw = (torch.minimum(gb[:, None, 2], gb[None, :, 2]) - torch.maximum(gb[:, None, 0], gb[None, :, 0])).clamp(min=0)
@@ -203,9 +209,10 @@ def _mask_nms(w: dev.Windows, boxes: torch.Tensor, alive: torch.Tensor, store: d
         if len(i):
             gi, gj = group[i], group[j]
             region = torch.cat([torch.maximum(boxes[gi, :2], boxes[gj, :2]), torch.minimum(boxes[gi, 2:], boxes[gj, 2:])], 1)
-            inter = torch.cat([(store.read(gi[sl], boxes[gi[sl]], region[sl])
-                                & store.read(gj[sl], boxes[gj[sl]], region[sl])).sum((1, 2))
-                               for sl in dev.box_budget_chunks(region)]).double()
+            inter = torch.zeros(len(i), dtype=torch.float64, device=device)
+            for g in dev.size_groups(region):
+                inter[g] = (store.read(gi[g], boxes[gi[g]], region[g]) & store.read(gj[g], boxes[gj[g]], region[g])
+                            ).sum((1, 2)).double()
             suppress[i, j] = inter / (areas[i] + areas[j] - inter) > config.nms_iou
         keep = dev.greedy_keep(suppress, torch.ones_like(group, dtype=torch.bool))[len(kept):]
         room = config.max_proposals - len(kept)

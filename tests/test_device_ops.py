@@ -77,10 +77,17 @@ def test_tight_boxes_of_no_windows_and_chunking(monkeypatch: pytest.MonkeyPatch)
     whole = dev.tight_boxes(w, image_size, m, 8, 0.5, factor)
     monkeypatch.setattr(dev, "PASTE_BUDGET", 1)  # one window per chunk: same boxes
     assert torch.equal(dev.tight_boxes(w, image_size, m, 8, 0.5, factor), whole)
-    chunks = dev.box_budget_chunks(whole)
-    assert [i for sl in chunks for i in range(sl.start, sl.stop)] == list(range(len(whole)))
-    for sl in chunks:  # one window per chunk, unless the others are empty (nothing to paste)
-        assert sl.stop - sl.start == 1 or int((whole[sl, 2:] - whole[sl, :2]).prod(1).clamp(min=0).max()) == 0
+    groups = dev.size_groups(whole)
+    assert sorted(int(i) for g in groups for i in g) == list(range(len(whole)))
+    for g in groups:  # one window per group, unless the others are empty (nothing to paste)
+        assert len(g) == 1 or int((whole[g, 2:] - whole[g, :2]).prod(1).clamp(min=0).max()) == 0
+
+
+def test_ragged_place_reorders_groups() -> None:
+    parts = [(torch.tensor([2, 0]), torch.tensor([7, 8, 9, 1]), torch.tensor([3, 1])),
+             (torch.tensor([1]), torch.tensor([5, 6]), torch.tensor([2]))]
+    values, lengths = dev.ragged_place(parts, 3)
+    assert values.tolist() == [1, 5, 6, 7, 8, 9] and lengths.tolist() == [1, 2, 3]
 
 
 @pytest.mark.parametrize("case", range(len(_crop_cases())))
