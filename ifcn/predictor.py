@@ -111,7 +111,7 @@ class Predictor:
 
         Images whose resized size (padded up to `pad_to`) is equal share a forward; padding is set
         to background before windows are picked, so it yields no window and no mask pixel."""
-        cfg, mcfg = self.config, self.model.config
+        cfg = self.config
         bases = [image_to_tensor(image, self.device) for image in images]  # (1, 3, H, W) each
         out: list[list[tuple[Windows, tuple[float, float]]]] = [[] for _ in images]
         for short in cfg.scales:

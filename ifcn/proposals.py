@@ -10,7 +10,7 @@ pipeline runs after the inference actors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ import torch
 from . import device_ops as dev
 from .config import InferenceConfig
 from .ops import GreedyMaskNMS, crop_runs, encode_counts, paste_masks
+
+if TYPE_CHECKING:  # predictor.py imports this module
+    from .predictor import Candidates
 
 
 @dataclass
@@ -83,7 +86,7 @@ def _from_rows(image_size: tuple[int, int], rows: list[tuple[float, np.ndarray, 
 SPARE_WINDOWS = 64
 
 
-def postprocess_numpy(cands: "Candidates", config: InferenceConfig) -> Proposals:  # noqa: F821
+def postprocess_numpy(cands: Candidates, config: InferenceConfig) -> Proposals:
     """Paste, binarise, NMS and run lengths with numpy, one window at a time (the reference).
 
     Windows are pasted in score order, a round at a time, and NMS stops as soon as
@@ -110,7 +113,7 @@ def postprocess_numpy(cands: "Candidates", config: InferenceConfig) -> Proposals
     return _from_rows(cands.image_size, rows)
 
 
-def _paste(cands: "Candidates", idx: np.ndarray, threshold: float) -> list[tuple[int, int, np.ndarray]]:  # noqa: F821
+def _paste(cands: Candidates, idx: np.ndarray, threshold: float) -> list[tuple[int, int, np.ndarray]]:
     """paste_masks for candidates `idx` (any scales), results in the order of `idx`."""
     out: list[tuple[int, int, np.ndarray]] = [None] * len(idx)  # type: ignore[list-item]
     scales = cands.scale[idx]

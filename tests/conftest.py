@@ -11,6 +11,21 @@ import pytest  # noqa: E402
 from fixtures_infra import RayHead, S3Server  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def model():
+    """A random narrow InstanceFCN with louder score/objectness heads than the init: masks with
+    structure instead of all ~0.5 (seeded, so every run sees the same)."""
+    import torch
+
+    from ifcn import InstanceFCN, ModelConfig
+
+    torch.manual_seed(0)
+    model = InstanceFCN(ModelConfig("vgg16_narrow")).eval()
+    torch.nn.init.normal_(model.score_head[-1].weight, std=0.5)
+    torch.nn.init.normal_(model.objectness_head[-1].weight, std=0.5)
+    return model
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A real S3 HTTP endpoint (moto server) on loopback for the whole session.

@@ -15,9 +15,9 @@ import torch
 from pycocotools import mask as mask_utils
 
 import ifcn.device_ops as dev
-from ifcn import Candidates, InferenceConfig, InstanceFCN, ModelConfig, Predictor, postprocess_device, postprocess_numpy
+from ifcn import Candidates, InferenceConfig, InstanceFCN, Predictor, postprocess_device, postprocess_numpy
 from ifcn.ops import crop_runs, paste_masks
-from test_ops import _crop_cases, _random_masks, _reference_nms
+from test_ops import _crop_cases, _random_masks, _reference_nms, _tight_crop
 
 
 def _windows(probs: np.ndarray, cells: np.ndarray, factor: tuple[float, float]) -> dev.Windows:
@@ -144,8 +144,8 @@ def test_box_nms_matches_brute_force(iou_threshold: float, seed: int) -> None:
     order = np.argsort(-scores, kind="stable")
     boxes = []
     for mk in masks[order]:
-        rows, cols = np.flatnonzero(mk.any(1)), np.flatnonzero(mk.any(0))
-        boxes.append([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1])
+        top, left, crop = _tight_crop(mk)
+        boxes.append([left, top, left + crop.shape[1], top + crop.shape[0]])
     box_masks = np.zeros_like(masks)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         box_masks[order[i], y0:y1, x0:x1] = True  # box IoU = IoU of the filled boxes
@@ -155,15 +155,6 @@ def test_box_nms_matches_brute_force(iou_threshold: float, seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------- whole postprocess
-
-@pytest.fixture(scope="module")
-def model() -> InstanceFCN:
-    torch.manual_seed(0)
-    model = InstanceFCN(ModelConfig("vgg16_narrow")).eval()
-    torch.nn.init.normal_(model.score_head[-1].weight, std=0.5)  # masks with structure
-    torch.nn.init.normal_(model.objectness_head[-1].weight, std=0.5)
-    return model
-
 
 def _image(seed: int, size: tuple[int, int]) -> np.ndarray:
     rng = np.random.default_rng(seed)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from ifcn import InferenceConfig, InstanceFCN, ModelConfig, Predictor
+from ifcn import InferenceConfig, InstanceFCN, Predictor
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -24,15 +24,6 @@ def _best_ious(cpu: list[dict], gpu: list[dict]) -> np.ndarray:
         return np.zeros(len(cpu))
     ious = mask_utils.iou([p["rle"] for p in cpu], [p["rle"] for p in gpu], [0] * len(gpu))
     return np.asarray(ious).reshape(len(cpu), len(gpu)).max(1)
-
-
-@pytest.fixture(scope="module")
-def model() -> InstanceFCN:
-    torch.manual_seed(0)
-    model = InstanceFCN(ModelConfig("vgg16_narrow")).eval()
-    torch.nn.init.normal_(model.score_head[-1].weight, std=0.5)
-    torch.nn.init.normal_(model.objectness_head[-1].weight, std=0.5)
-    return model
 
 
 @pytest.mark.parametrize("nms", ["box", "mask"])

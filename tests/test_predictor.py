@@ -7,22 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from pycocotools import mask as mask_utils
 
-from ifcn import Candidates, InferenceConfig, InstanceFCN, ModelConfig, Predictor, postprocess
+from ifcn import Candidates, InferenceConfig, InstanceFCN, Predictor, postprocess
 
 SCALES = (40, 56, 72)
-
-
-@pytest.fixture(scope="module")
-def model() -> InstanceFCN:
-    torch.manual_seed(0)
-    model = InstanceFCN(ModelConfig("vgg16_narrow")).eval()
-    # louder score/objectness heads than the init: masks with structure instead of all ~0.5
-    torch.nn.init.normal_(model.score_head[-1].weight, std=0.5)
-    torch.nn.init.normal_(model.objectness_head[-1].weight, std=0.5)
-    return model
 
 
 @pytest.fixture(scope="module")
