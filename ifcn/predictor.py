@@ -27,9 +27,9 @@ from .ops import BACKGROUND_LOGIT, assemble
 from .proposals import Proposals, encode, postprocess_device, postprocess_numpy
 from .transforms import image_to_tensor, normalize, resize, scaled_size
 
-# Input pixels per forward: 8 images of 480x640 at the paper's largest scale (900 x 1200), whose
-# VGG-16 activations stay well inside a 24 GB GPU in bf16; larger groups run in several forwards.
-BATCH_PIXELS = 1 << 23
+# Input pixels per forward: 16 images of 480x640 at the paper's largest scale (900 x 1200 px), whose
+# VGG-16 activations take ~7 GB in bf16; larger groups run in several forwards of even size.
+BATCH_PIXELS = 18_000_000
 POSTPROCESS_ON = ("auto", "device", "numpy")
 
 
@@ -120,7 +120,8 @@ class Predictor:
             for i, size in enumerate(sizes):
                 groups[_padded(size, cfg.pad_to)].append(i)
             for padded, members in groups.items():
-                per = max(1, BATCH_PIXELS // (padded[0] * padded[1]))
+                forwards = math.ceil(len(members) * padded[0] * padded[1] / BATCH_PIXELS)
+                per = math.ceil(len(members) / forwards)  # even forwards: fewer shapes for cudnn / compile
                 for lo in range(0, len(members), per):
                     chunk = members[lo:lo + per]
                     found = self._windows_at_scale([bases[i] for i in chunk], [sizes[i] for i in chunk], padded, short)
@@ -128,7 +129,9 @@ class Predictor:
                         height, width = images[i].shape[:2]
                         # float32-rounded as the numpy path stores it, so both paste the same pixels
                         factor = (float(np.float32(sizes[i][0] / height)), float(np.float32(sizes[i][1] / width)))
-                        w.factor = torch.tensor(factor, dtype=torch.float64, device=self.device).expand(len(w), 2)
+                        # filled on the device: a host-to-device copy would wait for the GPU
+                        w.factor = torch.stack([torch.full((len(w),), f, dtype=torch.float64, device=self.device)
+                                                for f in factor], 1)
                         out[i].append((w, factor))
         return out
 

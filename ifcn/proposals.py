@@ -183,42 +183,48 @@ def _paste_into(store: dev.CropStore, w: dev.Windows, idx: torch.Tensor, boxes: 
     return areas
 
 
+# Windows settled per step of mask NMS: each step pastes them and compares them with the kept masks
+# and with each other only, so pairs of windows that NMS drops anyway are rarely compared.
+MASK_NMS_BLOCK = 128
+
+
 def _mask_nms(w: dev.Windows, boxes: torch.Tensor, alive: torch.Tensor, store: dev.CropStore,
               image_size: tuple[int, int], config: InferenceConfig, m: int, stride: int,
               dtype: torch.dtype) -> torch.Tensor:
-    """Greedy mask-IoU NMS in score order, pasting a round of windows at a time (as the reference)
-    into `store`: areas for the round, exact intersections (read from the store) only for pairs
-    whose box/area bound can pass the threshold, then the greedy rule over kept + round at once.
-    Returns kept indices, in order."""
+    """Greedy mask-IoU NMS in score order, a block of windows at a time: paste the block into `store`
+    (areas), take exact intersections (read from the store) only for pairs with a kept mask or an
+    earlier block member whose box/area bound can pass the threshold, then settle the block with
+    the greedy rule. Returns kept indices, in order; stops once `max_proposals` are kept."""
     device = boxes.device
     order = torch.nonzero(alive).reshape(-1)
     kept = torch.zeros(0, dtype=torch.long, device=device)
     kept_area = torch.zeros(0, dtype=torch.long, device=device)
-    pos = 0
-    while pos < len(order) and len(kept) < config.max_proposals:
-        batch = order[pos:pos + config.max_proposals - len(kept) + SPARE_WINDOWS]
-        pos += len(batch)
-        area = _paste_into(store, w, batch, boxes, image_size, config, m, stride, dtype)
-        group, areas = torch.cat([kept, batch]), torch.cat([kept_area, area]).double()
-        gb = boxes[group].double()
-        iw = (torch.minimum(gb[:, None, 2], gb[None, :, 2]) - torch.maximum(gb[:, None, 0], gb[None, :, 0])).clamp(min=0)
-        ih = (torch.minimum(gb[:, None, 3], gb[None, :, 3]) - torch.maximum(gb[:, None, 1], gb[None, :, 1])).clamp(min=0)
-        bound_inter = torch.minimum(iw * ih, torch.minimum(areas[:, None], areas[None, :]))
-        bound = bound_inter / (areas[:, None] + areas[None, :] - bound_inter).clamp(min=1)
-        near = torch.tril(bound > config.nms_iou, diagonal=-1)
-        near[:len(kept)] = False  # kept windows are settled
-        i, j = torch.nonzero(near, as_tuple=True)
-        suppress = torch.zeros_like(near)
+    for lo in range(0, len(order), MASK_NMS_BLOCK):
+        if len(kept) >= config.max_proposals:
+            break
+        block = order[lo:lo + MASK_NMS_BLOCK]
+        area = _paste_into(store, w, block, boxes, image_size, config, m, stride, dtype)
+        group, areas = torch.cat([kept, block]), torch.cat([kept_area, area]).double()  # (K + b,)
+        bb, gb = boxes[block].double(), boxes[group].double()
+        iw = (torch.minimum(bb[:, None, 2], gb[None, :, 2]) - torch.maximum(bb[:, None, 0], gb[None, :, 0])).clamp(min=0)
+        ih = (torch.minimum(bb[:, None, 3], gb[None, :, 3]) - torch.maximum(bb[:, None, 1], gb[None, :, 1])).clamp(min=0)
+        a_block = area.double()[:, None]
+        bound_inter = torch.minimum(iw * ih, torch.minimum(a_block, areas[None, :]))  # (b, K + b)
+        bound = bound_inter / (a_block + areas[None, :] - bound_inter).clamp(min=1)
+        earlier = torch.ones_like(bound, dtype=torch.bool).tril(diagonal=len(kept) - 1)  # kept, or earlier in block
+        i, j = torch.nonzero((bound > config.nms_iou) & earlier, as_tuple=True)
+        suppress = torch.zeros_like(earlier)
         if len(i):
-            gi, gj = group[i], group[j]
+            gi, gj = block[i], group[j]
             region = torch.cat([torch.maximum(boxes[gi, :2], boxes[gj, :2]), torch.minimum(boxes[gi, 2:], boxes[gj, 2:])], 1)
             inter = torch.zeros(len(i), dtype=torch.float64, device=device)
             for g in dev.size_groups(region):
                 inter[g] = (store.read(gi[g], boxes[gi[g]], region[g]) & store.read(gj[g], boxes[gj[g]], region[g])
                             ).sum((1, 2)).double()
-            suppress[i, j] = inter / (areas[i] + areas[j] - inter) > config.nms_iou
-        keep = dev.greedy_keep(suppress, torch.ones_like(group, dtype=torch.bool))[len(kept):]
+            suppress[i, j] = inter / (a_block[i, 0] + areas[j] - inter) > config.nms_iou
+        free = ~suppress[:, :len(kept)].any(1)  # not suppressed by a kept mask
+        keep = dev.greedy_keep(suppress[:, len(kept):], free)
         room = config.max_proposals - len(kept)
-        kept = torch.cat([kept, batch[keep][:room]])
+        kept = torch.cat([kept, block[keep][:room]])
         kept_area = torch.cat([kept_area, area[keep][:room]])
     return kept

@@ -189,14 +189,14 @@ def test_postprocess_device_equals_numpy_reference(model: InstanceFCN, nms: str,
 
 
 def test_mask_nms_rounds_and_chunks(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Mask NMS that needs several paste rounds (few spare windows), in tiny chunks."""
+    """Mask NMS in blocks of 3 windows (many steps), pasting in tiny chunks."""
     import ifcn.proposals as proposals
 
     config = InferenceConfig(scales=(40, 56, 88), windows_per_scale=80, max_proposals=12, nms="mask", nms_iou=0.3)
     image = _image(2, (64, 64))
     groups = Predictor(model, config, device="cpu").windows([image])[0]
     want = postprocess_numpy(Candidates.from_windows(groups, (64, 64), 8), config)
-    monkeypatch.setattr(proposals, "SPARE_WINDOWS", 1)
+    monkeypatch.setattr(proposals, "MASK_NMS_BLOCK", 3)
     monkeypatch.setattr(dev, "PASTE_BUDGET", 2000)
     _assert_same(postprocess_device(groups, (64, 64), config, 21, 8, torch.float64), want)
 
