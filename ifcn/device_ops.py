@@ -217,12 +217,19 @@ class CropStore:
         k = len(idx)
         hmax = int((region[:, 3] - region[:, 1]).max()) if k else 0
         wmax = int((region[:, 2] - region[:, 0]).max()) if k else 0
-        yy = region[:, 1:2] + torch.arange(hmax, device=region.device)  # (k, hmax) image rows
-        xx = region[:, 0:1] + torch.arange(wmax, device=region.device)  # (k, wmax) image columns
-        valid = (yy < region[:, 3:4])[:, :, None] & (xx < region[:, 2:3])[:, None, :]
-        width = (boxes[:, 2] - boxes[:, 0])[:, None, None]
-        pos = self.start[idx][:, None, None] + (yy - boxes[:, 1:2])[:, :, None] * width + (xx - boxes[:, 0:1])[:, None, :]
-        return self._flat[torch.where(valid, pos, torch.zeros_like(pos))] & valid
+        dev_ = region.device
+        rows = torch.arange(hmax, device=dev_, dtype=torch.int32)
+        cols = torch.arange(wmax, device=dev_, dtype=torch.int32)
+        rh, rw = (region[:, 3] - region[:, 1]).int(), (region[:, 2] - region[:, 0]).int()
+        # offset of region pixel (r, c) in the window's row-major crop: start + (dy + r) * width + dx + c
+        width = (boxes[:, 2] - boxes[:, 0]).int()
+        base = (self.start[idx] + (region[:, 1] - boxes[:, 1]) * (boxes[:, 2] - boxes[:, 0])
+                + region[:, 0] - boxes[:, 0]).int()  # (k,)
+        row_off = base[:, None] + rows[None, :] * width[:, None]  # (k, hmax)
+        pos = row_off[:, :, None] + cols[None, None, :]  # (k, hmax, wmax) int32
+        valid = (rows[None, :] < rh[:, None])[:, :, None] & (cols[None, :] < rw[:, None])[:, None, :]
+        pos.clamp_(0, max(0, len(self._flat) - 1))  # past a region's size: any pixel, masked below
+        return self._flat[pos] & valid
 
 
 def size_groups(boxes: torch.Tensor) -> list[torch.Tensor]:

@@ -191,40 +191,58 @@ MASK_NMS_BLOCK = 128
 def _mask_nms(w: dev.Windows, boxes: torch.Tensor, alive: torch.Tensor, store: dev.CropStore,
               image_size: tuple[int, int], config: InferenceConfig, m: int, stride: int,
               dtype: torch.dtype) -> torch.Tensor:
-    """Greedy mask-IoU NMS in score order, a block of windows at a time: paste the block into `store`
-    (areas), take exact intersections (read from the store) only for pairs with a kept mask or an
-    earlier block member whose box/area bound can pass the threshold, then settle the block with
-    the greedy rule. Returns kept indices, in order; stops once `max_proposals` are kept."""
+    """Greedy mask-IoU NMS in score order, a block of windows at a time, stopping once
+    `max_proposals` are kept. Per block: paste it into `store` (areas); judge each window against
+    the kept masks whose box/area bound can pass the threshold, its best-ranked such mask first
+    (usually the one that suppresses it, as in the reference's early exit); then the survivors
+    against each other with the greedy rule. Exact intersections are read from the store.
+    Returns kept indices, in order."""
     device = boxes.device
     order = torch.nonzero(alive).reshape(-1)
     kept = torch.zeros(0, dtype=torch.long, device=device)
     kept_area = torch.zeros(0, dtype=torch.long, device=device)
+
+    def suppresses(gi: torch.Tensor, gj: torch.Tensor, ai: torch.Tensor, aj: torch.Tensor) -> torch.Tensor:
+        """(P,) bool: mask IoU of windows gi, gj (areas ai, aj) above the threshold."""
+        region = torch.cat([torch.maximum(boxes[gi, :2], boxes[gj, :2]), torch.minimum(boxes[gi, 2:], boxes[gj, 2:])], 1)
+        inter = torch.zeros(len(gi), dtype=torch.float64, device=device)
+        for g in dev.size_groups(region):
+            inter[g] = (store.read(gi[g], boxes[gi[g]], region[g]) & store.read(gj[g], boxes[gj[g]], region[g])
+                        ).sum((1, 2)).double()
+        return inter / (ai + aj - inter) > config.nms_iou
+
     for lo in range(0, len(order), MASK_NMS_BLOCK):
         if len(kept) >= config.max_proposals:
             break
         block = order[lo:lo + MASK_NMS_BLOCK]
-        area = _paste_into(store, w, block, boxes, image_size, config, m, stride, dtype)
-        group, areas = torch.cat([kept, block]), torch.cat([kept_area, area]).double()  # (K + b,)
+        area = _paste_into(store, w, block, boxes, image_size, config, m, stride, dtype).double()
+        group, areas = torch.cat([kept, block]), torch.cat([kept_area.double(), area])  # (K + b,)
         bb, gb = boxes[block].double(), boxes[group].double()
         iw = (torch.minimum(bb[:, None, 2], gb[None, :, 2]) - torch.maximum(bb[:, None, 0], gb[None, :, 0])).clamp(min=0)
         ih = (torch.minimum(bb[:, None, 3], gb[None, :, 3]) - torch.maximum(bb[:, None, 1], gb[None, :, 1])).clamp(min=0)
-        a_block = area.double()[:, None]
-        bound_inter = torch.minimum(iw * ih, torch.minimum(a_block, areas[None, :]))  # (b, K + b)
-        bound = bound_inter / (a_block + areas[None, :] - bound_inter).clamp(min=1)
-        earlier = torch.ones_like(bound, dtype=torch.bool).tril(diagonal=len(kept) - 1)  # kept, or earlier in block
-        i, j = torch.nonzero((bound > config.nms_iou) & earlier, as_tuple=True)
-        suppress = torch.zeros_like(earlier)
+        bound_inter = torch.minimum(iw * ih, torch.minimum(area[:, None], areas[None, :]))  # (b, K + b)
+        near = bound_inter / (area[:, None] + areas[None, :] - bound_inter).clamp(min=1) > config.nms_iou
+        k = len(kept)
+        near_kept, near_block = near[:, :k], near[:, k:].tril(diagonal=-1)
+        # Against kept masks: each window's best-ranked near kept mask first, the rest only if it survives.
+        hit = torch.zeros(len(block), dtype=torch.long, device=device)
+        i = torch.nonzero(near_kept.any(1)).reshape(-1)
         if len(i):
-            gi, gj = block[i], group[j]
-            region = torch.cat([torch.maximum(boxes[gi, :2], boxes[gj, :2]), torch.minimum(boxes[gi, 2:], boxes[gj, 2:])], 1)
-            inter = torch.zeros(len(i), dtype=torch.float64, device=device)
-            for g in dev.size_groups(region):
-                inter[g] = (store.read(gi[g], boxes[gi[g]], region[g]) & store.read(gj[g], boxes[gj[g]], region[g])
-                            ).sum((1, 2)).double()
-            suppress[i, j] = inter / (a_block[i, 0] + areas[j] - inter) > config.nms_iou
-        free = ~suppress[:, :len(kept)].any(1)  # not suppressed by a kept mask
-        keep = dev.greedy_keep(suppress[:, len(kept):], free)
-        room = config.max_proposals - len(kept)
+            j = near_kept[i].to(torch.int8).argmax(1)
+            hit[i] = suppresses(block[i], kept[j], area[i], areas[j]).long()
+            rest = near_kept & (hit == 0)[:, None]
+            rest[i, j] = False
+            i, j = torch.nonzero(rest, as_tuple=True)
+            if len(i):
+                hit.index_add_(0, i, suppresses(block[i], kept[j], area[i], areas[j]).long())
+        free = hit == 0
+        # Among the block's survivors: the greedy rule over their exact suppressions.
+        i, j = torch.nonzero(near_block & free[:, None] & free[None, :], as_tuple=True)
+        suppress = torch.zeros((len(block), len(block)), dtype=torch.bool, device=device)
+        if len(i):
+            suppress[i, j] = suppresses(block[i], block[j], area[i], area[j])
+        keep = dev.greedy_keep(suppress, free)
+        room = config.max_proposals - k
         kept = torch.cat([kept, block[keep][:room]])
-        kept_area = torch.cat([kept_area, area[keep][:room]])
+        kept_area = torch.cat([kept_area, area[keep][:room].long()])
     return kept
