@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scales", default=",".join(map(str, PAPER_SCALES)), help="short sides (the paper's six)")
     ap.add_argument("--proposals", type=int, default=1000, help="max proposals kept (AR@1000)")
     ap.add_argument("--heads", choices=("structured", "random"), default="structured")
+    ap.add_argument("--nms", choices=("box", "mask"), default="box", help="NMS IoU of boxes (the paper's) or masks")
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds after one warm-up round")
     ap.add_argument("--compare-nchw", action="store_true",
                     help="also time the bare forward in the default NCHW layout (Predictor uses channels_last)")
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     model = InstanceFCN(ModelConfig(args.backbone)).eval()
     image, instances = synthetic_scene(height, width)
     net: nn.Module = OracleHeads(model, instances) if args.heads == "structured" else model
-    config = InferenceConfig(scales=tuple(int(s) for s in args.scales.split(",")), max_proposals=args.proposals)
+    config = InferenceConfig(scales=tuple(int(s) for s in args.scales.split(",")), max_proposals=args.proposals,
+                             nms=args.nms)
     predictor = Predictor(model, config, device="cpu")
     predictor.model = net  # same compute, chosen heads; Predictor only calls model(x) and model.config
 

@@ -13,7 +13,7 @@ Measures, in one run:
             model load (ray.init itself is timed apart);
 and prints images/s of both and their ratio (target >= 0.9), the CPU seconds each spent
 (every process of the local Ray counted), the per-image stage times the job records in its
-images table, the candidates' hand-off size and (de)serialisation time, and the peak RSS of
+images table, the compact proposals' hand-off size, (de)serialisation and encoding time, and the peak RSS of
 every actor and task process, sampled with psutil every 0.2 s.
 
 Model: the narrow VGG-16 variant with RANDOM weights unless --checkpoint is given (e.g. the
@@ -217,27 +217,33 @@ def bench_pipeline(folder: Path, out: Path, checkpoint: str, inference: ifcn.Inf
 
 
 def handoff_cost(paths: list[Path], checkpoint: str, inference: ifcn.InferenceConfig) -> dict[str, float]:
-    """Size and (de)serialisation time of one image's candidates between actor and reducer."""
-    from pipeline.infer import pack_candidates, unpack_candidates
+    """Size and (de)serialisation time of one image's compact proposals between actor and encoding
+    task, and the encoding (COCO RLE strings) itself."""
+    from pipeline.infer import pack_proposals, unpack_proposals
 
     predictor = ifcn.Predictor(ifcn.load_checkpoint(checkpoint), inference, device="cpu")
-    sizes, pack, unpack = [], 0.0, 0.0
+    sizes, pack, unpack, encode = [], 0.0, 0.0, 0.0
     for p in paths:
-        cands = predictor.candidates(decode_image(p.read_bytes(), str(p)))
+        proposals = predictor.proposals([decode_image(p.read_bytes(), str(p))])[0]
         t0 = time.perf_counter()
-        blob = pack_candidates(cands)
+        blob = pack_proposals(proposals)
         t1 = time.perf_counter()
-        unpack_candidates(blob)
-        unpack += time.perf_counter() - t1
+        ifcn.encode(unpack_proposals(blob))
+        t2 = time.perf_counter()
+        unpack_proposals(blob)
+        unpack += time.perf_counter() - t2
+        encode += t2 - t1
         pack += t1 - t0
         sizes.append(len(blob))
     n = len(paths)
-    return {"candidates_mb": float(np.mean(sizes)) / 2**20, "pack_ms": 1e3 * pack / n, "unpack_ms": 1e3 * unpack / n}
+    return {"proposals_mb": float(np.mean(sizes)) / 2**20, "pack_ms": 1e3 * pack / n, "unpack_ms": 1e3 * unpack / n,
+            "encode_ms": 1e3 * max(0.0, encode - unpack) / n}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-images", type=int, default=200)
+    p.add_argument("--nms", choices=("box", "mask"), default="box", help="NMS IoU of boxes (the paper's) or masks")
     p.add_argument("--size", type=int, default=256, help="synthetic image side in pixels")
     p.add_argument("--scales", default="171,256,384", help="inference short sides")
     p.add_argument("--cpus", type=int, default=2, help="cores for both: torch threads (bare) and Ray CPUs (pipeline)")
@@ -253,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.cpus))
 
-    inference = ifcn.InferenceConfig(scales=tuple(int(s) for s in args.scales.split(",")))
+    inference = ifcn.InferenceConfig(scales=tuple(int(s) for s in args.scales.split(",")), nms=args.nms)
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         tmp = Path(tmp)
@@ -291,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(moves much less with other load on the machine)")
     print("pipeline stage means per image (from its images table): "
           + ", ".join(f"{k} {v:.1f}" for k, v in pipe["stage_ms_mean"].items()))
-    print(f"candidates hand-off actor -> reducer: {handoff['candidates_mb']:.2f} MB/image, "
-          f"pack {handoff['pack_ms']:.1f} ms, unpack {handoff['unpack_ms']:.1f} ms")
+    print(f"proposals hand-off actor -> encoding task: {handoff['proposals_mb']:.2f} MB/image, "
+          f"pack {handoff['pack_ms']:.1f} ms, unpack {handoff['unpack_ms']:.1f} ms, "
+          f"COCO RLE strings {handoff['encode_ms']:.1f} ms")
     print("CPU seconds by process role: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(pipe["cpu_s_by_role"].items())))
     print("peak RSS (MB) by process role: "
           + "; ".join(f"{k} {v}" for k, v in sorted(pipe["peak_rss_mb_by_role"].items())))

@@ -71,7 +71,9 @@ class InferenceConfig:
 
     scales: tuple[int, ...] = PAPER_SCALES  # short side in pixels per scale
     max_size: int = 2000  # cap on the long side after resizing (keeps huge aspect ratios bounded)
-    windows_per_scale: int = 1000  # top windows by objectness assembled at each scale
+    # Windows assembled: the best windows_per_scale * len(scales) by objectness across all scales
+    # (a global ranking, so a scale with many good windows may give more than its share).
+    windows_per_scale: int = 1000
     mask_threshold: float = 0.5  # probability threshold that binarises pasted masks
     nms: str = "box"  # "box": IoU of the masks' tight boxes (the paper's); "mask": IoU of the masks (stricter)
     nms_iou: float = 0.8  # IoU (per `nms`) above which the lower-scored proposal is dropped

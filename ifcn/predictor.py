@@ -109,11 +109,15 @@ class Predictor:
         """images: (H, W, 3) uint8 RGB each -> per image, per scale: its top windows (on the
         device) and the scale's (fy, fx) resized/original factor.
 
-        Images whose resized size (padded up to `pad_to`) is equal share a forward; padding is set
-        to background before windows are picked, so it yields no window and no mask pixel."""
-        cfg = self.config
+        Windows are ranked across scales: an image keeps its windows_per_scale * len(scales) best
+        by objectness wherever they come from, so no window is dropped while a lower-scored one of
+        another scale is kept. Images whose resized size (padded up to `pad_to`) is equal share a
+        forward; padding is set to background before windows are picked, so it yields no window
+        and no mask pixel. No host sync until every scale's forward is queued."""
+        cfg, m = self.config, self.model.config.m
+        total = cfg.windows_per_scale * len(cfg.scales)
         bases = [image_to_tensor(image, self.device) for image in images]  # (1, 3, H, W) each
-        out: list[list[tuple[Windows, tuple[float, float]]]] = [[] for _ in images]
+        found: list[list[tuple[int, tuple[float, float], _Top]]] = [[] for _ in images]
         for short in cfg.scales:
             sizes = [scaled_size(*image.shape[:2], short, cfg.max_size) for image in images]
             groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -124,22 +128,35 @@ class Predictor:
                 per = math.ceil(len(members) / forwards)  # even forwards: fewer shapes for cudnn / compile
                 for lo in range(0, len(members), per):
                     chunk = members[lo:lo + per]
-                    found = self._windows_at_scale([bases[i] for i in chunk], [sizes[i] for i in chunk], padded, short)
-                    for i, w in zip(chunk, found):
+                    tops = self._top_at_scale([bases[i] for i in chunk], [sizes[i] for i in chunk], padded, total)
+                    for i, top in zip(chunk, tops):
                         height, width = images[i].shape[:2]
                         # float32-rounded as the numpy path stores it, so both paste the same pixels
                         factor = (float(np.float32(sizes[i][0] / height)), float(np.float32(sizes[i][1] / width)))
-                        # filled on the device: a host-to-device copy would wait for the GPU
-                        w.factor = torch.stack([torch.full((len(w),), f, dtype=torch.float64, device=self.device)
-                                                for f in factor], 1)
-                        out[i].append((w, factor))
+                        found[i].append((short, factor, top))
+        out = []
+        for per_scale in found:
+            logits = torch.cat([top.logits for _, _, top in per_scale])
+            floor = torch.topk(logits, total).values[-1] if len(logits) > total else None  # the cross-scale cut
+            groups_out = []
+            for short, factor, top in per_scale:
+                keep = torch.nonzero(top.logits >= floor).reshape(-1) if floor is not None else None
+                logit, cells = (top.logits, top.cells) if keep is None else (top.logits[keep], top.cells[keep])
+                windows = torch.cat([torch.zeros_like(cells[:, :1]), cells], 1)  # (n, 3): one map, top-left cells
+                n = len(cells)
+                groups_out.append((Windows(torch.sigmoid(logit), cells, torch.sigmoid(assemble(top.scores[None], windows, m)),
+                                           # filled on the device: a host-to-device copy would wait for the GPU
+                                           torch.stack([torch.full((n,), f, dtype=torch.float64, device=self.device)
+                                                        for f in factor], 1),
+                                           torch.full((n,), short, dtype=torch.long, device=self.device)), factor))
+            out.append(groups_out)
         return out
 
-    def _windows_at_scale(self, bases: list[torch.Tensor], sizes: list[tuple[int, int]], padded: tuple[int, int],
-                          short: int) -> list[Windows]:
-        """One batched forward at one scale -> each image's top windows (no host sync)."""
+    def _top_at_scale(self, bases: list[torch.Tensor], sizes: list[tuple[int, int]], padded: tuple[int, int],
+                      total: int) -> list["_Top"]:
+        """One batched forward at one scale -> each image's best `total` windows there (no host sync)."""
         mcfg = self.model.config
-        m, half, stride = mcfg.m, mcfg.m // 2, mcfg.stride
+        half, stride = mcfg.m // 2, mcfg.stride
         x = torch.cat([F.pad(normalize(resize(b, s)), (0, padded[1] - s[1], 0, padded[0] - s[0]))
                        for b, s in zip(bases, sizes)]).contiguous(memory_format=torch.channels_last)  # (B, 3, h, w)
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext())
@@ -154,19 +171,10 @@ class Predictor:
                 inside[b, :, :h, :w] = True
             scores = scores.masked_fill(~inside, BACKGROUND_LOGIT)
             objectness = objectness.masked_fill(~inside, -math.inf)
-        counts = [min(self.config.windows_per_scale, h * w) for h, w in feats]
+        counts = [min(total, h * w) for h, w in feats]
         top = torch.topk(objectness.reshape(batch, -1), max(counts), dim=1)  # (B, T)
-        ys, xs = top.indices // fw, top.indices % fw
-        image = torch.arange(batch, device=self.device)[:, None].expand_as(ys)
-        windows = torch.stack([image, ys - half, xs - half], dim=2).reshape(-1, 3)  # (B*T, 3) window top-left cells
-        probs = torch.sigmoid(assemble(scores, windows, m)).reshape(batch, -1, m, m)  # (B, T, m, m)
-        probability = torch.sigmoid(top.values)
-        out = []
-        for b, n in enumerate(counts):
-            out.append(Windows(probability[b, :n], windows.reshape(batch, -1, 3)[b, :n, 1:], probs[b, :n],
-                               torch.empty((n, 2), dtype=torch.float64, device=self.device),
-                               torch.full((n,), short, dtype=torch.long, device=self.device)))
-        return out
+        cells = torch.stack([top.indices // fw - half, top.indices % fw - half], dim=2)  # (B, T, 2) top-left cells
+        return [_Top(top.values[b, :n], cells[b, :n], scores[b]) for b, n in enumerate(counts)]
 
     def proposals(self, images: list[np.ndarray]) -> list[Proposals]:
         """images: (H, W, 3) uint8 RGB each -> each image's proposals, best first (compact form)."""
@@ -187,6 +195,16 @@ class Predictor:
     def predict(self, image: np.ndarray) -> list[dict[str, Any]]:
         """image: (H, W, 3) uint8 RGB -> proposals best first (see `postprocess`)."""
         return encode(self.proposals([image])[0])
+
+
+@dataclass
+class _Top:
+    """One image's best windows at one scale: logits (n,), cells (n, 2) top-left feature cells,
+    scores (k*k, fh, fw) its score maps (for assembling the windows that survive the cross-scale cut)."""
+
+    logits: torch.Tensor
+    cells: torch.Tensor
+    scores: torch.Tensor
 
 
 def _padded(size: tuple[int, int], pad_to: int) -> tuple[int, int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from pycocotools import mask as mask_utils
 
 from ifcn import Candidates, InferenceConfig, InstanceFCN, Predictor, postprocess
@@ -73,7 +74,7 @@ def test_postprocess_of_serialised_candidates_equals_predict(model: InstanceFCN,
     predictor = Predictor(model, _config(), device="cpu")
     cands = predictor.candidates(image)
     n = len(cands.scores)
-    assert n == sum(min(40, -(-h // 8) * -(-w // 8)) for h, w in [(40, 56), (56, 78), (72, 101)])
+    assert n == min(40 * 3, sum(-(-h // 8) * -(-w // 8) for h, w in [(40, 56), (56, 78), (72, 101)]))
     assert cands.masks.shape == (n, 21, 21) and cands.cells.shape == (n, 2) and cands.factor.shape == (n, 2)
     assert set(np.unique(cands.scale)) == set(SCALES)
     round_trip = Candidates.from_dict(cands.to_dict())
@@ -103,3 +104,25 @@ def test_tiny_image(model: InstanceFCN) -> None:
 def test_rejects_bad_image(model: InstanceFCN) -> None:
     with pytest.raises(ValueError, match="uint8"):
         Predictor(model, _config(), device="cpu").predict(np.zeros((10, 10, 3), np.float32))
+
+
+def test_windows_are_ranked_across_scales(model: InstanceFCN, image: np.ndarray) -> None:
+    """The kept windows are the best windows_per_scale * len(scales) of all scales together: none
+    left out scores above one kept (reference: the model's objectness maps, straight from forward)."""
+    from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size
+
+    config = _config(windows_per_scale=20)
+    groups = Predictor(model, config, device="cpu").windows([image])[0]
+    kept = {(int(w.scale[0]), int(y), int(x)) for w, _ in groups for y, x in (w.cells + 21 // 2).tolist()}
+    logits = {}
+    with torch.inference_mode():
+        for short in SCALES:
+            size = scaled_size(*image.shape[:2], short, config.max_size)
+            _, obj = model(normalize(resize(image_to_tensor(image), size)))  # (1, 1, fh, fw)
+            for (y, x), v in np.ndenumerate(obj[0, 0].numpy()):
+                logits[(short, y, x)] = float(v)
+    assert len(kept) == 20 * len(SCALES) < len(logits)
+    assert min(logits[k] for k in kept) >= max(v for k, v in logits.items() if k not in kept) - 1e-5
+    scores = np.concatenate([w.scores.numpy() for w, _ in groups])
+    np.testing.assert_allclose(np.sort(scores)[::-1][:5], 1 / (1 + np.exp(-np.sort(list(logits.values()))[::-1][:5])),
+                               rtol=1e-5)
