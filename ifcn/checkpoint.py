@@ -24,22 +24,30 @@ def save_checkpoint(model: InstanceFCN, url: str, extra: dict[str, Any] | None =
     write_bytes(url, buf.getvalue(), storage_options)
 
 
-def read_checkpoint(url: str, storage_options: dict | None = None) -> dict[str, Any]:
-    """The raw payload, loaded with weights_only=True (no pickled code runs)."""
+def read_checkpoint(url: str, storage_options: dict | None = None, expected_sha256: str | None = None) -> dict[str, Any]:
+    """The raw payload, loaded with weights_only=True (no pickled code runs).
+
+    expected_sha256: refuse bytes that hash otherwise (a job's workers load the weights it planned)."""
     with open_url(url, "rb", storage_options) as f:
-        try:
-            payload = torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises several types for a bad file
-            raise ValueError(f"checkpoint {url}: not a readable torch file ({type(e).__name__}: {e})") from e
+        data = f.read()
+    if expected_sha256 is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != expected_sha256:
+            raise ValueError(f"checkpoint {url}: its sha256 is {got[:12]}..., but the job planned {expected_sha256[:12]}... "
+                             f"(the file changed after the job started); re-run to use the new file, or restore the old one")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a bad file
+        raise ValueError(f"checkpoint {url}: not a readable torch file ({type(e).__name__}: {e})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint {url}: not an InstanceFCN checkpoint (expected format {FORMAT!r}); "
                          f"write one with ifcn.save_checkpoint or jobs.train")
     return payload
 
 
-def load_checkpoint(url: str, storage_options: dict | None = None) -> InstanceFCN:
-    """InstanceFCN with config and weights from `url`, in eval mode on CPU."""
-    payload = read_checkpoint(url, storage_options)
+def load_checkpoint(url: str, storage_options: dict | None = None, expected_sha256: str | None = None) -> InstanceFCN:
+    """InstanceFCN with config and weights from `url`, in eval mode on CPU (see read_checkpoint)."""
+    payload = read_checkpoint(url, storage_options, expected_sha256)
     kind = payload.get("extra", {}).get("model", "instancefcn")
     if kind != "instancefcn":
         raise ValueError(f"checkpoint {url}: holds a {kind!r} model, not InstanceFCN; load it with "

@@ -37,11 +37,12 @@ class InferenceActor:
     """map_batches callable: pyarrow batch with `pixels` -> + infer_ms, postprocess_ms, `proposals` (npz bytes)."""
 
     def __init__(self, checkpoint: str, inference: dict[str, Any], storage_options: dict[str, Any] | None = None,
-                 amp: str = "auto", torch_threads: int | None = None, compile: bool = False) -> None:
+                 amp: str = "auto", torch_threads: int | None = None, compile: bool = False,
+                 checkpoint_sha256: str | None = None) -> None:
         if torch_threads:  # the actor's CPU share; an inherited OMP_NUM_THREADS would oversubscribe
             torch.set_num_threads(torch_threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_checkpoint(checkpoint, storage_options)
+        model = load_checkpoint(checkpoint, storage_options, checkpoint_sha256)  # the weights the job planned
         self.predictor = Predictor(model, InferenceConfig.from_dict(inference), device, amp_dtype(amp, device),
                                    compile=compile and device.type == "cuda")
 

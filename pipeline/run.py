@@ -39,7 +39,7 @@ from .config import SegmentConfig, SegmentError
 from .infer import InferenceActor
 from .reduce import InferAndEncodeActor, encode_batch
 from .schema import FORMAT
-from .sink import JOB_FILE, MANIFEST_FILE, OutputStore
+from .sink import JOB_FILE, MANIFEST_FILE, SUCCESS_FILE, OutputStore
 from .sources import InputItem, Shard, list_inputs, listing_digest, make_shards, read_images
 
 READ_BATCH = 4  # images per read call: small, so decoded pixels stream to the actors early
@@ -100,6 +100,7 @@ def prepare(config: SegmentConfig) -> Plan:
             raise SegmentError(f"--output {config.output}: commit marker of shard {sid} does not match this "
                                f"input listing; use a new --output, or delete it to start over")
     try:
+        store.remove(SUCCESS_FILE)  # a resumed run: the output is incomplete until it ends
         if rewrite_job:
             store.write_json(JOB_FILE, job)
         store.remove_uncommitted(set(committed))
@@ -169,7 +170,8 @@ def build_dataset(plan: Plan, config: SegmentConfig, res: Resources):
         num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor,
         fn_constructor_kwargs={"checkpoint": config.checkpoint, "inference": config.inference.to_dict(),
                                "storage_options": config.storage_options, "amp": config.amp,
-                               "torch_threads": max(1, int(res.cpus_per_actor)), "compile": config.compile})
+                               "torch_threads": max(1, int(res.cpus_per_actor)), "compile": config.compile,
+                               "checkpoint_sha256": plan.checkpoint_sha256})
     if res.postprocess_in_actor:
         return ds
     return ds.map_batches(encode_batch, batch_format="pyarrow", batch_size=ENCODE_BATCH, num_cpus=1)
@@ -250,7 +252,6 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
         if collector.missing():
             raise SegmentError(f"shards {collector.missing()[:10]} did not receive all their images; "
                                f"re-run the same command to finish them")
-    plan.store.remove_tmp()
     wall = time.perf_counter() - start
     markers = plan.store.committed()
     counts = {"images": sum(m["num_images"] for m in markers.values()),
@@ -274,6 +275,8 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
                                              "pipeline_images_per_s", "actors", "gpus_per_actor")},
         "tables": {"masks": "masks/*.parquet", "images": "images/*.parquet"},
         "versions": versions()})
+    plan.store.mark_success()  # last: Hadoop/Spark's "this output is complete"
+    plan.store.remove_tmp()
     return summary
 
 

@@ -10,7 +10,8 @@ Layout under the job's --output URL:
     _commits/<shard>.json         commit marker of a shard, written last (counts, digest)
     _job.json                     fingerprint of inputs + config, written before any shard
     _manifest.json                config, checkpoint sha256, versions, counts (end of each run)
-    _tmp/                         files being written; never read
+    _tmp/                         files being written; never read; gone when a run ends
+    _SUCCESS                      empty; written last by a run that completed, removed when one starts
 
 Readers glob `masks/*.parquet` (or DuckDB's `masks/**/*.parquet`); `_`-prefixed paths are
 skipped by pyarrow.dataset and never match those globs.

@@ -26,6 +26,7 @@ from .schema import MASKS_ROW_GROUP_ROWS, PARQUET_COMPRESSION, reduced_to_tables
 from .sources import Shard
 
 JOB_FILE = "_job.json"
+SUCCESS_FILE = "_SUCCESS"  # empty, written last by a complete run (the Hadoop/Spark convention)
 MANIFEST_FILE = "_manifest.json"
 COMMITS_DIR = "_commits"
 TMP_DIR = "_tmp"
@@ -114,6 +115,13 @@ class OutputStore:
     def remove_tmp(self) -> None:
         """Drops `_tmp/` once a run has nothing left in flight."""
         _remove_quietly(self.fs, self.path(TMP_DIR))
+
+    def remove(self, name: str) -> None:
+        _remove_quietly(self.fs, self.path(name))
+
+    def mark_success(self) -> None:
+        """Writes the empty `_SUCCESS` (an empty object is written whole or not at all)."""
+        self._put(b"", self.path(SUCCESS_FILE))
 
     # --- helpers ----------------------------------------------------------------------
     def _put(self, data: bytes, path: str) -> None:

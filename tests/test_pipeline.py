@@ -150,7 +150,8 @@ def test_files_schema_layout_and_manifest(first_run: dict, inputs: dict) -> None
     assert manifest["counts"]["images"] == len(NAMES) + 1
     assert manifest["config"]["inference"]["scales"] == list(INFERENCE["scales"])
     assert len(list((out / "_commits").iterdir())) == 3
-    assert not list((out / "_tmp").glob("**/*.parquet")) if (out / "_tmp").exists() else True
+    assert (out / "_SUCCESS").read_bytes() == b""  # complete: Spark/Hadoop readers' convention
+    assert not (out / "_tmp").exists()  # a finished run leaves no temp folder, not even an empty one
 
 
 def test_readers_duckdb_pandas_pycocotools(first_run: dict) -> None:
@@ -213,6 +214,23 @@ def test_mismatched_rerun_is_refused(first_run: dict, inputs: dict, tmp_path: Pa
     write_images(other, ["zz_new.png"], seed=5)
     with pytest.raises(SegmentError, match=r"input listing differs \(6 images before, 7 now\)"):
         run_segment(_config(inputs, out, input=other))
+
+
+def test_resumed_run_removes_success_until_it_completes(first_run: dict, inputs: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(first_run["output"], out)
+    (out / "_commits" / "000002.json").unlink()
+    prepare(_config(inputs, out))  # what a re-run does first
+    assert not (out / "_SUCCESS").exists()
+    run_segment(_config(inputs, out))
+    assert (out / "_SUCCESS").exists() and not (out / "_tmp").exists()
+
+
+def test_actors_refuse_a_checkpoint_that_changed_after_planning(inputs: dict) -> None:
+    sha = ifcn.checkpoint_digest(inputs["checkpoint"])
+    InferenceActor(inputs["checkpoint"], ifcn.InferenceConfig(**INFERENCE).to_dict(), checkpoint_sha256=sha)
+    with pytest.raises(ValueError, match=r"sha256 is .* but the job planned 000000000000"):
+        InferenceActor(inputs["checkpoint"], ifcn.InferenceConfig(**INFERENCE).to_dict(), checkpoint_sha256="0" * 64)
 
 
 def test_changed_settings_are_fine_before_any_commit(inputs: dict, tmp_path: Path) -> None:
