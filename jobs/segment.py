@@ -39,6 +39,10 @@ def parser() -> argparse.ArgumentParser:
                    "actors (CPU-only default); paste and NMS always run in the actors, on their device")
     p.add_argument("--compile", action="store_true", help="torch.compile the model on GPU actors (~1 min warm-up)")
     p.add_argument("--max-pixels", type=int, help="images with more pixels become error rows")
+    p.add_argument("--max-error-rate", type=float, help="exit non-zero when more than this share of images "
+                   "end as error rows (default 0.1; the tables are kept)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (inputs, shards, committed, to run, "
+                   "skipped keys) and exit: nothing is written, no workers start")
     p.add_argument("--amp", choices=("auto", "bf16", "none"), help="bf16 autocast on CUDA (default auto = bf16 on "
                    "CUDA; CPU always runs fp32)")
     return p
@@ -51,10 +55,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from ifcn.image import one_line
     from pipeline.config import SegmentConfig, SegmentError
-    from pipeline.run import run_segment
+    from pipeline.run import describe_plan, make_plan, run_segment
 
+    dry_run = args.pop("dry_run", False)
     try:
         config = SegmentConfig.from_options(**args)
+        if dry_run:
+            print(describe_plan(make_plan(config), config))
+            return 0
         summary = run_segment(config)
     except SegmentError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -71,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done: {s['images_ok']} images ok, {s['images_error']} errors, {s['proposals']} proposals; "
           f"{s['images_this_run']} images this run in {s['wall_s']:.1f} s ({s['images_per_s']:.2f} images/s); "
           f"{s['shards_skipped']} shards were already committed; output: {s['output']}")
+    if s["error_rate"] > config.max_error_rate:
+        print(f"error: {s['images_error']} of {s['images']} images ({s['error_rate']:.1%}) are error rows, over "
+              f"--max-error-rate {config.max_error_rate}; see SELECT uri, error FROM "
+              f"read_parquet('{s['output'].rstrip('/')}/images/*.parquet') WHERE status = 'error'", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -46,6 +46,9 @@ class SegmentConfig:
     # None -> 16 on GPU actors (the H100 forward ran 166 images/s at 16, 158 at 8), 4 on CPU.
     batch_size: int | None = None
     compile: bool = False  # torch.compile the model in GPU actors: faster forwards after a warm-up of ~1 min
+    # A finished job whose error rows exceed this share of its images exits non-zero (the tables
+    # are kept): a bucket of mostly broken files, or wrong credentials, should not look like success.
+    max_error_rate: float = 0.1
     # Paste, binarise, NMS and run lengths always run in the inference actor, on its device. Where
     # the runs become COCO RLE strings and rows: "tasks" (CPU tasks after the actor pool, so GPUs
     # never wait on them), "actor" (inside each actor, one actor per core: what a CPU-only cluster
@@ -64,6 +67,8 @@ class SegmentConfig:
         for name in ("shard_size", "max_pixels", "min_side", "batch_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SegmentError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise SegmentError(f"--max-error-rate {self.max_error_rate}: must be in [0, 1]")
         if self.actors is not None and self.actors < 1:
             raise SegmentError(f"--actors {self.actors}: must be >= 1")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:

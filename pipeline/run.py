@@ -55,16 +55,36 @@ class Plan:
     """What a run will do, decided before any work starts."""
 
     items: list[InputItem]
+    skipped: dict[str, int]  # prefix keys that are not images, by extension
     shards: list[Shard]
     pending: list[Shard]  # shards without a commit marker
     store: OutputStore
     job: dict[str, Any]  # the output's fingerprint (_job.json)
     checkpoint_sha256: str
     model_config: dict[str, Any]
+    committed: dict[str, dict[str, Any]]  # shard_id -> commit marker, before this run
+    rewrite_job: bool  # _job.json is missing or may be replaced (nothing committed yet)
 
 
 def prepare(config: SegmentConfig) -> Plan:
-    """Preflight: checkpoint, input listing, shards, output state. Raises SegmentError (one line)."""
+    """Preflight (`make_plan`), then claims the output: writes its fingerprint, clears what an earlier
+    run left uncommitted, and removes `_SUCCESS` until this run completes."""
+    plan = make_plan(config)
+    committed = set(plan.committed)
+    try:
+        plan.store.remove(SUCCESS_FILE)  # a resumed run: the output is incomplete until it ends
+        if plan.rewrite_job:
+            plan.store.write_json(JOB_FILE, plan.job)
+        plan.store.remove_uncommitted(committed)
+    except Exception as e:
+        raise SegmentError(f"--output {config.output}: cannot write to it ({type(e).__name__}: {one_line(e)}); "
+                           f"check permissions, credentials and --storage-options") from None
+    return plan
+
+
+def make_plan(config: SegmentConfig) -> Plan:
+    """Checkpoint, input listing, shards, output state: read only (what --dry-run prints).
+    Raises SegmentError (one line)."""
     so = config.storage_options
     try:
         sha = checkpoint_digest(config.checkpoint, so)
@@ -72,7 +92,8 @@ def prepare(config: SegmentConfig) -> Plan:
     except Exception as e:
         raise SegmentError(f"--checkpoint {config.checkpoint}: cannot load it ({type(e).__name__}: {one_line(e)}); "
                            f"pass a file written by ifcn.save_checkpoint or jobs.train") from None
-    items = list_inputs(config.input, so)
+    skipped: dict[str, int] = {}
+    items = list_inputs(config.input, so, skipped)
     shards = make_shards(items, config.shard_size)
     job = {"format": FORMAT, "inputs_sha256": listing_digest(items), "num_inputs": len(items),
            "num_shards": len(shards), "settings": config.result_settings(), "checkpoint_sha256": sha}
@@ -99,16 +120,9 @@ def prepare(config: SegmentConfig) -> Plan:
         if sid not in by_id or marker.get("digest") != by_id[sid].digest:
             raise SegmentError(f"--output {config.output}: commit marker of shard {sid} does not match this "
                                f"input listing; use a new --output, or delete it to start over")
-    try:
-        store.remove(SUCCESS_FILE)  # a resumed run: the output is incomplete until it ends
-        if rewrite_job:
-            store.write_json(JOB_FILE, job)
-        store.remove_uncommitted(set(committed))
-    except Exception as e:
-        raise SegmentError(f"--output {config.output}: cannot write to it ({type(e).__name__}: {one_line(e)}); "
-                           f"check permissions, credentials and --storage-options") from None
     pending = [s for s in shards if s.shard_id not in committed]
-    return Plan(items, shards, pending, store, job, sha, model_config)
+    return Plan(items, dict(sorted(skipped.items())), shards, pending, store, job, sha, model_config, committed,
+                rewrite_job)
 
 
 @dataclass(frozen=True)
@@ -227,7 +241,7 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
     plan = prepare(config)
     skipped = len(plan.shards) - len(plan.pending)
     log(f"{len(plan.items)} images in {len(plan.shards)} shards of {config.shard_size}; "
-        f"{skipped} already committed, {len(plan.pending)} to run")
+        f"{skipped} already committed, {len(plan.pending)} to run" + _skipped_note(plan.skipped))
     collector = ShardCollector(plan.pending, plan.store, log)
     run_s, res = 0.0, Resources(0, 0.0, 0.0, False, 0)  # nothing to run: no actors
     if plan.pending:
@@ -265,12 +279,14 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
                # the Ray Data execution alone (no listing, checkpoint check or Ray start-up)
                "pipeline_s": round(run_s, 3), "pipeline_images_per_s": round(processed / run_s, 3) if run_s else 0.0,
                "actors": res.actors, "gpus_per_actor": res.gpus_per_actor,
-               "postprocess": "actor" if res.postprocess_in_actor else "tasks"}
+               "postprocess": "actor" if res.postprocess_in_actor else "tasks", "skipped_keys": plan.skipped,
+               "error_rate": round(counts["images_error"] / max(1, counts["images"]), 4)}
     plan.store.write_json(MANIFEST_FILE, {
         "format": FORMAT, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "input": config.input, "output": config.output, "config": config.to_dict(),
         "checkpoint": {"url": config.checkpoint, "sha256": plan.checkpoint_sha256, "model": plan.model_config},
         "inputs_sha256": plan.job["inputs_sha256"], "num_inputs": len(plan.items), "counts": counts,
+        "skipped_keys": plan.skipped,
         "last_run": {k: summary[k] for k in ("images_this_run", "wall_s", "images_per_s", "pipeline_s",
                                              "pipeline_images_per_s", "actors", "gpus_per_actor")},
         "tables": {"masks": "masks/*.parquet", "images": "images/*.parquet"},
@@ -278,6 +294,26 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
     plan.store.mark_success()  # last: Hadoop/Spark's "this output is complete"
     plan.store.remove_tmp()
     return summary
+
+
+def describe_plan(plan: Plan, config: SegmentConfig) -> str:
+    """What --dry-run prints: the plan in a few lines; nothing has been written or started."""
+    todo = sum(len(s.items) for s in plan.pending)
+    lines = [f"input {config.input}: {len(plan.items)} images" + _skipped_note(plan.skipped),
+             f"output {config.output}: {len(plan.shards)} shards of {config.shard_size}, "
+             f"{len(plan.committed)} committed, {len(plan.pending)} to run ({todo} images)",
+             f"checkpoint {config.checkpoint}: sha256 {plan.checkpoint_sha256[:12]}..., "
+             f"backbone {plan.model_config.get('backbone')}",
+             f"inference: {json.dumps(config.inference.to_dict(), sort_keys=True)}",
+             "dry run: nothing written, no workers started"]
+    return "\n".join(lines)
+
+
+def _skipped_note(skipped: dict[str, int]) -> str:
+    if not skipped:
+        return ""
+    parts = ", ".join(f"{n} {ext or '(no extension)'}" for ext, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    return f"; skipped keys that are not images: {parts}"
 
 
 def versions() -> dict[str, str]:

@@ -50,10 +50,13 @@ def is_image_path(path: str) -> bool:
     return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_inputs(url: str, storage_options: dict[str, Any] | None = None) -> list[InputItem]:
+def list_inputs(url: str, storage_options: dict[str, Any] | None = None,
+                skipped: dict[str, int] | None = None) -> list[InputItem]:
     """Every input image of `url` (prefix or manifest), sorted by image_id, without duplicates.
 
-    Raises SegmentError (one line) when the input is missing, unreachable or holds no images.
+    skipped: if given, counts the prefix's keys that are not images, by extension ("" for none),
+    so a summary can say what was left out (.heic, .avif, ...). Raises SegmentError (one line)
+    when the input is missing, unreachable or holds no images.
     """
     try:
         fs, path = filesystem(url, storage_options)
@@ -68,8 +71,13 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None) -> list
                                    f"({', '.join(MANIFEST_EXTENSIONS)}) nor an image; "
                                    f"pass a prefix, a manifest or an image")
         elif fs.isdir(path):
-            items = [InputItem(posixpath.relpath(p, path), fs.unstrip_protocol(p))
-                     for p in fs.find(path, withdirs=False) if is_image_path(p)]
+            items = []
+            for p in fs.find(path, withdirs=False):
+                if is_image_path(p):
+                    items.append(InputItem(posixpath.relpath(p, path), fs.unstrip_protocol(p)))
+                elif skipped is not None:
+                    ext = posixpath.splitext(p)[1].lower()
+                    skipped[ext] = skipped.get(ext, 0) + 1
         else:
             raise SegmentError(f"--input {url}: no such file or prefix; check the URL (and credentials / "
                                f"AWS_ENDPOINT_URL for object stores)")

@@ -332,8 +332,32 @@ def test_cli_rerun_prints_summary(first_run: dict, inputs: dict, tmp_path: Path)
     """The CLI on a copy of the module's output re-runs nothing and prints the final summary."""
     out = tmp_path / "o"
     shutil.copytree(first_run["output"], out)
-    r = cli("--input", str(inputs["images"]), "--output", str(out), "--checkpoint", inputs["checkpoint"],
-            "--shard-size", "2", *inference_flags())
+    args = ["--input", str(inputs["images"]), "--output", str(out), "--checkpoint", inputs["checkpoint"],
+            "--shard-size", "2", *inference_flags()]
+    r = cli(*args, "--max-error-rate", "0.2")
     assert r.returncode == 0, r.stderr
     assert "5 images ok, 1 errors" in r.stdout and str(out) in r.stdout and "images/s" in r.stdout
     assert os.path.exists(out / "_manifest.json")
+    # 1 of 6 images is an error row: over the default --max-error-rate 0.1 the job exits non-zero, in one line
+    r = cli(*args)
+    assert r.returncode == 3 and "5 images ok, 1 errors" in r.stdout and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # after the job's own progress lines
+    for needle in ("error: 1 of 6 images (16.7%) are error rows", "--max-error-rate 0.1", "status = 'error'"):
+        assert needle in last, last
+    assert (out / "_SUCCESS").exists()  # the tables are complete; the rate is the caller's to judge
+
+
+def test_cli_dry_run_prints_the_plan_and_writes_nothing(first_run: dict, inputs: dict, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    shutil.copytree(first_run["output"], out)
+    (out / "_commits" / "000001.json").unlink()
+    before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    r = cli("--input", str(inputs["images"]), "--output", str(out), "--checkpoint", inputs["checkpoint"],
+            "--shard-size", "2", *inference_flags(), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "6 images; skipped keys that are not images: 1 .txt" in r.stdout
+    assert "3 shards of 2, 2 committed, 1 to run (2 images)" in r.stdout and "nothing written" in r.stdout
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # _SUCCESS, stray parts: all kept
+    r = cli("--input", str(inputs["images"]), "--output", str(tmp_path / "new"), "--checkpoint",
+            inputs["checkpoint"], "--dry-run")
+    assert r.returncode == 0 and "0 committed" in r.stdout and not (tmp_path / "new").exists()

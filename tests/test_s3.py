@@ -157,7 +157,7 @@ def test_segment_cli_reads_and_writes_s3(s3_server, s3_bucket):
     out = f"{s3_bucket}/out"
     args = ["--input", f"{s3_bucket}/images/", "--output", out, "--checkpoint", f"{s3_bucket}/ckpt/model.pt",
             "--scales", ",".join(map(str, SCALES)), "--max-proposals", str(MAX_PROPOSALS),
-            "--shard-size", "2", "--actors", "1"]
+            "--shard-size", "2", "--actors", "1", "--max-error-rate", "0.5"]  # one input is corrupt on purpose
     r = run_cli(args, dict(os.environ))  # endpoint and credentials from AWS_* (set by the fixture)
     assert r.returncode == 0, r.stderr[-4000:]
     check_against_predictor(s3_bucket, files, model, out)
@@ -187,7 +187,8 @@ def test_segment_cli_with_storage_options_only(s3_server, s3_bucket):
     out = f"{s3_bucket}/out2"
     r = run_cli(["--input", f"{s3_bucket}/images", "--output", out, "--checkpoint", f"{s3_bucket}/m.pt",
                  "--scales", ",".join(map(str, SCALES)), "--max-proposals", str(MAX_PROPOSALS),
-                 "--shard-size", "8", "--actors", "1", "--storage-options", json.dumps(so)], env)
+                 "--shard-size", "8", "--actors", "1", "--max-error-rate", "0.5", "--storage-options", json.dumps(so)],
+                env)
     assert r.returncode == 0, r.stderr[-4000:]
     check_against_predictor(s3_bucket, files, model, out, storage_options=so)
 
