@@ -20,6 +20,7 @@ Usage (the CLI is jobs/segment.py):
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import math
@@ -39,6 +40,7 @@ from .config import SegmentConfig, SegmentError
 from .infer import InferenceActor
 from .reduce import InferAndEncodeActor, encode_batch
 from .schema import FORMAT
+from .lease import Lease
 from .sink import JOB_FILE, MANIFEST_FILE, SUCCESS_FILE, OutputStore
 from .sources import InputItem, Shard, list_inputs, listing_digest, make_shards, read_images
 
@@ -66,10 +68,16 @@ class Plan:
     rewrite_job: bool  # _job.json is missing or may be replaced (nothing committed yet)
 
 
-def prepare(config: SegmentConfig) -> Plan:
-    """Preflight (`make_plan`), then claims the output: writes its fingerprint, clears what an earlier
-    run left uncommitted, and removes `_SUCCESS` until this run completes."""
+def prepare(config: SegmentConfig, lease: Lease | None = None) -> Plan:
+    """Preflight (`make_plan`), then claims the output: takes `lease` (if given) before touching
+    anything, writes its fingerprint, clears what an earlier run left uncommitted, and removes
+    `_SUCCESS` until this run completes."""
     plan = make_plan(config)
+    if lease is not None:
+        lease.acquire()  # before remove_uncommitted: another live run's shards in flight are not ours
+        # a run we took a stale lease from may have committed more since the plan was read
+        plan = dataclasses.replace(plan, committed=plan.store.committed())
+        plan = dataclasses.replace(plan, pending=[s for s in plan.shards if s.shard_id not in plan.committed])
     committed = set(plan.committed)
     try:
         plan.store.remove(SUCCESS_FILE)  # a resumed run: the output is incomplete until it ends
@@ -238,7 +246,19 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()
-    plan = prepare(config)
+    try:
+        lease = Lease(OutputStore(config.output, config.storage_options))
+    except Exception as e:
+        raise SegmentError(f"--output {config.output}: cannot open it ({type(e).__name__}: {one_line(e)}); "
+                           f"check the URL and --storage-options") from None
+    try:
+        return _run(config, log, lease, start)
+    finally:
+        lease.release()
+
+
+def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start: float) -> dict[str, Any]:
+    plan = prepare(config, lease)
     skipped = len(plan.shards) - len(plan.pending)
     log(f"{len(plan.items)} images in {len(plan.shards)} shards of {config.shard_size}; "
         f"{skipped} already committed, {len(plan.pending)} to run" + _skipped_note(plan.skipped))
@@ -291,6 +311,7 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
                                              "pipeline_images_per_s", "actors", "gpus_per_actor")},
         "tables": {"masks": "masks/*.parquet", "images": "images/*.parquet"},
         "versions": versions()})
+    lease.release()  # no heartbeat may write through _tmp/ after this
     plan.store.mark_success()  # last: Hadoop/Spark's "this output is complete"
     plan.store.remove_tmp()
     return summary

@@ -12,6 +12,7 @@ Layout under the job's --output URL:
     _manifest.json                config, checkpoint sha256, versions, counts (end of each run)
     _tmp/                         files being written; never read; gone when a run ends
     _SUCCESS                      empty; written last by a run that completed, removed when one starts
+    _lease.json                   the live run's owner, host and heartbeat (pipeline/lease.py)
 
 Readers glob `masks/*.parquet` (or DuckDB's `masks/**/*.parquet`); `_`-prefixed paths are
 skipped by pyarrow.dataset and never match those globs.
