@@ -54,10 +54,9 @@ def axis_samples(cell0: torch.Tensor, factor: torch.Tensor, pixels: torch.Tensor
     return AxisSamples(i0, (i0 + 1).clamp(max=m - 1), t, valid)
 
 
-def span(cell0: torch.Tensor, factor: torch.Tensor, m: int, stride: int, count: int) -> torch.Tensor:
+def span(cell0: torch.Tensor, factor: torch.Tensor, m: int, stride: int) -> torch.Tensor:
     """(N,) first image pixel of each window's span along one axis (as ops.window_pixel_span);
-    `count` pixels from there cover the span of any window whose factor is >= min_factor
-    (see `span_count`)."""
+    `span_count` pixels from there cover it."""
     return torch.ceil((cell0 * stride).double() / factor - 0.5).long()
 
 
@@ -120,7 +119,7 @@ def _probe_pixels(cell0: torch.Tensor, factor: torch.Tensor, m: int, stride: int
     Within the pixels that blend the same cell pair (same floor(u)), the pasted value of any
     fixed row is affine in t, and t grows with the pixel: its maximum sits at the first or last
     such pixel. So a row holds a mask pixel iff one of these <= 2m probes does."""
-    pix = span(cell0, factor, m, stride, count)[:, None] + torch.arange(count, device=cell0.device)  # (N, S)
+    pix = span(cell0, factor, m, stride)[:, None] + torch.arange(count, device=cell0.device)  # (N, S)
     s = axis_samples(cell0, factor, pix, m, stride, size)
     key = torch.where(s.valid, s.i0, torch.full_like(s.i0, -1))
     edge = torch.ones_like(key[:, :1], dtype=torch.bool)
@@ -146,8 +145,8 @@ def tight_boxes(w: Windows, image_size: tuple[int, int], m: int, stride: int, th
     ar_y, ar_x = torch.arange(ny, device=out.device), torch.arange(nx, device=out.device)
     for sl in _chunks(len(w), (2 * m + 2) * (ny + nx) + ny + nx):
         probs = w.probs[sl]
-        ypix = span(cy[sl], fy[sl], m, stride, ny)[:, None] + ar_y  # (n, Sy)
-        xpix = span(cx[sl], fx[sl], m, stride, nx)[:, None] + ar_x  # (n, Sx)
+        ypix = span(cy[sl], fy[sl], m, stride)[:, None] + ar_y  # (n, Sy)
+        xpix = span(cx[sl], fx[sl], m, stride)[:, None] + ar_x  # (n, Sx)
         ys = axis_samples(cy[sl], fy[sl], ypix, m, stride, height)
         xs = axis_samples(cx[sl], fx[sl], xpix, m, stride, width)
         yprobe = axis_samples(cy[sl], fy[sl], _probe_pixels(cy[sl], fy[sl], m, stride, height, ny), m, stride, height)
@@ -222,10 +221,9 @@ class CropStore:
         cols = torch.arange(wmax, device=dev_, dtype=torch.int32)
         rh, rw = (region[:, 3] - region[:, 1]).int(), (region[:, 2] - region[:, 0]).int()
         # offset of region pixel (r, c) in the window's row-major crop: start + (dy + r) * width + dx + c
-        width = (boxes[:, 2] - boxes[:, 0]).int()
-        base = (self.start[idx] + (region[:, 1] - boxes[:, 1]) * (boxes[:, 2] - boxes[:, 0])
-                + region[:, 0] - boxes[:, 0]).int()  # (k,)
-        row_off = base[:, None] + rows[None, :] * width[:, None]  # (k, hmax)
+        width = boxes[:, 2] - boxes[:, 0]
+        base = (self.start[idx] + (region[:, 1] - boxes[:, 1]) * width + region[:, 0] - boxes[:, 0]).int()  # (k,)
+        row_off = base[:, None] + rows[None, :] * width.int()[:, None]  # (k, hmax)
         pos = row_off[:, :, None] + cols[None, None, :]  # (k, hmax, wmax) int32
         valid = (rows[None, :] < rh[:, None])[:, :, None] & (cols[None, :] < rw[:, None])[:, None, :]
         pos.clamp_(0, max(0, len(self._flat) - 1))  # past a region's size: any pixel, masked below
@@ -269,12 +267,18 @@ def ragged_place(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n
     return out, lengths
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(n, 4), (k, 4) boxes (x0, y0, x1, y1) -> (n, k) float64 IoU (0 for two empty boxes)."""
+def box_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, 4), (k, 4) boxes (x0, y0, x1, y1) -> (n, k) float64 area of their intersection."""
     a, b = a.double(), b.double()
     iw = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
     ih = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(min=0)
-    inter = iw * ih
+    return iw * ih
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, 4), (k, 4) boxes (x0, y0, x1, y1) -> (n, k) float64 IoU (0 for two empty boxes)."""
+    inter = box_overlap(a, b)
+    a, b = a.double(), b.double()
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1.0)

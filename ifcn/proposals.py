@@ -217,10 +217,8 @@ def _mask_nms(w: dev.Windows, boxes: torch.Tensor, alive: torch.Tensor, store: d
         block = order[lo:lo + MASK_NMS_BLOCK]
         area = _paste_into(store, w, block, boxes, image_size, config, m, stride, dtype).double()
         group, areas = torch.cat([kept, block]), torch.cat([kept_area.double(), area])  # (K + b,)
-        bb, gb = boxes[block].double(), boxes[group].double()
-        iw = (torch.minimum(bb[:, None, 2], gb[None, :, 2]) - torch.maximum(bb[:, None, 0], gb[None, :, 0])).clamp(min=0)
-        ih = (torch.minimum(bb[:, None, 3], gb[None, :, 3]) - torch.maximum(bb[:, None, 1], gb[None, :, 1])).clamp(min=0)
-        bound_inter = torch.minimum(iw * ih, torch.minimum(area[:, None], areas[None, :]))  # (b, K + b)
+        overlap = dev.box_overlap(boxes[block], boxes[group])  # (b, K + b)
+        bound_inter = torch.minimum(overlap, torch.minimum(area[:, None], areas[None, :]))
         near = bound_inter / (area[:, None] + areas[None, :] - bound_inter).clamp(min=1) > config.nms_iou
         k = len(kept)
         near_kept, near_block = near[:, :k], near[:, k:].tril(diagonal=-1)

@@ -76,14 +76,14 @@ def prepare(config: SegmentConfig, lease: Lease | None = None) -> Plan:
     if lease is not None:
         lease.acquire()  # before remove_uncommitted: another live run's shards in flight are not ours
         # a run we took a stale lease from may have committed more since the plan was read
-        plan = dataclasses.replace(plan, committed=plan.store.committed())
-        plan = dataclasses.replace(plan, pending=[s for s in plan.shards if s.shard_id not in plan.committed])
-    committed = set(plan.committed)
+        committed = plan.store.committed()
+        plan = dataclasses.replace(plan, committed=committed,
+                                   pending=[s for s in plan.shards if s.shard_id not in committed])
     try:
         plan.store.remove(SUCCESS_FILE)  # a resumed run: the output is incomplete until it ends
         if plan.rewrite_job:
             plan.store.write_json(JOB_FILE, plan.job)
-        plan.store.remove_uncommitted(committed)
+        plan.store.remove_uncommitted(set(plan.committed))
     except Exception as e:
         raise SegmentError(f"--output {config.output}: cannot write to it ({type(e).__name__}: {one_line(e)}); "
                            f"check permissions, credentials and --storage-options") from None
