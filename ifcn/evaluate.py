@@ -247,11 +247,24 @@ def load_results_parquet(output_url: str, gt: dict | str, max_proposals: int | N
     Rows whose `image_id`/`uri` match no COCO `file_name` are dropped with a warning that counts them.
     max_proposals keeps ranks below it (default: all).
     """
-    data = load_gt(gt, storage_options)
-    filt = ds.field("rank") < int(max_proposals) if max_proposals is not None else None
-    table = read_parquet_dataset(join(output_url, "masks"), ["image_id", "uri", "score", "rle", "height", "width"],
-                                 filt, storage_options)
-    cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    table = read_parquet_dataset(join(output_url, "masks"), list(RESULT_COLUMNS), rank_filter(max_proposals),
+                                 storage_options)
+    return results_from_masks(table, load_gt(gt, storage_options))
+
+
+RESULT_COLUMNS = ("image_id", "uri", "score", "rle", "height", "width")  # what results_from_masks reads
+
+
+def rank_filter(max_proposals: int | None):
+    """pyarrow.dataset filter keeping ranks below max_proposals (None: keep all)."""
+    return ds.field("rank") < int(max_proposals) if max_proposals is not None else None
+
+
+def results_from_masks(table, data: dict) -> list[dict]:
+    """A masks table (RESULT_COLUMNS) -> COCO results entries, image ids mapped through `data`'s file_names.
+
+    Rows whose `image_id`/`uri` match no COCO `file_name` are dropped with a warning that counts them."""
+    cols = {name: table.column(name).to_pylist() for name in RESULT_COLUMNS}
     match = FileNameMatcher(data["images"])
     ids: dict[tuple[str, str], int | None] = {}
     results: list[dict] = []
@@ -269,7 +282,7 @@ def load_results_parquet(output_url: str, gt: dict | str, max_proposals: int | N
                         "segmentation": {"size": [int(h), int(w)], "counts": rle}})
     missed = sorted(k[0] for k, v in ids.items() if v is None)
     if missed:
-        warnings.warn(f"load_results_parquet: {missed_rows} proposal rows of {len(missed)} images match no COCO "
+        warnings.warn(f"results_from_masks: {missed_rows} proposal rows of {len(missed)} images match no COCO "
                       f"file_name and were dropped (e.g. {missed[:3]}); of {len(ids)} images, "
                       f"{len(ids) - len(missed)} matched", stacklevel=2)
     return results

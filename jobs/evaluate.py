@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 
 from ifcn.evaluate import (IOU_LABELS, IOU_PROTOCOLS, average_recall, format_table, load_gt, load_results_json,
-                           load_results_parquet, predictions_to_results)
+                           predictions_to_results, rank_filter, results_from_masks, RESULT_COLUMNS)
 from ifcn.image import ImageError, decode_image
 from ifcn.io import filesystem, join, open_url, write_bytes
 from jobs._cli import Parser, scales, storage_options
@@ -141,7 +141,11 @@ def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: 
         if scales or nms:
             raise ValueError("scales and nms only apply with checkpoint (saved predictions are already made)")
         if is_output_folder(predictions, storage_options):
-            results = load_results_parquet(predictions, gt, max_proposals, storage_options)
+            from pipeline import read_output  # committed shards only: right during a run or after a crash
+
+            masks = read_output(predictions, "masks", list(RESULT_COLUMNS), rank_filter(max_proposals),
+                                storage_options)
+            results = results_from_masks(masks, gt)
         else:
             results = load_results_json(predictions, storage_options)
             if max_proposals:

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray.exceptions
 
     from ifcn.image import one_line
-    from pipeline.config import SegmentConfig, SegmentError
+    from pipeline.config import IncompleteRunError, SegmentConfig, SegmentError
     from pipeline.run import describe_plan, make_plan, run_segment
 
     dry_run = args.pop("dry_run", False)
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_plan(make_plan(config), config))
             return 0
         summary = run_segment(config)
+    except IncompleteRunError as e:  # mid-run: what committed stays committed
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except SegmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

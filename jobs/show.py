@@ -11,23 +11,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from ifcn.evaluate import read_parquet_dataset
-from ifcn.io import filesystem, join
 from ifcn.viz import draw_proposals, save_png
 from ifcn.image import ImageError, decode_image, read_bytes  # decode exactly as the pipeline did (EXIF, alpha)
 from jobs._cli import Parser, storage_options
+from pipeline import read_output
 
 MASK_COLUMNS = ["image_id", "uri", "rank", "score", "bbox", "rle", "height", "width"]
 SHOWN_IDS = 5  # valid ids listed when an id is unknown
 
 
-def _table(url: str, columns: list[str], image_id: str | None, storage_options: dict | None):
-    """Rows of one image (or, with image_id None, just the column) of a Parquet dataset; None if absent."""
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
-        return None
+def _table(output: str, table: str, columns: list[str], image_id: str | None, storage_options: dict | None):
+    """Rows of one image (or, with image_id None, just the columns) of an output's committed shards."""
     filt = ds.field("image_id") == image_id if image_id is not None else None
-    return read_parquet_dataset(url, columns, filt, storage_options)
+    return read_output(output, table, columns, filt, storage_options)
 
 
 def load_proposals(output: str, image_id: str, storage_options: dict | None = None) -> tuple[str, list[dict]]:
@@ -36,22 +32,20 @@ def load_proposals(output: str, image_id: str, storage_options: dict | None = No
     Raises LookupError naming a few valid ids when the output has no such image, and ValueError when
     the pipeline recorded the image as an error.
     """
-    images = _table(join(output, "images"), ["image_id", "uri", "status", "error"], image_id, storage_options)
-    masks = _table(join(output, "masks"), MASK_COLUMNS, image_id, storage_options)
-    if images is None and masks is None:
-        raise FileNotFoundError(f"{output}: no images/ or masks/ tables (is this a jobs.segment output folder?)")
-    if images is not None and images.num_rows:
+    images = _table(output, "images", ["image_id", "uri", "status", "error"], image_id, storage_options)
+    masks = _table(output, "masks", MASK_COLUMNS, image_id, storage_options)
+    if images.num_rows:
         row = images.slice(0, 1).to_pylist()[0]
         if row["status"] != "ok":
             raise ValueError(f"image {image_id!r} was not segmented: {row['error'] or row['status']}")
         uri = row["uri"]
-    elif masks is not None and masks.num_rows:
+    elif masks.num_rows:
         uri = masks.column("uri")[0].as_py()
     else:
         raise LookupError(f"image {image_id!r} is not in {output}; valid ids include "
                           f"{valid_ids(output, storage_options)}")
     proposals = []
-    if masks is not None and masks.num_rows:
+    if masks.num_rows:
         masks = masks.sort_by("rank")
         for r in masks.to_pylist():
             proposals.append({"rank": r["rank"], "score": r["score"], "bbox": r["bbox"],
@@ -62,8 +56,8 @@ def load_proposals(output: str, image_id: str, storage_options: dict | None = No
 def valid_ids(output: str, storage_options: dict | None = None, n: int = SHOWN_IDS) -> list[str]:
     """A few image ids that the output does hold (from images/, else masks/)."""
     for table in ("images", "masks"):
-        t = _table(join(output, table), ["image_id"], None, storage_options)
-        if t is not None and t.num_rows:
+        t = _table(output, table, ["image_id"], None, storage_options)
+        if t.num_rows:
             return sorted(pc.unique(t.column("image_id")).to_pylist())[:n]
     return []
 

@@ -26,6 +26,11 @@ class SegmentError(Exception):
     """
 
 
+class IncompleteRunError(SegmentError):
+    """A run that committed what it could and left the rest (transient failures) for a re-run of
+    the same command; the CLI exits 1 with its one line."""
+
+
 @dataclass(frozen=True)
 class SegmentConfig:
     """One run: where to read, where to write, which weights, how to infer and how to spread it."""

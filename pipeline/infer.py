@@ -22,6 +22,7 @@ import torch
 from ifcn import InferenceConfig, Predictor, Proposals, load_checkpoint
 from ifcn.image import one_line
 
+from .errors import RETRY, is_transient
 from .sources import image_from_row
 
 # Columns the stage passes through unchanged (the read stage's, minus the pixels).
@@ -100,8 +101,11 @@ class InferenceActor:
 
     @staticmethod
     def _fail(row: dict[str, Any], e: Exception) -> None:
-        row["status"] = "error"
-        row["error"] = f"image {row['uri']}: inference failed ({type(e).__name__}: {one_line(e)})"
+        """CUDA and out-of-memory failures are the machine's, not the image's: left for a re-run."""
+        transient = is_transient(e)
+        row["status"] = RETRY if transient else "error"
+        row["error"] = (f"image {row['uri']}: inference failed ({type(e).__name__}: {one_line(e)})"
+                        + ("; left uncommitted for a re-run" if transient else ""))
 
 
 def pack_proposals(p: Proposals) -> bytes:

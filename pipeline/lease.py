@@ -58,9 +58,12 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=HEARTBEAT_S)
             self._thread = None
-            held = self._read()
-            if held is not None and held.get("owner") == self.owner["owner"]:
-                self.store.remove(LEASE_FILE)
+            try:
+                held = self._read()
+                if held is not None and held.get("owner") == self.owner["owner"]:
+                    self.store.remove(LEASE_FILE)
+            except Exception:  # storage down: the lease goes stale and the next run takes it over
+                pass
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):

@@ -1,16 +1,17 @@
 """The batch job: the one place that builds the Ray Data graph and sets its resources.
 
     inputs (sorted, sharded) ─> read_images (CPU tasks) ─> InferenceActor pool (GPU or CPU actors)
-        ─> reduce_batch (CPU tasks) ─> driver: collect rows per shard, commit each complete shard
+        ─> encode_and_stage (CPU tasks: RLE strings, rows, a staged Parquet fragment per shard)
+        ─> driver: fragment paths + image ids only ─> publish_shard (Ray tasks: tables + marker)
 
-Why the driver commits: Ray Data streams rows of one image each, in no guaranteed order. The
-driver iterates the last stage (`iter_batches`), buffers rows per shard, and commits a shard
-(pipeline/sink.py: temp files, move, commit marker last) as soon as all of its images have
-arrived; Ray Data keeps executing in the background meanwhile, so the actors never wait on
-Parquet. Commits in one process make "exactly once" easy to reason about: a shard is written
-by one writer, once per run, and a re-run skips shards whose marker exists. The heavy work
-(decode, forward passes, NMS, RLE) stays in Ray workers; the driver only concatenates and
-writes Parquet.
+Why the driver decides and workers write: Ray Data streams rows in no guaranteed order, so a
+shard's images arrive in several batches. Workers stage each batch's rows as fragments and send
+the driver their paths and image ids (a few hundred bytes per batch). The driver tracks, per
+shard, which images it has; when a shard is complete it starts a publish task that writes the
+shard's Parquet files and then its commit marker (pipeline/sink.py). One process deciding makes
+"exactly once" easy to reason about: a shard is published once per run, from fragments the
+driver chose (a retried task's duplicate rows are left out), and a re-run skips shards whose
+marker exists. Driver memory holds only the shards in flight, not the rows.
 
 Usage (the CLI is jobs/segment.py):
 
@@ -27,22 +28,23 @@ import math
 import platform
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ifcn import checkpoint_digest, load_checkpoint
 from ifcn.image import one_line
 
-from .config import SegmentConfig, SegmentError
+from .config import IncompleteRunError, SegmentConfig, SegmentError
 from .infer import InferenceActor
-from .reduce import InferAndEncodeActor, encode_batch
+from .reduce import InferAndEncodeActor, encode_and_stage
 from .schema import FORMAT
 from .lease import Lease
-from .sink import JOB_FILE, MANIFEST_FILE, SUCCESS_FILE, OutputStore
-from .sources import InputItem, Shard, list_inputs, listing_digest, make_shards, read_images
+from .sink import JOB_FILE, MANIFEST_FILE, SUCCESS_FILE, Fragment, OutputStore, publish_shard
+from .sources import Listing, Shard, Span, list_inputs, read_images
 
 READ_BATCH = 4  # images per read call: small, so decoded pixels stream to the actors early
 ENCODE_BATCH = 16  # images per encoding call: compressing 1000 masks' runs takes a few ms per image
@@ -50,16 +52,18 @@ GPU_BATCH = 16  # images per GPU actor call: the H100 forward ran 166 images/s a
 CPU_BATCH = 4  # images per CPU actor call: one image is already seconds of work
 READ_CPUS = 0.5  # reading is half waiting on storage, so two read tasks share a core
 MAX_INPUT_BLOCKS = 2000  # listing blocks: enough parallelism, few enough objects for millions of inputs
+PUBLISH_CPUS = 0.25  # a publish task mostly waits on storage; Parquet encoding is a few ms per image
+PUBLISH_RETRIES = 3  # a publish task whose worker dies or whose storage call fails runs again
 
 
 @dataclass(frozen=True)
 class Plan:
     """What a run will do, decided before any work starts."""
 
-    items: list[InputItem]
+    listing: Listing
     skipped: dict[str, int]  # prefix keys that are not images, by extension
-    shards: list[Shard]
-    pending: list[Shard]  # shards without a commit marker
+    shards: list[Span]
+    pending: list[Span]  # shards without a commit marker
     store: OutputStore
     job: dict[str, Any]  # the output's fingerprint (_job.json)
     checkpoint_sha256: str
@@ -101,9 +105,9 @@ def make_plan(config: SegmentConfig) -> Plan:
         raise SegmentError(f"--checkpoint {config.checkpoint}: cannot load it ({type(e).__name__}: {one_line(e)}); "
                            f"pass a file written by ifcn.save_checkpoint or jobs.train") from None
     skipped: dict[str, int] = {}
-    items = list_inputs(config.input, so, skipped)
-    shards = make_shards(items, config.shard_size)
-    job = {"format": FORMAT, "inputs_sha256": listing_digest(items), "num_inputs": len(items),
+    listing = list_inputs(config.input, so, skipped)
+    shards = listing.spans(config.shard_size)
+    job = {"format": FORMAT, "inputs_sha256": listing.digest(), "num_inputs": len(listing),
            "num_shards": len(shards), "settings": config.result_settings(), "checkpoint_sha256": sha}
     job = json.loads(json.dumps(job))  # as it reads back from _job.json (tuples become lists)
     try:
@@ -125,11 +129,11 @@ def make_plan(config: SegmentConfig) -> Plan:
                                f"use a new --output, or delete it to start over")
     by_id = {s.shard_id: s for s in shards}
     for sid, marker in committed.items():
-        if sid not in by_id or marker.get("digest") != by_id[sid].digest:
+        if sid not in by_id or marker.get("digest") != listing.digest(by_id[sid].start, by_id[sid].stop):
             raise SegmentError(f"--output {config.output}: commit marker of shard {sid} does not match this "
                                f"input listing; use a new --output, or delete it to start over")
     pending = [s for s in shards if s.shard_id not in committed]
-    return Plan(items, dict(sorted(skipped.items())), shards, pending, store, job, sha, model_config, committed,
+    return Plan(listing, dict(sorted(skipped.items())), shards, pending, store, job, sha, model_config, committed,
                 rewrite_job)
 
 
@@ -170,73 +174,158 @@ def resolve_resources(config: SegmentConfig, cluster: dict[str, float]) -> Resou
     return Resources(actors, per_actor, cpus_per_actor, in_actor, batch)
 
 
-def build_dataset(plan: Plan, config: SegmentConfig, res: Resources):
-    """The Ray Data graph over the pending shards' images (lazy; iterate it to run)."""
+def build_dataset(plan: Plan, config: SegmentConfig, res: Resources, run_id: str):
+    """The Ray Data graph over the pending shards' images (lazy; iterate it to run). Its rows are
+    FRAGMENT_SCHEMA: the staged fragments' paths and image ids, never masks."""
     import ray.data
 
-    rows = [{"image_id": it.image_id, "uri": it.uri, "shard_id": s.shard_id} for s in plan.pending for it in s.items]
-    schema = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("shard_id", pa.string())])
-    per_block = max(READ_BATCH, math.ceil(len(rows) / MAX_INPUT_BLOCKS))
-    # Separate tables, not slices of one: a pickled slice can carry its parent's whole buffers.
-    ds = ray.data.from_arrow([pa.Table.from_pylist(rows[i:i + per_block], schema=schema)
-                              for i in range(0, len(rows), per_block)])
+    rows = pending_rows(plan)
+    per_block = max(READ_BATCH, math.ceil(rows.num_rows / MAX_INPUT_BLOCKS))
+    # Copies (take), not slices of one table: a pickled slice can carry its parent's whole buffers.
+    ds = ray.data.from_arrow([rows.take(pa.array(range(i, min(i + per_block, rows.num_rows)), pa.int64()))
+                              for i in range(0, rows.num_rows, per_block)])
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
         # actor stage (it fuses task -> actor stages with equal resources): decoding stays in tasks.
         read_images, batch_format="pyarrow", batch_size=READ_BATCH, num_cpus=READ_CPUS,
         fn_kwargs={"storage_options": config.storage_options, "max_pixels": config.max_pixels,
                    "min_side": config.min_side})
+    stage = {"output": config.output, "storage_options": config.storage_options, "run_id": run_id}
+    actor_kwargs = {"checkpoint": config.checkpoint, "inference": config.inference.to_dict(),
+                    "storage_options": config.storage_options, "amp": config.amp,
+                    "torch_threads": max(1, int(res.cpus_per_actor)), "compile": config.compile,
+                    "checkpoint_sha256": plan.checkpoint_sha256}
     ds = ds.map_batches(
         InferAndEncodeActor if res.postprocess_in_actor else InferenceActor, batch_format="pyarrow",
         batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=res.actors),
         num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor,
-        fn_constructor_kwargs={"checkpoint": config.checkpoint, "inference": config.inference.to_dict(),
-                               "storage_options": config.storage_options, "amp": config.amp,
-                               "torch_threads": max(1, int(res.cpus_per_actor)), "compile": config.compile,
-                               "checkpoint_sha256": plan.checkpoint_sha256})
+        fn_constructor_kwargs={**actor_kwargs, "stage": stage} if res.postprocess_in_actor else actor_kwargs)
     if res.postprocess_in_actor:
         return ds
-    return ds.map_batches(encode_batch, batch_format="pyarrow", batch_size=ENCODE_BATCH, num_cpus=1)
+    return ds.map_batches(encode_and_stage, batch_format="pyarrow", batch_size=ENCODE_BATCH, num_cpus=1,
+                          fn_kwargs=stage)
+
+
+def pending_rows(plan: Plan) -> pa.Table:
+    """(image_id, uri, shard_id) of every pending shard's images, in listing order (columnar)."""
+    listing = plan.listing
+    spans = plan.pending
+    take = pa.array(np.concatenate([np.arange(s.start, s.stop) for s in spans]) if spans else [], pa.int64())
+    shard_ids = pa.array([s.shard_id for s in spans], pa.string())
+    which = pa.array(np.repeat(np.arange(len(spans)), [len(s) for s in spans]), pa.int64())
+    return pa.table({"image_id": listing.image_ids.take(take), "uri": listing.uris.take(take),
+                     "shard_id": shard_ids.take(which)})
+
+
+class InlinePublisher:
+    """Publishes in this process, one shard at a time (tests; no Ray needed)."""
+
+    def __init__(self, output: str, storage_options: dict[str, Any] | None) -> None:
+        self.output, self.storage_options = output, storage_options
+        self.done: list[dict[str, Any]] = []
+
+    def submit(self, shard: Shard, fragments: list[Fragment]) -> None:
+        self.done.append(publish_shard(self.output, self.storage_options, shard, fragments))
+
+    def poll(self, wait: bool = False) -> list[dict[str, Any]]:
+        done, self.done = self.done, []
+        return done
+
+
+class RayPublisher:
+    """Publishes each complete shard in a Ray task, many at a time, off the driver."""
+
+    def __init__(self, output: str, storage_options: dict[str, Any] | None) -> None:
+        import ray
+
+        self.output, self.storage_options = output, storage_options
+        self.task = ray.remote(num_cpus=PUBLISH_CPUS, max_retries=PUBLISH_RETRIES,
+                               retry_exceptions=True)(publish_shard)
+        self.in_flight: dict[Any, str] = {}  # ObjectRef -> shard_id
+
+    def submit(self, shard: Shard, fragments: list[Fragment]) -> None:
+        ref = self.task.remote(self.output, self.storage_options, shard, fragments)
+        self.in_flight[ref] = shard.shard_id
+
+    def poll(self, wait: bool = False) -> list[dict[str, Any]]:
+        """Markers of the publish tasks that finished (all of them if `wait`)."""
+        import ray
+
+        if not self.in_flight:
+            return []
+        refs = list(self.in_flight)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
+        markers = []
+        for ref in ready:
+            sid = self.in_flight.pop(ref)
+            try:
+                markers.append(ray.get(ref))
+            except Exception as e:
+                raise IncompleteRunError(f"shard {sid}: publishing failed after {PUBLISH_RETRIES} retries "
+                                   f"({one_line(e)}); re-run the same command to finish it") from None
+        return markers
 
 
 class ShardCollector:
-    """Buffers reduced rows per shard and commits a shard once all of its images have arrived."""
+    """The driver's bookkeeping: which images of each shard are staged, and in which fragments.
 
-    def __init__(self, shards: list[Shard], store: OutputStore, log: Callable[[str], None]) -> None:
+    A shard is handed to the publisher once all of its images have arrived; an image delivered
+    twice (a retried task) is taken from its first fragment only. A shard with an image that
+    failed transiently is left unpublished (`left`), so a re-run retries it whole."""
+
+    def __init__(self, shards: list[Span], listing: Listing, publisher: InlinePublisher | RayPublisher,
+                 log: Callable[[str], None]) -> None:
         self.shards = {s.shard_id: s for s in shards}
-        self.store, self.log = store, log
-        self.parts: dict[str, list[pa.Table]] = {}
+        self.listing = listing
+        self.publisher, self.log = publisher, log
+        self.fragments: dict[str, list[Fragment]] = {}
         self.seen: dict[str, set[str]] = {}
         self.markers: list[dict[str, Any]] = []
+        self.submitted: set[str] = set()
         self.done: set[str] = set()
+        self.left: dict[str, tuple[int, str]] = {}  # shard_id -> (images failed transiently, first reason)
 
     def add(self, batch: pa.Table) -> None:
-        for sid in set(batch.column("shard_id").to_pylist()):
-            if sid in self.done:  # a retried task delivered images of a committed shard again
+        """FRAGMENT_SCHEMA rows from the workers."""
+        for row in batch.to_pylist():
+            sid = row["shard_id"]
+            if sid in self.submitted:  # a retried task delivered images of a published shard again
                 continue
-            rows = batch.filter(pc.equal(batch.column("shard_id"), sid))
             seen = self.seen.setdefault(sid, set())
-            fresh = []
-            for i, image_id in enumerate(rows.column("image_id").to_pylist()):
-                if image_id not in seen:  # a retried task may deliver an image twice: keep the first
-                    seen.add(image_id)
-                    fresh.append(i)
-            if len(fresh) < rows.num_rows:
-                rows = rows.take(fresh)
-            self.parts.setdefault(sid, []).append(rows)
-            if len(seen) == len(self.shards[sid].items):
-                self._commit(sid)
+            fresh = tuple(i for i in dict.fromkeys(row["image_ids"]) if i not in seen)
+            retry = [i for i in dict.fromkeys(row["retry_ids"]) if i not in seen and i not in fresh]
+            if not fresh and not retry:
+                continue
+            seen.update(fresh)
+            seen.update(retry)
+            if fresh:
+                self.fragments.setdefault(sid, []).append(Fragment(row["path"], fresh))
+            if retry:
+                n, reason = self.left.get(sid, (0, row["retry_error"]))
+                self.left[sid] = (n + len(retry), reason)
+            if len(seen) == len(self.shards[sid]):
+                self.submitted.add(sid)
+                del self.seen[sid]
+                fragments = self.fragments.pop(sid, [])
+                if sid in self.left:
+                    n, reason = self.left[sid]
+                    self.log(f"shard {sid} left uncommitted: {n} image(s) failed transiently ({reason})")
+                else:
+                    self.publisher.submit(self.listing.shard(self.shards[sid]), fragments)
+        self.collect()
 
-    def _commit(self, sid: str) -> None:
-        marker = self.store.commit(self.shards[sid], pa.concat_tables(self.parts.pop(sid)))
-        self.done.add(sid)
-        del self.seen[sid]
-        self.markers.append(marker)
-        self.log(f"committed shard {sid}: {marker['num_images']} images ({marker['num_error']} errors), "
-                 f"{marker['num_proposals']} proposals [{len(self.markers)}/{len(self.shards)} this run]")
+    def collect(self, wait: bool = False) -> None:
+        """Records (and logs) the shards whose publish task has finished."""
+        for marker in self.publisher.poll(wait):
+            self.done.add(marker["shard_id"])
+            self.markers.append(marker)
+            self.log(f"committed shard {marker['shard_id']}: {marker['num_images']} images "
+                     f"({marker['num_error']} errors), {marker['num_proposals']} proposals "
+                     f"[{len(self.markers)}/{len(self.shards)} this run]")
 
     def missing(self) -> list[str]:
-        return sorted(set(self.shards) - self.done)
+        """Shards that neither committed nor were left for a re-run."""
+        return sorted(set(self.shards) - self.done - set(self.left))
 
 
 def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -260,9 +349,9 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
 def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start: float) -> dict[str, Any]:
     plan = prepare(config, lease)
     skipped = len(plan.shards) - len(plan.pending)
-    log(f"{len(plan.items)} images in {len(plan.shards)} shards of {config.shard_size}; "
+    log(f"{len(plan.listing)} images in {len(plan.shards)} shards of {config.shard_size}; "
         f"{skipped} already committed, {len(plan.pending)} to run" + _skipped_note(plan.skipped))
-    collector = ShardCollector(plan.pending, plan.store, log)
+    collector = None
     run_s, res = 0.0, Resources(0, 0.0, 0.0, False, 0)  # nothing to run: no actors
     if plan.pending:
         import ray
@@ -278,22 +367,28 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
                 or res.actors * res.cpus_per_actor > cluster.get("CPU", 0)):
             log(f"warning: {res.actors} actors x {res.gpus_per_actor} GPU need more than the cluster has now "
                 f"({cluster.get('GPU', 0)} GPU, {cluster.get('CPU', 0)} CPU); they wait for an autoscaler")
-        ds = build_dataset(plan, config, res)
+        collector = ShardCollector(plan.pending, plan.listing, RayPublisher(config.output, config.storage_options),
+                                   log)
+        ds = build_dataset(plan, config, res, run_id=uuid.uuid4().hex[:12])
         run_start = time.perf_counter()
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             collector.add(batch)
+        collector.collect(wait=True)
         run_s = time.perf_counter() - run_start
         if collector.missing():
-            raise SegmentError(f"shards {collector.missing()[:10]} did not receive all their images; "
-                               f"re-run the same command to finish them")
+            raise IncompleteRunError(f"shards {collector.missing()[:10]} did not receive all their images; "
+                                     f"re-run the same command to finish them")
     wall = time.perf_counter() - start
-    markers = plan.store.committed()
+    this_run = collector.markers if collector else []
+    left = collector.left if collector else {}
+    markers = {**plan.committed, **{m["shard_id"]: m for m in this_run}}  # no second read of every marker
     counts = {"images": sum(m["num_images"] for m in markers.values()),
               "images_ok": sum(m["num_ok"] for m in markers.values()),
               "images_error": sum(m["num_error"] for m in markers.values()),
               "proposals": sum(m["num_proposals"] for m in markers.values()),
-              "shards": len(markers), "shards_skipped": skipped, "shards_run": len(collector.markers)}
-    processed = sum(m["num_images"] for m in collector.markers)
+              "shards": len(markers), "shards_skipped": skipped}
+    counts["shards_run"] = len(this_run)
+    processed = sum(m["num_images"] for m in this_run)
     summary = {"output": config.output, **counts, "images_this_run": processed, "wall_s": round(wall, 3),
                "images_per_s": round(processed / wall, 3) if wall > 0 else 0.0,
                # the Ray Data execution alone (no listing, checkpoint check or Ray start-up)
@@ -305,13 +400,19 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
         "format": FORMAT, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "input": config.input, "output": config.output, "config": config.to_dict(),
         "checkpoint": {"url": config.checkpoint, "sha256": plan.checkpoint_sha256, "model": plan.model_config},
-        "inputs_sha256": plan.job["inputs_sha256"], "num_inputs": len(plan.items), "counts": counts,
+        "inputs_sha256": plan.job["inputs_sha256"], "num_inputs": len(plan.listing), "counts": counts,
         "skipped_keys": plan.skipped,
         "last_run": {k: summary[k] for k in ("images_this_run", "wall_s", "images_per_s", "pipeline_s",
                                              "pipeline_images_per_s", "actors", "gpus_per_actor")},
         "tables": {"masks": "masks/*.parquet", "images": "images/*.parquet"},
+        "left_for_retry": {sid: {"images": n, "reason": r} for sid, (n, r) in left.items()},
         "versions": versions()})
-    lease.release()  # no heartbeat may write through _tmp/ after this
+    if left:
+        n = sum(k for k, _ in left.values())
+        first = next(iter(left.values()))[1]
+        raise IncompleteRunError(f"{n} image(s) in {len(left)} shard(s) failed with transient errors (e.g. {first}); "
+                                 f"the other shards are committed; re-run the same command to retry them")
+    lease.release()  # before _SUCCESS: a complete output has no live owner
     plan.store.mark_success()  # last: Hadoop/Spark's "this output is complete"
     plan.store.remove_tmp()
     return summary
@@ -319,8 +420,8 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
 
 def describe_plan(plan: Plan, config: SegmentConfig) -> str:
     """What --dry-run prints: the plan in a few lines; nothing has been written or started."""
-    todo = sum(len(s.items) for s in plan.pending)
-    lines = [f"input {config.input}: {len(plan.items)} images" + _skipped_note(plan.skipped),
+    todo = sum(len(s) for s in plan.pending)
+    lines = [f"input {config.input}: {len(plan.listing)} images" + _skipped_note(plan.skipped),
              f"output {config.output}: {len(plan.shards)} shards of {config.shard_size}, "
              f"{len(plan.committed)} committed, {len(plan.pending)} to run ({todo} images)",
              f"checkpoint {config.checkpoint}: sha256 {plan.checkpoint_sha256[:12]}..., "

@@ -5,10 +5,16 @@ URIs (one per line, `#` comments and blank lines skipped) or a `.parquet` file w
 The listing is sorted by image_id and cut into shards of `shard_size`; shard `i` holds items
 [i * shard_size, (i + 1) * shard_size), so the same inputs and shard size always give the same
 shards, which is what lets a re-run skip committed shards.
+
+A listing is two Arrow string columns (`Listing`), ~60 bytes per image rather than a Python
+object each: 10M inputs fit a driver. Shards are spans of it until a publish task needs their
+items (`Listing.shard`).
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import posixpath
 import sys
 import time
@@ -17,16 +23,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ifcn.io import filesystem, open_url
 
 from .config import SegmentError, digest
+from .errors import RETRY, is_transient, with_retries
 from ifcn.image import ImageError, decode_image, one_line, read_bytes
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 MANIFEST_EXTENSIONS = (".txt", ".parquet")
-READ_ATTEMPTS = 3  # object stores drop the odd request; a file that fails 3 times becomes an error row
+READ_ATTEMPTS = 5  # a storage failure is retried 4 times, 0.5 + 1 + 2 + 4 s apart (beyond s3fs's own retries)
+READ_BACKOFF_S = 0.5
+DIGEST_CHUNK = 65_536  # rows turned into Python strings at a time (digests, iteration)
+_NEEDS_ESCAPE = r'[^ -~]|["\\]'  # what json.dumps escapes (ensure_ascii): outside printable ASCII, " and \
 
 
 @dataclass(frozen=True)
@@ -46,12 +57,91 @@ class Shard:
         return digest([[it.image_id, it.uri] for it in self.items])
 
 
+@dataclass(frozen=True)
+class Span:
+    """A shard as the driver plans it: rows [start, stop) of the listing."""
+
+    shard_id: str
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The sorted, unique inputs: image_ids[i] and uris[i] (Arrow string arrays)."""
+
+    image_ids: pa.Array
+    uris: pa.Array
+
+    @classmethod
+    def build(cls, image_ids: pa.Array | list[str], uris: pa.Array | list[str], url: str = "") -> "Listing":
+        """Sorted by image_id; a repeated image_id is listed once (with a note naming `url`)."""
+        table = pa.table({"image_id": pa.array(image_ids, pa.string()), "uri": pa.array(uris, pa.string())})
+        table = table.take(pc.sort_indices(table, [("image_id", "ascending")]))
+        ids = table.column("image_id").combine_chunks()
+        if len(ids) > 1:
+            keep = pa.concat_arrays([pa.array([True]), pc.not_equal(ids[1:], ids[:-1])])
+            if not pc.all(keep).as_py():
+                table = table.filter(keep)
+                print(f"note: {len(ids) - table.num_rows} duplicate URIs in {url} were listed once", file=sys.stderr)
+        return cls(table.column("image_id").combine_chunks(), table.column("uri").combine_chunks())
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __iter__(self):
+        for start in range(0, len(self), DIGEST_CHUNK):
+            yield from map(InputItem, self.image_ids[start:start + DIGEST_CHUNK].to_pylist(),
+                           self.uris[start:start + DIGEST_CHUNK].to_pylist())
+
+    def spans(self, shard_size: int) -> list[Span]:
+        """Consecutive runs of `shard_size` rows, ids = zero-padded index (stable across runs)."""
+        if shard_size < 1:
+            raise ValueError(f"shard_size={shard_size}: must be >= 1")
+        n = len(self)
+        width = max(6, len(str(max(0, (n - 1) // shard_size))))
+        return [Span(f"{i // shard_size:0{width}d}", i, min(n, i + shard_size)) for i in range(0, n, shard_size)]
+
+    def shard(self, span: Span) -> Shard:
+        """A span's items as Python objects (what a publish task checks a shard against)."""
+        ids = self.image_ids[span.start:span.stop].to_pylist()
+        uris = self.uris[span.start:span.stop].to_pylist()
+        return Shard(span.shard_id, tuple(map(InputItem, ids, uris)))
+
+    def digest(self, start: int = 0, stop: int | None = None) -> str:
+        """sha256 of rows [start, stop) exactly as `config.digest([[image_id, uri], ...])` gives it,
+        streamed in chunks: no JSON string of the whole listing is ever held."""
+        stop = len(self) if stop is None else stop
+        h = hashlib.sha256(b"[")
+        for a in range(start, stop, DIGEST_CHUNK):
+            b = min(stop, a + DIGEST_CHUNK)
+            h.update((b"," if a > start else b"") + _json_pairs(self.image_ids[a:b], self.uris[a:b]))
+        h.update(b"]")
+        return h.hexdigest()
+
+
 def is_image_path(path: str) -> bool:
     return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _json_pairs(ids: pa.Array, uris: pa.Array) -> bytes:
+    """`json.dumps` of each [id, uri] pair (compact separators), joined by ",". Strings of printable
+    ASCII without quote or backslash need no escaping, so those chunks are joined in Arrow; any
+    other chunk goes through json.dumps row by row."""
+    if pc.any(pc.match_substring_regex(ids, _NEEDS_ESCAPE)).as_py() or \
+            pc.any(pc.match_substring_regex(uris, _NEEDS_ESCAPE)).as_py():
+        return ",".join(json.dumps([i, u], separators=(",", ":"))
+                        for i, u in zip(ids.to_pylist(), uris.to_pylist())).encode()
+    rows = pc.binary_join_element_wise('["', ids, '","', uris, '"]', "")
+    whole = pa.ListArray.from_arrays(pa.array([0, len(rows)], pa.int32()), rows)
+    return pc.binary_join(whole, ",")[0].as_py().encode()
+
+
 def list_inputs(url: str, storage_options: dict[str, Any] | None = None,
-                skipped: dict[str, int] | None = None) -> list[InputItem]:
+                skipped: dict[str, int] | None = None) -> Listing:
     """Every input image of `url` (prefix or manifest), sorted by image_id, without duplicates.
 
     skipped: if given, counts the prefix's keys that are not images, by extension ("" for none),
@@ -63,21 +153,23 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None,
         path = path.rstrip("/") or path
         if fs.isfile(path):
             if path.lower().endswith(MANIFEST_EXTENSIONS):
-                items = _read_manifest(url, storage_options)
+                listing = _read_manifest(url, storage_options)
             elif is_image_path(path):
-                items = [InputItem(posixpath.basename(path), fs.unstrip_protocol(path))]
+                listing = Listing.build([posixpath.basename(path)], [fs.unstrip_protocol(path)], url)
             else:
                 raise SegmentError(f"--input {url}: a file that is neither a manifest "
                                    f"({', '.join(MANIFEST_EXTENSIONS)}) nor an image; "
                                    f"pass a prefix, a manifest or an image")
         elif fs.isdir(path):
-            items = []
+            ids, uris = [], []
             for p in fs.find(path, withdirs=False):
                 if is_image_path(p):
-                    items.append(InputItem(posixpath.relpath(p, path), fs.unstrip_protocol(p)))
+                    ids.append(posixpath.relpath(p, path))
+                    uris.append(fs.unstrip_protocol(p))
                 elif skipped is not None:
                     ext = posixpath.splitext(p)[1].lower()
                     skipped[ext] = skipped.get(ext, 0) + 1
+            listing = Listing.build(ids, uris, url)
         else:
             raise SegmentError(f"--input {url}: no such file or prefix; check the URL (and credentials / "
                                f"AWS_ENDPOINT_URL for object stores)")
@@ -86,25 +178,23 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None,
     except Exception as e:  # botocore, network, permission errors of any fsspec backend
         raise SegmentError(f"--input {url}: cannot list it ({type(e).__name__}: {one_line(e)}); "
                            f"check the URL, network, credentials and --storage-options") from None
-    if not items:
+    if not len(listing):
         raise SegmentError(f"--input {url}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
                            f"any case); point it at the folder or manifest that holds them")
-    unique = {it.image_id: it for it in items}
-    if len(unique) < len(items):
-        print(f"note: {len(items) - len(unique)} duplicate URIs in {url} were listed once", file=sys.stderr)
-    return sorted(unique.values(), key=lambda it: it.image_id)
+    return listing
 
 
-def make_shards(items: list[InputItem], shard_size: int) -> list[Shard]:
-    """Consecutive runs of `shard_size` sorted items, ids = zero-padded index (stable across runs)."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size={shard_size}: must be >= 1")
-    width = max(6, len(str(max(0, (len(items) - 1) // shard_size))))
-    return [Shard(f"{i // shard_size:0{width}d}", tuple(items[i:i + shard_size]))
-            for i in range(0, len(items), shard_size)]
+def make_shards(items: list[InputItem] | Listing, shard_size: int) -> list[Shard]:
+    """Every shard with its items (small listings: tests, tools; the job plans with `Listing.spans`)."""
+    if not isinstance(items, Listing):  # already sorted: keep the order given
+        items = Listing(pa.array([it.image_id for it in items], pa.string()),
+                        pa.array([it.uri for it in items], pa.string()))
+    return [items.shard(span) for span in items.spans(shard_size)]
 
 
-def listing_digest(items: list[InputItem]) -> str:
+def listing_digest(items: list[InputItem] | Listing) -> str:
+    if isinstance(items, Listing):
+        return items.digest()
     return digest([[it.image_id, it.uri] for it in items])
 
 
@@ -113,17 +203,18 @@ def read_images(batch: pa.Table, storage_options: dict[str, Any] | None, max_pix
     """Read stage (CPU tasks): (image_id, uri, shard_id) rows -> + status, error, width, height,
     read_ms, decode_ms and `pixels`, the (height, width, 3) uint8 RGB bytes (empty for errors).
 
-    Any failure becomes status "error" with a one-line reason, never an exception: each input
-    must end as exactly one images row.
+    Any failure becomes a status with a one-line reason, never an exception: "error" for the
+    input's own faults (a final images row), "retry" for storage failures that outlived the
+    retries (pipeline/errors.py: the image's shard is left for a re-run).
     """
     out: dict[str, list] = {k: [] for k in ("status", "error", "width", "height", "read_ms", "decode_ms", "pixels")}
     for uri in batch.column("uri").to_pylist():
         t0 = time.perf_counter()
-        image, error = None, None
+        image, error, status = None, None, "error"
         data = _read_with_retries(uri, storage_options)
         t1 = time.perf_counter()
-        if isinstance(data, str):
-            error = data
+        if isinstance(data, tuple):
+            status, error = data
         else:
             try:
                 image = decode_image(data, uri, max_pixels, min_side)  # (H, W, 3) uint8
@@ -132,12 +223,12 @@ def read_images(batch: pa.Table, storage_options: dict[str, Any] | None, max_pix
             except Exception as e:  # a decoder bug must not stop the job either
                 error = f"image {uri}: decoding failed ({type(e).__name__}: {one_line(e)})"
         t2 = time.perf_counter()
-        out["status"].append("error" if error else "ok")
+        out["status"].append(status if error else "ok")
         out["error"].append(error)
         out["height"].append(image.shape[0] if image is not None else None)
         out["width"].append(image.shape[1] if image is not None else None)
         out["read_ms"].append((t1 - t0) * 1e3)
-        out["decode_ms"].append((t2 - t1) * 1e3 if not isinstance(data, str) else None)
+        out["decode_ms"].append((t2 - t1) * 1e3 if not isinstance(data, tuple) else None)
         out["pixels"].append(np.ascontiguousarray(image).tobytes() if image is not None else b"")
     types = {"status": pa.string(), "error": pa.string(), "width": pa.int32(), "height": pa.int32(),
              "read_ms": pa.float32(), "decode_ms": pa.float32(), "pixels": pa.large_binary()}
@@ -152,34 +243,38 @@ def image_from_row(pixels: bytes, height: int, width: int) -> np.ndarray:
     return np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3).copy()
 
 
-def _read_with_retries(uri: str, storage_options: dict[str, Any] | None) -> bytes | str:
-    """The file's bytes, or the one-line reason it could not be read after READ_ATTEMPTS."""
-    for attempt in range(READ_ATTEMPTS):
-        try:
-            return read_bytes(uri, storage_options)
-        except ImageError as e:  # missing file, directory: retrying will not help
-            return e.reason
-        except Exception as e:  # network, throttling, credentials
-            if attempt == READ_ATTEMPTS - 1:
-                return (f"image {uri}: reading failed {READ_ATTEMPTS} times ({type(e).__name__}: {one_line(e)}); "
-                        f"check access to it and re-run with a new --output to retry")
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
+def _read_with_retries(uri: str, storage_options: dict[str, Any] | None) -> bytes | tuple[str, str]:
+    """The file's bytes, or (status, one-line reason): ("error", ...) when the object is missing
+    or not a file, ("retry", ...) when storage kept failing for READ_ATTEMPTS."""
+    try:
+        return with_retries(lambda: read_bytes(uri, storage_options), READ_ATTEMPTS, READ_BACKOFF_S)
+    except ImageError as e:  # missing file, directory: retrying will not help
+        return "error", e.reason
+    except Exception as e:  # network, throttling, credentials (or a permanent storage answer)
+        if not is_transient(e):
+            return "error", f"image {uri}: reading failed ({type(e).__name__}: {one_line(e)}); recorded as error row"
+        return RETRY, (f"image {uri}: reading failed {READ_ATTEMPTS} times ({type(e).__name__}: {one_line(e)}); "
+                       f"left uncommitted for a re-run")
 
 
-def _read_manifest(url: str, storage_options: dict[str, Any] | None) -> list[InputItem]:
+def _read_manifest(url: str, storage_options: dict[str, Any] | None) -> Listing:
     """URIs of a manifest; image_id is the full URI (relative local paths made absolute)."""
     with open_url(url, "rb", storage_options) as f:
         data = f.read()
     if url.lower().endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data))
+        table = pq.read_table(io.BytesIO(data), columns=None)
         if "uri" not in table.column_names:
             raise SegmentError(f"--input {url}: parquet manifest has no 'uri' column (columns: {table.column_names})")
-        uris = [u for u in table.column("uri").to_pylist() if u]
+        uris = table.column("uri").cast(pa.string()).combine_chunks()
+        del table, data
+        uris = uris.filter(pc.and_(pc.is_valid(uris), pc.not_equal(uris, "")))
+        relative = pc.invert(pc.match_substring(uris, "://"))
+        if pc.any(relative).as_py():  # rare in bucket manifests: canonicalise those few in Python
+            uris = pa.array([_canonical_uri(u) for u in uris.to_pylist()], pa.string())
     else:
         lines = (line.strip() for line in data.decode("utf-8").splitlines())
-        uris = [line for line in lines if line and not line.startswith("#")]
-    return [InputItem(u, u) for u in map(_canonical_uri, uris)]
+        uris = pa.array([_canonical_uri(line) for line in lines if line and not line.startswith("#")], pa.string())
+    return Listing.build(uris, uris, url)
 
 
 def _canonical_uri(uri: str) -> str:

@@ -37,12 +37,12 @@ def write_checkpoint(path: Path, seed: int = 0) -> str:
     return url
 
 
-def write_images(folder: Path, names: list[str], seed: int = 0) -> list[Path]:
-    """Smooth random blobs (so masks have structure) at 96-160 px, saved by extension."""
+def write_images(folder: Path, names: list[str], seed: int = 0, size: tuple[int, int] = (96, 161)) -> list[Path]:
+    """Smooth random blobs (so masks have structure), sides drawn from [size[0], size[1]), saved by extension."""
     rng = np.random.default_rng(seed)
     paths = []
     for name in names:
-        h, w = (int(v) for v in rng.integers(96, 161, 2))
+        h, w = (int(v) for v in rng.integers(size[0], size[1], 2))
         small = rng.random((h // 16 + 2, w // 16 + 2, 3))
         big = np.asarray(Image.fromarray((small * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
         noise = rng.integers(-20, 21, big.shape)

@@ -202,8 +202,10 @@ def test_predictions_to_results_and_json_loader(tmp_path):
         load_results_json(str(path))
 
 
-def write_masks(root, res_by_name: dict[str, list[dict]], partitioned: bool = True) -> None:
-    """A pipeline-style `<root>/masks/` dataset, one hive partition per name (shard=...)."""
+def write_masks(root, res_by_name: dict[str, list[dict]], partitioned: bool = True,
+                uncommitted: tuple[str, ...] = ()) -> None:
+    """A `<root>/masks/` dataset, one file per name: hive partitions (shard=...), or jobs.segment's
+    layout with commit markers, where the names in `uncommitted` get files but no marker."""
     for n, (name, rs) in enumerate(res_by_name.items()):
         rs = sorted(rs, key=lambda r: -r["score"])
         rows = {
@@ -217,6 +219,11 @@ def write_masks(root, res_by_name: dict[str, list[dict]], partitioned: bool = Tr
         part = root / "masks" / (f"shard={n:05d}" if partitioned else "")
         part.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table(rows, schema=MASKS_SCHEMA), part / f"part-{n}.parquet", compression="zstd")
+        if not partitioned and name not in uncommitted:  # jobs.segment's layout: a marker commits the shard
+            (root / "_commits").mkdir(exist_ok=True)
+            (root / "_commits" / f"{n}.json").write_text(json.dumps({"shard_id": str(n),
+                                                                    "files": [f"masks/part-{n}.parquet"]}))
+            (root / "_job.json").write_text("{}")
 
 
 def test_parquet_loader_round_trip(tmp_path):
@@ -276,7 +283,11 @@ def test_job_scores_pipeline_folder_with_max_proposals(tmp_path, capsys):
     by_name: dict[str, list[dict]] = {}
     for r in res:
         by_name.setdefault(f"{r['image_id']:06d}.jpg", []).append(r)
-    write_masks(tmp_path / "out", by_name, partitioned=False)
+    # a shard whose files landed but whose marker did not (a crash): perfect masks of every object,
+    # which would lift every AR to 1.0 if a reader took uncommitted files
+    perfect = [{"image_id": a["image_id"], "segmentation": a["segmentation"], "score": 1.0} for a in gt["annotations"]]
+    by_name["sub/000002.jpg"] = perfect  # matches image 2 by its full file_name
+    write_masks(tmp_path / "out", by_name, partitioned=False, uncommitted=("sub/000002.jpg",))
     out = tmp_path / "nums" / "ar.json"
     assert main(["--annotations", ann, "--predictions", f"file://{tmp_path / 'out'}", "--max-proposals", "10",
                  "--out", str(out)]) == 0
@@ -371,7 +382,7 @@ def test_job_reads_and_writes_s3(tmp_path, s3_bucket, capsys):
     by_name: dict[str, list[dict]] = {}
     for r in res:
         by_name.setdefault(f"{r['image_id']:06d}.jpg", []).append(r)
-    write_masks(tmp_path / "out", by_name)
+    write_masks(tmp_path / "out", by_name, partitioned=False)
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.put(str(tmp_path / "instances.json"), f"{s3_bucket}/instances.json")
     fs.put(str(tmp_path / "out"), f"{s3_bucket}/run", recursive=True)

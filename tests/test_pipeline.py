@@ -203,6 +203,34 @@ def test_rerun_finishes_partial_output_without_duplicates(first_run: dict, input
     pd.testing.assert_frame_equal(read_table(out, "masks"), read_table(first_run["output"], "masks"))
 
 
+def test_read_output_sees_committed_shards_only(first_run: dict, tmp_path: Path) -> None:
+    """After a crash between a shard's files and its marker, a plain glob sees the shard and
+    pipeline.read_output does not; on a complete output both agree (pyarrow and Ray Dataset)."""
+    import pyarrow.dataset as pads
+
+    from pipeline import read_output
+
+    full = read_output(str(first_run["output"]))
+    assert full.num_rows == len(read_table(first_run["output"], "masks")) > 0
+    assert read_output(str(first_run["output"]), "images").num_rows == len(NAMES) + 1
+    out = tmp_path / "out"
+    shutil.copytree(first_run["output"], out)
+    (out / "_commits" / "000001.json").unlink()
+    lost = set(pq.read_table(out / "images" / "part-000001.parquet").column("image_id").to_pylist())
+    glob = duckdb.sql(f"select count(*) from read_parquet('{out}/masks/*.parquet')").fetchall()[0][0]
+    assert glob == full.num_rows  # what a plain glob sees: the uncommitted shard too
+    masks = read_output(f"file://{out}", "masks", ["image_id", "rank"])
+    assert set(masks.column("image_id").to_pylist()) == set(full.column("image_id").to_pylist()) - lost
+    assert masks.num_rows == sum(i not in lost for i in full.column("image_id").to_pylist())
+    images = read_output(str(out), "images")
+    assert images.schema == IMAGES_SCHEMA and lost.isdisjoint(images.column("image_id").to_pylist())
+    one = sorted(set(masks.column("image_id").to_pylist()))[0]
+    rds = read_output(str(out), "masks", ["image_id", "score"], pads.field("image_id") == one, ray=True)
+    assert sorted(rds.to_pandas().score) == sorted(full.filter(pads.field("image_id") == one)["score"].to_pylist())
+    with pytest.raises(FileNotFoundError, match="not a jobs.segment output"):
+        read_output(str(tmp_path / "nothing"))
+
+
 def test_mismatched_rerun_is_refused(first_run: dict, inputs: dict, tmp_path: Path) -> None:
     out = first_run["output"]
     with pytest.raises(SegmentError, match="nms_iou: 0.8 before, 0.5 now"):

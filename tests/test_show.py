@@ -1,6 +1,8 @@
 """jobs.show on a tiny fake pipeline output written with pyarrow in the pipeline's exact schema."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +15,7 @@ from jobs.show import load_proposals, main
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 
 H, W = 96, 128
+UNCOMMITTED = "00002"  # files written, marker missing: what a crash between the two leaves
 
 
 def rect_rle(y0: int, y1: int, x0: int, x1: int, h: int = H, w: int = W) -> str:
@@ -36,8 +39,9 @@ def fake_output(root, input_url: str | None = None) -> dict[str, np.ndarray]:
     uri = lambda name: f"{base}/{name}"  # noqa: E731
     # (image_id, rank, score, (y0, y1, x0, x1)); stored out of rank order to check sorting
     props = [("a/one.png", 1, 0.6, (50, 90, 70, 120)), ("a/one.png", 0, 0.9, (10, 40, 10, 60)),
-             ("a/one.png", 2, 0.3, (0, 20, 100, 128)), ("two.png", 0, 0.8, (20, 60, 20, 60))]
-    shards = {"a/one.png": "00000", "two.png": "00001", "bad.jpg": "00001"}
+             ("a/one.png", 2, 0.3, (0, 20, 100, 128)), ("two.png", 0, 0.8, (20, 60, 20, 60)),
+             ("late.png", 0, 0.7, (5, 25, 5, 25))]
+    shards = {"a/one.png": "00000", "two.png": "00001", "bad.jpg": "00001", "late.png": UNCOMMITTED}
     for shard in sorted(set(shards.values())):
         masks = [{"image_id": name, "uri": uri(name), "rank": rank, "score": score,
                   "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (y1 - y0) * (x1 - x0),
@@ -50,11 +54,15 @@ def fake_output(root, input_url: str | None = None) -> dict[str, np.ndarray]:
                    "read_ms": 1.0, "decode_ms": 1.0, "infer_ms": 1.0, "postprocess_ms": 1.0}
                   for name in sorted(n for n, s in shards.items() if s == shard) for bad in [name == "bad.jpg"]]
         for table, rows, schema in (("masks", masks, MASKS_SCHEMA), ("images", images, IMAGES_SCHEMA)):
-            folder = root / "out" / table / f"shard={shard}"
-            folder.mkdir(parents=True)
+            folder = root / "out" / table
+            folder.mkdir(parents=True, exist_ok=True)
             pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / f"part-{shard}.parquet",
                            compression="zstd")
-    (root / "out" / "_manifest.json").write_text("{}")
+        if shard != UNCOMMITTED:  # the marker commits a shard; the last one's stays missing (a crash)
+            (root / "out" / "_commits").mkdir(exist_ok=True)
+            (root / "out" / "_commits" / f"{shard}.json").write_text(json.dumps(
+                {"shard_id": shard, "files": [f"masks/part-{shard}.parquet", f"images/part-{shard}.parquet"]}))
+    (root / "out" / "_job.json").write_text("{}")
     return pixels
 
 
@@ -84,8 +92,11 @@ def test_show_unknown_and_error_images_are_one_line(tmp_path, capsys):
     assert main(["--output", str(tmp_path / "out"), "--image", "bad.jpg", "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not segmented" in err[0] and "not an image file" in err[0]
+    # late.png's files exist but its shard has no commit marker: readers do not see it
+    assert main(["--output", str(tmp_path / "out"), "--image", "late.png", "--out", out]) == 2
+    assert "'late.png' is not in" in capsys.readouterr().err
     assert main(["--output", str(tmp_path / "missing"), "--image", "two.png", "--out", out]) == 2
-    assert "no images/ or masks/" in capsys.readouterr().err
+    assert "not a jobs.segment output" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--output", str(tmp_path / "out"), "--image", "two.png"])  # no --out
     assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -14,7 +14,8 @@ from pipeline.config import SegmentConfig, SegmentError
 from ifcn.image import MAX_PIXELS, MIN_SIDE
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, REDUCED_SCHEMA, reduced_to_tables
 from pipeline.sink import OutputStore
-from pipeline.sources import (InputItem, image_from_row, list_inputs, listing_digest, make_shards, read_images)
+from pipeline.sources import (InputItem, Listing, image_from_row, list_inputs, listing_digest, make_shards,
+                              read_images)
 from segment_helpers import write_images
 
 
@@ -38,7 +39,7 @@ def test_prefix_listing_recursive_case_insensitive_sorted(tree: Path) -> None:
 
 
 def test_single_image_input(tree: Path) -> None:
-    assert list_inputs(str(tree / "b.jpg")) == [InputItem("b.jpg", (tree / "b.jpg").as_uri())]
+    assert list(list_inputs(str(tree / "b.jpg"))) == [InputItem("b.jpg", (tree / "b.jpg").as_uri())]
 
 
 def test_manifests_txt_and_parquet(tree: Path, tmp_path: Path) -> None:
@@ -66,6 +67,32 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, make, message: str) -> N
     with pytest.raises(SegmentError, match=message) as e:
         list_inputs(str(make(tmp_path)))
     assert "\n" not in str(e.value) and "--input" in str(e.value)
+
+
+@pytest.mark.parametrize("chunk", [3, 65_536])
+def test_columnar_listing_digests_equal_the_json_formula(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The streamed digests must equal sha256 of the whole listing's JSON (what _job.json and
+    commit markers of earlier outputs hold), across chunk boundaries and for non-ASCII keys."""
+    import hashlib
+    import json
+
+    import pipeline.sources as sources
+
+    monkeypatch.setattr(sources, "DIGEST_CHUNK", chunk)
+    # plain ASCII (joined in Arrow) and names json.dumps escapes (quote, backslash, non-ASCII, control)
+    odd = ['-é', '"q', "b\\s", "\t", "\x7f"]
+    pairs = [(f"d/{i:03d}{odd[i - 5] if i >= 5 else ''}.jpg", f"s3://b/d/{i:03d}{odd[i - 5] if i >= 5 else ''}.jpg")
+             for i in range(10)]
+    shuffled = pairs[5:] + pairs[:5] + pairs[2:4]  # unsorted, two repeated
+    listing = Listing.build([p[0] for p in shuffled], [p[1] for p in shuffled])
+    assert [(it.image_id, it.uri) for it in listing] == pairs  # sorted, each once
+    whole = hashlib.sha256(json.dumps([list(p) for p in pairs], separators=(",", ":")).encode()).hexdigest()
+    assert listing.digest() == whole == listing_digest([InputItem(*p) for p in pairs])
+    spans = listing.spans(4)
+    assert [(s.shard_id, s.start, s.stop) for s in spans] == [("000000", 0, 4), ("000001", 4, 8), ("000002", 8, 10)]
+    shards = make_shards([InputItem(*p) for p in pairs], 4)
+    assert [listing.digest(s.start, s.stop) for s in spans] == [s.digest for s in shards]
+    assert [listing.shard(s) for s in spans] == shards
 
 
 def test_shards_are_fixed_and_stable() -> None:
@@ -160,24 +187,37 @@ def test_commit_refuses_a_shard_with_missing_images(tmp_path: Path) -> None:
 
 
 def test_collector_commits_each_shard_once_despite_duplicates(tmp_path: Path) -> None:
-    """Rows arrive out of order, one image twice (a retried task) and after its shard committed."""
-    from pipeline.run import ShardCollector
+    """Fragments arrive out of order, one image twice (a retried task) and after its shard committed;
+    workers stage the rows, the driver sees only paths and image ids."""
+    from pipeline.run import InlinePublisher, ShardCollector
+    from pipeline.sink import FRAGMENT_SCHEMA, StageWriter
 
     items = [InputItem(i, f"file:///{i}") for i in "abcde"]
     shards = make_shards(items, 2)  # ab, cd, e
-    store = OutputStore(str(tmp_path / "out"))
+    out = str(tmp_path / "out")
+    store = OutputStore(out)
     logs: list[str] = []
-    collector = ShardCollector(shards, store, logs.append)
+    listing = Listing.build([it.image_id for s in shards for it in s.items], [it.uri for s in shards for it in s.items])
+    collector = ShardCollector(listing.spans(2), listing, InlinePublisher(out, None), logs.append)
+    stage = StageWriter(out, None, run_id="r1")
 
-    def rows(*pairs: tuple[str, str]) -> pa.Table:
-        return _reduced([{"image_id": i, "shard_id": s, "proposals": [_prop(0, 0.5)]} for i, s in pairs])
+    def fragments(*pairs: tuple[str, str], score: float = 0.5) -> pa.Table:
+        meta = stage(_reduced([{"image_id": i, "shard_id": s, "proposals": [_prop(0, score)]} for i, s in pairs]))
+        assert meta.schema == FRAGMENT_SCHEMA and "proposals" not in meta.column_names
+        return meta
 
-    collector.add(rows(("c", "000001"), ("a", "000000"), ("a", "000000")))
+    collector.add(fragments(("c", "000001"), ("a", "000000")))
     assert collector.done == set() and collector.missing() == ["000000", "000001", "000002"]
-    collector.add(rows(("e", "000002"), ("b", "000000")))
+    collector.add(fragments(("a", "000000"), ("e", "000002"), ("b", "000000"), score=0.25))  # "a" again
     assert collector.done == {"000000", "000002"}
-    collector.add(rows(("a", "000000"), ("d", "000001")))  # late duplicate of a committed shard
+    collector.add(fragments(("a", "000000"), ("d", "000001"), score=0.125))  # late duplicate of a committed shard
     assert collector.missing() == [] and len(logs) == 3
     assert {sid: m["num_images"] for sid, m in store.committed().items()} == {"000000": 2, "000001": 2, "000002": 1}
-    images = pq.read_table(tmp_path / "out" / "images" / "part-000000.parquet")
-    assert images.column("image_id").to_pylist() == ["a", "b"]
+    masks = pq.read_table(tmp_path / "out" / "masks" / "part-000000.parquet")
+    # each image once, from the first fragment that held it
+    assert [(r["image_id"], r["score"]) for r in masks.to_pylist()] == [("a", 0.5), ("b", 0.25)]
+    assert pq.read_table(tmp_path / "out" / "images" / "part-000001.parquet").column("image_id").to_pylist() == \
+        ["c", "d"]
+    # published fragments are deleted; the unused duplicates wait for the run's end (remove_tmp)
+    left = sorted(p.parent.name for p in (tmp_path / "out" / "_tmp").rglob("*.parquet"))
+    assert left == ["000000"]

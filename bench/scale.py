@@ -1,0 +1,122 @@
+"""The driver at bucket scale: planning time and memory, and driver RSS over a long run.
+
+    python bench/scale.py plan --entries 1000000      # --dry-run on a generated 1M-entry manifest
+    python bench/scale.py run --images 2000           # the job on N generated images, narrow model
+    python bench/scale.py plan run                     # both
+
+plan: writes a Parquet manifest of N URIs (no images: --dry-run reads none) and times
+      `python -m jobs.segment --dry-run` on it in a child process; prints its wall time and
+      peak RSS (targets: < 60 s, < 1 GB).
+run:  runs `python -m jobs.segment` on N small generated PNGs with checkpoints/narrow_synth.pt,
+      samples the driver process's RSS every 0.5 s, and prints the mean RSS of the first and
+      the last quarter of the run and their ratio (target: within 10%, i.e. <= 1.10), plus
+      images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINT = REPO / "checkpoints" / "narrow_synth.pt"
+
+
+def _sample_rss(proc: subprocess.Popen, every_s: float, out: list[tuple[float, int]]) -> threading.Thread:
+    """Samples `proc`'s own RSS (the driver; not the Ray processes it starts) until it exits."""
+    def loop() -> None:
+        p = psutil.Process(proc.pid)
+        t0 = time.monotonic()
+        while proc.poll() is None:
+            try:
+                out.append((time.monotonic() - t0, p.memory_info().rss))
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(every_s)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+def bench_plan(entries: int, workdir: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = workdir / "manifest.parquet"
+    uris = pa.array([f"s3://bucket/images/{i // 1000:04d}/{i:08d}.jpg" for i in range(entries)])
+    pq.write_table(pa.table({"uri": uris}), manifest)
+    del uris
+    cmd = [sys.executable, "-m", "jobs.segment", "--input", str(manifest), "--output", str(workdir / "out"),
+           "--checkpoint", str(CHECKPOINT), "--dry-run"]
+    samples: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    sampler = _sample_rss(proc, 0.1, samples)
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"dry run failed ({proc.returncode}): {stderr[-2000:]}")
+    peak = max(r for _, r in samples) if samples else 0
+    print(stdout.strip())
+    print(f"plan {entries} manifest entries: {wall:.1f} s (target < 60), driver peak RSS {peak / 2**20:.0f} MiB "
+          f"(target < 1024; sampled every 0.1 s)")
+
+
+def bench_run(images: int, workdir: Path) -> None:
+    from PIL import Image
+
+    folder = workdir / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    for i in range(images):
+        Image.fromarray(np.roll(base, i, axis=1)).save(folder / f"{i:06d}.png")
+    cmd = [sys.executable, "-m", "jobs.segment", "--input", str(folder), "--output", str(workdir / "run"),
+           "--checkpoint", str(CHECKPOINT), "--scales", "64,96", "--max-proposals", "50", "--shard-size", "16"]
+    samples: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"})
+    sampler = _sample_rss(proc, 0.5, samples)
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}): {stderr[-2000:]}")
+    print(stdout.strip())
+    # The run proper: from the first commit log line's time on would need log parsing; instead drop
+    # the first 20% of samples (imports, Ray start-up, planning) and compare quarters of the rest.
+    rest = samples[len(samples) // 5:]
+    q = max(1, len(rest) // 4)
+    first, last = np.mean([r for _, r in rest[:q]]), np.mean([r for _, r in rest[-q:]])
+    print(f"run {images} images: {wall:.1f} s ({images / wall:.2f} images/s end to end); driver RSS first quarter "
+          f"{first / 2**20:.0f} MiB, last quarter {last / 2**20:.0f} MiB, ratio {last / first:.3f} "
+          f"(target <= 1.10); peak {max(r for _, r in samples) / 2**20:.0f} MiB; {len(samples)} samples")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", nargs="+", choices=("plan", "run"))
+    p.add_argument("--entries", type=int, default=1_000_000, help="manifest entries to plan")
+    p.add_argument("--images", type=int, default=2000, help="images for the long run")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ifcn-scale-") as tmp:
+        if "plan" in args.what:
+            bench_plan(args.entries, Path(tmp))
+        if "run" in args.what:
+            bench_run(args.images, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

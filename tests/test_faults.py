@@ -1,0 +1,159 @@
+"""Faults survived with real processes: each ends with tables equal to an uninterrupted run's,
+every input exactly one images row, and no image left as a final error row by the fault.
+
+- SIGKILL of an inference actor's process and of a read task's worker mid-run (Ray restarts the
+  actor and retries the task; the job finishes);
+- the S3 endpoint down mid-run for longer than every retry (a TCP proxy in front of the moto
+  server refuses connections and cuts live ones while the data survives), then back: the job
+  finishes, or exits 1 with one line and a re-run of the same command finishes.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fixtures_infra import TcpProxy
+from pipeline.schema import IMAGES_RESULT_COLUMNS
+from segment_helpers import REPO, cli, cli_env, inference_flags, read_table, write_checkpoint, write_images
+
+NUM_IMAGES = 12
+SHARD_SIZE = 2
+OUTAGE_S = 40  # beyond s3fs's own retries (~20 s against a refusing endpoint) plus the read retries (7.5 s)
+
+pytestmark = pytest.mark.slow
+
+
+def _args(images: str, output: str, checkpoint: str) -> list[str]:
+    return ["--input", images, "--output", output, "--checkpoint", checkpoint, "--shard-size", str(SHARD_SIZE),
+            "--actors", "1", "--batch-size", "1", *inference_flags()]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Inputs and the uninterrupted run every fault run is compared with."""
+    root = tmp_path_factory.mktemp("faults")
+    images = root / "images"
+    write_images(images, [f"img_{i:03d}.png" for i in range(NUM_IMAGES)], seed=7, size=(600, 900))
+    checkpoint = write_checkpoint(root / "model.pt")
+    reference = root / "reference"
+    r = cli(*_args(str(images), str(reference), checkpoint))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"root": root, "images": images, "checkpoint": checkpoint, "reference": reference}
+
+
+def _assert_same_tables(got: dict[str, pd.DataFrame], reference: Path) -> None:
+    """Equal to the reference run's tables (all but `uri`, which names where the inputs live)."""
+    cols = [c for c in IMAGES_RESULT_COLUMNS if c != "uri"]
+    images = got["images"]
+    assert len(images) == NUM_IMAGES and not images.image_id.duplicated().any()  # nothing lost or doubled
+    assert (images.status == "ok").all(), images[images.status != "ok"][["image_id", "error"]].to_string()
+    pd.testing.assert_frame_equal(images[cols], read_table(reference, "images")[cols])
+    assert not got["masks"].duplicated(["image_id", "rank"]).any()
+    pd.testing.assert_frame_equal(got["masks"].drop(columns="uri"), read_table(reference, "masks").drop(columns="uri"))
+
+
+def _titles(pid: int) -> dict[int, str]:
+    """pid -> process title (Ray names a worker after what it runs: 'ray::MapBatches(read_images)')."""
+    import psutil
+
+    out = {}
+    try:
+        procs = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return out
+    for p in procs:
+        try:
+            out[p.pid] = " ".join(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return out
+
+
+def test_sigkill_of_an_actor_and_a_read_task_mid_run(job: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.segment",
+                             *_args(str(job["images"]), str(out), job["checkpoint"])],
+                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    killed: dict[str, int] = {}
+    deadline = time.monotonic() + 240
+    try:
+        while proc.poll() is None and time.monotonic() < deadline and len(killed) < 2:
+            committed = (out / "_commits").exists() and any((out / "_commits").glob("*.json"))
+            for pid, title in _titles(proc.pid).items():
+                if "read" not in killed and title.startswith("ray::MapBatches(read_images)"):
+                    os.kill(pid, signal.SIGKILL)  # a read task's worker, while it runs the task
+                    killed["read"] = pid
+                elif "actor" not in killed and committed and "InferAndEncodeActor" in title \
+                        and title.startswith("ray::MapWorker"):
+                    os.kill(pid, signal.SIGKILL)  # the only inference actor, after a first commit
+                    killed["actor"] = pid
+            time.sleep(0.005)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert set(killed) == {"read", "actor"}, f"killed only {killed} before the job ended"
+    assert proc.returncode == 0, stderr[-3000:]
+    _assert_same_tables({t: read_table(out, t) for t in ("images", "masks")}, job["reference"])
+    assert not (out / "_tmp").exists() and (out / "_SUCCESS").exists()
+
+
+def _read_s3_table(fs, url: str, name: str) -> pd.DataFrame:
+    import pyarrow.dataset as pds
+
+    table = pds.dataset(f"{url.removeprefix('s3://')}/{name}", filesystem=fs, format="parquet").to_table()
+    keys = ["image_id", "rank"] if name == "masks" else ["image_id"]
+    return table.to_pandas().sort_values(keys).reset_index(drop=True)
+
+
+def test_s3_outage_mid_run_loses_nothing(job: dict, s3_server, s3_bucket: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)  # straight to moto, never through the proxy
+    fs.put(str(job["images"]), f"{s3_bucket}/images", recursive=True)
+    fs.put(job["checkpoint"], f"{s3_bucket}/model.pt")
+    proxy = TcpProxy(s3_server.endpoint.removeprefix("http://"))
+    env = {**cli_env(), "AWS_ENDPOINT_URL": proxy.url, "AWS_ENDPOINT_URL_S3": proxy.url}
+    out = f"{s3_bucket}/out"
+    args = _args(f"{s3_bucket}/images/", out, f"{s3_bucket}/model.pt")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.segment", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            fs.invalidate_cache()
+            if fs.exists(f"{out}/_commits") and fs.ls(f"{out}/_commits"):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the job ended before its first commit"
+        proxy.down()
+        time.sleep(OUTAGE_S)
+        proxy.up()
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proxy.down()
+        proxy.up()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    if proc.returncode != 0:
+        # the outage outlived every retry: one line, then the same command finishes the job
+        assert proc.returncode == 1, stderr[-3000:]
+        errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "re-run the same command" in errors[0], stderr[-3000:]
+        assert not fs.exists(f"{out}/_SUCCESS")
+        r = subprocess.run([sys.executable, "-m", "jobs.segment", *args], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    fs.invalidate_cache()
+    assert fs.exists(f"{out}/_SUCCESS") and not fs.exists(f"{out}/_tmp")
+    _assert_same_tables({t: _read_s3_table(fs, out, t) for t in ("images", "masks")}, job["reference"])
