@@ -47,6 +47,21 @@ def _sample_rss(proc: subprocess.Popen, every_s: float, out: list[tuple[float, i
     return thread
 
 
+def _run_sampled(cmd: list[str], every_s: float, env: dict[str, str]) -> tuple[str, float, list[tuple[float, int]]]:
+    """Runs `cmd` from the repo root while sampling its RSS; returns (stdout, wall s, samples)."""
+    samples: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), **env})
+    sampler = _sample_rss(proc, every_s, samples)
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {stderr[-2000:]}")
+    return stdout, wall, samples
+
+
 def bench_plan(entries: int, workdir: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -57,16 +72,7 @@ def bench_plan(entries: int, workdir: Path) -> None:
     del uris
     cmd = [sys.executable, "-m", "jobs.segment", "--input", str(manifest), "--output", str(workdir / "out"),
            "--checkpoint", str(CHECKPOINT), "--dry-run"]
-    samples: list[tuple[float, int]] = []
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    sampler = _sample_rss(proc, 0.1, samples)
-    stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - t0
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"dry run failed ({proc.returncode}): {stderr[-2000:]}")
+    stdout, wall, samples = _run_sampled(cmd, 0.1, {})
     peak = max(r for _, r in samples) if samples else 0
     print(stdout.strip())
     print(f"plan {entries} manifest entries: {wall:.1f} s (target < 60), driver peak RSS {peak / 2**20:.0f} MiB "
@@ -84,16 +90,7 @@ def bench_run(images: int, workdir: Path) -> None:
         Image.fromarray(np.roll(base, i, axis=1)).save(folder / f"{i:06d}.png")
     cmd = [sys.executable, "-m", "jobs.segment", "--input", str(folder), "--output", str(workdir / "run"),
            "--checkpoint", str(CHECKPOINT), "--scales", "64,96", "--max-proposals", "50", "--shard-size", "16"]
-    samples: list[tuple[float, int]] = []
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"})
-    sampler = _sample_rss(proc, 0.5, samples)
-    stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - t0
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed ({proc.returncode}): {stderr[-2000:]}")
+    stdout, wall, samples = _run_sampled(cmd, 0.5, {"RAY_ADDRESS": "local"})
     print(stdout.strip())
     # The run proper: from the first commit log line's time on would need log parsing; instead drop
     # the first 20% of samples (imports, Ray start-up, planning) and compare quarters of the rest.

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
 
-from .checkpoint import read_checkpoint, save_checkpoint
 from .config import InferenceConfig, ModelConfig
 from .model import InstanceFCN, _vgg16_trunk, init_weights
 from .transforms import image_to_tensor, normalize, resize, scaled_size
@@ -117,25 +116,32 @@ def predict(model: FCNBaseline, image: np.ndarray, config: InferenceConfig = Inf
     return out[: config.max_proposals]
 
 
+class BaselinePredictor:
+    """`predict(image)` for the baseline, as ifcn.Predictor offers it for the windowed models (CPU)."""
+
+    def __init__(self, model: FCNBaseline, config: InferenceConfig = InferenceConfig()) -> None:
+        self.model, self.config = model.cpu().eval(), config
+
+    def predict(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """image (H, W, 3) uint8 -> proposals best first (see `predict`)."""
+        return predict(self.model, image, self.config)
+
+
+# Shortcuts kept for callers; ifcn.checkpoint loads every kind through the registry (ifcn.models),
+# which imports this module, so these import ifcn.checkpoint when called.
+
 def save_baseline(model: FCNBaseline, url: str, extra: dict | None = None, storage_options: dict | None = None) -> None:
+    from .checkpoint import save_checkpoint
+
     save_checkpoint(model, url, extra={"model": MODEL_NAME, **(extra or {})}, storage_options=storage_options)
 
 
 def load_baseline(url: str, storage_options: dict | None = None) -> FCNBaseline:
     """FCNBaseline from a checkpoint written by jobs.train --model fcn-baseline, in eval mode."""
-    payload = read_checkpoint(url, storage_options)
-    if payload.get("extra", {}).get("model") != MODEL_NAME:
-        raise ValueError(f"checkpoint {url}: not an {MODEL_NAME} checkpoint (it is an InstanceFCN; use "
-                         f"ifcn.load_checkpoint)")
-    model = FCNBaseline(ModelConfig.from_dict(payload["config"]))
-    model.load_state_dict(payload["state_dict"])
-    return model.eval()
+    from .checkpoint import load_model
 
-
-def train(config: Any, log: Any = print) -> str:
-    """Trains the baseline through the same Ray Train loop as InstanceFCN; returns the model URL."""
-    from dataclasses import replace
-
-    from .train import train as train_any
-
-    return train_any(replace(config, model=MODEL_NAME), log=log)
+    model, spec = load_model(url, storage_options)
+    if spec.kind != MODEL_NAME:
+        raise ValueError(f"checkpoint {url}: not an {MODEL_NAME} checkpoint (it holds a {spec.kind!r} model; load "
+                         f"it with ifcn.checkpoint.load_model, or ifcn.load_checkpoint for InstanceFCN)")
+    return model

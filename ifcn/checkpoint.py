@@ -1,4 +1,9 @@
-"""One file per model: config + weights, readable from any fsspec URL."""
+"""One file per model: config, weights and the model's kind, readable from any fsspec URL.
+
+The kind names the model's entry in ifcn.models (instancefcn, deepmask, fcn-baseline); loading
+builds that entry's module. Files written before kinds were stored hold InstanceFCN (or carry the
+kind in extra["model"], as jobs.train wrote it).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,19 +11,23 @@ import io
 from typing import Any
 
 import torch
+from torch import nn
 
+from . import models
 from .config import ModelConfig
 from .io import open_url, write_bytes
-from .model import InstanceFCN
 
 FORMAT = "instancefcn-checkpoint/1"
 
 
-def save_checkpoint(model: InstanceFCN, url: str, extra: dict[str, Any] | None = None,
+def save_checkpoint(model: nn.Module, url: str, extra: dict[str, Any] | None = None,
                     storage_options: dict | None = None) -> None:
-    """Writes {format, config, state_dict, extra} atomically (temp file, then move) to `url`."""
+    """Writes {format, kind, config, state_dict, extra} atomically (temp file, then move) to `url`;
+    `model` is any registered model (ifcn.models), its kind comes from its class."""
+    kind = models.kind_of(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "config": model.config.to_dict(), "state_dict": state, "extra": extra or {}}
+    payload = {"format": FORMAT, "kind": kind, "config": model.config.to_dict(), "state_dict": state,
+               "extra": extra or {}}
     buf = io.BytesIO()
     torch.save(payload, buf)
     write_bytes(url, buf.getvalue(), storage_options)
@@ -45,15 +54,42 @@ def read_checkpoint(url: str, storage_options: dict | None = None, expected_sha2
     return payload
 
 
-def load_checkpoint(url: str, storage_options: dict | None = None, expected_sha256: str | None = None) -> InstanceFCN:
-    """InstanceFCN with config and weights from `url`, in eval mode on CPU (see read_checkpoint)."""
+def checkpoint_kind(payload: dict[str, Any]) -> str:
+    """The model kind a read_checkpoint payload holds."""
+    return payload.get("kind") or payload.get("extra", {}).get("model") or models.DEFAULT_KIND
+
+
+def load_model(url: str, storage_options: dict | None = None, expected_sha256: str | None = None
+               ) -> tuple[nn.Module, models.ModelSpec]:
+    """Any registered model from `url`, built by its kind, in eval mode on CPU, with its spec
+    (spec.predictor runs it over images; see read_checkpoint for the arguments)."""
     payload = read_checkpoint(url, storage_options, expected_sha256)
-    kind = payload.get("extra", {}).get("model", "instancefcn")
-    if kind != "instancefcn":
-        raise ValueError(f"checkpoint {url}: holds a {kind!r} model, not InstanceFCN; load it with "
-                         f"ifcn.baseline.load_baseline (or train InstanceFCN with jobs.train)")
-    model = InstanceFCN(ModelConfig.from_dict(payload["config"]))
-    model.load_state_dict(payload["state_dict"])
+    spec = models.for_kind(checkpoint_kind(payload), f"checkpoint {url}")
+    return _build(url, payload, spec), spec
+
+
+def load_checkpoint(url: str, storage_options: dict | None = None, expected_sha256: str | None = None) -> nn.Module:
+    """A model that ifcn.Predictor (and the pipeline) runs, InstanceFCN or DeepMask, with config and
+    weights from `url`, in eval mode on CPU (see read_checkpoint)."""
+    payload = read_checkpoint(url, storage_options, expected_sha256)
+    kind = checkpoint_kind(payload)
+    spec = models.for_kind(kind, f"checkpoint {url}")
+    if not spec.windowed:
+        runs = [s.kind for s in models.REGISTRY.values() if s.windowed]
+        raise ValueError(f"checkpoint {url}: holds a {kind!r} model, not InstanceFCN or another model that "
+                         f"ifcn.Predictor runs ({runs}); load it with ifcn.baseline.load_baseline or "
+                         f"ifcn.checkpoint.load_model")
+    return _build(url, payload, spec)
+
+
+def _build(url: str, payload: dict[str, Any], spec: models.ModelSpec) -> nn.Module:
+    model = spec.build(ModelConfig.from_dict(payload["config"]))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:  # torch lists every key; the first lines say enough
+        first = str(e).splitlines()[:2]
+        raise ValueError(f"checkpoint {url}: its weights do not fit a {spec.kind!r} model ({' '.join(first)[:300]}); "
+                         f"was it written by another version?") from e
     return model.eval()
 
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .ops import assemble
 
 # torchvision's vgg16 "features" indices of the 13 convs; keeping them lets an ImageNet
 # state dict load key for key (features.0.weight ... features.28.bias).
@@ -56,6 +57,11 @@ class InstanceFCN(nn.Module):
             raise ValueError(f"InstanceFCN.forward: expected images (N, 3, H, W), got {tuple(images.shape)}")
         feats = self.features(images)  # (N, C, ceil(H/8), ceil(W/8))
         return self.score_head(feats), self.objectness_head(feats)
+
+    def window_logits(self, scores: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """scores (N, k*k, h, w) from forward, windows (n, 3) long (image, y0, x0) -> (n, m, m) mask
+        logits by assembling (the Predictor's per-window masks; DeepMask has its own)."""
+        return assemble(scores, windows, self.config.m)
 
     def load_backbone_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Copies torchvision-layout `features.*` weights; other keys (classifier.*) are ignored."""

@@ -81,7 +81,9 @@ def postprocess(cands: Candidates, config: InferenceConfig) -> list[dict[str, An
 
 
 class Predictor:
-    """Runs a trained InstanceFCN on images at every scale of an InferenceConfig.
+    """Runs a trained InstanceFCN on images at every scale of an InferenceConfig (or any windowed
+    model of ifcn.models, e.g. DeepMask: forward -> (per-window mask maps, objectness), and
+    `window_logits(maps, windows)` -> the windows' (n, m, m) mask logits; for InstanceFCN, assembling).
 
     amp_dtype: autocast dtype for the forward (torch.bfloat16 on GPUs; None = full precision).
     postprocess_on: "device" (torch ops where the model runs), "numpy" (the reference, on the
@@ -104,6 +106,12 @@ class Predictor:
             torch.backends.cudnn.benchmark = True  # few distinct input shapes (one per scale and batch)
         self.forward = torch.compile(self.model) if compile else self.model
 
+    def _window_logits(self, maps: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+        """(n, m, m) mask logits of `windows` (n, 3): the model's own `window_logits` (DeepMask), else
+        assembling k*k score maps (InstanceFCN, and any model with its forward's outputs)."""
+        read = getattr(self.model, "window_logits", None)
+        return read(maps, windows) if read is not None else assemble(maps, windows, self.model.config.m)
+
     @torch.inference_mode()
     def windows(self, images: list[np.ndarray]) -> list[list[tuple[Windows, tuple[float, float]]]]:
         """images: (H, W, 3) uint8 RGB each -> per image, per scale: its top windows (on the
@@ -114,7 +122,7 @@ class Predictor:
         another scale is kept. Images whose resized size (padded up to `pad_to`) is equal share a
         forward; padding is set to background before windows are picked, so it yields no window
         and no mask pixel. No host sync until every scale's forward is queued."""
-        cfg, m = self.config, self.model.config.m
+        cfg = self.config
         total = cfg.windows_per_scale * len(cfg.scales)
         bases = [image_to_tensor(image, self.device) for image in images]  # (1, 3, H, W) each
         found: list[list[tuple[int, tuple[float, float], _Top]]] = [[] for _ in images]
@@ -144,7 +152,8 @@ class Predictor:
                 logit, cells = (top.logits, top.cells) if keep is None else (top.logits[keep], top.cells[keep])
                 windows = torch.cat([torch.zeros_like(cells[:, :1]), cells], 1)  # (n, 3): one map, top-left cells
                 n = len(cells)
-                groups_out.append((Windows(torch.sigmoid(logit), cells, torch.sigmoid(assemble(top.scores[None], windows, m)),
+                masks = torch.sigmoid(self._window_logits(top.scores[None], windows))  # (n, m, m)
+                groups_out.append((Windows(torch.sigmoid(logit), cells, masks,
                                            # filled on the device: a host-to-device copy would wait for the GPU
                                            torch.stack([torch.full((n,), f, dtype=torch.float64, device=self.device)
                                                         for f in factor], 1),
@@ -200,7 +209,8 @@ class Predictor:
 @dataclass
 class _Top:
     """One image's best windows at one scale: logits (n,), cells (n, 2) top-left feature cells,
-    scores (k*k, fh, fw) its score maps (for assembling the windows that survive the cross-scale cut)."""
+    scores (k*k, fh, fw) its score maps, or DeepMask's (m*m, fh, fw) mask maps (the windows that
+    survive the cross-scale cut read their masks from them)."""
 
     logits: torch.Tensor
     cells: torch.Tensor

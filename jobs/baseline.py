@@ -1,4 +1,7 @@
-"""Runs the one-map FCN baseline (connected components) over a COCO dataset's images.
+"""Runs a trained model (made for the one-map FCN baseline) over a COCO dataset's images to COCO results.
+
+Any --model of jobs.train works: the checkpoint's kind picks the predictor (ifcn.models), as in
+jobs.evaluate; the baseline's is connected components of its foreground map.
 
 Train it with `python -m jobs.train --model fcn-baseline ...`; then
     python -m jobs.baseline --checkpoint file:///runs/base/model.pt --images file:///data/val/images \
@@ -15,7 +18,7 @@ from jobs._cli import Parser, scales, storage_options
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m jobs.baseline", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help="model.pt written by jobs.train --model fcn-baseline")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by jobs.train (e.g. --model fcn-baseline)")
     p.add_argument("--images", required=True)
     p.add_argument("--annotations", required=True)
     p.add_argument("--output", required=True, help="COCO results JSON URL")
@@ -24,19 +27,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage-options", type=storage_options, default=None, help="fsspec options as JSON")
     args = p.parse_args(argv)
     from ifcn import InferenceConfig
-    from ifcn.baseline import load_baseline, predict
+    from ifcn.checkpoint import load_model
     from ifcn.data import CocoDataset
     from ifcn.evaluate import predictions_to_results
     from ifcn.io import open_url
 
     try:
         config = InferenceConfig(scales=args.scales) if args.scales else InferenceConfig()
-        model = load_baseline(args.checkpoint, args.storage_options)
+        model, spec = load_model(args.checkpoint, args.storage_options)
+        predictor = spec.predictor(model, config, None)
         ds = CocoDataset(args.images, args.annotations, args.storage_options)
         results = []
         n = len(ds) if args.limit is None else min(args.limit, len(ds))
         for i in range(n):
-            results += predictions_to_results(ds.images[i]["id"], predict(model, ds.read_image(i), config))
+            results += predictions_to_results(ds.images[i]["id"], predictor.predict(ds.read_image(i)))
         with open_url(args.output, "w", args.storage_options) as f:
             json.dump(results, f)
     except (OSError, ValueError) as e:

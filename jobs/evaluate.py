@@ -50,11 +50,14 @@ def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ..
                    max_proposals: int | None = None, limit: int | None = None, device: str | None = None,
                    storage_options: dict | None = None, progress: bool = True,
                    nms: str | None = None) -> tuple[list[dict], list[int]]:
-    """Runs ifcn.Predictor over the annotation file's images (file order, first `limit`).
+    """Runs the checkpoint's predictor over the annotation file's images (file order, first `limit`):
+    ifcn.Predictor for InstanceFCN and DeepMask, connected components for the FCN baseline (the
+    registry, ifcn.models, picks it by the checkpoint's kind).
 
     Returns COCO results entries and the evaluated image ids.
     """
-    from ifcn import InferenceConfig, Predictor, load_checkpoint
+    from ifcn import InferenceConfig
+    from ifcn.checkpoint import load_model
 
     overrides: dict[str, Any] = {}
     if scales:
@@ -63,7 +66,8 @@ def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ..
         overrides["max_proposals"] = int(max_proposals)
     if nms:
         overrides["nms"] = nms
-    predictor = Predictor(load_checkpoint(checkpoint, storage_options), InferenceConfig(**overrides), device=device)
+    model, spec = load_model(checkpoint, storage_options)
+    predictor = spec.predictor(model, InferenceConfig(**overrides), device)
     todo = gt["images"][:limit] if limit else gt["images"]
     bar = Progress(len(todo), "jobs.evaluate") if progress else None
     results: list[dict] = []
@@ -178,7 +182,8 @@ def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = Parser(prog="jobs.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--annotations", required=True, help="COCO instances JSON (any fsspec URL)")
-    p.add_argument("--checkpoint", help="InstanceFCN checkpoint to run over the annotations' images")
+    p.add_argument("--checkpoint", help="model.pt of jobs.train (any --model: instancefcn, deepmask, fcn-baseline) "
+                   "to run over the annotations' images")
     p.add_argument("--images", help="root URL that the annotations' file_names are relative to (with --checkpoint)")
     p.add_argument("--predictions", help="COCO results JSON, or a pipeline output folder with masks/")
     p.add_argument("--scales", type=scales, help="comma-separated short sides, e.g. 119,178,267,400,600,900 (with --checkpoint)")

@@ -1,10 +1,15 @@
-"""Trains InstanceFCN (or the one-map FCN baseline) with Ray Train on a COCO-format dataset.
+"""Trains InstanceFCN (or DeepMask, or the one-map FCN baseline: --model) with Ray Train on a COCO-format dataset.
 
     python -m jobs.train --images file:///data/train/images --annotations file:///data/train/annotations.json \
-        --output file:///runs/narrow --backbone vgg16_narrow --scales 192 256 320 384 --max-minutes 10
+        --output file:///runs/small --max-minutes 10                     # preset "small": a CPU, 10 minutes
+    python -m jobs.train --preset paper --use-gpu --num-workers 8 --amp bf16 --vgg16-weights s3://.../vgg16.pth \
+        --images s3://bucket/coco/train2014 --annotations s3://bucket/coco/instances_train2014.json \
+        --output s3://bucket/runs/paper --val-images s3://bucket/coco/val2014 \
+        --val-annotations s3://bucket/coco/instances_val2014.json --val-every 2000 --val-max-images 200
 
 Re-running with the same --output resumes from its last checkpoint. The final model is
-<output>/model.pt (ifcn.load_checkpoint; the baseline: ifcn.baseline.load_baseline).
+<output>/model.pt (ifcn.load_checkpoint; the baseline: ifcn.baseline.load_baseline), the best
+validated one <output>/best.pt.
 """
 from __future__ import annotations
 
@@ -12,57 +17,76 @@ import argparse
 import sys
 
 from ifcn.config import BACKBONES
-from ifcn.train.config import MODELS, TrainConfig
+from ifcn.train.config import AMP, MODELS, PRESETS, TrainConfig
 from jobs._cli import Parser, storage_options
+
+# flag dest -> TrainConfig field, where the names differ
+_RENAMED = {"no_flip": "flip"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig("", "", "")
+    presets = "; ".join(f"{name}: {', '.join(f'{k} {v}' for k, v in values.items())}" for name, values in PRESETS.items())
     p = Parser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
     p.add_argument("--images", required=True, help="folder URL holding the COCO file_name entries")
     p.add_argument("--annotations", required=True, help="COCO instances JSON URL")
     p.add_argument("--output", required=True, help="folder URL for checkpoints, model.pt and the loss curve")
-    p.add_argument("--model", choices=MODELS, default=d.model)
-    p.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="Ray Train workers (DDP)")
-    p.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker)
-    p.add_argument("--use-gpu", action="store_true")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--model", choices=MODELS)
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"default {d.preset}; what the flags below default "
+                   f"to ({presets})")
+    p.add_argument("--backbone", choices=BACKBONES, help="default: the preset's")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP), one image each per step")
+    p.add_argument("--cpus-per-worker", type=int)
+    p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument("--amp", choices=AMP, help="autocast the forward and loss in this dtype (CUDA)")
+    p.add_argument("--lr", type=float,
                    help="default: 0.001 (paper) for vgg16, 0.02 with warmup for vgg16_narrow (from scratch)")
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--steps", type=int, default=d.steps, help="schedule length in iterations")
-    p.add_argument("--lr-step", type=int, default=d.lr_step, help="iteration where lr drops 10x")
-    p.add_argument("--warmup-steps", type=int, default=None)
-    p.add_argument("--windows-per-image", type=int, default=d.windows_per_image)
-    p.add_argument("--scales", type=int, nargs="+", default=list(d.scales), help="training short sides")
-    p.add_argument("--max-size", type=int, default=d.max_size)
-    p.add_argument("--no-flip", action="store_true", help="disable horizontal flip augmentation")
-    p.add_argument("--vgg16-weights", default=None, help="ImageNet VGG-16 state dict URL (torchvision layout)")
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
-    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (the schedule keeps --steps)")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--storage-options", type=storage_options, default=None, help="fsspec storage options as JSON")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--steps", type=int, help="schedule length in iterations (default: the preset's)")
+    p.add_argument("--lr-step", type=int, help="iteration where lr drops 10x (default: the preset's)")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--windows-per-image", type=int)
+    p.add_argument("--scales", type=int, nargs="+", help="training short sides (default: the preset's)")
+    p.add_argument("--max-size", type=int, help=f"cap on the resized long side (default {d.max_size}, inference's)")
+    p.add_argument("--no-flip", action="store_false", default=None, help="disable horizontal flip augmentation")
+    p.add_argument("--vgg16-weights", help="ImageNet VGG-16 state dict URL (torchvision layout)")
+    p.add_argument("--max-minutes", type=float, help="training-time budget (all resumed runs together); warm-up "
+                   "and the lr drop move with it so a run stopped by time has decayed its lr")
+    p.add_argument("--max-steps", type=int, help="stop at this step (the schedule keeps --steps)")
+    p.add_argument("--data-workers", type=int, help=f"processes per worker decoding and augmenting ahead of the "
+                   f"step (default {d.data_workers}; 0: in the step)")
+    p.add_argument("--prefetch", type=int, help=f"steps each data process keeps ready (default {d.prefetch})")
+    p.add_argument("--val-images", help="validation image folder URL (with --val-annotations)")
+    p.add_argument("--val-annotations", help="validation COCO JSON: AR@100 logged, in loss.csv/png, best.pt kept")
+    p.add_argument("--val-every", type=int, help=f"steps between validations (default {d.val_every})")
+    p.add_argument("--val-max-images", type=int, help=f"validate on the first N images (default {d.val_max_images})")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--storage-options", type=storage_options, help="fsspec storage options as JSON")
     args = p.parse_args(argv)
-    if args.num_workers < 1 or args.cpus_per_worker < 1 or args.steps < 1 or args.windows_per_image < 2:
-        p.error("--num-workers, --cpus-per-worker, --steps must be >= 1 and --windows-per-image >= 2")
-    if min(args.scales) < 32:
+    for name in ("num_workers", "cpus_per_worker", "steps", "lr_step", "max_steps", "prefetch", "val_every",
+                 "val_max_images", "checkpoint_every", "log_every"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.windows_per_image is not None and args.windows_per_image < 2:
+        p.error("--windows-per-image must be >= 2")
+    if args.data_workers is not None and args.data_workers < 0:
+        p.error("--data-workers must be >= 0")
+    if args.scales is not None and min(args.scales) < 32:
         p.error(f"--scales {args.scales}: every short side must be >= 32")
+    if (args.val_images is None) != (args.val_annotations is None):
+        p.error("give --val-images and --val-annotations together")
     return args
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        images=args.images, annotations=args.annotations, output=args.output, model=args.model,
-        backbone=args.backbone, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
-        use_gpu=args.use_gpu, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-        steps=args.steps, lr_step=args.lr_step, warmup_steps=args.warmup_steps,
-        windows_per_image=args.windows_per_image, scales=tuple(args.scales), max_size=args.max_size,
-        flip=not args.no_flip, vgg16_weights=args.vgg16_weights, max_minutes=args.max_minutes,
-        max_steps=args.max_steps, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-        seed=args.seed, storage_options=args.storage_options)
+    """Only the flags a user set reach TrainConfig: its defaults and presets stay the one source."""
+    given = {_RENAMED.get(k, k): v for k, v in vars(args).items() if v is not None}
+    if "scales" in given:
+        given["scales"] = tuple(given["scales"])
+    return TrainConfig(**given)
 
 
 def main(argv: list[str] | None = None) -> int:

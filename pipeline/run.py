@@ -148,10 +148,14 @@ class Resources:
     batch_size: int = CPU_BATCH  # images per actor call
 
 
-def resolve_resources(config: SegmentConfig, cluster: dict[str, float]) -> Resources:
+def resolve_resources(config: SegmentConfig, cluster: dict[str, float],
+                      node_cpus: list[float] | None = None) -> Resources:
     """One GPU actor per GPU with encoding tasks behind them; without GPUs, one CPU actor per core
     that also encodes (a CPU actor would otherwise idle a core while tasks queue).
 
+    node_cpus: CPUs of each alive node. A CPU actor never takes so much of its node that a read
+    task cannot start beside it: on 1-CPU nodes, actors of 0.75 CPU would leave every node 0.25
+    free and the job would wait forever for a read task's 0.5 (a two-node test found it).
     On an autoscaling cluster whose GPU workers are not up yet, pass --gpus-per-actor and --actors.
     """
     gpus, cpus = float(cluster.get("GPU", 0)), float(cluster.get("CPU", 1))
@@ -169,7 +173,8 @@ def resolve_resources(config: SegmentConfig, cluster: dict[str, float]) -> Resou
     if per_actor == 0 and in_actor:
         # Logical CPUs: leave room for one read task beside a pool that fills every core, or the
         # pool would hold all CPUs and reading (hence the job) would never start.
-        cpus_per_actor = max(0.25, min(1.0, (cpus - READ_CPUS) / actors))
+        cpus_per_actor = max(0.25, min(1.0, (cpus - READ_CPUS) / actors,
+                                       min(node_cpus or [cpus]) - READ_CPUS))
     batch = config.batch_size or (GPU_BATCH if per_actor > 0 else CPU_BATCH)
     return Resources(actors, per_actor, cpus_per_actor, in_actor, batch)
 
@@ -359,7 +364,8 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
         if not ray.is_initialized():
             ray.init()
         cluster = ray.cluster_resources()
-        res = resolve_resources(config, cluster)
+        node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+        res = resolve_resources(config, cluster, [c for c in node_cpus if c > 0])
         log(f"inference: {res.actors} actor(s), {res.gpus_per_actor} GPU each, batch size {res.batch_size}, "
             f"{config.inference.nms} NMS in the actors; RLE strings in "
             f"{'the actors' if res.postprocess_in_actor else 'CPU tasks'}")

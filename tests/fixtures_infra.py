@@ -240,6 +240,33 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+def add_worker_node(head: RayHead, num_cpus: int, timeout: float = 120.0) -> subprocess.Popen:
+    """`ray start --address <head> --block`: a second node of the head's cluster on this machine.
+    Returns once the cluster reports one more alive node; stop it with `_kill_tree([proc.pid])`
+    (the head's `stop` also finds it: it joins the head's temp dir)."""
+    cmd = [str(BIN / "ray"), "start", f"--address={head.gcs_address}", "--block", "--node-ip-address=127.0.0.1",
+           f"--num-cpus={num_cpus}", "--num-gpus=0", f"--object-store-memory={200 * 1024 * 1024}",
+           f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+           f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+           "--disable-usage-stats"]
+    log = head.temp_dir / "ray_worker_node.log"
+    # a loaded 2-core machine can take longer than Ray's default 10 s to register a raylet
+    env = {**os.environ, **head.client_env, "RAY_raylet_start_wait_time_s": "120"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start (worker) exited with {proc.returncode}; log: {_tail(log)}")
+        r = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", head.dashboard_url, "--format", "json",
+                            "--filter", "state=ALIVE"], env=env, capture_output=True, text=True, timeout=60)
+        if r.returncode == 0 and r.stdout.count('"node_id"') >= 2:
+            return proc
+        time.sleep(1.0)
+    _kill_tree([proc.pid])
+    raise TimeoutError(f"worker node did not join {head.gcs_address} in {timeout:.0f} s; log: {_tail(log)}")
+
+
 def ray_job_submit(head: RayHead, entrypoint: list[str], working_dir: Path = REPO,
                    env: dict[str, str] | None = None, timeout: float = 600.0,
                    runtime_env_json: str | None = None) -> subprocess.CompletedProcess:

@@ -5,10 +5,13 @@ every input exactly one images row, and no image left as a final error row by th
   actor and retries the task; the job finishes);
 - the S3 endpoint down mid-run for longer than every retry (a TCP proxy in front of the moto
   server refuses connections and cuts live ones while the data survives), then back: the job
-  finishes, or exits 1 with one line and a re-run of the same command finishes.
+  finishes, or exits 1 with one line and a re-run of the same command finishes;
+- a two-node Ray cluster on this machine (a head and a second `ray start --address` node, one
+  CPU each): the two inference actors land on different nodes, the tables equal one node's.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,20 +22,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fixtures_infra import TcpProxy
+from fixtures_infra import BIN, RayHead, TcpProxy, _kill_tree, add_worker_node
 from pipeline.schema import IMAGES_RESULT_COLUMNS
 from segment_helpers import REPO, cli, cli_env, inference_flags, read_table, write_checkpoint, write_images
 
-NUM_IMAGES = 12
+NUM_IMAGES = 8  # 4 shards of 2: a kill lands between commits
 SHARD_SIZE = 2
 OUTAGE_S = 40  # beyond s3fs's own retries (~20 s against a refusing endpoint) plus the read retries (7.5 s)
 
 pytestmark = pytest.mark.slow
 
 
-def _args(images: str, output: str, checkpoint: str) -> list[str]:
+def _args(images: str, output: str, checkpoint: str, actors: int = 1) -> list[str]:
     return ["--input", images, "--output", output, "--checkpoint", checkpoint, "--shard-size", str(SHARD_SIZE),
-            "--actors", "1", "--batch-size", "1", *inference_flags()]
+            "--actors", str(actors), "--batch-size", "1", *inference_flags()]
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +160,27 @@ def test_s3_outage_mid_run_loses_nothing(job: dict, s3_server, s3_bucket: str) -
     fs.invalidate_cache()
     assert fs.exists(f"{out}/_SUCCESS") and not fs.exists(f"{out}/_tmp")
     _assert_same_tables({t: _read_s3_table(fs, out, t) for t in ("images", "masks")}, job["reference"])
+
+
+def test_two_node_cluster_spreads_the_work_and_writes_the_same_tables(job: dict, tmp_path: Path) -> None:
+    head = RayHead.start(num_cpus=1)
+    try:
+        worker = add_worker_node(head, num_cpus=1)
+        out = tmp_path / "out"
+        # two actors of 0.75 CPU (resolve_resources) cannot share a 1-CPU node: one lands on each
+        args = _args(str(job["images"]), str(out), job["checkpoint"], actors=2)
+        env = {**cli_env(), **head.client_env, "RAY_ADDRESS": head.gcs_address}
+        r = subprocess.run([sys.executable, "-m", "jobs.segment", *args], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "inference: 2 actor(s)" in r.stderr
+        listed = subprocess.run([str(BIN / "ray"), "list", "actors", "--address",
+                                 head.dashboard_url, "--format", "json", "--detail", "--limit", "1000"],
+                                env={**os.environ, **head.client_env}, capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        nodes = {a["node_id"] for a in json.loads(listed.stdout) if "InferAndEncodeActor" in a.get("class_name", "")}
+        assert len(nodes) == 2, f"inference actors ran on {len(nodes)} node(s)"
+        _assert_same_tables({t: read_table(out, t) for t in ("images", "masks")}, job["reference"])
+        _kill_tree([worker.pid])
+    finally:
+        head.stop()

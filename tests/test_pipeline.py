@@ -109,9 +109,13 @@ def test_reducer_tasks_and_in_actor_postprocess_write_the_same_tables(first_run:
     ({"CPU": 16.0, "GPU": 4.0}, {"gpus_per_actor": 0.5, "batch_size": 8}, Resources(8, 0.5, 1.0, False, 8)),
     ({"CPU": 4.0}, {"actors": 1, "gpus_per_actor": 1.0}, Resources(1, 1.0, 1.0, False, 16)),  # autoscaler to come
     ({"CPU": 4.0}, {"actors": 2}, Resources(2, 0.0, 1.0, True, 4)),
+    # two 1-CPU nodes: 0.5 per actor, so a read task (0.5) fits beside an actor on either node
+    ({"CPU": 2.0, "nodes": [1.0, 1.0]}, {"actors": 2}, Resources(2, 0.0, 0.5, True, 4)),
 ])
 def test_resolve_resources(cluster: dict, kw: dict, want: Resources, inputs: dict, tmp_path: Path) -> None:
-    assert resolve_resources(_config(inputs, tmp_path, **kw), cluster) == want
+    cluster = dict(cluster)
+    nodes = cluster.pop("nodes", None)
+    assert resolve_resources(_config(inputs, tmp_path, **kw), cluster, nodes) == want
 
 
 def test_one_images_row_per_input_with_errors(first_run: dict, inputs: dict) -> None:
