@@ -25,8 +25,8 @@ def is_transient(e: BaseException) -> bool:
     """True for failures that a later attempt may not meet (see the module docstring)."""
     if isinstance(e, _PERMANENT):
         return False
-    if isinstance(e, (MemoryError, TimeoutError, ConnectionError, OSError)):
-        return True  # OSError: network, permission (expired credentials), throttling via fsspec
+    if isinstance(e, (MemoryError, OSError)):
+        return True  # OSError (TimeoutError, ConnectionError, ...): network, expired credentials, throttling
     if isinstance(e, RuntimeError) and ("CUDA" in str(e) or "out of memory" in str(e)):
         return True  # torch.cuda.OutOfMemoryError is a RuntimeError too
     return type(e).__module__.split(".")[0] in _TRANSIENT_MODULES

@@ -30,9 +30,13 @@ def _filter_block(table, expression: Any):
 
 def committed_files(url: str, table: str = "masks", storage_options: dict[str, Any] | None = None) -> list[str]:
     """Paths (without protocol) of `table`'s files in committed shards, in shard order."""
+    return _committed_files(OutputStore(url, storage_options), table)
+
+
+def _committed_files(store: OutputStore, table: str) -> list[str]:
     if table not in SCHEMAS:
         raise ValueError(f"table={table!r}: choose one of {sorted(SCHEMAS)}")
-    store = OutputStore(url, storage_options)
+    url = store.url
     markers = store.committed()
     if not markers and store.read_json(JOB_FILE) is None:
         raise FileNotFoundError(f"{url}: not a jobs.segment output (no {JOB_FILE} or {COMMITS_DIR}/); "
@@ -45,8 +49,8 @@ def read_output(url: str, table: str = "masks", columns: list[str] | None = None
     """`table` ("masks" or "images") of the committed shards at `url`: a pyarrow Table, or with
     ray=True a Ray Dataset read by the cluster. `filter` is a pyarrow.dataset expression; the
     files' row-group statistics let it skip most of a shard for one image_id."""
-    files = committed_files(url, table, storage_options)
     store = OutputStore(url, storage_options)
+    files = _committed_files(store, table)
     schema = SCHEMAS[table]
     if ray:
         import ray.data

@@ -56,9 +56,10 @@ def write_images(folder: Path, names: list[str], seed: int = 0, size: tuple[int,
     return paths
 
 
-def read_table(output: str | Path, name: str) -> pd.DataFrame:
-    """A whole output table through pyarrow.dataset (which skips `_`-prefixed paths)."""
-    table = pds.dataset(str(Path(output) / name), format="parquet").to_table()
+def read_table(output: str | Path, name: str, filesystem=None) -> pd.DataFrame:
+    """A whole output table through pyarrow.dataset (which skips `_`-prefixed paths); `filesystem`
+    (e.g. an s3fs instance) reads `output` given without its protocol."""
+    table = pds.dataset(f"{str(output).rstrip('/')}/{name}", filesystem=filesystem, format="parquet").to_table()
     keys = ["image_id", "rank"] if name == "masks" else ["image_id"]
     return table.to_pandas().sort_values(keys).reset_index(drop=True)
 

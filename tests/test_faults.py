@@ -110,14 +110,6 @@ def test_sigkill_of_an_actor_and_a_read_task_mid_run(job: dict, tmp_path: Path) 
     assert not (out / "_tmp").exists() and (out / "_SUCCESS").exists()
 
 
-def _read_s3_table(fs, url: str, name: str) -> pd.DataFrame:
-    import pyarrow.dataset as pds
-
-    table = pds.dataset(f"{url.removeprefix('s3://')}/{name}", filesystem=fs, format="parquet").to_table()
-    keys = ["image_id", "rank"] if name == "masks" else ["image_id"]
-    return table.to_pandas().sort_values(keys).reset_index(drop=True)
-
-
 def test_s3_outage_mid_run_loses_nothing(job: dict, s3_server, s3_bucket: str) -> None:
     import s3fs
 
@@ -159,7 +151,7 @@ def test_s3_outage_mid_run_loses_nothing(job: dict, s3_server, s3_bucket: str) -
         assert r.returncode == 0, r.stderr[-3000:]
     fs.invalidate_cache()
     assert fs.exists(f"{out}/_SUCCESS") and not fs.exists(f"{out}/_tmp")
-    _assert_same_tables({t: _read_s3_table(fs, out, t) for t in ("images", "masks")}, job["reference"])
+    _assert_same_tables({t: read_table(out.removeprefix("s3://"), t, fs) for t in ("images", "masks")}, job["reference"])
 
 
 def test_two_node_cluster_spreads_the_work_and_writes_the_same_tables(job: dict, tmp_path: Path) -> None:
