@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ifcn import InferenceConfig
+from ifcn.config import InferenceConfig
 
 from ifcn.image import MAX_PIXELS, MIN_SIDE
 

@@ -169,3 +169,18 @@ def test_no_import_circle_between_models_and_training() -> None:
         assert out.returncode == 0, out.stderr[-2000:]
         if not first.startswith("ifcn.train"):
             assert out.stdout.strip() == "[]", (first, out.stdout)
+
+
+def test_read_and_publish_workers_import_without_torch() -> None:
+    """Ray's read and publish tasks run on the cores the inference actors use; importing torch
+    there cost ~3 CPU s and ~500 MB per worker and made the job 17% slower on a 2-core machine
+    (bench/README.md). Their modules must stay torch-free; `ifcn`'s names still load on use."""
+    code = ("import sys; import pipeline.sources, pipeline.sink, pipeline.output, ifcn.io, ifcn.image; "
+            "assert 'torch' not in sys.modules, 'torch'; import ifcn; p = ifcn.Predictor; "
+            "assert 'torch' in sys.modules and p.__module__ == 'ifcn.predictor'; "
+            "from ifcn import encode, PAPER_SCALES; assert PAPER_SCALES[0] == 119; "
+            "assert set(ifcn.__all__) <= set(dir(ifcn)); "
+            "import pytest\n"
+            "with pytest.raises(AttributeError): ifcn.no_such_name")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
