@@ -14,6 +14,10 @@ from typing import Callable, TypeVar
 from ifcn.image import ImageError
 
 RETRY = "retry"  # in-flight status of an image that failed transiently; never written to a table
+# Writes of staged fragments, tables and commit markers: 6 attempts, 1 s backoff doubling, ride out
+# ~30 s of storage trouble (throttling, a restarting endpoint) before the shard is given up.
+STORAGE_ATTEMPTS = 6
+STORAGE_BACKOFF_S = 1.0
 T = TypeVar("T")
 
 _PERMANENT = (ImageError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
@@ -43,3 +47,8 @@ def with_retries(fn: Callable[[], T], attempts: int, base_delay_s: float) -> T:
                 raise
             time.sleep(base_delay_s * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def storage_call(fn: Callable[[], T]) -> T:
+    """fn() (a write to the output store), retried on transient failures as STORAGE_ATTEMPTS says."""
+    return with_retries(fn, STORAGE_ATTEMPTS, STORAGE_BACKOFF_S)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from ifcn.io import filesystem, is_temp_name, put_atomic
 
-from .errors import RETRY
+from .errors import RETRY, storage_call
 from .schema import MASKS_ROW_GROUP_ROWS, PARQUET_COMPRESSION, REDUCED_SCHEMA, reduced_to_tables
 from .sources import Shard
 
@@ -178,7 +178,7 @@ class StageWriter:
             if part.num_rows:
                 data = _parquet_bytes(part, None, STAGE_COMPRESSION)
                 path = self.store.path(STAGE_DIR, self.run_id, sid, f"{uuid.uuid4().hex}.parquet")
-                put_atomic(self.store.fs, path, data)
+                storage_call(lambda: put_atomic(self.store.fs, path, data))
                 nbytes = len(data)
             rows.append({"shard_id": sid, "path": path, "image_ids": part.column("image_id").to_pylist(),
                          "nbytes": nbytes, "retry_ids": failed.column("image_id").to_pylist(),
@@ -191,8 +191,15 @@ def publish_shard(output: str, storage_options: dict[str, Any] | None, shard: Sh
     """A complete shard's fragments -> its committed files and marker; returns the marker.
 
     Runs as a Ray task (retried if its worker dies): an existing marker of the same shard and
-    digest means an earlier attempt finished, so a retry returns it rather than rewriting."""
+    digest means an earlier attempt finished, so a retry returns it rather than rewriting.
+    Transient storage failures are retried with backoff here (`storage_call`), before Ray's own
+    retries, so a short outage delays the shard instead of failing the run."""
     store = OutputStore(output, storage_options)
+    return storage_call(lambda: _publish(store, shard, fragments))
+
+
+def _publish(store: OutputStore, shard: Shard, fragments: list[Fragment]) -> dict[str, Any]:
+    """One attempt of publish_shard: idempotent (the same files, then the marker)."""
     done = store.read_json(marker_name(shard.shard_id))
     if done is not None and done.get("digest") == shard.digest:
         return done

@@ -83,3 +83,39 @@ def test_shard_with_a_transient_failure_is_left_for_a_rerun(tmp_path: Path) -> N
     assert collector.left == {"000000": (1, "image b: reading failed 5 times (EndpointConnectionError)")}
     assert collector.missing() == [] and "shard 000000 left uncommitted" in logs[0]
     assert not (tmp_path / "out" / "images" / "part-000000.parquet").exists()  # no final error row for b
+
+
+def test_publishing_rides_out_a_short_storage_outage(s3_server, s3_bucket: str) -> None:
+    """The endpoint refuses connections for 6 s while a shard is published: the publish call
+    backs off and commits it once the endpoint is back (no Ray retry, no failed run)."""
+    import threading
+    import time
+
+    from fixtures_infra import TcpProxy
+    from pipeline.run import InlinePublisher
+    from pipeline.sink import Fragment
+
+    proxy = TcpProxy(s3_server.endpoint.removeprefix("http://"))
+    # botocore's retries off; s3fs's own (~2 s of backoff) are shorter than the outage, so what
+    # rides it out is the project's backoff
+    so = {"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True,
+          "config_kwargs": {"retries": {"max_attempts": 1}}}
+    out = f"{s3_bucket}/out"
+    listing = Listing.build(["a", "b"], ["file:///a", "file:///b"])
+    shard = listing.shard(listing.spans(2)[0])
+    meta = StageWriter(out, so, "r1")(pa.Table.from_pylist([_row("a", "000000"), _row("b", "000000")],
+                                                          schema=REDUCED_SCHEMA)).to_pylist()[0]
+    publisher = InlinePublisher(out, so)
+    proxy.down()
+    try:
+        worker = threading.Thread(target=publisher.submit, args=(shard, [Fragment(meta["path"], ("a", "b"))]))
+        worker.start()
+        time.sleep(6)
+        assert worker.is_alive() and not OutputStore(out).committed()  # (this store goes straight to moto)
+    finally:
+        proxy.up()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    marker, = publisher.poll()
+    assert marker["shard_id"] == "000000" and marker["num_images"] == 2
+    assert OutputStore(out).committed() == {"000000": marker}
