@@ -2,11 +2,18 @@
 
     python bench/scale.py plan --entries 1000000      # --dry-run on a generated 1M-entry manifest
     python bench/scale.py run --images 2000           # the job on N generated images, narrow model
-    python bench/scale.py plan run                     # both
+    python bench/scale.py list --keys 50000           # listing an S3 prefix: memory per key
+    python bench/scale.py plan run                     # plan and run
 
 plan: writes a Parquet manifest of N URIs (no images: --dry-run reads none) and times
       `python -m jobs.segment --dry-run` on it in a child process; prints its wall time and
       peak RSS (targets: < 60 s, < 1 GB).
+list: puts N empty .jpg keys under s3://<bucket>/images/ on a real S3 endpoint (moto's server on
+      loopback) and lists the prefix in child processes, once as the listing did before
+      (`fs.find`, which builds and caches an info dict per key) and once with `list_inputs`
+      (ListObjectsV2 pages into Arrow arrays); prints each one's peak memory (tracemalloc's peak
+      of Python objects plus pyarrow's allocations, after a warm-up listing loaded the S3
+      client and its models), per key.
 run:  runs `python -m jobs.segment` on N small generated PNGs with checkpoints/narrow_synth.pt,
       samples the driver process's RSS every 0.5 s, and prints the mean RSS of the first and
       the last quarter of the run and their ratio (target: within 10%, i.e. <= 1.10), plus
@@ -79,6 +86,55 @@ def bench_plan(entries: int, workdir: Path) -> None:
           f"(target < 1024; sampled every 0.1 s)")
 
 
+LIST_CHILD = """
+import gc, sys, time, tracemalloc
+import pyarrow as pa
+import s3fs
+from pipeline.sources import list_inputs
+fs = s3fs.S3FileSystem()  # the instance list_inputs gets too (fsspec caches it)
+# warm-up on one folder of 1000 keys: S3 client, botocore models, pyarrow kernels (~25 MB of imports)
+list_inputs("s3://bucket/images/0000/"); fs.find("bucket/images/0000")
+fs.invalidate_cache(); gc.collect()
+tracemalloc.start()
+t0 = time.perf_counter()
+if sys.argv[1] == "find":  # the listing before: fs.find, then Python lists of every key
+    keys = [p for p in fs.find(sys.argv[2].removeprefix("s3://"), withdirs=False)]
+    n = len(keys)
+else:
+    n = len(list_inputs(sys.argv[2]))
+wall = time.perf_counter() - t0
+peak = tracemalloc.get_traced_memory()[1] + pa.total_allocated_bytes()
+print(n, wall, peak)
+"""
+
+
+def bench_list(keys: int, workdir: Path) -> None:
+    sys.path.insert(0, str(REPO / "tests"))
+    import s3fs
+    from fixtures_infra import S3Server
+
+    server = S3Server.start(workdir)
+    try:
+        env = server.env
+        os.environ.update(env)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("bucket")
+        t0 = time.perf_counter()
+        for lo in range(0, keys, 5000):
+            fs.pipe({f"bucket/images/{i // 1000:04d}/{i:08d}.jpg": b"" for i in range(lo, min(keys, lo + 5000))})
+        print(f"put {keys} keys in {time.perf_counter() - t0:.0f} s")
+        for how in ("find", "list_inputs"):
+            out = subprocess.run([sys.executable, "-c", LIST_CHILD, how, "s3://bucket/images/"], cwd=REPO,
+                                 capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+            if out.returncode != 0:
+                raise SystemExit(f"list with {how} failed: {out.stderr[-2000:]}")
+            n, wall, grew = out.stdout.split()
+            print(f"list {how:11s}: {int(n)} keys in {float(wall):.1f} s (traced), peak {int(grew) / 2**20:.1f} MiB "
+                  f"of Python objects + Arrow buffers ({int(grew) / max(1, int(n)):.0f} bytes per key)")
+    finally:
+        server.stop()
+
+
 def bench_run(images: int, workdir: Path) -> None:
     from PIL import Image
 
@@ -104,13 +160,16 @@ def bench_run(images: int, workdir: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("plan", "run"))
+    p.add_argument("what", nargs="+", choices=("plan", "list", "run"))
     p.add_argument("--entries", type=int, default=1_000_000, help="manifest entries to plan")
+    p.add_argument("--keys", type=int, default=50_000, help="S3 keys to list")
     p.add_argument("--images", type=int, default=2000, help="images for the long run")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="ifcn-scale-") as tmp:
         if "plan" in args.what:
             bench_plan(args.entries, Path(tmp))
+        if "list" in args.what:
+            bench_list(args.keys, Path(tmp))
         if "run" in args.what:
             bench_run(args.images, Path(tmp))
 

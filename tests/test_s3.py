@@ -147,6 +147,29 @@ def test_read_bytes_and_decode_over_s3(s3_bucket):
         read_bytes(f"{s3_bucket}/img/gone.png")
 
 
+def test_prefix_listing_pages_through_s3(s3_bucket):
+    """A prefix is listed one ListObjectsV2 page at a time: every key below it once, neither
+    sibling prefixes that share its letters nor folder placeholders."""
+    from pipeline.sources import _keys_below, list_inputs
+
+    fs = s3fs_client()
+    bucket = s3_bucket.removeprefix("s3://")
+    keys = ["images/a.jpg", "images/sub/b.PNG", "images/sub/deep/c.jpeg", "images/notes.txt", "images/README",
+            "images/folder/", "images/x.heic", "images/z.webp", "images2/e.jpg", "imagesX.jpg", "other/f.jpg"]
+    fs.pipe({f"{bucket}/{k}": b"x" for k in keys})
+    below = sorted(f"{bucket}/{k}" for k in keys if k.startswith("images/") and not k.endswith("/"))
+    for page_size in (1, 2, 3, 1000):  # 7 files: several pages, a last page that is full, one page
+        assert sorted(_keys_below(fs, f"{bucket}/images", page_size)) == below, page_size
+    # what fs.find (the old listing) gave, less the placeholder it reported as a file
+    assert below == sorted(p for p in fs.find(f"{bucket}/images", withdirs=False) if not p.endswith("/"))
+    for url in (f"{s3_bucket}/images", f"{s3_bucket}/images/"):
+        skipped: dict[str, int] = {}
+        listing = list_inputs(url, skipped=skipped)
+        assert [(it.image_id, it.uri) for it in listing] == [
+            (k, f"s3://{bucket}/images/{k}") for k in ("a.jpg", "sub/b.PNG", "sub/deep/c.jpeg", "z.webp")]
+        assert skipped == {".txt": 1, "": 1, ".heic": 1}
+
+
 # ---------------------------------------------------------------------------- the job on S3
 
 def test_segment_cli_reads_and_writes_s3(s3_server, s3_bucket):
