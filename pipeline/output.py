@@ -58,12 +58,12 @@ def read_output(url: str, table: str = "masks", columns: list[str] | None = None
 
         if not files:
             return ray.data.from_arrow(schema.empty_table().select(columns or schema.names))
-        rds = ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(store.fs)), columns=columns,
-                                    schema=schema, partitioning=None)
-        if filter is None:
-            return rds
-        return rds.map_batches(_filter_block, fn_kwargs={"expression": filter}, batch_format="pyarrow",
-                               batch_size=None)
+        rds = ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(store.fs)), schema=schema,
+                                    partitioning=None)
+        if filter is not None:  # before the projection: a filter may use columns that are not returned
+            rds = rds.map_batches(_filter_block, fn_kwargs={"expression": filter}, batch_format="pyarrow",
+                                  batch_size=None)
+        return rds.select_columns(columns) if columns else rds  # (read_parquet's columns= is deprecated)
     if not files:
         return schema.empty_table().select(columns or schema.names)
     dataset = ds.dataset(files, schema=schema, format="parquet", filesystem=store.fs)
