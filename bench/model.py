@@ -7,7 +7,7 @@ Measures, in one run on one machine:
   - dense fp32 matmul GFLOP/s (torch.mm of large square matrices): the machine's ceiling;
   - the bare multi-scale forward's GFLOP/s (pre-resized inputs, model(x) per scale);
   - the whole Predictor.predict() (resize, forward, top windows, assemble, paste, binarise,
-    mask NMS, RLE) as forward FLOPs over its wall time, and postprocess (the CPU half) alone.
+    box or mask NMS, RLE) as forward FLOPs over its wall time, and postprocess (the CPU half) alone.
 and prints the ratios forward/matmul, predict/matmul, predict/forward. Matmul, forward and
 predict run in interleaved rounds (one warm-up round, then --repeat) so all see the same load;
 each reports its best round, the least disturbed by other processes on a shared machine.
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"forward (bare, all scales): {t_forward:8.3f} s  {fwd_rate:8.1f} GFLOP/s")
     print(f"predict (whole):            {t_predict:8.3f} s  {pred_rate:8.1f} GFLOP/s  "
           f"({len(proposals)} proposals from {len(cands.scores)} windows)")
-    print(f"  of which postprocess:     {t_post:8.3f} s  (paste, binarise, mask NMS, RLE; CPU half)")
+    print(f"  of which postprocess:     {t_post:8.3f} s  (paste, binarise, {args.nms} NMS, RLE; CPU half)")
     print(f"ratios: forward/matmul {fwd_rate / mm:.3f}  predict/matmul {pred_rate / mm:.3f}  "
           f"predict/forward {pred_rate / fwd_rate:.3f}")
     if nchw_rounds:
