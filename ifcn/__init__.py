@@ -22,6 +22,7 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:

@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ifcn.config import InferenceConfig
-
 from ifcn.image import MAX_PIXELS, MIN_SIDE
 
 AMP_MODES = ("auto", "bf16", "none")
