@@ -1,0 +1,155 @@
+"""Counts what a code path would launch on a GPU, on any machine: kernel ops and host syncs.
+
+Eager CUDA costs the host ~5-10 us per launched op, and every op whose output shape or value the
+host must know (`nonzero`, boolean indexing, `item`, ...) stalls the stream until the GPU catches
+up. On CPU the same Python dispatches the same aten ops, so both are counted here with a
+`TorchDispatchMode`; counts are deterministic where times are not, so tests can hold budgets.
+
+    with OpCounter() as c:
+        predictor.proposals(images)
+    c.counts  # OpCounts(kernel_ops=..., sync_ops=..., host_reads=...)
+
+Definitions (issue 14):
+- kernel op: an aten op that reaches a kernel; views, aliases and allocations without a fill
+  (`empty*`) are left out, and `.to()` to the tensor's own dtype/device never dispatches at all;
+- sync op: an aten op whose output shape or value the host must wait for (SYNC_OPS, boolean
+  indices, `repeat_interleave` without `output_size`); also counted as a kernel op except the
+  scalar read `_local_scalar_dense` (`item`, `int(t)`, `bool(t)`, `float(t)`), a copy, not a kernel;
+- host read: a read of tensor data by the host outside aten (`.tolist()`, `.numpy()`, `.cpu()`,
+  `.to("cpu")`), seen by wrapping those methods while counting.
+syncs = sync_ops + host_reads.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+# Ops whose output size or value depends on tensor data: the host must wait for the device.
+SYNC_OPS = frozenset({
+    aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.equal.default,
+    aten.bincount.default, aten._unique.default, aten._unique2.default, aten.unique_dim.default,
+    aten.unique_consecutive.default, aten.unique_dim_consecutive.default, aten.is_nonzero.default,
+    aten.allclose.default,
+})
+# Not kernels: memory allocations without a fill, and metadata.
+NOT_KERNELS = frozenset({
+    aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.new_empty.default,
+    aten.new_empty_strided.default, aten.detach.default, aten.lift_fresh.default, aten.alias.default,
+    aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
+    aten.is_same_size.default, aten.resize_.default,
+})
+SCALAR_READ = aten._local_scalar_dense.default
+# Tensor methods that read data on the host (on a GPU: a device-to-host copy that waits).
+HOST_READ_METHODS = ("tolist", "numpy", "cpu")
+
+
+@dataclass(frozen=True)
+class OpCounts:
+    kernel_ops: int
+    sync_ops: int
+    host_reads: int
+
+    @property
+    def syncs(self) -> int:
+        return self.sync_ops + self.host_reads
+
+    def per(self, n: int) -> dict[str, float]:
+        """Counts divided by n (e.g. images of the batch)."""
+        return {"kernel_ops": self.kernel_ops / n, "syncs": self.syncs / n}
+
+
+@dataclass
+class OpCounter(TorchDispatchMode):
+    """Counts kernel ops, sync ops and host reads of everything run inside `with` (see module doc).
+
+    by_op: kernel ops by aten name, and syncs by name (prefixed "sync:"), to find what to cut.
+    """
+
+    kernel_ops: int = 0
+    sync_ops: int = 0
+    host_reads: int = 0
+    by_op: collections.Counter = field(default_factory=collections.Counter)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        self._saved: dict[str, Callable[..., Any]] = {}
+        self._reading = False  # inside a host read: its own aten ops are the read, not more work
+
+    @property
+    def counts(self) -> OpCounts:
+        return OpCounts(self.kernel_ops, self.sync_ops, self.host_reads)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self._reading:
+            self._count(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _count(self, func, args, kwargs) -> None:
+        name = func.name() if hasattr(func, "name") else str(func)
+        sync = func in SYNC_OPS or _data_dependent(func, args, kwargs)
+        if sync:
+            self.sync_ops += 1
+            self.by_op[f"sync:{name}"] += 1
+        if func is SCALAR_READ or func in NOT_KERNELS or func.is_view:
+            return
+        self.kernel_ops += 1
+        self.by_op[name] += 1
+
+    def __enter__(self) -> "OpCounter":
+        for method in HOST_READ_METHODS:
+            self._wrap(method, lambda t, *a, **k: True)
+        self._wrap("to", _to_host)
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for method, original in self._saved.items():
+            setattr(torch.Tensor, method, original)
+        self._saved.clear()
+
+    def _wrap(self, method: str, is_read: Callable[..., bool]) -> None:
+        original = getattr(torch.Tensor, method)
+        self._saved[method] = original
+
+        @functools.wraps(original)
+        def wrapper(t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if self._reading or not is_read(t, *args, **kwargs):
+                return original(t, *args, **kwargs)
+            self.host_reads += 1
+            self.by_op[f"read:{method}"] += 1
+            self._reading = True
+            try:
+                return original(t, *args, **kwargs)
+            finally:
+                self._reading = False
+
+        setattr(torch.Tensor, method, wrapper)
+
+
+def _to_host(t: torch.Tensor, *args: Any, **kwargs: Any) -> bool:
+    """`.to(...)` that moves data to the host (on CPU a no-op, on a GPU a waiting copy)."""
+    target = kwargs.get("device")
+    for a in args:
+        if isinstance(a, (str, torch.device)):
+            target = a
+        elif isinstance(a, torch.Tensor):
+            target = a.device
+    return target is not None and torch.device(target).type == "cpu"
+
+
+def _data_dependent(func, args, kwargs) -> bool:
+    """Boolean-mask indexing and repeat_interleave without output_size: output shapes from data."""
+    if func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default):
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in indices)
+    if func in (aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor):
+        return kwargs.get("output_size") is None  # keyword-only in both overloads
+    return False

@@ -1,0 +1,60 @@
+"""The op counter against hand-counted cases: what a GPU would launch (kernel ops) and wait for
+(sync ops, host reads), counted on CPU.
+
+Run: pytest tests/test_opcount.py -q
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ifcn.opcount import OpCounter
+
+X = torch.arange(10, dtype=torch.float32) / 10
+
+
+def count(fn) -> tuple[int, int, int]:
+    with OpCounter() as c:
+        fn()
+    return c.kernel_ops, c.sync_ops, c.host_reads
+
+
+@pytest.mark.parametrize("name, fn, expected", [
+    ("one kernel", lambda: X + 1, (1, 0, 0)),
+    ("views are free", lambda: X.view(2, 5).t()[0].unsqueeze(0), (0, 0, 0)),
+    ("cast to own dtype is free", lambda: X.to(torch.float32), (0, 0, 0)),
+    ("a real cast is a kernel", lambda: X.to(torch.float64), (1, 0, 0)),
+    ("fixed-shape chain", lambda: torch.topk(X * 2 - 1, 3).values.clamp(0, 1), (4, 0, 0)),
+    ("integer index: no sync", lambda: X[torch.tensor([1, 2])], (1, 0, 0)),
+    ("nonzero", lambda: torch.nonzero(X > 0.5), (2, 1, 0)),
+    ("boolean index", lambda: X[X > 0.5], (2, 1, 0)),
+    ("int() reads a scalar", lambda: int(X.sum()), (1, 1, 0)),
+    ("bool() reads a scalar", lambda: bool(X.sum() > 1), (2, 1, 0)),
+    ("item", lambda: X.max().item(), (1, 1, 0)),
+    ("repeat_interleave without output_size", lambda: torch.repeat_interleave(torch.tensor([1, 2, 3])), (1, 1, 0)),
+    ("repeat_interleave with output_size", lambda: torch.repeat_interleave(torch.tensor([1, 2, 3]), output_size=6),
+     (1, 0, 0)),
+    ("tolist", lambda: X.tolist(), (0, 0, 1)),
+    ("numpy", lambda: X.numpy(), (0, 0, 1)),
+    ("np.asarray reads through numpy()", lambda: np.asarray(X), (0, 0, 1)),
+    ("cpu", lambda: X.cpu(), (0, 0, 1)),
+    ("to cpu", lambda: X.to("cpu"), (0, 0, 1)),
+    ("allocation without fill is free, a fill is not", lambda: (torch.empty(4), torch.zeros(4)), (1, 0, 0)),
+])
+def test_hand_counted_cases(name: str, fn, expected: tuple[int, int, int]) -> None:
+    assert count(fn) == expected, name
+
+
+def test_counts_add_up_and_methods_are_restored() -> None:
+    tolist = torch.Tensor.tolist
+    with OpCounter() as c:
+        for _ in range(3):
+            (X * 2).tolist()
+        int((X > 0.5).sum())
+    assert (c.kernel_ops, c.sync_ops, c.host_reads, c.counts.syncs) == (5, 1, 3, 4)
+    assert c.by_op["aten::mul.Tensor"] == 3 and c.by_op["read:tolist"] == 3
+    assert torch.Tensor.tolist is tolist
+    with OpCounter() as again:  # a second counter starts from zero
+        X + 1
+    assert again.counts.kernel_ops == 1
