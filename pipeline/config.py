@@ -35,11 +35,11 @@ class SegmentConfig:
     """One run: where to read, where to write, which weights, how to infer and how to spread it."""
 
     input: str  # prefix URL (listed recursively) or a .txt / .parquet manifest of URIs
-    output: str  # folder URL for masks/, images/, _manifest.json
+    output: str  # folder URL for the Delta tables masks/ and images/
     checkpoint: str  # ifcn checkpoint URL (ifcn.save_checkpoint / jobs.train)
     inference: InferenceConfig = InferenceConfig()
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for every URL
-    shard_size: int = 128  # images per committed shard: a kill loses at most ~1 shard per actor of work
+    shard_size: int = 128  # images per data file and resume unit: a kill loses at most ~1 shard per actor of work
     max_pixels: int = MAX_PIXELS  # larger images become error rows (checked from the header)
     min_side: int = MIN_SIDE  # smaller images become error rows
     # "auto"/"bf16": bfloat16 autocast on CUDA (~1.6x the fp32 forward; AR within 0.005); CPU runs fp32
@@ -81,8 +81,8 @@ class SegmentConfig:
             raise SegmentError(f"--output {self.output} is the input prefix; write results to another folder")
 
     def result_settings(self) -> dict[str, Any]:
-        """Settings that change the output tables (not resources): a re-run must match them."""
-        return {"inference": self.inference.to_dict(), "shard_size": self.shard_size,
+        """Settings that change the output rows (not resources, not the shard size): a re-run must match them."""
+        return {"inference": self.inference.to_dict(),
                 "max_pixels": self.max_pixels, "min_side": self.min_side, "amp": self.amp}
 
     def to_dict(self) -> dict[str, Any]:
