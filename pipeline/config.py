@@ -58,6 +58,10 @@ class SegmentConfig:
     # never wait on them), "actor" (inside each actor, one actor per core: what a CPU-only cluster
     # wants), or "auto" (tasks with GPU actors, actor without). Results are the same either way.
     postprocess: str = "auto"
+    # Finished shards are committed in groups: at most this many per commit, and a group waits at
+    # most commit_every_s for more (at 64 GPUs ~75 shards/s finish; one commit per shard cannot keep up).
+    commit_shards: int = 64
+    commit_every_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("input", "output", "checkpoint"):
@@ -68,7 +72,7 @@ class SegmentConfig:
             raise SegmentError(f"--postprocess {self.postprocess!r}: choose one of {', '.join(POSTPROCESS_MODES)}")
         if self.amp not in AMP_MODES:
             raise SegmentError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
-        for name in ("shard_size", "max_pixels", "min_side", "batch_size"):
+        for name in ("shard_size", "max_pixels", "min_side", "batch_size", "commit_shards"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SegmentError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if not 0.0 <= self.max_error_rate <= 1.0:

@@ -11,8 +11,8 @@ Why the driver decides and workers write: Ray Data streams rows in no guaranteed
 shard's images arrive in several batches. Workers stage each batch's rows as fragments and send
 the driver their paths and image ids (a few hundred bytes per batch). The driver tracks, per
 shard, which images it has; when a shard is complete it starts a publish task that writes the
-shard's data files, and it commits finished shards in groups (every COMMIT_EVERY_S or
-COMMIT_SHARDS shards, whichever comes first: at 64 GPUs ~75 shards/s finish, more than one
+shard's data files, and it commits finished shards in groups (every `commit_every_s` or
+`commit_shards` shards, whichever comes first: at 64 GPUs ~75 shards/s finish, more than one
 commit per shard can keep up with). One process deciding makes "exactly once" easy to reason
 about: a shard is published once per run, from fragments the driver chose (a retried task's
 duplicate rows are left out). Driver memory holds only the shards in flight, not the rows.
@@ -59,8 +59,6 @@ MIN_ACTOR_CPUS = 0.25  # a CPU actor's smallest logical share (torch still uses 
 MAX_INPUT_BLOCKS = 2000  # listing blocks: enough parallelism, few enough objects for millions of inputs
 PUBLISH_CPUS = 0.25  # a publish task mostly waits on storage; Parquet encoding is a few ms per image
 PUBLISH_RETRIES = 3  # a publish task whose worker dies or whose storage call fails runs again
-COMMIT_SHARDS = 64  # shards per group commit at most ...
-COMMIT_EVERY_S = 2.0  # ... and a group waits at most this long for more
 
 
 @dataclass(frozen=True)
@@ -214,7 +212,7 @@ class GroupCommitter:
     app transaction (run_id, n) and the run's record; `finish` records the run's end."""
 
     def __init__(self, tables: OutputTables, run_id: str, record: dict[str, Any], settings: dict[str, Any],
-                 log: Callable[[str], None], max_shards: int = COMMIT_SHARDS, max_wait_s: float = COMMIT_EVERY_S) -> None:
+                 log: Callable[[str], None], max_shards: int = 64, max_wait_s: float = 2.0) -> None:
         self.tables, self.run_id, self.record, self.settings, self.log = tables, run_id, record, settings, log
         self.max_shards, self.max_wait_s = max_shards, max_wait_s
         self.waiting: list[dict[str, Any]] = []
@@ -230,9 +228,13 @@ class GroupCommitter:
             self.flush()
 
     def flush(self) -> None:
-        if not self.waiting:
-            return
-        group, self.waiting = self.waiting, []
+        """Commits everything waiting, in groups of at most max_shards."""
+        while self.waiting:
+            group, self.waiting = self.waiting[:self.max_shards], self.waiting[self.max_shards:]
+            self._commit(group)
+        self.since = time.monotonic()
+
+    def _commit(self, group: list[dict[str, Any]]) -> None:
         self.counts["shards"] += len(group)
         for key in COUNTS[1:]:
             self.counts[key] += sum(r[key] for r in group)
@@ -339,7 +341,8 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
         f"{c['to_retry']} to retry, {c['vanished']} vanished; {len(plan.pending)} to run in {len(plan.shards)} "
         f"shards of {config.shard_size}" + (f" (continuing run {plan.resumes}'s listing)" if plan.resumes else "")
         + skipped_note(plan.skipped))
-    committer = GroupCommitter(plan.tables, run_id, run_record(plan, config, started_at), plan.settings, log)
+    committer = GroupCommitter(plan.tables, run_id, run_record(plan, config, started_at), plan.settings, log,
+                               config.commit_shards, config.commit_every_s)
     try:
         run_s, res = _process(plan, config, committer, log)
     except BaseException as e:
