@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser().parse_args(argv))
     # Imported after parsing so --help and flag errors are instant (no torch/ray import).
     import ray.exceptions
+    from deltalake.exceptions import DeltaError
 
     from ifcn.image import one_line
     from pipeline.config import IncompleteRunError, SegmentConfig, SegmentError
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     except SegmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError, ray.exceptions.RayError) as e:
-        # Mid-run failures (storage, Ray): committed shards stay committed, so re-running resumes.
+    except (OSError, RuntimeError, DeltaError, ray.exceptions.RayError) as e:
+        # Mid-run failures (storage, Ray, table commits): committed rows stay, so re-running resumes.
         # Ray wraps a worker's error in its traceback: the last line is the error itself.
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         reason = lines[-1][:300] if isinstance(e, ray.exceptions.RayError) and lines else one_line(e)

@@ -33,6 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .errors import STORAGE_ATTEMPTS, STORAGE_BACKOFF_S
 from .schema import IMAGES_SCHEMA, MASKS_ROW_GROUP_ROWS, MASKS_SCHEMA
 
 TABLES = ("masks", "images")  # commit order: a group's images rows never appear before its masks rows
@@ -184,7 +185,22 @@ class OutputTables:
     def _commit(self, name: str, adds: list[dict[str, Any]], app_id: str, version: int,
                 metadata: dict[str, Any], settings: dict[str, Any]) -> bool:
         """One commit of `adds` to table `name` with app transaction (app_id, version); False when
-        the table already has it (a re-sent commit). Creates the table on its first commit."""
+        the table already has it (a re-sent commit). Creates the table on its first commit.
+
+        Storage failures are retried with backoff (STORAGE_ATTEMPTS, ~30 s): an attempt whose
+        commit landed although its answer was lost is found by the app transaction and not repeated."""
+        for attempt in range(STORAGE_ATTEMPTS):
+            try:
+                return self._commit_once(name, adds, app_id, version, metadata, settings)
+            except Exception:
+                if attempt == STORAGE_ATTEMPTS - 1:
+                    raise
+                self._open.pop(name, None)  # re-read the log: the table may have moved on
+                time.sleep(STORAGE_BACKOFF_S * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _commit_once(self, name: str, adds: list[dict[str, Any]], app_id: str, version: int,
+                     metadata: dict[str, Any], settings: dict[str, Any]) -> bool:
         from deltalake import Schema
         from deltalake.transaction import AddAction, CommitProperties, Transaction, create_table_with_add_actions
 
