@@ -170,3 +170,67 @@ def test_checkpoints_keep_the_log_short(tmp_path: Path) -> None:
     assert (log / f"{CHECKPOINT_EVERY:020d}.checkpoint.parquet").exists()
     assert json.loads((log / "_last_checkpoint").read_text())["version"] == CHECKPOINT_EVERY
     assert tables.open("images").transaction_version("r") == CHECKPOINT_EVERY + 1
+
+
+def test_transient_failures_are_committed_as_retry_rows_and_planned_again(tmp_path: Path) -> None:
+    """An image whose read kept failing no longer holds its shard back: it is a 'retry' row with
+    its reason, its shard-mates are committed, and the next plan redoes exactly it."""
+    from pipeline.config import SegmentConfig
+    from pipeline.errors import RETRY
+    from pipeline.plan import Plan, _classified
+
+    out = str(tmp_path / "out")
+    listing = Listing.build(["a", "b"], ["file:///a", "file:///b"])
+    collector = ShardCollector(listing.spans(2), listing, InlinePublisher(out, None, "r1"))
+    retry = {**_row("b", "000000", 0), "status": RETRY, "error": "image b: reading failed 5 times (Timeout)"}
+    collector.add(StageWriter(out, None, "r1")(pa.Table.from_pylist([_row("a", "000000", 2), retry],
+                                                                    schema=REDUCED_SCHEMA)))
+    committer = GroupCommitter(OutputTables(out), "r1", {"run_id": "r1"}, SETTINGS, lambda _: None)
+    committer.add(collector.take())
+    committer.flush()
+    images = _rows(out, "images")
+    assert images.status.tolist() == ["ok", "retry"] and images.error[1] == retry["error"]
+    assert committer.counts["num_retry"] == 1 and len(_rows(out, "masks")) == 2
+    config = SegmentConfig(input=str(tmp_path / "in"), output=out, checkpoint="m.pt", shard_size=4)
+    plan = Plan("r2", listing, "", None, {}, listing, [], {}, [], [], None, OutputTables(out), SETTINGS, "", {})
+    plan = _classified(plan, config)
+    assert plan.counts == {"listed": 2, "done": 1, "new": 0, "changed": 0, "to_retry": 1, "vanished": 0}
+    assert plan.pending.image_ids.to_pylist() == ["b"] and plan.retry == ["b"]
+
+
+def test_publishing_rides_out_a_short_storage_outage(s3_server, s3_bucket: str) -> None:
+    """The endpoint refuses connections for 6 s while a shard is published: the publish call
+    backs off and writes its data files once the endpoint is back (no Ray retry, no failed run)."""
+    import threading
+    import time
+
+    import s3fs
+
+    from fixtures_infra import TcpProxy
+    from pipeline.sink import Fragment
+
+    proxy = TcpProxy(s3_server.endpoint.removeprefix("http://"))
+    # botocore's retries off; s3fs's own (~2 s of backoff) are shorter than the outage, so what
+    # rides it out is the project's backoff
+    so = {"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True,
+          "config_kwargs": {"retries": {"max_attempts": 1}}}
+    out = f"{s3_bucket}/out"
+    listing = Listing.build(["a", "b"], ["file:///a", "file:///b"])
+    shard = listing.shard(listing.spans(2)[0])
+    meta = StageWriter(out, so, "r1")(pa.Table.from_pylist([_row("a", "000000", 1), _row("b", "000000", 1)],
+                                                          schema=REDUCED_SCHEMA)).to_pylist()[0]
+    publisher = InlinePublisher(out, so, "r1")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)  # straight to moto
+    proxy.down()
+    try:
+        worker = threading.Thread(target=publisher.submit, args=(shard, [Fragment(meta["path"], ("a", "b"))]))
+        worker.start()
+        time.sleep(6)
+        assert worker.is_alive() and not fs.exists(f"{out}/images")
+    finally:
+        proxy.up()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    result, = publisher.poll()
+    assert result["shard_id"] == "000000" and result["num_images"] == 2
+    assert fs.info(f"{out}/images/{result['images']['path']}")["size"] == result["images"]["size"]
