@@ -44,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, help="images with more pixels become error rows")
     p.add_argument("--max-error-rate", type=float, help="exit non-zero when more than this share of images "
                    "end as error rows (default 0.1; the tables are kept)")
+    p.add_argument("--prune", action="store_true", help="delete the rows of images whose keys are no longer "
+                   "in the input (default: keep them)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (images done, new, changed, vanished, "
                    "to retry, shards to run, skipped keys) and exit: nothing is written, no workers start")
     p.add_argument("--amp", choices=("auto", "bf16", "none"), help="bf16 autocast on CUDA (default auto = bf16 on "

@@ -61,6 +61,7 @@ class SegmentConfig:
     # Finished shards are committed in groups: at most this many per commit, and a group waits at
     # most commit_every_s for more (at 64 GPUs ~75 shards/s finish; one commit per shard cannot keep up).
     commit_shards: int = 64
+    prune: bool = False  # delete the rows of images whose keys are no longer listed
     commit_every_s: float = 2.0
 
     def __post_init__(self) -> None:

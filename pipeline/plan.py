@@ -4,7 +4,7 @@
 
 so a re-run over a bucket that grew processes only the new keys; a key whose object changed is
 re-processed and its old rows replaced; images committed as 'retry' rows are redone; keys that
-vanished from the bucket keep their rows. A run first snapshots its listing into
+vanished from the bucket keep their rows unless --prune deletes them. A run first snapshots its listing into
 `_runs/<run_id>/listing.parquet`; a run that was interrupted before it went through its listing
 is continued by the next one from that snapshot, whatever the bucket did meanwhile.
 
@@ -56,6 +56,7 @@ class Plan:
     counts: dict[str, int]  # done, new, changed, to_retry, vanished
     changed: list[str]  # image ids re-processed because their object changed (rows replaced)
     retry: list[str]  # image ids of 'retry' rows (redone)
+    vanished: list[str]  # image ids with rows whose key is no longer listed (kept unless --prune)
     store: OutputStore
     tables: OutputTables
     settings: dict[str, Any]  # what defines the results (stored with the tables)
@@ -95,7 +96,8 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run") -> Plan:
                                f"use a new --output, or delete it to start over")
     skipped: dict[str, int] = {}
     listing, resumes, listing_path = None, None, f"{RUNS_DIR}/{run_id}/listing.parquet"
-    if last is not None and not last.get("finished_listing") and last.get("listing"):
+    if last is not None and not last.get("finished_listing") and last.get("listing") \
+            and last.get("input") == config.input:
         try:
             listing = Listing.from_table(pq.read_table(io.BytesIO(store.fs.cat_file(store.path(last["listing"])))))
             resumes, listing_path = last["run_id"], last["listing"]
@@ -104,7 +106,7 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run") -> Plan:
     if listing is None:
         listing = list_inputs(config.input, so, skipped)
     return _classified(Plan(run_id, listing, listing_path, resumes, dict(sorted(skipped.items())), listing, [], {},
-                            [], [], store, tables, settings, sha, model_config), config)
+                            [], [], [], store, tables, settings, sha, model_config), config)
 
 
 def _classified(plan: Plan, config: SegmentConfig) -> Plan:
@@ -123,12 +125,12 @@ def _classified(plan: Plan, config: SegmentConfig) -> Plan:
     todo = pc.or_(pc.or_(new, retry), changed)
     pending = listing.take(pa.array(np.sort(j.column("i").filter(todo).to_numpy()), pa.int64()))
     ids = lambda mask: j.column("image_id").filter(mask).to_pylist()  # noqa: E731
-    vanished = int(pc.sum(pc.invert(pc.is_in(state.column("image_id"), listing.image_ids))).as_py() or 0)
+    vanished = state.column("image_id").filter(pc.invert(pc.is_in(state.column("image_id"), listing.image_ids)))
     counts = {"listed": len(listing), "done": int(pc.sum(pc.and_(final, same)).as_py() or 0),
               "new": int(pc.sum(new).as_py() or 0), "changed": int(pc.sum(changed).as_py() or 0),
-              "to_retry": int(pc.sum(retry).as_py() or 0), "vanished": vanished}
+              "to_retry": int(pc.sum(retry).as_py() or 0), "vanished": len(vanished)}
     return dataclasses.replace(plan, pending=pending, shards=pending.spans(config.shard_size), counts=counts,
-                               changed=ids(changed), retry=ids(retry))
+                               changed=ids(changed), retry=ids(retry), vanished=vanished.to_pylist())
 
 
 def prepare(config: SegmentConfig, lease: Lease | None = None, run_id: str | None = None,
@@ -148,9 +150,12 @@ def prepare(config: SegmentConfig, lease: Lease | None = None, run_id: str | Non
         plan = _classified(plan, config)  # another run may have committed before we held the lease
         if plan.resumes is None:
             put_atomic(plan.store.fs, plan.store.path(plan.listing_path), parquet_bytes(plan.listing.to_table(), None))
-        if plan.changed or plan.retry:
-            plan.tables.delete_images(plan.changed, ("images", "masks"), record(plan))
+        replaced = plan.changed + (plan.vanished if config.prune else [])
+        if replaced or plan.retry:
+            plan.tables.delete_images(replaced, ("images", "masks"), record(plan))
             plan.tables.delete_images(plan.retry, ("images",), record(plan))
+        if config.prune and plan.vanished:
+            log(f"pruned the rows of {len(plan.vanished)} image(s) no longer listed")
         plan.store.remove_tmp()  # fragments of a killed run
     except SegmentError:
         raise
@@ -166,7 +171,7 @@ def describe_plan(plan: Plan, config: SegmentConfig) -> str:
     source = f"continuing run {plan.resumes}'s listing snapshot" if plan.resumes else f"input {config.input}"
     lines = [f"{source}: {len(plan.listing)} images" + skipped_note(plan.skipped),
              f"output {config.output}: {c['done']} done, {c['new']} new, {c['changed']} changed, "
-             f"{c['vanished']} vanished, {c['to_retry']} to retry; {len(plan.shards)} shards of {config.shard_size} "
+             f"{c['vanished']} vanished{' (pruned)' if config.prune else ''}, {c['to_retry']} to retry; {len(plan.shards)} shards of {config.shard_size} "
              f"to run ({len(plan.pending)} images)",
              f"checkpoint {config.checkpoint}: sha256 {plan.checkpoint_sha256[:12]}..., "
              f"backbone {plan.model_config.get('backbone')}",

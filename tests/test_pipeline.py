@@ -260,6 +260,12 @@ def test_grown_and_changed_bucket_processes_only_the_change(first_run: dict, inp
         assert got.rle.tolist() == [p["rle"]["counts"] for p in ref] and len(ref) > 0
     row = images[images.image_id == "a.jpg"].iloc[0]
     assert row["size"] == (bucket / "a.jpg").stat().st_size and row.etag.startswith("mtime:")
+    # --prune deletes the vanished key's rows (and processes nothing)
+    pruned = run_segment(_config(inputs, out, input=bucket, prune=True))
+    assert (pruned["vanished"], pruned["images_this_run"]) == (1, 0)
+    assert "nested/d.png" not in set(read_table(out, "images").image_id) | set(read_table(out, "masks").image_id)
+    assert len(read_table(out, "images")) == len(images) - 1
+    assert run_segment(_config(inputs, out, input=bucket))["vanished"] == 0
 
 
 def test_read_output_and_delta_readers_see_committed_files_only(first_run: dict, tmp_path: Path) -> None:

@@ -192,7 +192,7 @@ def test_transient_failures_are_committed_as_retry_rows_and_planned_again(tmp_pa
     assert images.status.tolist() == ["ok", "retry"] and images.error[1] == retry["error"]
     assert committer.counts["num_retry"] == 1 and len(_rows(out, "masks")) == 2
     config = SegmentConfig(input=str(tmp_path / "in"), output=out, checkpoint="m.pt", shard_size=4)
-    plan = Plan("r2", listing, "", None, {}, listing, [], {}, [], [], None, OutputTables(out), SETTINGS, "", {})
+    plan = Plan("r2", listing, "", None, {}, listing, [], {}, [], [], [], None, OutputTables(out), SETTINGS, "", {})
     plan = _classified(plan, config)
     assert plan.counts == {"listed": 2, "done": 1, "new": 0, "changed": 0, "to_retry": 1, "vanished": 0}
     assert plan.pending.image_ids.to_pylist() == ["b"] and plan.retry == ["b"]
