@@ -39,7 +39,8 @@ from .sources import Listing, Span, list_inputs
 from .table import OutputTables
 
 RUNS_DIR = "_runs"
-FINAL = ("ok", "error")  # statuses a re-run does not redo (unless the object changed)
+FINAL = ("ok", "error")
+OLD_LAYOUT_FILE = "_job.json"  # the fingerprint every output of the marker layout (format /1) has  # statuses a re-run does not redo (unless the object changed)
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,14 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run") -> Plan:
         tables = OutputTables(config.output, so)
         previous = tables.settings()
         last = tables.last_run()
+        old_layout = previous is None and store.fs.exists(store.path(OLD_LAYOUT_FILE))
     except Exception as e:
         raise SegmentError(f"--output {config.output}: cannot read it ({type(e).__name__}: {one_line(e)}); "
                            f"check the URL, credentials and --storage-options; an output of the previous "
                            f"(non-Delta) layout cannot be read: use a new --output") from None
+    if old_layout:
+        raise SegmentError(f"--output {config.output} holds results of the previous (non-Delta) layout "
+                           f"({OLD_LAYOUT_FILE}); use a new --output, or delete it to start over")
     if previous is not None:
         diffs = job_differences(previous, settings)
         if diffs:

@@ -321,6 +321,14 @@ def test_history_lists_runs_one_line_each(first_run: dict, inputs: dict, tmp_pat
         in lines[-1]
 
 
+def test_an_output_of_the_previous_layout_is_refused_in_one_line(inputs: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "_commits").mkdir(parents=True)
+    (out / "_job.json").write_text("{}")
+    with pytest.raises(SegmentError, match=r"previous \(non-Delta\) layout \(_job.json\); use a new --output"):
+        prepare(_config(inputs, out))
+
+
 def test_actors_refuse_a_checkpoint_that_changed_after_planning(inputs: dict) -> None:
     sha = ifcn.checkpoint_digest(inputs["checkpoint"])
     InferenceActor(inputs["checkpoint"], ifcn.InferenceConfig(**INFERENCE).to_dict(), checkpoint_sha256=sha)
