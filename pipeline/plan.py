@@ -148,6 +148,7 @@ def prepare(config: SegmentConfig, lease: Lease | None = None, run_id: str | Non
     record = record or (lambda p: {"run_id": p.run_id, "started_at": now_utc(), "exit": "running"})
     if lease is not None:
         lease.acquire()
+        plan.tables.refresh()
     try:
         rolled = plan.tables.roll_forward(record(plan), plan.settings)
         if rolled:

@@ -141,6 +141,11 @@ class OutputTables:
             self._open[name] = dt
         return dt
 
+    def refresh(self) -> None:
+        """Forget the opened tables: the next read sees commits made since (e.g. by a run whose
+        stale lease this one took over)."""
+        self._open.clear()
+
     def settings(self) -> dict[str, Any] | None:
         """The settings the output's results were made with (the masks table's description)."""
         dt = self.open("masks")
