@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
                    "end as error rows (default 0.1; the tables are kept)")
     p.add_argument("--prune", action="store_true", help="delete the rows of images whose keys are no longer "
                    "in the input (default: keep them)")
+    p.add_argument("--overwrite", action="store_true", help="on an output made with other settings (checkpoint, "
+                   "scales, NMS, ...): replace its rows in a new table version instead of refusing")
     p.add_argument("--dry-run", action="store_true", help="print the plan (images done, new, changed, vanished, "
                    "to retry, shards to run, skipped keys) and exit: nothing is written, no workers start")
     p.add_argument("--amp", choices=("auto", "bf16", "none"), help="bf16 autocast on CUDA (default auto = bf16 on "

@@ -62,6 +62,9 @@ class SegmentConfig:
     # most commit_every_s for more (at 64 GPUs ~75 shards/s finish; one commit per shard cannot keep up).
     commit_shards: int = 64
     prune: bool = False  # delete the rows of images whose keys are no longer listed
+    # An output made with other result settings is refused unless this: then a new table version
+    # replaces all its rows (the old ones stay readable by version) and every image is processed.
+    overwrite: bool = False
     commit_every_s: float = 2.0
 
     def __post_init__(self) -> None:

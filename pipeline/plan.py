@@ -33,10 +33,10 @@ from ifcn.io import put_atomic
 from .config import SegmentConfig, SegmentError
 from .errors import RETRY
 from .lease import Lease
-from .schema import FORMAT
+from .schema import FORMAT, IMAGES_SCHEMA
 from .sink import OutputStore, parquet_bytes
 from .sources import Listing, Span, list_inputs
-from .table import OutputTables
+from .table import STATE_COLUMNS, OutputTables
 
 RUNS_DIR = "_runs"
 FINAL = ("ok", "error")
@@ -63,6 +63,7 @@ class Plan:
     settings: dict[str, Any]  # what defines the results (stored with the tables)
     checkpoint_sha256: str
     model_config: dict[str, Any]
+    overwrite: bool = False  # the output's rows (other settings) are replaced by this run's
 
 
 def result_fingerprint(config: SegmentConfig, sha: str) -> dict[str, Any]:
@@ -94,15 +95,18 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run") -> Plan:
     if old_layout:
         raise SegmentError(f"--output {config.output} holds results of the previous (non-Delta) layout "
                            f"({OLD_LAYOUT_FILE}); use a new --output, or delete it to start over")
+    overwrite = False
     if previous is not None:
         diffs = job_differences(previous, settings)
-        if diffs:
+        if diffs and not config.overwrite:
             raise SegmentError(f"--output {config.output} holds results of different settings ({'; '.join(diffs)}); "
-                               f"use a new --output, or delete it to start over")
+                               f"use a new --output, or --overwrite to replace them (the old rows stay readable "
+                               f"by table version)")
+        overwrite = bool(diffs)
     skipped: dict[str, int] = {}
     listing, resumes, listing_path = None, None, f"{RUNS_DIR}/{run_id}/listing.parquet"
     if last is not None and not last.get("finished_listing") and last.get("listing") \
-            and last.get("input") == config.input:
+            and last.get("input") == config.input and not overwrite:
         try:
             listing = Listing.from_table(pq.read_table(io.BytesIO(store.fs.cat_file(store.path(last["listing"])))))
             resumes, listing_path = last["run_id"], last["listing"]
@@ -111,12 +115,14 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run") -> Plan:
     if listing is None:
         listing = list_inputs(config.input, so, skipped)
     return _classified(Plan(run_id, listing, listing_path, resumes, dict(sorted(skipped.items())), listing, [], {},
-                            [], [], [], store, tables, settings, sha, model_config), config)
+                            [], [], [], store, tables, settings, sha, model_config, overwrite), config)
 
 
 def _classified(plan: Plan, config: SegmentConfig) -> Plan:
     """`plan` with pending images, shards and counts from the images table as it is now."""
-    listing, state = plan.listing, plan.tables.images_state()
+    listing = plan.listing
+    # overwriting: the rows there now are to be replaced, so every listed image is new
+    state = IMAGES_SCHEMA.empty_table().select(STATE_COLUMNS) if plan.overwrite else plan.tables.images_state()
     state = state.rename_columns(["image_id", "done_status", "done_etag", "done_size"])
     table = listing.to_table().append_column("i", pa.array(np.arange(len(listing)), pa.int64()))
     j = table.join(state, "image_id", join_type="left outer")
@@ -150,6 +156,10 @@ def prepare(config: SegmentConfig, lease: Lease | None = None, run_id: str | Non
         lease.acquire()
         plan.tables.refresh()
     try:
+        if plan.overwrite:
+            plan.tables.overwrite(record(plan), plan.settings)
+            log("replaced the output's rows (other settings) with an empty table version; the old rows stay "
+                "readable by version")
         rolled = plan.tables.roll_forward(record(plan), plan.settings)
         if rolled:
             log(f"rolled forward {rolled} shard(s) whose images commit a killed run did not make")
@@ -182,6 +192,8 @@ def describe_plan(plan: Plan, config: SegmentConfig) -> str:
              f"checkpoint {config.checkpoint}: sha256 {plan.checkpoint_sha256[:12]}..., "
              f"backbone {plan.model_config.get('backbone')}",
              f"inference: {json.dumps(config.inference.to_dict(), sort_keys=True)}",
+             *(["--overwrite: the output's rows (other settings) would be replaced in a new table version"]
+               if plan.overwrite else []),
              "dry run: nothing written, no workers started"]
     return "\n".join(lines)
 

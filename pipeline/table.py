@@ -46,6 +46,7 @@ DELETE_CHUNK = 500  # image ids per delete predicate
 # Columns whose min/max go into a file's stats (short strings and numbers: what readers prune on).
 STATS_COLUMNS = frozenset({"image_id", "shard_id", "run_id", "status", "rank", "score", "area", "height", "width",
                            "scale", "num_proposals", "size"})
+STATE_COLUMNS = ("image_id", "status", "etag", "size")  # what planning compares a listing with
 KILL_ENV = "IFCN_TEST_KILL_AT"  # tests: "<step>:<n>" SIGKILLs the driver at step of its n-th group commit
 
 
@@ -160,7 +161,7 @@ class OutputTables:
         """`cols` (default image_id, status, etag, size: what planning compares a listing with) of
         every images row."""
         dt = self.open("images")
-        cols = cols or ["image_id", "status", "etag", "size"]
+        cols = cols or list(STATE_COLUMNS)
         if dt is None:
             return IMAGES_SCHEMA.empty_table().select(cols)
         return dt.to_pyarrow_dataset().to_table(columns=cols)
@@ -244,6 +245,20 @@ class OutputTables:
     def record(self, app_id: str, version: int, record: dict[str, Any], settings: dict[str, Any]) -> None:
         """A commit without data that records the run's end (complete or not, exit reason)."""
         self._commit("images", [], app_id, version, {RUN_KEY: record}, settings)
+
+    def overwrite(self, record: dict[str, Any], settings: dict[str, Any]) -> None:
+        """A new version of both tables with no rows and `settings` (images first: an images row
+        never outlives its masks rows); older versions stay readable (`read_output(version=)`)."""
+        from deltalake import Schema
+        from deltalake.transaction import CommitProperties, create_table_with_add_actions
+
+        for name in ("images", "masks"):
+            if self.open(name) is not None:
+                create_table_with_add_actions(self.uri(name), Schema.from_arrow(SCHEMAS[name]), [], mode="overwrite",
+                                              description=json.dumps(settings, sort_keys=True),
+                                              storage_options=self.options or None,
+                                              commit_properties=CommitProperties(custom_metadata={RUN_KEY: record}))
+        self.refresh()
 
     def roll_forward(self, record: dict[str, Any], settings: dict[str, Any]) -> int:
         """Finishes a group whose masks commit landed and whose images commit did not (a run killed

@@ -17,6 +17,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 import ifcn
+from deltalake import DeltaTable
 from pipeline.config import SegmentConfig, SegmentError
 from ifcn.image import decode_image, read_bytes
 from pipeline.infer import InferenceActor
@@ -319,6 +320,28 @@ def test_history_lists_runs_one_line_each(first_run: dict, inputs: dict, tmp_pat
     assert "incomplete: 16.7% error rows, over --max-error-rate 0.1; 6 images (5 ok, 1 error, 0 retry)" in lines[0]
     assert "complete: done; 0 images" in lines[-1] and "checkpoint " + ifcn.checkpoint_digest(inputs["checkpoint"])[:12] \
         in lines[-1]
+
+
+def test_overwrite_replaces_rows_of_other_settings_in_a_new_version(first_run: dict, inputs: dict,
+                                                                    tmp_path: Path) -> None:
+    from pipeline import read_output
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["output"], out)
+    before = read_table(out, "masks")
+    version = DeltaTable(str(out / "images")).version()
+    with pytest.raises(SegmentError, match=r"max_proposals: 20 before, 3 now\); use a new --output, or --overwrite"):
+        run_segment(_config(inputs, out, max_proposals=3))
+    summary = run_segment(_config(inputs, out, max_proposals=3, overwrite=True))
+    assert (summary["new"], summary["done"], summary["images_this_run"]) == (6, 0, 6)
+    masks = read_table(out, "masks", bookkeeping=True)
+    assert set(masks.run_id) == {summary["run_id"]} and masks.groupby("image_id").size().max() == 3
+    # the top 3 of each image are the first run's ranks 0..2 (same model, same NMS)
+    pd.testing.assert_frame_equal(masks.drop(columns=["shard_id", "run_id"]),
+                                  before[before["rank"] < 3].reset_index(drop=True))
+    old = read_output(str(out), "images", version=version).to_pandas()  # the old rows, by version
+    assert len(old) == 6 and set(old.run_id) == {first_run["summary"]["run_id"]}
+    assert run_segment(_config(inputs, out, max_proposals=3))["images_this_run"] == 0  # the new settings hold
 
 
 def test_an_output_of_the_previous_layout_is_refused_in_one_line(inputs: dict, tmp_path: Path) -> None:
