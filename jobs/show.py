@@ -1,6 +1,7 @@
-"""Draws one image's best proposals from a pipeline output as a PNG.
+"""Draws one image's best proposals from a pipeline output as a PNG, or lists the output's runs.
 
     python -m jobs.show --output s3://bucket/out/run1 --image a/000012.jpg --out file:///tmp/000012.png --top 20
+    python -m jobs.show s3://bucket/out/run1 --history
 """
 from __future__ import annotations
 
@@ -62,6 +63,24 @@ def valid_ids(output: str, storage_options: dict | None = None, n: int = SHOWN_I
     return []
 
 
+def history_lines(output: str, storage_options: dict | None = None) -> list[str]:
+    """One line per run of the output, oldest first, from the tables' commit metadata."""
+    from pipeline.output import open_table
+    from pipeline.table import OutputTables
+
+    open_table(output, "images", storage_options)  # a one-line error when there is no output
+    lines = []
+    for r in OutputTables(output, storage_options).runs():
+        c = r.get("counts", {})
+        state = "complete" if r.get("complete") else ("interrupted" if r.get("exit") == "running" else "incomplete")
+        lines.append(f"{r['run_id']}  {r.get('started_at', '?')}  {state}: {r.get('exit')}; "
+                     f"{c.get('num_images', 0)} images ({c.get('num_ok', 0)} ok, {c.get('num_error', 0)} error, "
+                     f"{c.get('num_retry', 0)} retry), {c.get('num_proposals', 0)} proposals, {c.get('shards', 0)} "
+                     f"shards; checkpoint {str(r.get('checkpoint_sha256', ''))[:12]}"
+                     + (f"; continued {r['resumes']}" if r.get("resumes") else ""))
+    return lines
+
+
 def show(output: str, image_id: str, out: str, top: int = 20, storage_options: dict | None = None) -> dict[str, Any]:
     """Reads one image's proposals and pixels, draws the `top` best, writes a PNG to `out`."""
     uri, proposals = load_proposals(output, image_id, storage_options)
@@ -76,16 +95,26 @@ def show(output: str, image_id: str, out: str, top: int = 20, storage_options: d
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="jobs.show", description=__doc__.split("\n")[0])
-    p.add_argument("--output", required=True, help="pipeline output folder (with masks/ and images/)")
-    p.add_argument("--image", required=True, help="image_id as in the tables (e.g. a/000012.jpg)")
-    p.add_argument("--out", required=True, help="PNG to write (any fsspec URL)")
+    p.add_argument("output_url", nargs="?", help="pipeline output folder (same as --output)")
+    p.add_argument("--output", help="pipeline output folder (with the Delta tables masks/ and images/)")
+    p.add_argument("--history", action="store_true", help="list the output's runs, one line each, and exit")
+    p.add_argument("--image", help="image_id as in the tables (e.g. a/000012.jpg)")
+    p.add_argument("--out", help="PNG to write (any fsspec URL)")
     p.add_argument("--top", type=int, default=20, help="how many of the best proposals to draw")
     p.add_argument("--storage-options", type=storage_options, help="JSON dict for fsspec, e.g. '{\"anon\": true}'")
     args = p.parse_args(argv)
+    output = args.output or args.output_url
+    if not output:
+        p.error("the output folder is required (--output URL)")
     if args.top < 0:
         p.error("--top must be >= 0")
+    if not args.history and not (args.image and args.out):
+        p.error("--image and --out are required (or pass --history)")
     try:
-        info = show(args.output, args.image, args.out, args.top, args.storage_options)
+        if args.history:
+            print("\n".join(history_lines(output, args.storage_options)))
+            return 0
+        info = show(output, args.image, args.out, args.top, args.storage_options)
     except (OSError, ValueError, LookupError, pa.ArrowException, ImageError) as e:
         msg = e.args[0] if isinstance(e, LookupError) and e.args else e  # KeyError's str() adds quotes
         print(f"jobs.show: error: {msg}", file=sys.stderr)

@@ -35,11 +35,11 @@ class SegmentConfig:
     """One run: where to read, where to write, which weights, how to infer and how to spread it."""
 
     input: str  # prefix URL (listed recursively) or a .txt / .parquet manifest of URIs
-    output: str  # folder URL for masks/, images/, _manifest.json
+    output: str  # folder URL for the Delta tables masks/ and images/
     checkpoint: str  # ifcn checkpoint URL (ifcn.save_checkpoint / jobs.train)
     inference: InferenceConfig = InferenceConfig()
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for every URL
-    shard_size: int = 128  # images per committed shard: a kill loses at most ~1 shard per actor of work
+    shard_size: int = 128  # images per data file and resume unit: a kill loses at most ~1 shard per actor of work
     max_pixels: int = MAX_PIXELS  # larger images become error rows (checked from the header)
     min_side: int = MIN_SIDE  # smaller images become error rows
     # "auto"/"bf16": bfloat16 autocast on CUDA (~1.6x the fp32 forward; AR within 0.005); CPU runs fp32
@@ -58,6 +58,14 @@ class SegmentConfig:
     # never wait on them), "actor" (inside each actor, one actor per core: what a CPU-only cluster
     # wants), or "auto" (tasks with GPU actors, actor without). Results are the same either way.
     postprocess: str = "auto"
+    # Finished shards are committed in groups: at most this many per commit, and a group waits at
+    # most commit_every_s for more (at 64 GPUs ~75 shards/s finish; one commit per shard cannot keep up).
+    commit_shards: int = 64
+    prune: bool = False  # delete the rows of images whose keys are no longer listed
+    # An output made with other result settings is refused unless this: then a new table version
+    # replaces all its rows (the old ones stay readable by version) and every image is processed.
+    overwrite: bool = False
+    commit_every_s: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("input", "output", "checkpoint"):
@@ -68,7 +76,7 @@ class SegmentConfig:
             raise SegmentError(f"--postprocess {self.postprocess!r}: choose one of {', '.join(POSTPROCESS_MODES)}")
         if self.amp not in AMP_MODES:
             raise SegmentError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
-        for name in ("shard_size", "max_pixels", "min_side", "batch_size"):
+        for name in ("shard_size", "max_pixels", "min_side", "batch_size", "commit_shards"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SegmentError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if not 0.0 <= self.max_error_rate <= 1.0:
@@ -81,8 +89,8 @@ class SegmentConfig:
             raise SegmentError(f"--output {self.output} is the input prefix; write results to another folder")
 
     def result_settings(self) -> dict[str, Any]:
-        """Settings that change the output tables (not resources): a re-run must match them."""
-        return {"inference": self.inference.to_dict(), "shard_size": self.shard_size,
+        """Settings that change the output rows (not resources, not the shard size): a re-run must match them."""
+        return {"inference": self.inference.to_dict(),
                 "max_pixels": self.max_pixels, "min_side": self.min_side, "amp": self.amp}
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,17 +1,21 @@
-"""The batch job: the one place that builds the Ray Data graph and sets its resources.
+"""The batch job's driver: the one place that builds the Ray Data graph, sets its resources and
+decides when shards commit.
 
-    inputs (sorted, sharded) ─> read_images (CPU tasks) ─> InferenceActor pool (GPU or CPU actors)
+    plan (pipeline/plan.py: pending images from the listing and the images table)
+        ─> read_images (CPU tasks) ─> InferenceActor pool (GPU or CPU actors)
         ─> encode_and_stage (CPU tasks: RLE strings, rows, a staged Parquet fragment per shard)
-        ─> driver: fragment paths + image ids only ─> publish_shard (Ray tasks: tables + marker)
+        ─> driver: fragment paths + image ids only ─> publish_shard (Ray tasks: one data file per table)
+        ─> driver: group commits to the Delta tables (pipeline/table.py)
 
 Why the driver decides and workers write: Ray Data streams rows in no guaranteed order, so a
 shard's images arrive in several batches. Workers stage each batch's rows as fragments and send
 the driver their paths and image ids (a few hundred bytes per batch). The driver tracks, per
 shard, which images it has; when a shard is complete it starts a publish task that writes the
-shard's Parquet files and then its commit marker (pipeline/sink.py). One process deciding makes
-"exactly once" easy to reason about: a shard is published once per run, from fragments the
-driver chose (a retried task's duplicate rows are left out), and a re-run skips shards whose
-marker exists. Driver memory holds only the shards in flight, not the rows.
+shard's data files, and it commits finished shards in groups (every `commit_every_s` or
+`commit_shards` shards, whichever comes first: at 64 GPUs ~75 shards/s finish, more than one
+commit per shard can keep up with). One process deciding makes "exactly once" easy to reason
+about: a shard is published once per run, from fragments the driver chose (a retried task's
+duplicate rows are left out). Driver memory holds only the shards in flight, not the rows.
 
 Usage (the CLI is jobs/segment.py):
 
@@ -21,120 +25,40 @@ Usage (the CLI is jobs/segment.py):
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
-import json
 import math
 import platform
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from ifcn import checkpoint_digest, load_checkpoint
 from ifcn.image import one_line
 
 from .config import IncompleteRunError, SegmentConfig, SegmentError
+from .errors import RETRY
 from .infer import InferenceActor
-from .reduce import InferAndEncodeActor, encode_and_stage
-from .schema import FORMAT
 from .lease import Lease
-from .sink import JOB_FILE, MANIFEST_FILE, SUCCESS_FILE, Fragment, OutputStore, publish_shard
-from .sources import Listing, Shard, Span, list_inputs, read_images
+from .plan import Plan, new_run_id, now_utc, prepare, skipped_note
+from .reduce import InferAndEncodeActor, encode_and_stage
+from .sink import Fragment, OutputStore, publish_shard
+from .sources import Listing, Shard, Span, read_images
+from .table import OutputTables
 
 READ_BATCH = 4  # images per read call: small, so decoded pixels stream to the actors early
 ENCODE_BATCH = 16  # images per encoding call: compressing 1000 masks' runs takes a few ms per image
+ENCODE_CPUS = 1.0  # an encoding task is pure CPU work
 GPU_BATCH = 16  # images per GPU actor call: the H100 forward ran 166 images/s at batch 16, 158 at 8
 CPU_BATCH = 4  # images per CPU actor call: one image is already seconds of work
 READ_CPUS = 0.5  # reading is half waiting on storage, so two read tasks share a core
+MIN_ACTOR_CPUS = 0.25  # a CPU actor's smallest logical share (torch still uses its threads)
 MAX_INPUT_BLOCKS = 2000  # listing blocks: enough parallelism, few enough objects for millions of inputs
 PUBLISH_CPUS = 0.25  # a publish task mostly waits on storage; Parquet encoding is a few ms per image
 PUBLISH_RETRIES = 3  # a publish task whose worker dies or whose storage call fails runs again
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a run will do, decided before any work starts."""
-
-    listing: Listing
-    skipped: dict[str, int]  # prefix keys that are not images, by extension
-    shards: list[Span]
-    pending: list[Span]  # shards without a commit marker
-    store: OutputStore
-    job: dict[str, Any]  # the output's fingerprint (_job.json)
-    checkpoint_sha256: str
-    model_config: dict[str, Any]
-    committed: dict[str, dict[str, Any]]  # shard_id -> commit marker, before this run
-    rewrite_job: bool  # _job.json is missing or may be replaced (nothing committed yet)
-
-
-def prepare(config: SegmentConfig, lease: Lease | None = None) -> Plan:
-    """Preflight (`make_plan`), then claims the output: takes `lease` (if given) before touching
-    anything, writes its fingerprint, clears what an earlier run left uncommitted, and removes
-    `_SUCCESS` until this run completes."""
-    plan = make_plan(config)
-    if lease is not None:
-        lease.acquire()  # before remove_uncommitted: another live run's shards in flight are not ours
-        # a run we took a stale lease from may have committed more since the plan was read
-        committed = plan.store.committed()
-        plan = dataclasses.replace(plan, committed=committed,
-                                   pending=[s for s in plan.shards if s.shard_id not in committed])
-    try:
-        plan.store.remove(SUCCESS_FILE)  # a resumed run: the output is incomplete until it ends
-        if plan.rewrite_job:
-            plan.store.write_json(JOB_FILE, plan.job)
-        plan.store.remove_uncommitted(set(plan.committed))
-    except Exception as e:
-        raise SegmentError(f"--output {config.output}: cannot write to it ({type(e).__name__}: {one_line(e)}); "
-                           f"check permissions, credentials and --storage-options") from None
-    return plan
-
-
-def make_plan(config: SegmentConfig) -> Plan:
-    """Checkpoint, input listing, shards, output state: read only (what --dry-run prints).
-    Raises SegmentError (one line)."""
-    so = config.storage_options
-    try:
-        sha = checkpoint_digest(config.checkpoint, so)
-        model_config = load_checkpoint(config.checkpoint, so).config.to_dict()
-    except Exception as e:
-        raise SegmentError(f"--checkpoint {config.checkpoint}: cannot load it ({type(e).__name__}: {one_line(e)}); "
-                           f"pass a file written by ifcn.save_checkpoint or jobs.train") from None
-    skipped: dict[str, int] = {}
-    listing = list_inputs(config.input, so, skipped)
-    shards = listing.spans(config.shard_size)
-    job = {"format": FORMAT, "inputs_sha256": listing.digest(), "num_inputs": len(listing),
-           "num_shards": len(shards), "settings": config.result_settings(), "checkpoint_sha256": sha}
-    job = json.loads(json.dumps(job))  # as it reads back from _job.json (tuples become lists)
-    try:
-        store = OutputStore(config.output, so)
-        previous = store.read_json(JOB_FILE)
-        committed = store.committed()
-    except Exception as e:
-        raise SegmentError(f"--output {config.output}: cannot read it ({type(e).__name__}: {one_line(e)}); "
-                           f"check the URL, credentials and --storage-options") from None
-    if previous is None and committed:
-        raise SegmentError(f"--output {config.output} holds committed shards but no {JOB_FILE}; "
-                           f"use a new --output, or delete it to start over")
-    rewrite_job = previous is None
-    if previous is not None:
-        diffs = _job_differences(previous, job)
-        rewrite_job = bool(diffs) and not committed  # nothing committed yet: nothing to conflict with
-        if diffs and committed:
-            raise SegmentError(f"--output {config.output} holds results of a different run ({'; '.join(diffs)}); "
-                               f"use a new --output, or delete it to start over")
-    by_id = {s.shard_id: s for s in shards}
-    for sid, marker in committed.items():
-        if sid not in by_id or marker.get("digest") != listing.digest(by_id[sid].start, by_id[sid].stop):
-            raise SegmentError(f"--output {config.output}: commit marker of shard {sid} does not match this "
-                               f"input listing; use a new --output, or delete it to start over")
-    pending = [s for s in shards if s.shard_id not in committed]
-    return Plan(listing, dict(sorted(skipped.items())), shards, pending, store, job, sha, model_config, committed,
-                rewrite_job)
 
 
 @dataclass(frozen=True)
@@ -170,16 +94,23 @@ def resolve_resources(config: SegmentConfig, cluster: dict[str, float],
     else:
         actors = max(1, int(cpus // 2))  # leave half the CPUs to read and reduce tasks
     cpus_per_actor = 1.0
-    if per_actor == 0 and in_actor:
-        # Logical CPUs: leave room for one read task beside a pool that fills every core, or the
-        # pool would hold all CPUs and reading (hence the job) would never start.
-        cpus_per_actor = max(0.25, min(1.0, (cpus - READ_CPUS) / actors,
-                                       min(node_cpus or [cpus]) - READ_CPUS))
+    if per_actor == 0:
+        # Logical CPUs: leave room for one read task (and, with tasks, one encoding task) beside a
+        # pool that fills every core, or the pool would hold all CPUs and the job would wait forever
+        # (2 actors of 1 CPU with --postprocess tasks on 2 cores did: nothing was ever read).
+        reserve = READ_CPUS + (0.0 if in_actor else ENCODE_CPUS)
+        cpus_per_actor = max(MIN_ACTOR_CPUS, min(1.0, (cpus - reserve) / actors,
+                                                 min(node_cpus or [cpus]) - READ_CPUS))
+        if actors * cpus_per_actor + reserve > cpus:
+            raise SegmentError(f"--actors {actors} CPU actors with --postprocess {'actor' if in_actor else 'tasks'} "
+                               f"need {actors * MIN_ACTOR_CPUS + reserve:g} CPUs (with a read"
+                               f"{'' if in_actor else ' and an encoding'} task), the cluster has {cpus:g}; "
+                               f"use fewer --actors" + ("" if in_actor else " or --postprocess actor"))
     batch = config.batch_size or (GPU_BATCH if per_actor > 0 else CPU_BATCH)
     return Resources(actors, per_actor, cpus_per_actor, in_actor, batch)
 
 
-def build_dataset(plan: Plan, config: SegmentConfig, res: Resources, run_id: str):
+def build_dataset(plan: Plan, config: SegmentConfig, res: Resources):
     """The Ray Data graph over the pending shards' images (lazy; iterate it to run). Its rows are
     FRAGMENT_SCHEMA: the staged fragments' paths and image ids, never masks."""
     import ray.data
@@ -195,7 +126,7 @@ def build_dataset(plan: Plan, config: SegmentConfig, res: Resources, run_id: str
         read_images, batch_format="pyarrow", batch_size=READ_BATCH, num_cpus=READ_CPUS,
         fn_kwargs={"storage_options": config.storage_options, "max_pixels": config.max_pixels,
                    "min_side": config.min_side})
-    stage = {"output": config.output, "storage_options": config.storage_options, "run_id": run_id}
+    stage = {"output": config.output, "storage_options": config.storage_options, "run_id": plan.run_id}
     actor_kwargs = {"checkpoint": config.checkpoint, "inference": config.inference.to_dict(),
                     "storage_options": config.storage_options, "amp": config.amp,
                     "torch_threads": max(1, int(res.cpus_per_actor)), "compile": config.compile,
@@ -207,14 +138,14 @@ def build_dataset(plan: Plan, config: SegmentConfig, res: Resources, run_id: str
         fn_constructor_kwargs={**actor_kwargs, "stage": stage} if res.postprocess_in_actor else actor_kwargs)
     if res.postprocess_in_actor:
         return ds
-    return ds.map_batches(encode_and_stage, batch_format="pyarrow", batch_size=ENCODE_BATCH, num_cpus=1,
+    return ds.map_batches(encode_and_stage, batch_format="pyarrow", batch_size=ENCODE_BATCH, num_cpus=ENCODE_CPUS,
                           fn_kwargs=stage)
 
 
 def pending_rows(plan: Plan) -> pa.Table:
     """(image_id, uri, shard_id) of every pending shard's images, in listing order (columnar)."""
-    listing = plan.listing
-    spans = plan.pending
+    listing = plan.pending
+    spans = plan.shards
     take = pa.array(np.concatenate([np.arange(s.start, s.stop) for s in spans]) if spans else [], pa.int64())
     shard_ids = pa.array([s.shard_id for s in spans], pa.string())
     which = pa.array(np.repeat(np.arange(len(spans)), [len(s) for s in spans]), pa.int64())
@@ -225,12 +156,13 @@ def pending_rows(plan: Plan) -> pa.Table:
 class InlinePublisher:
     """Publishes in this process, one shard at a time (tests; no Ray needed)."""
 
-    def __init__(self, output: str, storage_options: dict[str, Any] | None) -> None:
-        self.output, self.storage_options = output, storage_options
+    def __init__(self, output: str, storage_options: dict[str, Any] | None, run_id: str) -> None:
+        self.args = (output, storage_options)
+        self.run_id = run_id
         self.done: list[dict[str, Any]] = []
 
     def submit(self, shard: Shard, fragments: list[Fragment]) -> None:
-        self.done.append(publish_shard(self.output, self.storage_options, shard, fragments))
+        self.done.append(publish_shard(*self.args, shard, fragments, self.run_id))
 
     def poll(self, wait: bool = False) -> list[dict[str, Any]]:
         done, self.done = self.done, []
@@ -240,55 +172,104 @@ class InlinePublisher:
 class RayPublisher:
     """Publishes each complete shard in a Ray task, many at a time, off the driver."""
 
-    def __init__(self, output: str, storage_options: dict[str, Any] | None) -> None:
+    def __init__(self, output: str, storage_options: dict[str, Any] | None, run_id: str) -> None:
         import ray
 
-        self.output, self.storage_options = output, storage_options
+        self.args = (output, storage_options)
+        self.run_id = run_id
         self.task = ray.remote(num_cpus=PUBLISH_CPUS, max_retries=PUBLISH_RETRIES,
                                retry_exceptions=True)(publish_shard)
         self.in_flight: dict[Any, str] = {}  # ObjectRef -> shard_id
 
     def submit(self, shard: Shard, fragments: list[Fragment]) -> None:
-        ref = self.task.remote(self.output, self.storage_options, shard, fragments)
+        ref = self.task.remote(*self.args, shard, fragments, self.run_id)
         self.in_flight[ref] = shard.shard_id
 
     def poll(self, wait: bool = False) -> list[dict[str, Any]]:
-        """Markers of the publish tasks that finished (all of them if `wait`)."""
+        """Results (add-action facts and counts) of the publish tasks that finished (all if `wait`)."""
         import ray
 
         if not self.in_flight:
             return []
         refs = list(self.in_flight)
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
-        markers = []
+        results = []
         for ref in ready:
             sid = self.in_flight.pop(ref)
             try:
-                markers.append(ray.get(ref))
+                results.append(ray.get(ref))
             except Exception as e:
                 raise IncompleteRunError(f"shard {sid}: publishing failed after {PUBLISH_RETRIES} retries "
-                                   f"({one_line(e)}); re-run the same command to finish it") from None
-        return markers
+                                         f"({one_line(e)}); re-run the same command to finish it") from None
+        return results
+
+
+COUNTS = ("shards", "num_images", "num_ok", "num_error", "num_retry", "num_proposals")
+
+
+class GroupCommitter:
+    """Commits published shards to the tables in groups (by count and time), each group with the
+    app transaction (run_id, n) and the run's record; `finish` records the run's end."""
+
+    def __init__(self, tables: OutputTables, run_id: str, record: dict[str, Any], settings: dict[str, Any],
+                 log: Callable[[str], None], max_shards: int = 64, max_wait_s: float = 2.0) -> None:
+        self.tables, self.run_id, self.record, self.settings, self.log = tables, run_id, record, settings, log
+        self.max_shards, self.max_wait_s = max_shards, max_wait_s
+        self.waiting: list[dict[str, Any]] = []
+        self.since = 0.0
+        self.version = 0  # groups committed (the app transaction's version)
+        self.counts = dict.fromkeys(COUNTS, 0)
+
+    def add(self, results: list[dict[str, Any]]) -> None:
+        if results and not self.waiting:
+            self.since = time.monotonic()
+        self.waiting += results
+        if self.waiting and (len(self.waiting) >= self.max_shards or time.monotonic() - self.since >= self.max_wait_s):
+            self.flush()
+
+    def flush(self) -> None:
+        """Commits everything waiting, in groups of at most max_shards."""
+        while self.waiting:
+            group, self.waiting = self.waiting[:self.max_shards], self.waiting[self.max_shards:]
+            self._commit(group)
+        self.since = time.monotonic()
+
+    def _commit(self, group: list[dict[str, Any]]) -> None:
+        self.counts["shards"] += len(group)
+        for key in COUNTS[1:]:
+            self.counts[key] += sum(r[key] for r in group)
+        self.version += 1
+        self.tables.commit_group(self.run_id, self.version, group, self.current(), self.settings)
+        self.log(f"committed {len(group)} shard(s) ({sum(r['num_images'] for r in group)} images) as group "
+                 f"{self.version}; {self.counts['num_images']} images this run")
+
+    def current(self, **end: Any) -> dict[str, Any]:
+        return {**self.record, "counts": dict(self.counts), **end}
+
+    def finish(self, **end: Any) -> None:
+        """Commits what waits, then the run's end record (complete or not, exit reason)."""
+        self.flush()
+        self.version += 1
+        self.tables.record(self.run_id, self.version, self.current(**end), self.settings)
 
 
 class ShardCollector:
     """The driver's bookkeeping: which images of each shard are staged, and in which fragments.
 
-    A shard is handed to the publisher once all of its images have arrived; an image delivered
-    twice (a retried task) is taken from its first fragment only. A shard with an image that
-    failed transiently is left unpublished (`left`), so a re-run retries it whole."""
+    A shard is handed to the publisher once all of its images have arrived (images that failed
+    transiently are 'retry' rows like any other); an image delivered twice (a retried task) is
+    taken from its first fragment only. Finished publishes go to `results`."""
 
     def __init__(self, shards: list[Span], listing: Listing, publisher: InlinePublisher | RayPublisher,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None] = lambda _: None) -> None:
         self.shards = {s.shard_id: s for s in shards}
         self.listing = listing
         self.publisher, self.log = publisher, log
         self.fragments: dict[str, list[Fragment]] = {}
         self.seen: dict[str, set[str]] = {}
-        self.markers: list[dict[str, Any]] = []
         self.submitted: set[str] = set()
         self.done: set[str] = set()
-        self.left: dict[str, tuple[int, str]] = {}  # shard_id -> (images failed transiently, first reason)
+        self.results: list[dict[str, Any]] = []
 
     def add(self, batch: pa.Table) -> None:
         """FRAGMENT_SCHEMA rows from the workers."""
@@ -298,43 +279,34 @@ class ShardCollector:
                 continue
             seen = self.seen.setdefault(sid, set())
             fresh = tuple(i for i in dict.fromkeys(row["image_ids"]) if i not in seen)
-            retry = [i for i in dict.fromkeys(row["retry_ids"]) if i not in seen and i not in fresh]
-            if not fresh and not retry:
+            if not fresh:
                 continue
             seen.update(fresh)
-            seen.update(retry)
-            if fresh:
-                self.fragments.setdefault(sid, []).append(Fragment(row["path"], fresh))
-            if retry:
-                n, reason = self.left.get(sid, (0, row["retry_error"]))
-                self.left[sid] = (n + len(retry), reason)
+            self.fragments.setdefault(sid, []).append(Fragment(row["path"], fresh))
             if len(seen) == len(self.shards[sid]):
                 self.submitted.add(sid)
                 del self.seen[sid]
-                fragments = self.fragments.pop(sid, [])
-                if sid in self.left:
-                    n, reason = self.left[sid]
-                    self.log(f"shard {sid} left uncommitted: {n} image(s) failed transiently ({reason})")
-                else:
-                    self.publisher.submit(self.listing.shard(self.shards[sid]), fragments)
+                self.publisher.submit(self.listing.shard(self.shards[sid]), self.fragments.pop(sid))
         self.collect()
 
     def collect(self, wait: bool = False) -> None:
-        """Records (and logs) the shards whose publish task has finished."""
-        for marker in self.publisher.poll(wait):
-            self.done.add(marker["shard_id"])
-            self.markers.append(marker)
-            self.log(f"committed shard {marker['shard_id']}: {marker['num_images']} images "
-                     f"({marker['num_error']} errors), {marker['num_proposals']} proposals "
-                     f"[{len(self.markers)}/{len(self.shards)} this run]")
+        """Moves the finished publishes to `results`."""
+        for result in self.publisher.poll(wait):
+            self.done.add(result["shard_id"])
+            self.results.append(result)
+
+    def take(self) -> list[dict[str, Any]]:
+        out, self.results = self.results, []
+        return out
 
     def missing(self) -> list[str]:
-        """Shards that neither committed nor were left for a re-run."""
-        return sorted(set(self.shards) - self.done - set(self.left))
+        """Shards that were not published."""
+        return sorted(set(self.shards) - self.done)
 
 
 def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Runs the job (or the rest of it) and returns the summary; also writes <output>/_manifest.json.
+    """Runs the job (or the rest of it) and returns the summary; the run's record goes into the
+    tables' commit metadata (`jobs.show OUT --history`).
 
     Starts a local Ray unless one is initialised (or RAY_ADDRESS points at a cluster).
     """
@@ -351,124 +323,111 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
         lease.release()
 
 
-def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start: float) -> dict[str, Any]:
-    plan = prepare(config, lease)
-    skipped = len(plan.shards) - len(plan.pending)
-    log(f"{len(plan.listing)} images in {len(plan.shards)} shards of {config.shard_size}; "
-        f"{skipped} already committed, {len(plan.pending)} to run" + _skipped_note(plan.skipped))
-    collector = None
-    run_s, res = 0.0, Resources(0, 0.0, 0.0, False, 0)  # nothing to run: no actors
-    if plan.pending:
-        import ray
+def run_record(plan: Plan, config: SegmentConfig, started_at: str) -> dict[str, Any]:
+    """What every commit of a run carries in its metadata (plus counts, complete and exit)."""
+    return {"run_id": plan.run_id, "started_at": started_at, "input": config.input, "checkpoint": config.checkpoint,
+            "checkpoint_sha256": plan.checkpoint_sha256, "settings": config.result_settings(),
+            "config": config.to_dict(), "listing": plan.listing_path, "resumes": plan.resumes,
+            "planned": plan.counts, "counts": dict.fromkeys(COUNTS, 0), "complete": False,
+            "finished_listing": False, "exit": "running", "versions": versions()}
 
-        if not ray.is_initialized():
-            ray.init()
-        cluster = ray.cluster_resources()
-        node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-        res = resolve_resources(config, cluster, [c for c in node_cpus if c > 0])
-        log(f"inference: {res.actors} actor(s), {res.gpus_per_actor} GPU each, batch size {res.batch_size}, "
-            f"{config.inference.nms} NMS in the actors; RLE strings in "
-            f"{'the actors' if res.postprocess_in_actor else 'CPU tasks'}")
-        if (res.actors * res.gpus_per_actor > cluster.get("GPU", 0)
-                or res.actors * res.cpus_per_actor > cluster.get("CPU", 0)):
-            log(f"warning: {res.actors} actors x {res.gpus_per_actor} GPU need more than the cluster has now "
-                f"({cluster.get('GPU', 0)} GPU, {cluster.get('CPU', 0)} CPU); they wait for an autoscaler")
-        collector = ShardCollector(plan.pending, plan.listing, RayPublisher(config.output, config.storage_options),
-                                   log)
-        ds = build_dataset(plan, config, res, run_id=uuid.uuid4().hex[:12])
-        run_start = time.perf_counter()
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            collector.add(batch)
-        collector.collect(wait=True)
-        run_s = time.perf_counter() - run_start
-        if collector.missing():
-            raise IncompleteRunError(f"shards {collector.missing()[:10]} did not receive all their images; "
-                                     f"re-run the same command to finish them")
+
+def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start: float) -> dict[str, Any]:
+    run_id = new_run_id()
+    started_at = now_utc()
+    plan = prepare(config, lease, run_id, lambda p: run_record(p, config, started_at), log)
+    c = plan.counts
+    log(f"run {run_id}: {len(plan.listing)} images listed; {c['done']} done, {c['new']} new, {c['changed']} changed, "
+        f"{c['to_retry']} to retry, {c['vanished']} vanished; {len(plan.pending)} to run in {len(plan.shards)} "
+        f"shards of {config.shard_size}" + (f" (continuing run {plan.resumes}'s listing)" if plan.resumes else "")
+        + skipped_note(plan.skipped))
+    committer = GroupCommitter(plan.tables, run_id, run_record(plan, config, started_at), plan.settings, log,
+                               config.commit_shards, config.commit_every_s)
+    try:
+        run_s, res = _process(plan, config, committer, log)
+    except BaseException as e:
+        try:  # best effort: the run's record says how it ended (a kill leaves it "running")
+            if committer.version or committer.waiting:
+                committer.finish(exit=f"error: {type(e).__name__}: {one_line(e)}"[:500])
+        except Exception:
+            pass
+        raise
+    state = plan.tables.images_state(["status", "num_proposals", "run_id", "error"])
+    status = state.column("status")
+    totals = {"images": state.num_rows, "images_ok": _count(status, "ok"), "images_error": _count(status, "error"),
+              "images_retry": _count(status, RETRY), "proposals": int(pc.sum(state.column("num_proposals")).as_py() or 0)}
+    error_rate = totals["images_error"] / max(1, totals["images"])
+    exit_reason = "done"
+    if totals["images_retry"]:
+        exit_reason = f"{totals['images_retry']} image(s) left as 'retry' rows"
+    elif error_rate > config.max_error_rate:
+        exit_reason = f"{error_rate:.1%} error rows, over --max-error-rate {config.max_error_rate}"
+    committer.finish(complete=exit_reason == "done", finished_listing=True, exit=exit_reason, totals=totals)
     wall = time.perf_counter() - start
-    this_run = collector.markers if collector else []
-    left = collector.left if collector else {}
-    markers = {**plan.committed, **{m["shard_id"]: m for m in this_run}}  # no second read of every marker
-    counts = {"images": sum(m["num_images"] for m in markers.values()),
-              "images_ok": sum(m["num_ok"] for m in markers.values()),
-              "images_error": sum(m["num_error"] for m in markers.values()),
-              "proposals": sum(m["num_proposals"] for m in markers.values()),
-              "shards": len(markers), "shards_skipped": skipped}
-    counts["shards_run"] = len(this_run)
-    processed = sum(m["num_images"] for m in this_run)
-    summary = {"output": config.output, **counts, "images_this_run": processed, "wall_s": round(wall, 3),
+    processed = committer.counts["num_images"]
+    summary = {"output": config.output, "run_id": run_id, **totals, "shards": committer.counts["shards"],
+               "images_this_run": processed, **{k: c[k] for k in ("done", "new", "changed", "to_retry", "vanished")},
+               "resumed": plan.resumes, "wall_s": round(wall, 3),
                "images_per_s": round(processed / wall, 3) if wall > 0 else 0.0,
                # the Ray Data execution alone (no listing, checkpoint check or Ray start-up)
                "pipeline_s": round(run_s, 3), "pipeline_images_per_s": round(processed / run_s, 3) if run_s else 0.0,
                "actors": res.actors, "gpus_per_actor": res.gpus_per_actor,
                "postprocess": "actor" if res.postprocess_in_actor else "tasks", "skipped_keys": plan.skipped,
-               "error_rate": round(counts["images_error"] / max(1, counts["images"]), 4)}
-    plan.store.write_json(MANIFEST_FILE, {
-        "format": FORMAT, "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "input": config.input, "output": config.output, "config": config.to_dict(),
-        "checkpoint": {"url": config.checkpoint, "sha256": plan.checkpoint_sha256, "model": plan.model_config},
-        "inputs_sha256": plan.job["inputs_sha256"], "num_inputs": len(plan.listing), "counts": counts,
-        "skipped_keys": plan.skipped,
-        "last_run": {k: summary[k] for k in ("images_this_run", "wall_s", "images_per_s", "pipeline_s",
-                                             "pipeline_images_per_s", "actors", "gpus_per_actor")},
-        "tables": {"masks": "masks/*.parquet", "images": "images/*.parquet"},
-        "left_for_retry": {sid: {"images": n, "reason": r} for sid, (n, r) in left.items()},
-        "versions": versions()})
-    if left:
-        n = sum(k for k, _ in left.values())
-        first = next(iter(left.values()))[1]
-        raise IncompleteRunError(f"{n} image(s) in {len(left)} shard(s) failed with transient errors (e.g. {first}); "
-                                 f"the other shards are committed; re-run the same command to retry them")
-    lease.release()  # before _SUCCESS: a complete output has no live owner
-    plan.store.mark_success()  # last: Hadoop/Spark's "this output is complete"
+               "error_rate": round(error_rate, 4), "complete": exit_reason == "done"}
     plan.store.remove_tmp()
+    if totals["images_retry"]:
+        mine = state.filter(pc.equal(status, RETRY))
+        first = mine.column("error")[0].as_py()
+        raise IncompleteRunError(f"{totals['images_retry']} image(s) failed with transient errors (e.g. {first}); "
+                                 f"they are committed as 'retry' rows, the rest is committed; re-run the same "
+                                 f"command to retry them")
     return summary
 
 
-def describe_plan(plan: Plan, config: SegmentConfig) -> str:
-    """What --dry-run prints: the plan in a few lines; nothing has been written or started."""
-    todo = sum(len(s) for s in plan.pending)
-    lines = [f"input {config.input}: {len(plan.listing)} images" + _skipped_note(plan.skipped),
-             f"output {config.output}: {len(plan.shards)} shards of {config.shard_size}, "
-             f"{len(plan.committed)} committed, {len(plan.pending)} to run ({todo} images)",
-             f"checkpoint {config.checkpoint}: sha256 {plan.checkpoint_sha256[:12]}..., "
-             f"backbone {plan.model_config.get('backbone')}",
-             f"inference: {json.dumps(config.inference.to_dict(), sort_keys=True)}",
-             "dry run: nothing written, no workers started"]
-    return "\n".join(lines)
+def _count(column: pa.ChunkedArray, value: str) -> int:
+    return int(pc.sum(pc.equal(column, value)).as_py() or 0)
 
 
-def _skipped_note(skipped: dict[str, int]) -> str:
-    if not skipped:
-        return ""
-    parts = ", ".join(f"{n} {ext or '(no extension)'}" for ext, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
-    return f"; skipped keys that are not images: {parts}"
+def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
+             log: Callable[[str], None]) -> tuple[float, Resources]:
+    """Runs the Ray Data graph over the pending shards, committing as shards finish."""
+    if not plan.shards:
+        return 0.0, Resources(0, 0.0, 0.0, False, 0)  # nothing to run: no actors
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    cluster = ray.cluster_resources()
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    res = resolve_resources(config, cluster, [c for c in node_cpus if c > 0])
+    log(f"inference: {res.actors} actor(s), {res.gpus_per_actor} GPU each, batch size {res.batch_size}, "
+        f"{config.inference.nms} NMS in the actors; RLE strings in "
+        f"{'the actors' if res.postprocess_in_actor else 'CPU tasks'}")
+    if res.actors * res.gpus_per_actor > cluster.get("GPU", 0):
+        log(f"warning: {res.actors} actors x {res.gpus_per_actor} GPU need more than the cluster has now "
+            f"({cluster.get('GPU', 0)} GPU, {cluster.get('CPU', 0)} CPU); they wait for an autoscaler")
+    collector = ShardCollector(plan.shards, plan.pending, RayPublisher(config.output, config.storage_options,
+                                                                       plan.run_id), log)
+    ds = build_dataset(plan, config, res)
+    run_start = time.perf_counter()
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        collector.add(batch)
+        committer.add(collector.take())
+    collector.collect(wait=True)
+    committer.add(collector.take())
+    committer.flush()
+    if collector.missing():
+        raise IncompleteRunError(f"shards {collector.missing()[:10]} did not receive all their images; "
+                                 f"re-run the same command to finish them")
+    return time.perf_counter() - run_start, res
 
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name, dist in (("ifcn", "instancefcn"), ("torch", "torch"), ("ray", "ray"), ("pyarrow", "pyarrow")):
+    for name, dist in (("ifcn", "instancefcn"), ("torch", "torch"), ("ray", "ray"), ("pyarrow", "pyarrow"),
+                       ("deltalake", "deltalake")):
         try:
             out[name] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[name] = "unknown"
     return out
-
-
-def _job_differences(previous: dict[str, Any], job: dict[str, Any]) -> list[str]:
-    """Human-readable differences between an output's fingerprint and this run's."""
-    diffs = []
-    if previous.get("format") != job["format"]:
-        diffs.append(f"format: {previous.get('format')} before, {job['format']} now")
-    if previous.get("inputs_sha256") != job["inputs_sha256"]:
-        diffs.append(f"input listing differs ({previous.get('num_inputs')} images before, {job['num_inputs']} now)")
-    if previous.get("checkpoint_sha256") != job["checkpoint_sha256"]:
-        diffs.append("checkpoint differs (sha256)")
-    old, new = previous.get("settings", {}), job["settings"]
-    for key in sorted(set(old) | set(new)):
-        if key == "inference":
-            a, b = old.get(key, {}), new.get(key, {})
-            diffs += [f"{k}: {a.get(k)} before, {b.get(k)} now"
-                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        elif old.get(key) != new.get(key):
-            diffs.append(f"{key}: {old.get(key)} before, {new.get(key)} now")
-    return diffs

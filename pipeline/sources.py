@@ -45,6 +45,8 @@ _NEEDS_ESCAPE = r'[^ -~]|["\\]'  # what json.dumps escapes (ensure_ascii): outsi
 class InputItem:
     image_id: str  # path relative to the prefix, or the URI itself for manifests
     uri: str  # full URL any fsspec filesystem opens
+    etag: str | None = None  # the object's version when listed (S3 ETag, 'mtime:<ns>' locally; None: unknown)
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class Shard:
 
     @property
     def digest(self) -> str:
-        """Fingerprint of the shard's inputs: a commit marker must carry the same one."""
+        """Fingerprint of the shard's inputs (ids and URIs)."""
         return digest([[it.image_id, it.uri] for it in self.items])
 
 
@@ -72,15 +74,36 @@ class Span:
 
 @dataclass(frozen=True)
 class Listing:
-    """The sorted, unique inputs: image_ids[i] and uris[i] (Arrow string arrays)."""
+    """The sorted, unique inputs: image_ids[i], uris[i] and the objects' versions etags[i], sizes[i]
+    (Arrow arrays; versions null where the source gives none, e.g. manifests)."""
 
     image_ids: pa.Array
     uris: pa.Array
+    etags: pa.Array | None = None
+    sizes: pa.Array | None = None
+
+    COLUMNS = ("image_id", "uri", "etag", "size")  # as a table (`to_table`, the run's listing snapshot)
+
+    def __post_init__(self) -> None:
+        n = len(self.image_ids)
+        if self.etags is None:
+            object.__setattr__(self, "etags", pa.nulls(n, pa.string()))
+        if self.sizes is None:
+            object.__setattr__(self, "sizes", pa.nulls(n, pa.int64()))
 
     @classmethod
-    def build(cls, image_ids: pa.Array | list[str], uris: pa.Array | list[str], url: str = "") -> "Listing":
+    def build(cls, image_ids: pa.Array | list[str], uris: pa.Array | list[str], url: str = "",
+              etags: pa.Array | list | None = None, sizes: pa.Array | list | None = None) -> "Listing":
         """Sorted by image_id; a repeated image_id is listed once (with a note naming `url`)."""
-        table = pa.table({"image_id": pa.array(image_ids, pa.string()), "uri": pa.array(uris, pa.string())})
+        n = len(image_ids)
+        table = pa.table({"image_id": pa.array(image_ids, pa.string()), "uri": pa.array(uris, pa.string()),
+                          "etag": pa.array(etags, pa.string()) if etags is not None else pa.nulls(n, pa.string()),
+                          "size": pa.array(sizes, pa.int64()) if sizes is not None else pa.nulls(n, pa.int64())})
+        return cls.from_table(table, url)
+
+    @classmethod
+    def from_table(cls, table: pa.Table, url: str = "") -> "Listing":
+        """A table of COLUMNS (any order of rows) -> the sorted, unique listing."""
         table = table.take(pc.sort_indices(table, [("image_id", "ascending")]))
         ids = table.column("image_id").combine_chunks()
         if len(ids) > 1:
@@ -88,15 +111,22 @@ class Listing:
             if not pc.all(keep).as_py():
                 table = table.filter(keep)
                 print(f"note: {len(ids) - table.num_rows} duplicate URIs in {url} were listed once", file=sys.stderr)
-        return cls(table.column("image_id").combine_chunks(), table.column("uri").combine_chunks())
+        return cls(*(table.column(c).combine_chunks() for c in cls.COLUMNS))
+
+    def to_table(self) -> pa.Table:
+        return pa.table(dict(zip(self.COLUMNS, (self.image_ids, self.uris, self.etags, self.sizes))))
+
+    def take(self, indices: pa.Array) -> "Listing":
+        """Rows `indices` (already in order) as a listing."""
+        return Listing(*(a.take(indices) for a in (self.image_ids, self.uris, self.etags, self.sizes)))
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def __iter__(self):
         for start in range(0, len(self), DIGEST_CHUNK):
-            yield from map(InputItem, self.image_ids[start:start + DIGEST_CHUNK].to_pylist(),
-                           self.uris[start:start + DIGEST_CHUNK].to_pylist())
+            yield from map(InputItem, *(a[start:start + DIGEST_CHUNK].to_pylist()
+                                        for a in (self.image_ids, self.uris, self.etags, self.sizes)))
 
     def spans(self, shard_size: int) -> list[Span]:
         """Consecutive runs of `shard_size` rows, ids = zero-padded index (stable across runs)."""
@@ -108,9 +138,8 @@ class Listing:
 
     def shard(self, span: Span) -> Shard:
         """A span's items as Python objects (what a publish task checks a shard against)."""
-        ids = self.image_ids[span.start:span.stop].to_pylist()
-        uris = self.uris[span.start:span.stop].to_pylist()
-        return Shard(span.shard_id, tuple(map(InputItem, ids, uris)))
+        cols = [a[span.start:span.stop].to_pylist() for a in (self.image_ids, self.uris, self.etags, self.sizes)]
+        return Shard(span.shard_id, tuple(map(InputItem, *cols)))
 
     def digest(self, start: int = 0, stop: int | None = None) -> str:
         """sha256 of rows [start, stop) exactly as `config.digest([[image_id, uri], ...])` gives it,
@@ -156,13 +185,15 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None,
             if path.lower().endswith(MANIFEST_EXTENSIONS):
                 listing = _read_manifest(url, storage_options)
             elif is_image_path(path):
-                listing = Listing.build([posixpath.basename(path)], [fs.unstrip_protocol(path)], url)
+                etag, size = _version(fs.info(path))
+                listing = Listing.build([posixpath.basename(path)], [fs.unstrip_protocol(path)], url, [etag], [size])
             else:
                 raise SegmentError(f"--input {url}: a file that is neither a manifest "
                                    f"({', '.join(MANIFEST_EXTENSIONS)}) nor an image; "
                                    f"pass a prefix, a manifest or an image")
         elif fs.isdir(path):
-            listing = Listing.build(*_list_prefix(fs, path, skipped), url)
+            ids, uris, etags, sizes = _list_prefix(fs, path, skipped)
+            listing = Listing.build(ids, uris, url, etags, sizes)
         else:
             raise SegmentError(f"--input {url}: no such file or prefix; check the URL (and credentials / "
                                f"AWS_ENDPOINT_URL for object stores)")
@@ -177,42 +208,49 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None,
     return listing
 
 
-def _list_prefix(fs, path: str, skipped: dict[str, int] | None) -> tuple[pa.Array, pa.Array]:
-    """(image_ids, uris) of the image keys below `path`, gathered LIST_CHUNK keys at a time into
-    Arrow arrays: the listing ends as two string columns, not the Python info dict per key that
-    `fs.find` keeps (and caches) for a whole bucket (331 vs 1218 bytes per key at peak for 20k
-    keys: bench/scale.py list)."""
-    id_chunks: list[pa.Array] = []
-    uri_chunks: list[pa.Array] = []
-    ids: list[str] = []
-    uris: list[str] = []
+def _version(info: dict[str, Any]) -> tuple[str | None, int | None]:
+    """(etag, size) of an object from its listing entry: the S3/GCS ETag, else the local mtime."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag is None and info.get("mtime") is not None:
+        etag = f"mtime:{int(float(info['mtime']) * 1e9)}"
+    size = info.get("size", info.get("Size"))
+    return (str(etag).strip('"') if etag is not None else None), (int(size) if size is not None else None)
+
+
+def _list_prefix(fs, path: str, skipped: dict[str, int] | None) -> tuple[pa.Array, ...]:
+    """(image_ids, uris, etags, sizes) of the image keys below `path`, gathered LIST_CHUNK keys at
+    a time into Arrow arrays: the listing ends as four columns, not the Python info dict per key
+    that `fs.find` keeps (and caches) for a whole bucket (331 vs 1218 bytes per key at peak for
+    20k keys: bench/scale.py list)."""
+    types = (pa.string(), pa.string(), pa.string(), pa.int64())
+    chunks: list[list[pa.Array]] = [[] for _ in types]
+    rows: list[list] = [[] for _ in types]
 
     def flush() -> None:
-        id_chunks.append(pa.array(ids, pa.string()))
-        uri_chunks.append(pa.array(uris, pa.string()))
-        ids.clear()
-        uris.clear()
+        for chunk, values, t in zip(chunks, rows, types):
+            chunk.append(pa.array(values, t))
+            values.clear()
 
-    for p in _keys_below(fs, path):
+    for p, info in _keys_below(fs, path):
         if is_image_path(p):
-            ids.append(posixpath.relpath(p, path))
-            uris.append(fs.unstrip_protocol(p))
-            if len(ids) == LIST_CHUNK:
+            for values, v in zip(rows, (posixpath.relpath(p, path), fs.unstrip_protocol(p), *_version(info))):
+                values.append(v)
+            if len(rows[0]) == LIST_CHUNK:
                 flush()
         elif skipped is not None:
             ext = posixpath.splitext(p)[1].lower()
             skipped[ext] = skipped.get(ext, 0) + 1
     flush()
-    return pa.concat_arrays(id_chunks), pa.concat_arrays(uri_chunks)
+    return tuple(pa.concat_arrays(c) for c in chunks)
 
 
 def _keys_below(fs, path: str, page_size: int = 1000):
-    """Every file path below `path` (no protocol). On S3, one ListObjectsV2 page at a time (each
+    """(path without protocol, listing entry) of every file below `path`. On S3, one ListObjectsV2 page at a time (each
     page retried on transient failures), so memory holds a page, not the bucket; elsewhere
     `fs.find` (fine for local disks; GCS and Azure prefixes still list in one go, see the README's
     Known limits)."""
     if not hasattr(fs, "_call_s3"):
-        yield from fs.find(path, withdirs=False)
+        yield from fs.find(path, withdirs=False, detail=True).items()
         return
     from fsspec.asyn import sync
 
@@ -224,7 +262,7 @@ def _keys_below(fs, path: str, page_size: int = 1000):
                             READ_ATTEMPTS, READ_BACKOFF_S)
         for obj in page.get("Contents", ()):
             if not obj["Key"].endswith("/"):  # "folder/" placeholder objects are not files
-                yield f"{bucket}/{obj['Key']}"
+                yield f"{bucket}/{obj['Key']}", obj
         if not page.get("IsTruncated"):
             return
         request["ContinuationToken"] = page["NextContinuationToken"]
@@ -233,8 +271,9 @@ def _keys_below(fs, path: str, page_size: int = 1000):
 def make_shards(items: list[InputItem] | Listing, shard_size: int) -> list[Shard]:
     """Every shard with its items (small listings: tests, tools; the job plans with `Listing.spans`)."""
     if not isinstance(items, Listing):  # already sorted: keep the order given
-        items = Listing(pa.array([it.image_id for it in items], pa.string()),
-                        pa.array([it.uri for it in items], pa.string()))
+        items = Listing(*(pa.array([getattr(it, f) for it in items], t) for f, t in
+                          (("image_id", pa.string()), ("uri", pa.string()), ("etag", pa.string()),
+                           ("size", pa.int64()))))
     return [items.shard(span) for span in items.spans(shard_size)]
 
 

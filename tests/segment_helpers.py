@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as pds
 import torch
 from PIL import Image
 
@@ -56,10 +55,25 @@ def write_images(folder: Path, names: list[str], seed: int = 0, size: tuple[int,
     return paths
 
 
-def read_table(output: str | Path, name: str, filesystem=None) -> pd.DataFrame:
-    """A whole output table through pyarrow.dataset (which skips `_`-prefixed paths); `filesystem`
-    (e.g. an s3fs instance) reads `output` given without its protocol."""
-    table = pds.dataset(f"{str(output).rstrip('/')}/{name}", filesystem=filesystem, format="parquet").to_table()
+def delta_options(url: str) -> dict[str, str] | None:
+    """What deltalake needs for the tests' S3 endpoint (AWS_* env set by the s3_server fixture)."""
+    if not url.startswith("s3://"):
+        return None
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
+
+
+def read_table(output: str | Path, name: str, bookkeeping: bool = False) -> pd.DataFrame:
+    """A whole output table as deltalake's own reader sees it (not the pipeline's read_output),
+    sorted; without `bookkeeping`, the columns that name the run and shard (they differ between
+    two runs with equal results) are dropped."""
+    from deltalake import DeltaTable
+
+    url = str(output).rstrip("/")
+    url = url if "://" in url else os.path.abspath(url)
+    table = DeltaTable(f"{url}/{name}", storage_options=delta_options(url)).to_pyarrow_dataset().to_table()
+    if not bookkeeping:
+        table = table.drop_columns(["shard_id", "run_id"])
     keys = ["image_id", "rank"] if name == "masks" else ["image_id"]
     return table.to_pandas().sort_values(keys).reset_index(drop=True)
 

@@ -205,7 +205,10 @@ def test_predictions_to_results_and_json_loader(tmp_path):
 def write_masks(root, res_by_name: dict[str, list[dict]], partitioned: bool = True,
                 uncommitted: tuple[str, ...] = ()) -> None:
     """A `<root>/masks/` dataset, one file per name: hive partitions (shard=...), or jobs.segment's
-    layout with commit markers, where the names in `uncommitted` get files but no marker."""
+    Delta table (written by deltalake's own writer), where the names in `uncommitted` get a data
+    file in the table folder that no commit added."""
+    from deltalake import write_deltalake
+
     for n, (name, rs) in enumerate(res_by_name.items()):
         rs = sorted(rs, key=lambda r: -r["score"])
         rows = {
@@ -215,15 +218,15 @@ def write_masks(root, res_by_name: dict[str, list[dict]], partitioned: bool = Tr
             "area": [int(mask_utils.area(r["segmentation"])) for r in rs],
             "rle": [r["segmentation"]["counts"] for r in rs],
             "height": [H] * len(rs), "width": [W] * len(rs), "scale": [600] * len(rs),
+            "shard_id": [f"{n:06d}"] * len(rs), "run_id": ["r1"] * len(rs),
         }
+        table = pa.table(rows, schema=MASKS_SCHEMA)
         part = root / "masks" / (f"shard={n:05d}" if partitioned else "")
         part.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(rows, schema=MASKS_SCHEMA), part / f"part-{n}.parquet", compression="zstd")
-        if not partitioned and name not in uncommitted:  # jobs.segment's layout: a marker commits the shard
-            (root / "_commits").mkdir(exist_ok=True)
-            (root / "_commits" / f"{n}.json").write_text(json.dumps({"shard_id": str(n),
-                                                                    "files": [f"masks/part-{n}.parquet"]}))
-            (root / "_job.json").write_text("{}")
+        if partitioned or name in uncommitted:
+            pq.write_table(table, part / f"part-{n}.parquet", compression="zstd")
+        else:  # jobs.segment's layout: a commit to the Delta table adds the file
+            write_deltalake(str(part), table, mode="append")
 
 
 def test_parquet_loader_round_trip(tmp_path):
@@ -283,7 +286,7 @@ def test_job_scores_pipeline_folder_with_max_proposals(tmp_path, capsys):
     by_name: dict[str, list[dict]] = {}
     for r in res:
         by_name.setdefault(f"{r['image_id']:06d}.jpg", []).append(r)
-    # a shard whose files landed but whose marker did not (a crash): perfect masks of every object,
+    # a shard whose data file landed but was never committed (a crash): perfect masks of every object,
     # which would lift every AR to 1.0 if a reader took uncommitted files
     perfect = [{"image_id": a["image_id"], "segmentation": a["segmentation"], "score": 1.0} for a in gt["annotations"]]
     by_name["sub/000002.jpg"] = perfect  # matches image 2 by its full file_name

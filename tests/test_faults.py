@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 
 def _args(images: str, output: str, checkpoint: str, actors: int = 1) -> list[str]:
     return ["--input", images, "--output", output, "--checkpoint", checkpoint, "--shard-size", str(SHARD_SIZE),
-            "--actors", str(actors), "--batch-size", "1", *inference_flags()]
+            "--actors", str(actors), "--batch-size", "1", "--commit-shards", "1", *inference_flags()]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,12 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict:
     r = cli(*_args(str(images), str(reference), checkpoint))
     assert r.returncode == 0, r.stderr[-3000:]
     return {"root": root, "images": images, "checkpoint": checkpoint, "reference": reference}
+
+
+def _last_run(out: str) -> dict:
+    from pipeline.table import OutputTables
+
+    return OutputTables(out).runs()[-1]
 
 
 def _assert_same_tables(got: dict[str, pd.DataFrame], reference: Path) -> None:
@@ -89,7 +95,8 @@ def test_sigkill_of_an_actor_and_a_read_task_mid_run(job: dict, tmp_path: Path) 
     deadline = time.monotonic() + 240
     try:
         while proc.poll() is None and time.monotonic() < deadline and len(killed) < 2:
-            committed = (out / "_commits").exists() and any((out / "_commits").glob("*.json"))
+            log = out / "images" / "_delta_log"
+            committed = log.exists() and any(log.glob("*.json"))
             for pid, title in _titles(proc.pid).items():
                 if "read" not in killed and title.startswith("ray::MapBatches(read_images)"):
                     os.kill(pid, signal.SIGKILL)  # a read task's worker, while it runs the task
@@ -107,7 +114,7 @@ def test_sigkill_of_an_actor_and_a_read_task_mid_run(job: dict, tmp_path: Path) 
     assert set(killed) == {"read", "actor"}, f"killed only {killed} before the job ended"
     assert proc.returncode == 0, stderr[-3000:]
     _assert_same_tables({t: read_table(out, t) for t in ("images", "masks")}, job["reference"])
-    assert not (out / "_tmp").exists() and (out / "_SUCCESS").exists()
+    assert not (out / "_tmp").exists() and _last_run(str(out))["complete"]
 
 
 def test_s3_outage_mid_run_loses_nothing(job: dict, s3_server, s3_bucket: str) -> None:
@@ -126,7 +133,7 @@ def test_s3_outage_mid_run_loses_nothing(job: dict, s3_server, s3_bucket: str) -
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline:
             fs.invalidate_cache()
-            if fs.exists(f"{out}/_commits") and fs.ls(f"{out}/_commits"):
+            if fs.exists(f"{out}/images/_delta_log") and fs.ls(f"{out}/images/_delta_log"):
                 break
             time.sleep(0.1)
         assert proc.poll() is None, "the job ended before its first commit"
@@ -145,13 +152,13 @@ def test_s3_outage_mid_run_loses_nothing(job: dict, s3_server, s3_bucket: str) -
         assert proc.returncode == 1, stderr[-3000:]
         errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1 and "re-run the same command" in errors[0], stderr[-3000:]
-        assert not fs.exists(f"{out}/_SUCCESS")
+        assert not _last_run(out)["complete"]
         r = subprocess.run([sys.executable, "-m", "jobs.segment", *args], cwd=REPO, env=env, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     fs.invalidate_cache()
-    assert fs.exists(f"{out}/_SUCCESS") and not fs.exists(f"{out}/_tmp")
-    _assert_same_tables({t: read_table(out.removeprefix("s3://"), t, fs) for t in ("images", "masks")}, job["reference"])
+    assert _last_run(out)["complete"] and not fs.exists(f"{out}/_tmp")
+    _assert_same_tables({t: read_table(out, t) for t in ("images", "masks")}, job["reference"])
 
 
 def test_two_node_cluster_spreads_the_work_and_writes_the_same_tables(job: dict, tmp_path: Path) -> None:

@@ -1,11 +1,11 @@
 """End-to-end runs of the batch job on a real local Ray: results equal the in-process Predictor,
-one images row per input, re-runs skip committed shards, readers (DuckDB, pyarrow, pandas,
-pycocotools) agree with the tables, manifest inputs, and the CLI's one-line errors."""
+one images row per input, re-runs process only what changed in the bucket, Delta readers
+(deltalake, polars, Ray, DuckDB, pycocotools) agree with the tables and never see an
+uncommitted file, manifest inputs, the run history, and the CLI's one-line errors."""
 from __future__ import annotations
 
-import json
-import os
 import shutil
+import time
 from pathlib import Path
 
 import duckdb
@@ -17,6 +17,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 import ifcn
+from deltalake import DeltaTable
 from pipeline.config import SegmentConfig, SegmentError
 from ifcn.image import decode_image, read_bytes
 from pipeline.infer import InferenceActor
@@ -109,6 +110,8 @@ def test_reducer_tasks_and_in_actor_postprocess_write_the_same_tables(first_run:
     ({"CPU": 16.0, "GPU": 4.0}, {"gpus_per_actor": 0.5, "batch_size": 8}, Resources(8, 0.5, 1.0, False, 8)),
     ({"CPU": 4.0}, {"actors": 1, "gpus_per_actor": 1.0}, Resources(1, 1.0, 1.0, False, 16)),  # autoscaler to come
     ({"CPU": 4.0}, {"actors": 2}, Resources(2, 0.0, 1.0, True, 4)),
+    # 2 cores, 2 actors, encoding tasks: a read and an encoding task must fit beside the pool (it hung)
+    ({"CPU": 2.0}, {"actors": 2, "postprocess": "tasks"}, Resources(2, 0.0, 0.25, False, 4)),
     # two 1-CPU nodes: 0.5 per actor, so a read task (0.5) fits beside an actor on either node
     ({"CPU": 2.0, "nodes": [1.0, 1.0]}, {"actors": 2}, Resources(2, 0.0, 0.5, True, 4)),
 ])
@@ -116,6 +119,11 @@ def test_resolve_resources(cluster: dict, kw: dict, want: Resources, inputs: dic
     cluster = dict(cluster)
     nodes = cluster.pop("nodes", None)
     assert resolve_resources(_config(inputs, tmp_path, **kw), cluster, nodes) == want
+
+
+def test_resources_that_cannot_run_are_refused_in_one_line(inputs: dict, tmp_path: Path) -> None:
+    with pytest.raises(SegmentError, match=r"--actors 4 CPU actors with --postprocess tasks need 2.5 CPUs .* has 2"):
+        resolve_resources(_config(inputs, tmp_path, actors=4, postprocess="tasks"), {"CPU": 2.0})
 
 
 def test_one_images_row_per_input_with_errors(first_run: dict, inputs: dict) -> None:
@@ -135,45 +143,74 @@ def test_one_images_row_per_input_with_errors(first_run: dict, inputs: dict) -> 
     assert s["proposals"] == int(ok.num_proposals.sum()) == len(read_table(first_run["output"], "masks"))
 
 
-def test_files_schema_layout_and_manifest(first_run: dict, inputs: dict) -> None:
+def test_files_schema_layout_and_history(first_run: dict, inputs: dict) -> None:
+    from deltalake import DeltaTable
+
     out = first_run["output"]
-    assert sorted(p.name for p in (out / "masks").iterdir()) == [f"part-00000{i}.parquet" for i in range(3)]
+    run_id = first_run["summary"]["run_id"]
     for name, schema in (("masks", MASKS_SCHEMA), ("images", IMAGES_SCHEMA)):
-        for f in (out / name).iterdir():
-            meta = pq.ParquetFile(f).metadata
-            assert pq.read_schema(f).remove_metadata() == schema
+        dt = DeltaTable(str(out / name))
+        files = sorted(u.rsplit("/", 1)[-1] for u in dt.file_uris())
+        # one data file per shard of the run, named part-<shard>-<run>-<uuid>.parquet
+        assert [f.rsplit("-", 1)[0] for f in files] == [f"part-00000{i}-{run_id}" for i in range(3)]
+        assert sorted(p.name for p in (out / name).glob("*.parquet")) == files  # nothing uncommitted
+        stats = {a["path"]: a for a in pa.table(dt.get_add_actions(flatten=True)).to_pylist()}
+        for f in files:
+            meta = pq.ParquetFile(out / name / f).metadata
+            assert pq.read_schema(out / name / f).remove_metadata() == schema
             assert meta.row_group(0).column(0).compression == "ZSTD"
             assert meta.row_group(0).column(0).statistics.has_min_max  # image_id stats: readers can prune
-        table = pq.read_table(out / name / "part-000001.parquet")
-        keys = list(zip(*(table.column(k).to_pylist() for k in (["image_id", "rank"] if name == "masks"
-                                                                else ["image_id"]))))
-        assert keys == sorted(keys)
-    manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["checkpoint"]["sha256"] == ifcn.checkpoint_digest(inputs["checkpoint"])
-    assert set(manifest["versions"]) >= {"ifcn", "torch", "ray", "pyarrow"}
-    assert manifest["counts"]["images"] == len(NAMES) + 1
-    assert manifest["config"]["inference"]["scales"] == list(INFERENCE["scales"])
-    assert len(list((out / "_commits").iterdir())) == 3
-    assert (out / "_SUCCESS").read_bytes() == b""  # complete: Spark/Hadoop readers' convention
+            table = pq.read_table(out / name / f)
+            # the add action's stats are the file's: one shard of one run, its row count, its ids
+            assert stats[f]["num_records"] == table.num_rows
+            assert stats[f]["min.shard_id"] == stats[f]["max.shard_id"] == f.split("-")[1]
+            assert stats[f]["min.run_id"] == stats[f]["max.run_id"] == run_id
+            if table.num_rows:
+                assert stats[f]["min.image_id"] == min(table.column("image_id").to_pylist())
+            keys = list(zip(*(table.column(k).to_pylist() for k in (["image_id", "rank"] if name == "masks"
+                                                                    else ["image_id"]))))
+            assert keys == sorted(keys)
+        # the run's record is in the commit metadata, masks commit first, then images
+        ops = [c.get("ifcn.run", {}).get("run_id") for c in dt.history()]
+        assert set(ops) == {run_id}
+    images_history = DeltaTable(str(out / "images")).history()
+    record = images_history[0]["ifcn.run"]  # the newest commit: the run's end
+    assert record["checkpoint_sha256"] == ifcn.checkpoint_digest(inputs["checkpoint"])
+    assert set(record["versions"]) >= {"ifcn", "torch", "ray", "pyarrow", "deltalake"}
+    assert record["totals"]["images"] == len(NAMES) + 1 and record["counts"]["num_images"] == len(NAMES) + 1
+    assert record["config"]["inference"]["scales"] == list(INFERENCE["scales"])
+    assert (record["complete"], record["exit"]) == (False, "16.7% error rows, over --max-error-rate 0.1")
+    assert "ifcn.group" in DeltaTable(str(out / "masks")).history(1)[0]
+    listing = pq.read_table(out / "_runs" / run_id / "listing.parquet")
+    assert sorted(listing.column("image_id").to_pylist()) == sorted([*NAMES, CORRUPT])
+    assert set(listing.column_names) == {"image_id", "uri", "etag", "size"}
     assert not (out / "_tmp").exists()  # a finished run leaves no temp folder, not even an empty one
+    for gone in ("_commits", "_SUCCESS", "_job.json", "_manifest.json"):
+        assert not (out / gone).exists()
 
 
-def test_readers_duckdb_pandas_pycocotools(first_run: dict) -> None:
+def test_readers_duckdb_polars_ray_pycocotools(first_run: dict) -> None:
+    import polars as pl
+    import ray.data
+    from deltalake import DeltaTable
+
     out = first_run["output"]
     masks = read_table(out, "masks")
-    counts = duckdb.sql(f"select image_id, count(*) n, max(score) top from read_parquet('{out}/masks/**/*.parquet') "
-                        f"group by image_id order by image_id").fetchall()
+    data = DeltaTable(str(out / "masks")).to_pyarrow_dataset()  # noqa: F841 (DuckDB finds it by name)
+    counts = duckdb.sql("select image_id, count(*) n, max(score) top from data group by image_id "
+                        "order by image_id").fetchall()
     expect = masks.groupby("image_id").agg(n=("rank", "size"), top=("score", "max")).sort_index()
     assert [(i, n) for i, n, _ in counts] == list(zip(expect.index, expect.n))
     np.testing.assert_array_equal([t for *_, t in counts], expect.top.to_numpy())
-    best = duckdb.sql(f"select image_id, score from read_parquet('{out}/masks/**/*.parquet') where rank = 0 "
-                      f"order by image_id").fetchall()
+    best = duckdb.sql("select image_id, score from data where rank = 0 order by image_id").fetchall()
     assert [s for _, s in best] == [t for *_, t in counts]  # rank 0 is the top score
-    joined = duckdb.sql(f"select count(*) from read_parquet('{out}/masks/**/*.parquet') m join "
-                        f"read_parquet('{out}/images/**/*.parquet') i using (image_id) "
-                        f"where i.status = 'ok'").fetchall()
+    images = DeltaTable(str(out / "images")).to_pyarrow_dataset()  # noqa: F841
+    joined = duckdb.sql("select count(*) from data m join images i using (image_id) where i.status = 'ok'").fetchall()
     assert joined == [(len(masks),)]
-    assert len(pd.read_parquet(out / "masks")) == len(masks)  # pandas reads the folder too
+    polars = pl.read_delta(str(out / "masks")).to_pandas().sort_values(["image_id", "rank"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(polars.drop(columns=["shard_id", "run_id"]), masks, check_dtype=False)
+    rds = ray.data.read_delta(str(out / "masks"))
+    assert rds.count() == len(masks)
     for row in masks.itertuples():
         rle = {"size": [int(row.height), int(row.width)], "counts": row.rle.encode()}
         decoded = mask_utils.decode(rle)  # (H, W) uint8
@@ -182,35 +219,63 @@ def test_readers_duckdb_pandas_pycocotools(first_run: dict) -> None:
         np.testing.assert_allclose(mask_utils.toBbox(rle), row.bbox, atol=1e-4)
 
 
-def test_rerun_skips_committed_shards(first_run: dict, inputs: dict) -> None:
+def test_rerun_processes_nothing_and_rewrites_nothing(first_run: dict, inputs: dict) -> None:
     out = first_run["output"]
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/part-*.parquet")}
     masks_before, images_before = read_table(out, "masks"), read_table(out, "images")
     summary = run_segment(_config(inputs, out))
-    assert (summary["shards_skipped"], summary["shards_run"], summary["images_this_run"]) == (3, 0, 0)
+    assert (summary["done"], summary["shards"], summary["images_this_run"]) == (6, 0, 0)
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/part-*.parquet")} == before
     pd.testing.assert_frame_equal(read_table(out, "masks"), masks_before)
     pd.testing.assert_frame_equal(read_table(out, "images"), images_before)
 
 
-def test_rerun_finishes_partial_output_without_duplicates(first_run: dict, inputs: dict, tmp_path: Path) -> None:
-    """A copy of the output with one shard's marker gone and a stray temp file: the shard is redone."""
-    out = tmp_path / "out"
+def test_grown_and_changed_bucket_processes_only_the_change(first_run: dict, inputs: dict, tmp_path: Path) -> None:
+    """A copy of the output over a bucket with one new key and one key overwritten by another
+    image: only those two are processed; the changed key's rows are replaced, the rest stay."""
+    out, bucket = tmp_path / "out", tmp_path / "bucket"
     shutil.copytree(first_run["output"], out)
-    (out / "_commits" / "000001.json").unlink()
-    (out / "_tmp" / "junk").mkdir(parents=True, exist_ok=True)
-    (out / "_tmp" / "junk" / "part-000001.parquet").write_bytes(b"half a file")
-    summary = run_segment(_config(inputs, out))
-    assert (summary["shards_skipped"], summary["shards_run"], summary["images_this_run"]) == (2, 1, 2)
-    cols = list(IMAGES_RESULT_COLUMNS)
-    pd.testing.assert_frame_equal(read_table(out, "images")[cols], read_table(first_run["output"], "images")[cols])
-    pd.testing.assert_frame_equal(read_table(out, "masks"), read_table(first_run["output"], "masks"))
+    shutil.copytree(inputs["images"], bucket)
+    write_images(bucket, ["zz_new.png"], seed=5)
+    time.sleep(0.01)
+    write_images(bucket, ["a.jpg"], seed=9)  # same key, another object (mtime and size change)
+    (bucket / "nested" / "d.png").unlink()  # vanished: its rows stay
+    with pytest.raises(SegmentError, match="nms_iou: 0.8 before, 0.5 now"):
+        run_segment(_config(inputs, out, input=bucket, nms_iou=0.5))
+    summary = run_segment(_config(inputs, out, input=bucket, shard_size=1))  # shard size is no setting
+    assert {k: summary[k] for k in ("new", "changed", "to_retry", "vanished", "done", "images_this_run")} == \
+        {"new": 1, "changed": 1, "to_retry": 0, "vanished": 1, "done": 4, "images_this_run": 2}
+    images, masks = read_table(out, "images", bookkeeping=True), read_table(out, "masks", bookkeeping=True)
+    assert sorted(images.image_id) == sorted([*NAMES, CORRUPT, "zz_new.png"])  # d.png kept, nothing twice
+    old_images, old_masks = read_table(first_run["output"], "images"), read_table(first_run["output"], "masks")
+    fresh = {"a.jpg", "zz_new.png"}
+    for table, old, n in ((images, old_images, 12), (masks, old_masks, None)):
+        runs = table.groupby("image_id").run_id.nunique()
+        assert (runs == 1).all()  # no image has rows of two runs
+        kept = table[~table.image_id.isin(fresh)].drop(columns=["shard_id", "run_id"]).reset_index(drop=True)
+        pd.testing.assert_frame_equal(kept, old[old.image_id != "a.jpg"].reset_index(drop=True))
+        assert set(table[table.image_id.isin(fresh)].run_id) == {summary["run_id"]}
+    for name in fresh:
+        got = masks[masks.image_id == name]
+        ref = _reference(inputs, (bucket / name).as_uri())
+        assert got.rle.tolist() == [p["rle"]["counts"] for p in ref] and len(ref) > 0
+    row = images[images.image_id == "a.jpg"].iloc[0]
+    assert row["size"] == (bucket / "a.jpg").stat().st_size and row.etag.startswith("mtime:")
+    # --prune deletes the vanished key's rows (and processes nothing)
+    pruned = run_segment(_config(inputs, out, input=bucket, prune=True))
+    assert (pruned["vanished"], pruned["images_this_run"]) == (1, 0)
+    assert "nested/d.png" not in set(read_table(out, "images").image_id) | set(read_table(out, "masks").image_id)
+    assert len(read_table(out, "images")) == len(images) - 1
+    assert run_segment(_config(inputs, out, input=bucket))["vanished"] == 0
 
 
-def test_read_output_sees_committed_shards_only(first_run: dict, tmp_path: Path) -> None:
-    """After a crash between a shard's files and its marker, a plain glob sees the shard and
-    pipeline.read_output does not; on a complete output both agree (pyarrow and Ray Dataset)."""
+def test_read_output_and_delta_readers_see_committed_files_only(first_run: dict, tmp_path: Path) -> None:
+    """A data file in the table folder that no commit added (a publish killed before the commit):
+    a plain Parquet glob sees it; read_output, deltalake, polars, Ray and DuckDB over deltalake do not."""
+    import polars as pl
     import pyarrow.dataset as pads
+    import ray.data
+    from deltalake import DeltaTable
 
     from pipeline import read_output
 
@@ -219,43 +284,72 @@ def test_read_output_sees_committed_shards_only(first_run: dict, tmp_path: Path)
     assert read_output(str(first_run["output"]), "images").num_rows == len(NAMES) + 1
     out = tmp_path / "out"
     shutil.copytree(first_run["output"], out)
-    (out / "_commits" / "000001.json").unlink()
-    lost = set(pq.read_table(out / "images" / "part-000001.parquet").column("image_id").to_pylist())
+    for name in ("masks", "images"):
+        committed = sorted((out / name).glob("part-*.parquet"))[0]
+        shutil.copy(committed, out / name / "part-000009-stray-0.parquet")
     glob = duckdb.sql(f"select count(*) from read_parquet('{out}/masks/*.parquet')").fetchall()[0][0]
-    assert glob == full.num_rows  # what a plain glob sees: the uncommitted shard too
+    assert glob > full.num_rows  # what a plain glob sees: the uncommitted file too
     masks = read_output(f"file://{out}", "masks", ["image_id", "rank"])
-    assert set(masks.column("image_id").to_pylist()) == set(full.column("image_id").to_pylist()) - lost
-    assert masks.num_rows == sum(i not in lost for i in full.column("image_id").to_pylist())
+    assert masks.num_rows == full.num_rows
+    assert DeltaTable(str(out / "masks")).to_pyarrow_dataset().count_rows() == full.num_rows
+    assert pl.read_delta(str(out / "masks")).height == full.num_rows
+    assert ray.data.read_delta(str(out / "masks")).count() == full.num_rows
+    data = DeltaTable(str(out / "images")).to_pyarrow_dataset()
+    assert duckdb.from_arrow(data).count("*").fetchall() == [(len(NAMES) + 1,)]
     images = read_output(str(out), "images")
-    assert images.schema == IMAGES_SCHEMA and lost.isdisjoint(images.column("image_id").to_pylist())
+    assert images.schema == IMAGES_SCHEMA and images.num_rows == len(NAMES) + 1
     one = sorted(set(masks.column("image_id").to_pylist()))[0]
     rds = read_output(str(out), "masks", ["image_id", "score"], pads.field("image_id") == one, ray=True)
     assert sorted(rds.to_pandas().score) == sorted(full.filter(pads.field("image_id") == one)["score"].to_pylist())
+    # time travel: the first commit of the images table held the first group only
+    first = read_output(str(out), "images", version=0)
+    assert 0 < first.num_rows <= len(NAMES) + 1
     with pytest.raises(FileNotFoundError, match="not a jobs.segment output"):
         read_output(str(tmp_path / "nothing"))
 
 
-def test_mismatched_rerun_is_refused(first_run: dict, inputs: dict, tmp_path: Path) -> None:
-    out = first_run["output"]
-    with pytest.raises(SegmentError, match="nms_iou: 0.8 before, 0.5 now"):
-        run_segment(_config(inputs, out, nms_iou=0.5))
-    with pytest.raises(SegmentError, match="shard_size: 2 before, 3 now"):
-        run_segment(_config(inputs, out, shard_size=3))
-    other = tmp_path / "images"
-    shutil.copytree(inputs["images"], other)
-    write_images(other, ["zz_new.png"], seed=5)
-    with pytest.raises(SegmentError, match=r"input listing differs \(6 images before, 7 now\)"):
-        run_segment(_config(inputs, out, input=other))
+def test_history_lists_runs_one_line_each(first_run: dict, inputs: dict, tmp_path: Path, capsys) -> None:
+    from jobs.show import main as show_main
 
-
-def test_resumed_run_removes_success_until_it_completes(first_run: dict, inputs: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(first_run["output"], out)
-    (out / "_commits" / "000002.json").unlink()
-    prepare(_config(inputs, out))  # what a re-run does first
-    assert not (out / "_SUCCESS").exists()
-    run_segment(_config(inputs, out))
-    assert (out / "_SUCCESS").exists() and not (out / "_tmp").exists()
+    mine = run_segment(_config(inputs, out, max_error_rate=0.5))["run_id"]
+    assert show_main([str(out), "--history"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()  # (other tests may have re-run the first output)
+    assert lines[0].startswith(first_run["summary"]["run_id"]) and lines[-1].startswith(mine)
+    assert "incomplete: 16.7% error rows, over --max-error-rate 0.1; 6 images (5 ok, 1 error, 0 retry)" in lines[0]
+    assert "complete: done; 0 images" in lines[-1] and "checkpoint " + ifcn.checkpoint_digest(inputs["checkpoint"])[:12] \
+        in lines[-1]
+
+
+def test_overwrite_replaces_rows_of_other_settings_in_a_new_version(first_run: dict, inputs: dict,
+                                                                    tmp_path: Path) -> None:
+    from pipeline import read_output
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["output"], out)
+    before = read_table(out, "masks")
+    version = DeltaTable(str(out / "images")).version()
+    with pytest.raises(SegmentError, match=r"max_proposals: 20 before, 3 now\); use a new --output, or --overwrite"):
+        run_segment(_config(inputs, out, max_proposals=3))
+    summary = run_segment(_config(inputs, out, max_proposals=3, overwrite=True))
+    assert (summary["new"], summary["done"], summary["images_this_run"]) == (6, 0, 6)
+    masks = read_table(out, "masks", bookkeeping=True)
+    assert set(masks.run_id) == {summary["run_id"]} and masks.groupby("image_id").size().max() == 3
+    # the top 3 of each image are the first run's ranks 0..2 (same model, same NMS)
+    pd.testing.assert_frame_equal(masks.drop(columns=["shard_id", "run_id"]),
+                                  before[before["rank"] < 3].reset_index(drop=True))
+    old = read_output(str(out), "images", version=version).to_pandas()  # the old rows, by version
+    assert len(old) == 6 and set(old.run_id) == {first_run["summary"]["run_id"]}
+    assert run_segment(_config(inputs, out, max_proposals=3))["images_this_run"] == 0  # the new settings hold
+
+
+def test_an_output_of_the_previous_layout_is_refused_in_one_line(inputs: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    (out / "_commits").mkdir(parents=True)
+    (out / "_job.json").write_text("{}")
+    with pytest.raises(SegmentError, match=r"previous \(non-Delta\) layout \(_job.json\); use a new --output"):
+        prepare(_config(inputs, out))
 
 
 def test_actors_refuse_a_checkpoint_that_changed_after_planning(inputs: dict) -> None:
@@ -270,8 +364,8 @@ def test_changed_settings_are_fine_before_any_commit(inputs: dict, tmp_path: Pat
     out = tmp_path / "out"
     prepare(_config(inputs, out, nms_iou=0.5))
     plan = prepare(_config(inputs, out))
-    assert json.loads((out / "_job.json").read_text())["settings"]["inference"]["nms_iou"] == 0.8
-    assert [s.shard_id for s in plan.pending] == ["000000", "000001", "000002"]
+    assert plan.settings["settings"]["inference"]["nms_iou"] == 0.8
+    assert [s.shard_id for s in plan.shards] == ["000000", "000001", "000002"]
 
 
 @pytest.mark.parametrize("kind", ["txt", "parquet"])
@@ -369,27 +463,29 @@ def test_cli_rerun_prints_summary(first_run: dict, inputs: dict, tmp_path: Path)
     r = cli(*args, "--max-error-rate", "0.2")
     assert r.returncode == 0, r.stderr
     assert "5 images ok, 1 errors" in r.stdout and str(out) in r.stdout and "images/s" in r.stdout
-    assert os.path.exists(out / "_manifest.json")
     # 1 of 6 images is an error row: over the default --max-error-rate 0.1 the job exits non-zero, in one line
     r = cli(*args)
     assert r.returncode == 3 and "5 images ok, 1 errors" in r.stdout and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]  # after the job's own progress lines
     for needle in ("error: 1 of 6 images (16.7%) are error rows", "--max-error-rate 0.1", "status = 'error'"):
         assert needle in last, last
-    assert (out / "_SUCCESS").exists()  # the tables are complete; the rate is the caller's to judge
+    assert read_table(out, "images").shape[0] == 6  # the tables are complete; the rate is the caller's to judge
 
 
 def test_cli_dry_run_prints_the_plan_and_writes_nothing(first_run: dict, inputs: dict, tmp_path: Path) -> None:
-    out = tmp_path / "o"
+    out, bucket = tmp_path / "o", tmp_path / "bucket"
     shutil.copytree(first_run["output"], out)
-    (out / "_commits" / "000001.json").unlink()
+    shutil.copytree(inputs["images"], bucket)
+    write_images(bucket, ["zz_new.png", "zz_new2.png"], seed=5)
+    (bucket / "a.jpg").unlink()
     before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    r = cli("--input", str(inputs["images"]), "--output", str(out), "--checkpoint", inputs["checkpoint"],
+    r = cli("--input", str(bucket), "--output", str(out), "--checkpoint", inputs["checkpoint"],
             "--shard-size", "2", *inference_flags(), "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "6 images; skipped keys that are not images: 1 .txt" in r.stdout
-    assert "3 shards of 2, 2 committed, 1 to run (2 images)" in r.stdout and "nothing written" in r.stdout
-    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # _SUCCESS, stray parts: all kept
+    assert "7 images; skipped keys that are not images: 1 .txt" in r.stdout
+    assert "5 done, 2 new, 0 changed, 1 vanished, 0 to retry; 1 shards of 2 to run (2 images)" in r.stdout
+    assert "nothing written" in r.stdout
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
     r = cli("--input", str(inputs["images"]), "--output", str(tmp_path / "new"), "--checkpoint",
             inputs["checkpoint"], "--dry-run")
-    assert r.returncode == 0 and "0 committed" in r.stdout and not (tmp_path / "new").exists()
+    assert r.returncode == 0 and "0 done, 6 new" in r.stdout and not (tmp_path / "new").exists()

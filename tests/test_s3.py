@@ -1,8 +1,8 @@
 """Object storage end to end: a real S3 HTTP endpoint (moto server on loopback) and s3fs.
 
-Inputs are listed from s3://bucket/images/, the checkpoint is read from S3, and the Parquet
+Inputs are listed from s3://bucket/images/, the checkpoint is read from S3, and the Delta
 tables are written to s3://bucket/out/ by the real CLI (a subprocess starting its own local
-Ray), then read back with pyarrow and compared with ifcn.Predictor on the same bytes.
+Ray), then read back with deltalake and compared with ifcn.Predictor on the same bytes.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 import torch
 from PIL import Image
@@ -71,10 +70,14 @@ def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess
 
 
 def read_table(url: str, storage_options: dict | None = None):
-    import s3fs
+    """A Delta table on the endpoint through deltalake (credentials from the fsspec options, else AWS_* env)."""
+    from deltalake import DeltaTable
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **(storage_options or {}))
-    return pads.dataset(url.removeprefix("s3://"), filesystem=fs, format="parquet").to_table()
+    so = storage_options or {}
+    endpoint = so.get("client_kwargs", {}).get("endpoint_url") or os.environ["AWS_ENDPOINT_URL"]
+    options = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
+               "AWS_ACCESS_KEY_ID": so.get("key", "testing"), "AWS_SECRET_ACCESS_KEY": so.get("secret", "testing")}
+    return DeltaTable(url, storage_options=options).to_pyarrow_dataset().to_table()
 
 
 def check_against_predictor(bucket: str, files: dict[str, bytes], model: ifcn.InstanceFCN, out: str,
@@ -159,7 +162,7 @@ def test_prefix_listing_pages_through_s3(s3_bucket):
     fs.pipe({f"{bucket}/{k}": b"x" for k in keys})
     below = sorted(f"{bucket}/{k}" for k in keys if k.startswith("images/") and not k.endswith("/"))
     for page_size in (1, 2, 3, 1000):  # 7 files: several pages, a last page that is full, one page
-        assert sorted(_keys_below(fs, f"{bucket}/images", page_size)) == below, page_size
+        assert sorted(p for p, _ in _keys_below(fs, f"{bucket}/images", page_size)) == below, page_size
     # what fs.find (the old listing) gave, less the placeholder it reported as a file
     assert below == sorted(p for p in fs.find(f"{bucket}/images", withdirs=False) if not p.endswith("/"))
     for url in (f"{s3_bucket}/images", f"{s3_bucket}/images/"):
@@ -167,6 +170,10 @@ def test_prefix_listing_pages_through_s3(s3_bucket):
         listing = list_inputs(url, skipped=skipped)
         assert [(it.image_id, it.uri) for it in listing] == [
             (k, f"s3://{bucket}/images/{k}") for k in ("a.jpg", "sub/b.PNG", "sub/deep/c.jpeg", "z.webp")]
+        # each key's version as S3 gives it (ETag without quotes, size)
+        assert [(it.etag, it.size) for it in listing] == [
+            (fs.info(f"{bucket}/images/{k}")["ETag"].strip('"'), 1) for k in ("a.jpg", "sub/b.PNG", "sub/deep/c.jpeg",
+                                                                             "z.webp")]
         assert skipped == {".txt": 1, "": 1, ".heic": 1}
 
 
@@ -186,15 +193,21 @@ def test_segment_cli_reads_and_writes_s3(s3_server, s3_bucket):
     check_against_predictor(s3_bucket, files, model, out)
 
     fs = s3fs_client()
-    manifest = json.loads(fs.cat(f"{out}/_manifest.json".removeprefix("s3://")))
-    assert manifest["checkpoint"]["sha256"] == ifcn.checkpoint_digest(f"{s3_bucket}/ckpt/model.pt")
-    assert manifest["counts"]["images"] == len(files) and manifest["counts"]["images_error"] == 1
+    from pipeline.table import OutputTables
 
-    # Re-running the same command resumes: every shard is committed, nothing is rewritten.
-    before = {p: fs.info(p)["LastModified"] for p in fs.find(out.removeprefix("s3://") + "/masks")}
+    record = OutputTables(out).runs()[-1]  # the run's record, from the images table's commit metadata
+    assert record["checkpoint_sha256"] == ifcn.checkpoint_digest(f"{s3_bucket}/ckpt/model.pt")
+    assert record["totals"]["images"] == len(files) and record["totals"]["images_error"] == 1
+    assert record["complete"] and record["exit"] == "done"
+
+    # Re-running the same command resumes: every image is done, no data file is rewritten.
+    data = lambda: {p: fs.info(p)["LastModified"] for p in fs.find(out.removeprefix("s3://") + "/masks")  # noqa: E731
+                    if p.endswith(".parquet") and "_delta_log" not in p}
+    before = data()
     r = run_cli(args, dict(os.environ))
     assert r.returncode == 0, r.stderr[-4000:]
-    assert {p: fs.info(p)["LastModified"] for p in fs.find(out.removeprefix("s3://") + "/masks")} == before
+    assert f"{len(files)} images were already done" in r.stdout
+    assert data() == before
     check_against_predictor(s3_bucket, files, model, out)
 
 

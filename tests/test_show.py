@@ -1,12 +1,12 @@
-"""jobs.show on a tiny fake pipeline output written with pyarrow in the pipeline's exact schema."""
+"""jobs.show on a tiny fake pipeline output: Delta tables in the pipeline's exact schema, written
+by deltalake's own writer (not the pipeline's), plus a data file no commit added."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from deltalake import write_deltalake
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -15,7 +15,7 @@ from jobs.show import load_proposals, main
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 
 H, W = 96, 128
-UNCOMMITTED = "00002"  # files written, marker missing: what a crash between the two leaves
+UNCOMMITTED = "00002"  # data files written, never committed: what a crash before the commit leaves
 
 
 def rect_rle(y0: int, y1: int, x0: int, x1: int, h: int = H, w: int = W) -> str:
@@ -25,7 +25,7 @@ def rect_rle(y0: int, y1: int, x0: int, x1: int, h: int = H, w: int = W) -> str:
 
 
 def fake_output(root, input_url: str | None = None) -> dict[str, np.ndarray]:
-    """root/in/{a/one.png, two.png} and root/out/{masks,images}/ (hive-partitioned by shard), like jobs.segment.
+    """root/in/{a/one.png, two.png} and root/out/{masks,images}/ Delta tables, like jobs.segment.
 
     input_url: where the tables say the inputs live (default: file:// URL of root/in).
     """
@@ -45,24 +45,23 @@ def fake_output(root, input_url: str | None = None) -> dict[str, np.ndarray]:
     for shard in sorted(set(shards.values())):
         masks = [{"image_id": name, "uri": uri(name), "rank": rank, "score": score,
                   "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (y1 - y0) * (x1 - x0),
-                  "rle": rect_rle(y0, y1, x0, x1), "height": H, "width": W, "scale": 600}
+                  "rle": rect_rle(y0, y1, x0, x1), "height": H, "width": W, "scale": 600,
+                  "shard_id": shard, "run_id": "r1"}
                  for name, rank, score, (y0, y1, x0, x1) in props if shards[name] == shard]
         images = [{"image_id": name, "uri": uri(name), "width": None if bad else W, "height": None if bad else H,
                    "status": "error" if bad else "ok",
                    "error": "image bad.jpg: not an image file; recorded as error row" if bad else None,
                    "num_proposals": sum(p[0] == name for p in props),
-                   "read_ms": 1.0, "decode_ms": 1.0, "infer_ms": 1.0, "postprocess_ms": 1.0}
+                   "read_ms": 1.0, "decode_ms": 1.0, "infer_ms": 1.0, "postprocess_ms": 1.0,
+                   "etag": None, "size": None, "shard_id": shard, "run_id": "r1"}
                   for name in sorted(n for n, s in shards.items() if s == shard) for bad in [name == "bad.jpg"]]
         for table, rows, schema in (("masks", masks, MASKS_SCHEMA), ("images", images, IMAGES_SCHEMA)):
+            data = pa.Table.from_pylist(rows, schema=schema)
             folder = root / "out" / table
-            folder.mkdir(parents=True, exist_ok=True)
-            pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / f"part-{shard}.parquet",
-                           compression="zstd")
-        if shard != UNCOMMITTED:  # the marker commits a shard; the last one's stays missing (a crash)
-            (root / "out" / "_commits").mkdir(exist_ok=True)
-            (root / "out" / "_commits" / f"{shard}.json").write_text(json.dumps(
-                {"shard_id": shard, "files": [f"masks/part-{shard}.parquet", f"images/part-{shard}.parquet"]}))
-    (root / "out" / "_job.json").write_text("{}")
+            if shard == UNCOMMITTED:  # a data file in the table folder that no commit added (a crash)
+                pq.write_table(data, folder / f"part-{shard}-r2-0.parquet", compression="zstd")
+            else:
+                write_deltalake(str(folder), data, mode="append")
     return pixels
 
 
@@ -92,7 +91,7 @@ def test_show_unknown_and_error_images_are_one_line(tmp_path, capsys):
     assert main(["--output", str(tmp_path / "out"), "--image", "bad.jpg", "--out", out]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not segmented" in err[0] and "not an image file" in err[0]
-    # late.png's files exist but its shard has no commit marker: readers do not see it
+    # late.png's data files exist but no commit added them: readers do not see it
     assert main(["--output", str(tmp_path / "out"), "--image", "late.png", "--out", out]) == 2
     assert "'late.png' is not in" in capsys.readouterr().err
     assert main(["--output", str(tmp_path / "missing"), "--image", "two.png", "--out", out]) == 2

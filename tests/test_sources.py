@@ -13,7 +13,6 @@ from ifcn import InferenceConfig
 from pipeline.config import SegmentConfig, SegmentError
 from ifcn.image import MAX_PIXELS, MIN_SIDE
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, REDUCED_SCHEMA, reduced_to_tables
-from pipeline.sink import OutputStore
 from pipeline.sources import (InputItem, Listing, image_from_row, list_inputs, listing_digest, make_shards,
                               read_images)
 from segment_helpers import write_images
@@ -52,7 +51,9 @@ def test_prefix_listing_is_the_same_when_gathered_in_small_chunks(tree: Path, mo
 
 
 def test_single_image_input(tree: Path) -> None:
-    assert list(list_inputs(str(tree / "b.jpg"))) == [InputItem("b.jpg", (tree / "b.jpg").as_uri())]
+    st = (tree / "b.jpg").stat()
+    assert list(list_inputs(str(tree / "b.jpg"))) == [InputItem("b.jpg", (tree / "b.jpg").as_uri(),
+                                                                f"mtime:{int(st.st_mtime * 1e9)}", st.st_size)]
 
 
 def test_manifests_txt_and_parquet(tree: Path, tmp_path: Path) -> None:
@@ -183,54 +184,31 @@ def test_reduced_rows_explode_into_sorted_tables() -> None:
     assert empty_images.num_rows == 1 and empty_masks.num_rows == 0 and empty_masks.schema == MASKS_SCHEMA
 
 
-def test_commit_refuses_a_shard_with_missing_images(tmp_path: Path) -> None:
-    shard = make_shards([InputItem("a", "file:///a"), InputItem("b", "file:///b")], 2)[0]
-    store = OutputStore(str(tmp_path / "out"))
-    with pytest.raises(RuntimeError, match="not committing"):
-        store.commit(shard, _reduced([{"image_id": "a", "proposals": []}]))
-    assert store.committed() == {}
-    marker = store.commit(shard, _reduced([{"image_id": "a", "proposals": [_prop(0, 0.5)]},
-                                           {"image_id": "b", "proposals": []}]))
-    assert (marker["num_images"], marker["num_proposals"], marker["digest"]) == (2, 1, shard.digest)
-    assert store.committed() == {"000000": marker}
-    # a part file of a shard without a marker is removed before a re-run; committed ones stay
-    (tmp_path / "out" / "masks" / "part-000009.parquet").write_bytes(b"x")
-    assert store.remove_uncommitted({"000000"}) == 1
-    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["part-000000.parquet"]
+def test_publish_refuses_a_shard_with_missing_images(tmp_path: Path) -> None:
+    from pipeline.sink import Fragment, StageWriter, publish_shard
 
-
-def test_collector_commits_each_shard_once_despite_duplicates(tmp_path: Path) -> None:
-    """Fragments arrive out of order, one image twice (a retried task) and after its shard committed;
-    workers stage the rows, the driver sees only paths and image ids."""
-    from pipeline.run import InlinePublisher, ShardCollector
-    from pipeline.sink import FRAGMENT_SCHEMA, StageWriter
-
-    items = [InputItem(i, f"file:///{i}") for i in "abcde"]
-    shards = make_shards(items, 2)  # ab, cd, e
+    listing = Listing.build(["a", "b"], ["file:///a", "file:///b"], etags=["e1", "e2"], sizes=[10, 20])
+    shard = listing.shard(listing.spans(2)[0])
     out = str(tmp_path / "out")
-    store = OutputStore(out)
-    logs: list[str] = []
-    listing = Listing.build([it.image_id for s in shards for it in s.items], [it.uri for s in shards for it in s.items])
-    collector = ShardCollector(listing.spans(2), listing, InlinePublisher(out, None), logs.append)
-    stage = StageWriter(out, None, run_id="r1")
+    meta = StageWriter(out, None, "r1")(_reduced([{"image_id": "a", "proposals": []}])).to_pylist()[0]
+    with pytest.raises(RuntimeError, match="not publishing"):
+        publish_shard(out, None, shard, [Fragment(meta["path"], ("a",))], "r1")
+    assert not (tmp_path / "out" / "masks").exists()
+    meta = StageWriter(out, None, "r1")(_reduced([{"image_id": "a", "proposals": [_prop(0, 0.5)]},
+                                                  {"image_id": "b", "proposals": []}])).to_pylist()[0]
+    result = publish_shard(out, None, shard, [Fragment(meta["path"], ("a", "b"))], "r1")
+    assert (result["num_images"], result["num_ok"], result["num_proposals"]) == (2, 2, 1)
+    images = pq.read_table(tmp_path / "out" / "images" / result["images"]["path"])
+    assert result["images"]["path"].startswith("part-000000-r1-")
+    assert images.column("etag").to_pylist() == ["e1", "e2"] and images.column("size").to_pylist() == [10, 20]
+    assert set(images.column("run_id").to_pylist()) == {"r1"}
+    stats = json.loads(result["masks"]["stats"])
+    assert stats["numRecords"] == 1 and stats["minValues"]["image_id"] == stats["maxValues"]["image_id"] == "a"
+    assert result["masks"]["size"] == (tmp_path / "out" / "masks" / result["masks"]["path"]).stat().st_size
 
-    def fragments(*pairs: tuple[str, str], score: float = 0.5) -> pa.Table:
-        meta = stage(_reduced([{"image_id": i, "shard_id": s, "proposals": [_prop(0, score)]} for i, s in pairs]))
-        assert meta.schema == FRAGMENT_SCHEMA and "proposals" not in meta.column_names
-        return meta
 
-    collector.add(fragments(("c", "000001"), ("a", "000000")))
-    assert collector.done == set() and collector.missing() == ["000000", "000001", "000002"]
-    collector.add(fragments(("a", "000000"), ("e", "000002"), ("b", "000000"), score=0.25))  # "a" again
-    assert collector.done == {"000000", "000002"}
-    collector.add(fragments(("a", "000000"), ("d", "000001"), score=0.125))  # late duplicate of a committed shard
-    assert collector.missing() == [] and len(logs) == 3
-    assert {sid: m["num_images"] for sid, m in store.committed().items()} == {"000000": 2, "000001": 2, "000002": 1}
-    masks = pq.read_table(tmp_path / "out" / "masks" / "part-000000.parquet")
-    # each image once, from the first fragment that held it
-    assert [(r["image_id"], r["score"]) for r in masks.to_pylist()] == [("a", 0.5), ("b", 0.25)]
-    assert pq.read_table(tmp_path / "out" / "images" / "part-000001.parquet").column("image_id").to_pylist() == \
-        ["c", "d"]
-    # published fragments are deleted; the unused duplicates wait for the run's end (remove_tmp)
-    left = sorted(p.parent.name for p in (tmp_path / "out" / "_tmp").rglob("*.parquet"))
-    assert left == ["000000"]
+def test_local_listing_records_each_objects_version(tree: Path) -> None:
+    listing = list_inputs(str(tree))
+    for item in listing:
+        st = (tree / item.image_id).stat()
+        assert (item.etag, item.size) == (f"mtime:{int(st.st_mtime * 1e9)}", st.st_size)

@@ -1,0 +1,232 @@
+"""Planning a run: which images it processes, decided from the input listing and the images table.
+
+    pending = listing - images rows with status ok/error for the same object version (etag, size)
+
+so a re-run over a bucket that grew processes only the new keys; a key whose object changed is
+re-processed and its old rows replaced; images committed as 'retry' rows are redone; keys that
+vanished from the bucket keep their rows unless --prune deletes them. A run first snapshots its listing into
+`_runs/<run_id>/listing.parquet`; a run that was interrupted before it went through its listing
+is continued by the next one from that snapshot, whatever the bucket did meanwhile.
+
+Settings that define the results (checkpoint digest, inference settings, decode limits) are the
+masks table's description; a run with different ones is refused with one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ifcn import checkpoint_digest, load_checkpoint
+from ifcn.image import one_line
+from ifcn.io import put_atomic
+
+from .config import SegmentConfig, SegmentError
+from .errors import RETRY
+from .lease import Lease
+from .schema import FORMAT, IMAGES_SCHEMA
+from .sink import OutputStore, parquet_bytes
+from .sources import Listing, Span, list_inputs
+from .table import STATE_COLUMNS, OutputTables
+
+RUNS_DIR = "_runs"
+FINAL = ("ok", "error")
+OLD_LAYOUT_FILE = "_job.json"  # the fingerprint every output of the marker layout (format /1) has  # statuses a re-run does not redo (unless the object changed)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, decided before any work starts."""
+
+    run_id: str
+    listing: Listing  # the whole input listing of this run (its snapshot)
+    listing_path: str  # where the snapshot lives, relative to the output
+    resumes: str | None  # the interrupted run whose snapshot this run continues
+    skipped: dict[str, int]  # prefix keys that are not images, by extension
+    pending: Listing  # images to process, in listing order
+    shards: list[Span]  # spans of `pending`
+    counts: dict[str, int]  # done, new, changed, to_retry, vanished
+    changed: list[str]  # image ids re-processed because their object changed (rows replaced)
+    retry: list[str]  # image ids of 'retry' rows (redone)
+    vanished: list[str]  # image ids with rows whose key is no longer listed (kept unless --prune)
+    store: OutputStore
+    tables: OutputTables
+    settings: dict[str, Any]  # what defines the results (stored with the tables)
+    checkpoint_sha256: str
+    model_config: dict[str, Any]
+    overwrite: bool = False  # the output's rows (other settings) are replaced by this run's
+
+
+def result_fingerprint(config: SegmentConfig, sha: str) -> dict[str, Any]:
+    """The settings an output's rows were made with, as they read back (tuples become lists)."""
+    return json.loads(json.dumps({"format": FORMAT, "checkpoint_sha256": sha, "settings": config.result_settings()}))
+
+
+def make_plan(config: SegmentConfig, run_id: str = "dry-run") -> Plan:
+    """Checkpoint, input listing (or an interrupted run's snapshot), output state: read only
+    (what --dry-run prints). Raises SegmentError (one line)."""
+    so = config.storage_options
+    try:
+        sha = checkpoint_digest(config.checkpoint, so)
+        model_config = load_checkpoint(config.checkpoint, so).config.to_dict()
+    except Exception as e:
+        raise SegmentError(f"--checkpoint {config.checkpoint}: cannot load it ({type(e).__name__}: {one_line(e)}); "
+                           f"pass a file written by ifcn.save_checkpoint or jobs.train") from None
+    settings = result_fingerprint(config, sha)
+    try:
+        store = OutputStore(config.output, so)
+        tables = OutputTables(config.output, so)
+        previous = tables.settings()
+        last = tables.last_run()
+        old_layout = previous is None and store.fs.exists(store.path(OLD_LAYOUT_FILE))
+    except Exception as e:
+        raise SegmentError(f"--output {config.output}: cannot read it ({type(e).__name__}: {one_line(e)}); "
+                           f"check the URL, credentials and --storage-options; an output of the previous "
+                           f"(non-Delta) layout cannot be read: use a new --output") from None
+    if old_layout:
+        raise SegmentError(f"--output {config.output} holds results of the previous (non-Delta) layout "
+                           f"({OLD_LAYOUT_FILE}); use a new --output, or delete it to start over")
+    overwrite = False
+    if previous is not None:
+        diffs = job_differences(previous, settings)
+        if diffs and not config.overwrite:
+            raise SegmentError(f"--output {config.output} holds results of different settings ({'; '.join(diffs)}); "
+                               f"use a new --output, or --overwrite to replace them (the old rows stay readable "
+                               f"by table version)")
+        overwrite = bool(diffs)
+    skipped: dict[str, int] = {}
+    listing, resumes, listing_path = None, None, f"{RUNS_DIR}/{run_id}/listing.parquet"
+    if last is not None and not last.get("finished_listing") and last.get("listing") \
+            and last.get("input") == config.input and not overwrite:
+        try:
+            listing = Listing.from_table(pq.read_table(io.BytesIO(store.fs.cat_file(store.path(last["listing"])))))
+            resumes, listing_path = last["run_id"], last["listing"]
+        except FileNotFoundError:
+            listing = None
+    if listing is None:
+        listing = list_inputs(config.input, so, skipped)
+    return _classified(Plan(run_id, listing, listing_path, resumes, dict(sorted(skipped.items())), listing, [], {},
+                            [], [], [], store, tables, settings, sha, model_config, overwrite), config)
+
+
+def _classified(plan: Plan, config: SegmentConfig) -> Plan:
+    """`plan` with pending images, shards and counts from the images table as it is now."""
+    listing = plan.listing
+    # overwriting: the rows there now are to be replaced, so every listed image is new
+    state = IMAGES_SCHEMA.empty_table().select(STATE_COLUMNS) if plan.overwrite else plan.tables.images_state()
+    state = state.rename_columns(["image_id", "done_status", "done_etag", "done_size"])
+    table = listing.to_table().append_column("i", pa.array(np.arange(len(listing)), pa.int64()))
+    j = table.join(state, "image_id", join_type="left outer")
+    status = j.column("done_status")
+    same = pc.and_(pc.equal(pc.fill_null(j.column("etag"), ""), pc.fill_null(j.column("done_etag"), "")),
+                   pc.equal(pc.fill_null(j.column("size"), -1), pc.fill_null(j.column("done_size"), -1)))
+    new = pc.is_null(status)
+    retry = pc.fill_null(pc.equal(status, RETRY), False)
+    final = pc.fill_null(pc.is_in(status, pa.array(FINAL)), False)
+    changed = pc.and_(final, pc.invert(same))
+    todo = pc.or_(pc.or_(new, retry), changed)
+    pending = listing.take(pa.array(np.sort(j.column("i").filter(todo).to_numpy()), pa.int64()))
+    ids = lambda mask: j.column("image_id").filter(mask).to_pylist()  # noqa: E731
+    vanished = state.column("image_id").filter(pc.invert(pc.is_in(state.column("image_id"), listing.image_ids)))
+    counts = {"listed": len(listing), "done": int(pc.sum(pc.and_(final, same)).as_py() or 0),
+              "new": int(pc.sum(new).as_py() or 0), "changed": int(pc.sum(changed).as_py() or 0),
+              "to_retry": int(pc.sum(retry).as_py() or 0), "vanished": len(vanished)}
+    return dataclasses.replace(plan, pending=pending, shards=pending.spans(config.shard_size), counts=counts,
+                               changed=ids(changed), retry=ids(retry), vanished=vanished.to_pylist())
+
+
+def prepare(config: SegmentConfig, lease: Lease | None = None, run_id: str | None = None,
+            record: Callable[[Plan], dict[str, Any]] | None = None, log: Callable[[str], None] = lambda _: None) -> Plan:
+    """Preflight (`make_plan`), then claims the output: takes `lease` (if given), rolls forward a
+    group a killed run left between its two commits, re-reads the images table, snapshots the
+    listing, and removes the old rows of images it will re-process. `record(plan)` is the run's
+    record for the commits this makes."""
+    plan = make_plan(config, run_id or new_run_id())
+    record = record or (lambda p: {"run_id": p.run_id, "started_at": now_utc(), "exit": "running"})
+    if lease is not None:
+        lease.acquire()
+        plan.tables.refresh()
+    try:
+        if plan.overwrite:
+            plan.tables.overwrite(record(plan), plan.settings)
+            log("replaced the output's rows (other settings) with an empty table version; the old rows stay "
+                "readable by version")
+        rolled = plan.tables.roll_forward(record(plan), plan.settings)
+        if rolled:
+            log(f"rolled forward {rolled} shard(s) whose images commit a killed run did not make")
+        plan = _classified(plan, config)  # another run may have committed before we held the lease
+        if plan.resumes is None:
+            put_atomic(plan.store.fs, plan.store.path(plan.listing_path), parquet_bytes(plan.listing.to_table(), None))
+        replaced = plan.changed + (plan.vanished if config.prune else [])
+        if replaced or plan.retry:
+            plan.tables.delete_images(replaced, ("images", "masks"), record(plan))
+            plan.tables.delete_images(plan.retry, ("images",), record(plan))
+        if config.prune and plan.vanished:
+            log(f"pruned the rows of {len(plan.vanished)} image(s) no longer listed")
+        plan.store.remove_tmp()  # fragments of a killed run
+    except SegmentError:
+        raise
+    except Exception as e:
+        raise SegmentError(f"--output {config.output}: cannot write to it ({type(e).__name__}: {one_line(e)}); "
+                           f"check permissions, credentials and --storage-options") from None
+    return plan
+
+
+def describe_plan(plan: Plan, config: SegmentConfig) -> str:
+    """What --dry-run prints: the plan in a few lines; nothing has been written or started."""
+    c = plan.counts
+    source = f"continuing run {plan.resumes}'s listing snapshot" if plan.resumes else f"input {config.input}"
+    lines = [f"{source}: {len(plan.listing)} images" + skipped_note(plan.skipped),
+             f"output {config.output}: {c['done']} done, {c['new']} new, {c['changed']} changed, "
+             f"{c['vanished']} vanished{' (pruned)' if config.prune else ''}, {c['to_retry']} to retry; {len(plan.shards)} shards of {config.shard_size} "
+             f"to run ({len(plan.pending)} images)",
+             f"checkpoint {config.checkpoint}: sha256 {plan.checkpoint_sha256[:12]}..., "
+             f"backbone {plan.model_config.get('backbone')}",
+             f"inference: {json.dumps(config.inference.to_dict(), sort_keys=True)}",
+             *(["--overwrite: the output's rows (other settings) would be replaced in a new table version"]
+               if plan.overwrite else []),
+             "dry run: nothing written, no workers started"]
+    return "\n".join(lines)
+
+
+def skipped_note(skipped: dict[str, int]) -> str:
+    if not skipped:
+        return ""
+    parts = ", ".join(f"{n} {ext or '(no extension)'}" for ext, n in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    return f"; skipped keys that are not images: {parts}"
+
+
+def job_differences(previous: dict[str, Any], job: dict[str, Any]) -> list[str]:
+    """Human-readable differences between an output's settings and this run's."""
+    diffs = []
+    if previous.get("format") != job["format"]:
+        diffs.append(f"format: {previous.get('format')} before, {job['format']} now")
+    if previous.get("checkpoint_sha256") != job["checkpoint_sha256"]:
+        diffs.append("checkpoint differs (sha256)")
+    old, new = previous.get("settings", {}), job["settings"]
+    for key in sorted(set(old) | set(new)):
+        if key == "inference":
+            a, b = old.get(key, {}), new.get(key, {})
+            diffs += [f"{k}: {a.get(k)} before, {b.get(k)} now"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif old.get(key) != new.get(key):
+            diffs.append(f"{key}: {old.get(key)} before, {new.get(key)} now")
+    return diffs
+
+
+def new_run_id() -> str:
+    """Sorts by start time; unique across machines."""
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
