@@ -49,7 +49,7 @@ def classify(e: BaseException) -> tuple[bool, str]:
     InvalidObjectState, OSError for 400s), whose cause is the ClientError."""
     if isinstance(e, ImageError):
         return False, e.reason
-    code, message = _s3_error(e)
+    code, message = s3_error(e)
     if code in _ARCHIVED:
         return False, (f"the object is archived (S3 InvalidObjectState: {message}); restore it from "
                        f"Glacier / Deep Archive, or exclude it from the input")
@@ -81,7 +81,7 @@ def is_transient(e: BaseException) -> bool:
     return classify(e)[0]
 
 
-def _s3_error(e: BaseException | None) -> tuple[str | None, str]:
+def s3_error(e: BaseException | None) -> tuple[str | None, str]:
     """(S3 error code, message) of a botocore ClientError that is `e` or its explicit cause
     (s3fs raises from it); (None, "") if none. A HEAD request's error has no body: its code is the
     HTTP status ("403")."""

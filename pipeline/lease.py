@@ -31,6 +31,7 @@ from ifcn.image import one_line
 from ifcn.io import filesystem
 
 from .config import SegmentError
+from .errors import s3_error
 
 LEASE_FILE = "_lease.json"
 LOCK_FILE = ".lease.lock"  # local outputs only: the flock that makes compare-and-swap atomic there
@@ -370,45 +371,41 @@ class _S3Slot:
         return self._put(body, IfMatch=version)
 
     def delete(self, version: str) -> bool:
-        try:
-            self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key, IfMatch=version)
-        except FileNotFoundError:  # If-Match on a deleted object: 404
-            return False
-        except Exception as e:
-            if _condition_failed(e):
-                return False
-            raise
-        return True
+        return _conditional(lambda: self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.key,
+                                                    IfMatch=version)) is not None
 
     def _put(self, body: bytes, **condition: str) -> str | None:
-        try:
-            return self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, **condition)["ETag"]
-        except FileNotFoundError:
-            if "IfMatch" in condition:  # If-Match on a deleted object: 404 NoSuchKey
-                return None
-            raise  # no such bucket
-        except Exception as e:
-            if _condition_failed(e):
-                return None
-            raise
+        out = _conditional(lambda: self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body,
+                                                   **condition), gone_fails="IfMatch" in condition)
+        return None if out is None else out["ETag"]
+
+
+def _conditional(call: Callable[[], Any], gone_fails: bool = True) -> Any:
+    """call()'s answer, or None when the store refused it because its condition did not hold. For
+    a replace or delete conditional on a version, a 404 (the object is gone) is such a refusal; for
+    a create it means no such bucket and propagates."""
+    try:
+        return call()
+    except FileNotFoundError:
+        if gone_fails:
+            return None
+        raise
+    except Exception as e:
+        if _condition_failed(e):
+            return None
+        raise
 
 
 def _condition_failed(e: BaseException) -> bool:
-    """A store's "your condition did not hold": S3 412 PreconditionFailed / 409
-    ConditionalRequestConflict (s3fs raises FileExistsError or OSError with the ClientError as
-    cause), GCS 412."""
+    """A store's "your condition did not hold": S3 412 PreconditionFailed or 409
+    ConditionalRequestConflict (s3fs raises FileExistsError or OSError, caused by the
+    ClientError), GCS 412 (gcsfs's HttpError)."""
     if isinstance(e, FileExistsError):
         return True
-    while e is not None:
-        response = getattr(e, "response", None)
-        if isinstance(response, dict):
-            code = response.get("Error", {}).get("Code")
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
-        if getattr(e, "code", None) == 412:
-            return True
-        e = e.__cause__
-    return False
+    code, _ = s3_error(e)
+    if code is not None:
+        return code in ("PreconditionFailed", "ConditionalRequestConflict", "409", "412")
+    return getattr(e, "code", None) == 412
 
 
 class _GcsSlot:
@@ -434,27 +431,13 @@ class _GcsSlot:
         return self._upload(body, version)
 
     def delete(self, version: str) -> bool:
-        try:
-            self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=version)
-        except FileNotFoundError:
-            return False
-        except Exception as e:
-            if _condition_failed(e):
-                return False
-            raise
-        return True
+        return _conditional(lambda: self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key,
+                                                 ifGenerationMatch=version)) is not None
 
     def _upload(self, body: bytes, generation: str) -> str | None:
         url = f"{self.fs._location}/upload/storage/v1/b/{self.bucket}/o"
-        try:
-            out = self.fs.call("POST", url, uploadType="media", name=self.key, ifGenerationMatch=generation,
-                               data=body, headers={"Content-Type": "application/json"}, json_out=True)
-        except FileNotFoundError:
-            if generation != "0":
-                return None
-            raise
-        except Exception as e:
-            if _condition_failed(e):
-                return None
-            raise
-        return str(out["generation"])
+        out = _conditional(lambda: self.fs.call("POST", url, uploadType="media", name=self.key,
+                                                ifGenerationMatch=generation, data=body, json_out=True,
+                                                headers={"Content-Type": "application/json"}),
+                           gone_fails=generation != "0")
+        return None if out is None else str(out["generation"])

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from fixtures_infra import REPO, TcpProxy, _kill_tree
-from ifcn.io import open_url
+from ifcn.io import filesystem
 from pipeline.config import SegmentError
 from pipeline.lease import LEASE_FILE, STALE_S, Lease, LeaseLostError
 
@@ -100,9 +100,10 @@ def _holder(url: str, ttl_s: float = STALE_S, heartbeat_s: float = 10.0, options
 
 
 def _stored(url: str) -> dict | None:
+    """The lease as stored (one GET: an open() would HEAD first and fail when a heartbeat lands between)."""
+    fs, path = filesystem(f"{url}/{LEASE_FILE}")
     try:
-        with open_url(f"{url}/{LEASE_FILE}") as f:
-            return json.loads(f.read())
+        return json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return None
 
@@ -260,10 +261,10 @@ class _SlowSocket:
 
 
 def test_a_slow_put_cannot_let_a_second_run_in(s3_server, s3_bucket: str) -> None:
-    """(c) Run B's create takes ~1.5 s to reach the store; run A takes the lease meanwhile. The old
+    """(c) Run B's create takes over 1 s to reach the store; run A takes the lease meanwhile. The old
     write / wait 1 s / read back let both in (B's late PUT overwrote A after A's read-back). With
     If-None-Match B's PUT is refused by the store, however late it lands."""
-    proxy = _SlowProxy(s3_server.endpoint.removeprefix("http://"), delay_s=1.5)
+    proxy = _SlowProxy(s3_server.endpoint.removeprefix("http://"), delay_s=1.2)
     slow = {"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True}
     out = f"{s3_bucket}/out"
     a, b = Lease(out), Lease(out, slow)
@@ -292,7 +293,7 @@ def _race(base: str, options: dict | None, rounds: int) -> None:
     racers = [_spawn(RACER, base, json.dumps(options)) for _ in range(2)]
     try:
         for rnd in range(rounds):
-            start = time.time() + 0.3
+            start = time.time() + 0.15
             for r in racers:
                 r.stdin.write(f"{rnd} {start}\n")
                 r.stdin.flush()
@@ -307,11 +308,11 @@ def _race(base: str, options: dict | None, rounds: int) -> None:
 
 
 def test_two_processes_racing_exactly_one_wins_local(tmp_path: Path) -> None:
-    _race(str(tmp_path / "out"), None, rounds=30)
+    _race(str(tmp_path / "out"), None, rounds=20)
 
 
 def test_two_processes_racing_exactly_one_wins_s3(s3_server, s3_bucket: str) -> None:
-    _race(f"{s3_bucket}/out", None, rounds=15)
+    _race(f"{s3_bucket}/out", None, rounds=12)
 
 
 def test_release_never_deletes_a_foreign_lease(output: str) -> None:
