@@ -136,7 +136,7 @@ def test_second_run_is_refused_while_the_first_holds_it(output: str) -> None:
     """Acquire is a create-if-absent and one read: the second run is refused at once, before it
     lists anything; the first run's lease is untouched and released on leaving the block."""
     with Lease(output) as first:
-        with pytest.raises(SegmentError, match=r"in use by another run \(host .*, pid \d+, heartbeat 0 s ago\)"):
+        with pytest.raises(SegmentError, match=r"in use by another run \(host .*, pid \d+, heartbeat \d+ s ago\)"):
             Lease(output).acquire()
         assert _stored(output)["token"] == first.token
         first.check()
@@ -238,20 +238,23 @@ class _SlowProxy(TcpProxy):
 
     def __init__(self, upstream: str, delay_s: float) -> None:
         self.delay_s = delay_s
+        self.put_sent = threading.Event()  # a PUT reached the proxy (it reaches the server later)
         super().__init__(upstream)
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         if dst.getpeername()[1] == self.upstream[1]:
-            src = _SlowSocket(src, self.delay_s)
+            src = _SlowSocket(src, self.delay_s, self.put_sent)
         super()._pump(src, dst)
 
 
 class _SlowSocket:
-    def __init__(self, sock: socket.socket, delay_s: float) -> None:
-        self.sock, self.delay_s = sock, delay_s
+    def __init__(self, sock: socket.socket, delay_s: float, put_sent: threading.Event | None = None) -> None:
+        self.sock, self.delay_s, self.put_sent = sock, delay_s, put_sent
 
     def recv(self, n: int) -> bytes:
         data = self.sock.recv(n)
+        if data.startswith(b"PUT ") and self.put_sent is not None:
+            self.put_sent.set()
         if data:
             time.sleep(self.delay_s)
         return data
@@ -278,15 +281,65 @@ def test_a_slow_put_cannot_let_a_second_run_in(s3_server, s3_bucket: str) -> Non
 
     worker = threading.Thread(target=take_b)
     worker.start()
-    time.sleep(0.5)  # B's PUT is on its way
+    assert proxy.put_sent.wait(timeout=60)  # B's create is on its way (headers, then body, each 1.2 s late)
     a.acquire()
     worker.join(timeout=60)
     assert len(refused) == 1 and "in use by another run" in str(refused[0])
     assert _stored(out)["token"] == a.token
     a.check()
     a.release()
-    with Lease(out, slow) as alone:  # a slow PUT alone takes the lease; no settle time to outlast
-        assert _stored(out)["token"] == alone.token
+
+
+class _LossyProxy(TcpProxy):
+    """A TcpProxy that swallows the server's answer to the first PUT and cuts that connection: the
+    PUT took effect, the client never heard (it retries, as botocore does after a dropped connection)."""
+
+    def __init__(self, upstream: str) -> None:
+        self.put_on: int | None = None  # id of the client socket whose PUT's answer gets lost
+        self.dropped = 0
+        super().__init__(upstream)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        to_server = dst.getpeername()[1] == self.upstream[1]
+        super()._pump(_Sniffer(src, self, id(src)) if to_server else _Sniffer(src, self, id(dst), deaf=True), dst)
+
+
+class _Sniffer:
+    def __init__(self, sock: socket.socket, proxy: _LossyProxy, client: int, deaf: bool = False) -> None:
+        self.sock, self.proxy, self.client, self.deaf = sock, proxy, client, deaf
+
+    def recv(self, n: int) -> bytes:
+        data = self.sock.recv(n)
+        if not self.deaf and data.startswith(b"PUT ") and self.proxy.put_on is None:
+            self.proxy.put_on = self.client
+        elif (self.deaf and data and self.proxy.put_on == self.client and not self.proxy.dropped
+              and not data.startswith(b"HTTP/1.1 100 ")):  # past "100 Continue": the body went in
+            self.proxy.dropped += 1
+            return b""  # as if the connection dropped before the answer came
+        return data
+
+    def shutdown(self, how: int) -> None:
+        self.sock.shutdown(how)
+
+
+def test_a_create_whose_answer_was_lost_is_still_ours(s3_server, s3_bucket: str) -> None:
+    """The create PUT lands but its answer is lost; the client's retry meets If-None-Match (412):
+    the lease found is our own (same token), so the run holds it instead of refusing itself."""
+    proxy = _LossyProxy(s3_server.endpoint.removeprefix("http://"))
+    out = f"{s3_bucket}/out"
+    lease = Lease(out, {"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True})
+    lease.acquire()
+    assert proxy.dropped == 1 and lease.took_over is None
+    assert _stored(out)["token"] == lease.token
+    lease.check()
+    lease.release()
+    assert _stored(out) is None
+
+
+def test_an_unreachable_store_is_one_line(s3_server) -> None:
+    with pytest.raises(SegmentError) as e:
+        Lease("s3://no-such-bucket-for-the-lease/out").acquire()
+    assert "cannot take the lease _lease.json (FileNotFoundError:" in str(e.value) and "\n" not in str(e.value)
 
 
 def _race(base: str, options: dict | None, rounds: int) -> None:
