@@ -291,11 +291,12 @@ def test_a_slow_put_cannot_let_a_second_run_in(s3_server, s3_bucket: str) -> Non
 
 
 class _LossyProxy(TcpProxy):
-    """A TcpProxy that swallows the server's answer to the first PUT and cuts that connection: the
+    """A TcpProxy that swallows the server's answer to the nth PUT and cuts that connection: the
     PUT took effect, the client never heard (it retries, as botocore does after a dropped connection)."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, nth_put: int = 1) -> None:
         self.put_on: int | None = None  # id of the client socket whose PUT's answer gets lost
+        self.puts_left = nth_put
         self.dropped = 0
         super().__init__(upstream)
 
@@ -311,7 +312,9 @@ class _Sniffer:
     def recv(self, n: int) -> bytes:
         data = self.sock.recv(n)
         if not self.deaf and data.startswith(b"PUT ") and self.proxy.put_on is None:
-            self.proxy.put_on = self.client
+            self.proxy.puts_left -= 1
+            if not self.proxy.puts_left:
+                self.proxy.put_on = self.client
         elif (self.deaf and data and self.proxy.put_on == self.client and not self.proxy.dropped
               and not data.startswith(b"HTTP/1.1 100 ")):  # past "100 Continue": the body went in
             self.proxy.dropped += 1
@@ -331,6 +334,25 @@ def test_a_create_whose_answer_was_lost_is_still_ours(s3_server, s3_bucket: str)
     lease.acquire()
     assert proxy.dropped == 1 and lease.took_over is None
     assert _stored(out)["token"] == lease.token
+    lease.check()
+    lease.release()
+    assert _stored(out) is None
+
+
+def test_a_renewal_whose_answer_was_lost_keeps_the_lease(s3_server, s3_bucket: str) -> None:
+    """The first heartbeat lands but its answer is lost; the retry (If-Match on the old ETag) gets
+    412 because the stored lease is our own newer write: the run adopts it and keeps renewing."""
+    proxy = _LossyProxy(s3_server.endpoint.removeprefix("http://"), nth_put=2)
+    out = f"{s3_bucket}/out"
+    lease = Lease(out, {"client_kwargs": {"endpoint_url": proxy.url}, "skip_instance_cache": True},
+                  ttl_s=1.0, heartbeat_s=0.2)
+    lease.acquire()
+    deadline = time.monotonic() + 30
+    while not proxy.dropped and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first = _stored(out)["heartbeat"]
+    time.sleep(1.5)  # past the TTL: only renewals that kept landing keep it
+    assert proxy.dropped == 1 and _stored(out)["heartbeat"] > first
     lease.check()
     lease.release()
     assert _stored(out) is None
