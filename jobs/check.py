@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             print("run again with --repair to remove those shards' rows (the next run then re-processes them)")
             return 1
         for r in repair_output(args.output, damaged, args.storage_options):
-            print(f"removed {len(r.paths)} files from {r.table} (version {r.version}): {', '.join(r.paths)}")
+            print(f"removed {len(r.paths)} file{'s' * (len(r.paths) != 1)} from {r.table} (version {r.version}): "
+                  f"{', '.join(r.paths)}")
         print(f"repaired: the next run re-processes shards {', '.join(shards) or '(none)'}; "
               f"older versions still list the removed files")
         return 0

@@ -118,18 +118,19 @@ def inspect_file(fs: pafs.FileSystem, path: str, size: int, rows: int | None,
                  shard_range: tuple[str | None, str | None]) -> str | None:
     """Why the file at `path` does not match its add action, or None when it does.
 
-    Reads one HEAD and the footer (a few ranged GETs), never the data pages.
+    Opening costs one HEAD (the store's size); then the footer's few ranged GETs, never data pages.
     """
-    info = fs.get_file_info([path])[0]
-    if info.type == pafs.FileType.NotFound:
-        return "missing"
-    if info.size != size:
-        return f"size {info.size} != {size} (log)"
     try:
-        with fs.open_input_file(path) as f:
+        f = fs.open_input_file(path)
+    except FileNotFoundError:
+        return "missing"
+    with f:
+        if f.size() != size:
+            return f"size {f.size()} != {size} (log)"
+        try:
             meta = pq.ParquetFile(f).metadata
-    except (OSError, pa.ArrowException) as e:
-        return f"unreadable footer ({str(e).splitlines()[0][:200]})"
+        except (OSError, pa.ArrowException) as e:
+            return f"unreadable footer ({str(e).splitlines()[0][:200]})"
     if rows is not None and meta.num_rows != rows:
         return f"rows {meta.num_rows} != {rows} (log)"
     found = _footer_shard_range(meta)
@@ -147,7 +148,7 @@ def check_table(output: str, table: str, storage_options: dict[str, str] | None 
     dt = _open(uri, storage_options)
     files = active_files(dt)
     # no known_sizes: the size must come from the store, not from the log being checked
-    fs = pafs.PyFileSystem(DeltaStorageHandler.from_table(dt._table, storage_options))
+    fs = pafs.PyFileSystem(DeltaStorageHandler(uri, storage_options))
     cols = files.column_names
     n = files.num_rows
     column = lambda name: files.column(name).to_pylist() if name in cols else [None] * n  # noqa: E731

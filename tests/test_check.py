@@ -253,3 +253,22 @@ def test_s3_damage_found_and_repaired(s3_server, s3_bucket, kind):
     assert r.returncode == 0, r.stderr
     assert f"{table} {path}: {reason}" in r.stdout
     _assert_repaired(out, opts, before, {"00001"})
+
+
+def test_repair_killed_between_its_two_commits_completes_when_run_again(local_out):
+    """A kill after the images commit leaves the damaged masks file active: the next check finds it
+    again and removes the shard's masks files (the images table has nothing left to remove)."""
+    from deltalake.transaction import RemoveAction
+
+    out, paths = local_out
+    _damage("truncate", out, paths, s3=False)  # masks of shard 00001
+    images = DeltaTable(f"{out}/images")
+    name = paths["images"]["00001"]
+    images.create_write_transaction([RemoveAction(name, True, 1_700_000_000_000, os.path.getsize(f"{out}/images/{name}"))],
+                                    mode="append", schema=images.schema())
+    r = _cli(out, "--repair")
+    assert r.returncode == 0, r.stderr
+    assert "removed 2 files from masks" not in r.stdout and "removed 1 file from masks" in r.stdout
+    assert "from images" not in r.stdout
+    for table in ("images", "masks"):
+        assert _read(out, table, None) == _expected(table, {"00001"})
