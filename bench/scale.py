@@ -339,7 +339,12 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
 
         commit_s = build_s = 0.0
         groups, done, last = 0, 0, (0, 0.0)  # last: (shards, commit s) at the previous progress line
-        t_start, load0 = time.perf_counter(), os.getloadavg()[0]
+        # CPU seconds of this process and the S3 server: the commit loop runs one of them at a time,
+        # so on a quiet machine its wall time is about their sum (the load of other jobs moves it less)
+        procs = [psutil.Process(), psutil.Process(server.proc.pid)]
+        cpu = lambda: sum(sum(p.cpu_times()[:2]) for p in procs)  # noqa: E731
+        t_start, load0, cpu0 = time.perf_counter(), os.getloadavg()[0], cpu()
+        cpu_last = cpu0
         for version, lo in enumerate(range(0, shards, group)):
             t0 = time.perf_counter()
             ids = range(lo, min(shards, lo + group))
@@ -350,13 +355,16 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
             t2 = time.perf_counter()
             build_s, commit_s, done, groups = build_s + t1 - t0, commit_s + t2 - t1, done + len(ids), groups + 1
             if done * 20 // shards > (done - len(ids)) * 20 // shards:  # every 5%
+                now = cpu()
                 print(f"  {done:6d}/{shards} shards, table version {tables['masks'].version()}: "
                       f"{done / commit_s:.0f} shards/s so far, {(done - last[0]) / (commit_s - last[1]):.0f} since "
-                      f"the last line ({(t2 - t1) * 1000:.0f} ms for this group's two commits)", flush=True)
-                last = (done, commit_s)
-        wall = time.perf_counter() - t_start
+                      f"the last line ({(done - last[0]) / (now - cpu_last):.0f} per CPU-second; "
+                      f"{(t2 - t1) * 1000:.0f} ms for this group's two commits)", flush=True)
+                last, cpu_last = (done, commit_s), now
+        wall, cpu_s = time.perf_counter() - t_start, cpu() - cpu0
         print(f"committed {shards} shards ({images} images, shard size {shard_size}) in {groups} groups of "
               f"{group}: {commit_s:.1f} s in commits -> {shards / commit_s:.0f} shards/s (target >= 100); "
+              f"{cpu_s:.1f} CPU-s (driver + S3 server) -> {shards / cpu_s:.0f} shards per CPU-second; "
               f"{wall:.1f} s wall incl. {build_s:.1f} s building add actions; load average "
               f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
         child = subprocess.run([sys.executable, "-c", OPEN_CHILD, json.dumps(opts), out, app_id, f"{shards - 1:06d}",
