@@ -187,13 +187,13 @@ def repair_output(output: str, damaged: Iterable[Damage], storage_options: dict[
 
     damaged = list(damaged)
     shards = sorted({d.shard_id for d in damaged if d.shard_id is not None})
+    wanted = set(shards)
     loose = {(d.table, d.path) for d in damaged if d.shard_id is None}
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     out = []
     for table in TABLES:
         dt = _open(table_uri(output, table), storage_options)
         files = active_files(dt)
-        wanted = set(shards)
         parts = [c for c in files.column_names if c.startswith("partition.")]
         actions, paths = [], []
         for i, (path, shard) in enumerate(zip(files.column("path").to_pylist(), file_shards(files))):
