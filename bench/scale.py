@@ -3,6 +3,7 @@
     python bench/scale.py plan --entries 1000000      # --dry-run on a generated 1M-entry manifest
     python bench/scale.py run --images 2000           # the job on N generated images, narrow model
     python bench/scale.py list --keys 50000           # listing an S3 prefix: memory per key
+    python bench/scale.py table --images 10000000 --group 256 --checkpoint-every 100   # Delta commits at scale
     python bench/scale.py plan run                     # plan and run
 
 plan: writes a Parquet manifest of N URIs (no images: --dry-run reads none) and times
@@ -14,6 +15,14 @@ list: puts N empty .jpg keys under s3://<bucket>/images/ on a real S3 endpoint (
       (ListObjectsV2 pages into Arrow arrays); prints each one's peak memory (tracemalloc's peak
       of Python objects plus pyarrow's allocations, after a warm-up listing loaded the S3
       client and its models), per key.
+table: commits the shards of an N-image run (shards of 128: 78k shards at 10M images) to a masks
+      and an images Delta table on a real S3 endpoint (moto's server on loopback), --group shards
+      per commit (masks commit, then images commit, each with an app transaction and the run
+      record), the log checkpointed every --checkpoint-every versions; the add actions carry
+      realistic sizes and stats, and only the first and last shards' files are uploaded (real
+      Parquet whose stats match). Prints shards/s committed, how the rate moves as the log grows,
+      and the time a fresh process takes to open the finished tables (targets: >= 100 shards/s,
+      open < 10 s).
 run:  runs `python -m jobs.segment` on N small generated PNGs with checkpoints/narrow_synth.pt,
       samples the driver process's RSS every 0.5 s, and prints the mean RSS of the first and
       the last quarter of the run and their ratio (target: within 10%, i.e. <= 1.10), plus
@@ -22,12 +31,14 @@ run:  runs `python -m jobs.segment` on N small generated PNGs with checkpoints/n
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -157,12 +168,235 @@ def bench_run(images: int, workdir: Path) -> None:
           f"(target <= 1.10); peak {max(r for _, r in samples) / 2**20:.0f} MiB; {len(samples)} samples")
 
 
+# ---------------------------------------------------------------------------- table: Delta commits at scale
+
+S3_DELTA_OPTIONS = {"AWS_ALLOW_HTTP": "true", "conditional_put": "etag", "AWS_REGION": "us-east-1"}
+MASK_BYTES_PER_ROW = 60  # what the template shard's zstd masks file takes per proposal (measured below)
+STATS_STRING_PREFIX = 32  # delta-rs keeps this many characters of a string's min/max
+
+
+def _table_schemas():
+    """The DELTA_LAYOUT columns: pipeline/schema.py's, plus shard_id and run_id in both tables and the
+    object's version (etag, size) in images."""
+    import pyarrow as pa
+
+    sys.path.insert(0, str(REPO))  # the package, not bench/pipeline.py beside this script
+    from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+
+    extra = [pa.field("shard_id", pa.string()), pa.field("run_id", pa.string())]
+    return (pa.schema([*MASKS_SCHEMA, *extra]),
+            pa.schema([*IMAGES_SCHEMA, *extra, pa.field("etag", pa.string()), pa.field("size", pa.int64())]))
+
+
+def _shard_tables(shard: int, per_shard: int, proposals: int, run_id: str):
+    """(masks, images) rows of one shard as the job writes them (random but well-formed values)."""
+    import pyarrow as pa
+
+    masks_schema, images_schema = _table_schemas()
+    rng = np.random.default_rng(shard)
+    ids = [f"images/{shard:06d}/{i:04d}.jpg" for i in range(per_shard)]
+    uris = [f"s3://bucket/{x}" for x in ids]
+    n = per_shard * proposals
+    alphabet = np.frombuffer(b"0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmno", np.uint8)
+    rle = alphabet[rng.integers(0, len(alphabet), (n, 80))].view("S80").ravel().astype(str)
+    image_of = np.repeat(np.arange(per_shard), proposals)
+    score = np.sort(rng.random((per_shard, proposals)).astype(np.float32), axis=1)[:, ::-1].ravel()
+    masks = pa.table({
+        "image_id": pa.array(ids).take(image_of), "uri": pa.array(uris).take(image_of),
+        "rank": np.tile(np.arange(proposals, dtype=np.int32), per_shard), "score": score,
+        "bbox": pa.FixedSizeListArray.from_arrays(rng.random(4 * n).astype(np.float32) * 400, 4),
+        "area": rng.integers(50, 60000, n), "rle": rle,
+        "height": np.full(n, 480, np.int32), "width": np.full(n, 640, np.int32),
+        "scale": rng.choice(np.array([267, 400, 600], np.int32), n),
+        "shard_id": [f"{shard:06d}"] * n, "run_id": [run_id] * n}, schema=masks_schema)
+    f32 = lambda: rng.random(per_shard).astype(np.float32) * 100  # noqa: E731
+    images = pa.table({
+        "image_id": ids, "uri": uris, "width": np.full(per_shard, 640, np.int32),
+        "height": np.full(per_shard, 480, np.int32), "status": ["ok"] * per_shard, "error": [None] * per_shard,
+        "num_proposals": np.full(per_shard, proposals, np.int32), "read_ms": f32(), "decode_ms": f32(),
+        "infer_ms": f32(), "postprocess_ms": f32(), "shard_id": [f"{shard:06d}"] * per_shard,
+        "run_id": [run_id] * per_shard, "etag": [f'"{i:032x}"' for i in range(per_shard)],
+        "size": rng.integers(50_000, 400_000, per_shard)}, schema=images_schema)
+    return masks, images
+
+
+def _stats(t) -> dict:
+    """Delta stats of a table as delta-rs writes them: numRecords, and per primitive column min, max
+    (strings cut to 32 characters) and nullCount."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lo, hi, nulls = {}, {}, {}
+    for name, col in zip(t.column_names, t.columns):
+        if pa.types.is_nested(col.type):
+            continue
+        nulls[name] = col.null_count
+        mm = pc.min_max(col).as_py()
+        if mm["min"] is not None:
+            cut = (lambda v: v[:STATS_STRING_PREFIX]) if pa.types.is_string(col.type) else (lambda v: v)
+            lo[name], hi[name] = cut(mm["min"]), cut(mm["max"])
+    return {"numRecords": t.num_rows, "minValues": lo, "maxValues": hi, "nullCount": nulls}
+
+
+def _shard_stats(template: dict, shard: int, per_shard: int) -> str:
+    """The template shard's stats with this shard's ids: what its file's add action would say."""
+    s = json.loads(json.dumps(template))
+    first, last = f"images/{shard:06d}/0000.jpg", f"images/{shard:06d}/{per_shard - 1:04d}.jpg"
+    for key, lo, hi in (("image_id", first, last), ("uri", f"s3://bucket/{first}", f"s3://bucket/{last}"),
+                        ("shard_id", f"{shard:06d}", f"{shard:06d}")):
+        s["minValues"][key], s["maxValues"][key] = lo[:STATS_STRING_PREFIX], hi[:STATS_STRING_PREFIX]
+    return json.dumps(s, separators=(",", ":"))
+
+
+def commit_group(masks_table, images_table, masks_adds: list, images_adds: list, app_id: str, version: int,
+                 metadata: dict) -> None:
+    """One group of finished shards: the masks commit, then the images commit (DELTA_LAYOUT's order),
+    each carrying the app transaction (app_id, version) and the run record. Both handles end at the
+    version they committed (delta-rs leaves a handle at its read version after a write transaction).
+    """
+    from deltalake import CommitProperties, Transaction
+
+    for table, adds in ((masks_table, masks_adds), (images_table, images_adds)):
+        props = CommitProperties(custom_metadata=metadata, app_transactions=[Transaction(app_id, version)])
+        table.create_write_transaction(adds, mode="append", schema=table.schema(), commit_properties=props)
+        table.update_incremental()
+
+
+OPEN_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+from deltalake import DeltaTable, QueryBuilder
+import pyarrow as pa, pyarrow.compute as pc
+opts, out, app_id, shard, with_dataset = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
+res = {"import_s": time.perf_counter() - t0}
+for name in ("masks", "images"):
+    t0 = time.perf_counter()
+    dt = DeltaTable(f"{out}/{name}", storage_options=opts)
+    opened = time.perf_counter()
+    files = pa.table(dt.get_add_actions(flatten=True))
+    listed = time.perf_counter()
+    # DataFusion prunes files by their shard_id stats, then reads the one file left
+    sql = f"select image_id, count(*) as n from {name} where shard_id = '{shard}' group by image_id"
+    got = pa.table(QueryBuilder().register(name, dt).execute(sql).read_all())
+    queried = time.perf_counter()
+    r = {"version": dt.version(), "files": files.num_rows, "rows_in_log": pc.sum(files["num_records"]).as_py(),
+         "app_version": dt.transaction_version(app_id), "open_s": opened - t0, "file_list_s": listed - opened,
+         "query_s": queried - listed, "query_rows": pc.sum(got["n"]).as_py()}
+    if with_dataset:  # pyarrow's dataset over every file: one fragment (and stats expression) per file
+        dt.to_pyarrow_dataset()
+        r["pyarrow_dataset_s"] = time.perf_counter() - queried
+    res[name] = r
+print(json.dumps(res))
+"""
+
+
+def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int, proposals: int,
+                workdir: Path, with_dataset: bool = False) -> None:
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable, Schema
+    from deltalake.transaction import AddAction
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import s3fs
+    from fixtures_infra import S3Server
+
+    shards = -(-images // shard_size)
+    run_id, app_id = "bench-run", "ifcn-segment/bench-run"
+    server = S3Server.start(workdir)
+    try:
+        os.environ.update(server.env)
+        opts = {**S3_DELTA_OPTIONS, "AWS_ENDPOINT_URL": server.endpoint}
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        fs.mkdir("bench")
+        out = "s3://bench/out"
+        masks_schema, images_schema = _table_schemas()
+        config = {"delta.checkpointInterval": str(checkpoint_every)}
+        tables = {name: DeltaTable.create(f"{out}/{name}", Schema.from_arrow(schema), configuration=config,
+                                          storage_options=opts)
+                  for name, schema in (("masks", masks_schema), ("images", images_schema))}
+        # Real files for the first and the last shard (what the open-time query reads); every other
+        # shard's add action copies their stats with its own ids and the measured size per row.
+        real, templates = {}, {}
+        for shard in sorted({0, shards - 1}):
+            per = min(shard_size, images - shard * shard_size)
+            for name, t in zip(("masks", "images"), _shard_tables(shard, per, proposals, run_id)):
+                path = f"part-{shard:06d}-{run_id}-{uuid.uuid4()}.parquet"
+                with fs.open(f"bench/out/{name}/{path}", "wb") as f:
+                    pq.write_table(t, f, compression="zstd")
+                real[name, shard] = AddAction(path, fs.size(f"bench/out/{name}/{path}"), {}, int(time.time() * 1000),
+                                              True, json.dumps(_stats(t)))
+                templates.setdefault(name, (_stats(t), real[name, shard].size / t.num_rows))
+        print(f"template shard: masks file {real['masks', 0].size / 2**20:.1f} MiB ({shard_size * proposals} rows), "
+              f"images file {real['images', 0].size / 2**10:.1f} KiB; stats JSON "
+              f"{len(real['masks', 0].stats)} + {len(real['images', 0].stats)} bytes")
+
+        def adds(name: str, shard: int) -> AddAction:
+            if (name, shard) in real:
+                return real[name, shard]
+            stats, per_row = templates[name]
+            return AddAction(f"part-{shard:06d}-{run_id}-{uuid.uuid4()}.parquet", int(per_row * stats["numRecords"]),
+                             {}, int(time.time() * 1000), True, _shard_stats(stats, shard, shard_size))
+
+        commit_s = build_s = 0.0
+        groups, done, last = 0, 0, (0, 0.0)  # last: (shards, commit s) at the previous progress line
+        # CPU seconds of this process and the S3 server: the commit loop runs one of them at a time,
+        # so on a quiet machine its wall time is about their sum (the load of other jobs moves it less)
+        procs = [psutil.Process(), psutil.Process(server.proc.pid)]
+        cpu = lambda: sum(sum(p.cpu_times()[:2]) for p in procs)  # noqa: E731
+        t_start, load0, cpu0 = time.perf_counter(), os.getloadavg()[0], cpu()
+        cpu_last = cpu0
+        for version, lo in enumerate(range(0, shards, group)):
+            t0 = time.perf_counter()
+            ids = range(lo, min(shards, lo + group))
+            m, i = [adds("masks", s) for s in ids], [adds("images", s) for s in ids]
+            t1 = time.perf_counter()
+            commit_group(tables["masks"], tables["images"], m, i, app_id, version,
+                         {"run_id": run_id, "shards": f"{ids[0]}-{ids[-1]}"})
+            t2 = time.perf_counter()
+            build_s, commit_s, done, groups = build_s + t1 - t0, commit_s + t2 - t1, done + len(ids), groups + 1
+            if done * 20 // shards > (done - len(ids)) * 20 // shards:  # every 5%
+                now = cpu()
+                print(f"  {done:6d}/{shards} shards, table version {tables['masks'].version()}: "
+                      f"{done / commit_s:.0f} shards/s so far, {(done - last[0]) / (commit_s - last[1]):.0f} since "
+                      f"the last line ({(done - last[0]) / (now - cpu_last):.0f} per CPU-second; "
+                      f"{(t2 - t1) * 1000:.0f} ms for this group's two commits)", flush=True)
+                last, cpu_last = (done, commit_s), now
+        wall, cpu_s = time.perf_counter() - t_start, cpu() - cpu0
+        print(f"committed {shards} shards ({images} images, shard size {shard_size}) in {groups} groups of "
+              f"{group}: {commit_s:.1f} s in commits -> {shards / commit_s:.0f} shards/s (target >= 100); "
+              f"{cpu_s:.1f} CPU-s (driver + S3 server) -> {shards / cpu_s:.0f} shards per CPU-second; "
+              f"{wall:.1f} s wall incl. {build_s:.1f} s building add actions; load average "
+              f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+        child = subprocess.run([sys.executable, "-c", OPEN_CHILD, json.dumps(opts), out, app_id, f"{shards - 1:06d}",
+                                "1" if with_dataset else "0"],
+                               capture_output=True, text=True, env={**os.environ, "RUST_LOG": "error"})
+        if child.returncode != 0:
+            raise SystemExit(f"opening the table failed: {child.stderr[-2000:]}")
+        res = json.loads(child.stdout)
+        for name in ("masks", "images"):
+            r = res[name]
+            total = r["open_s"] + r["file_list_s"] + r["query_s"]
+            print(f"open {name}: version {r['version']}, {r['files']} files, {r['rows_in_log']} rows by the log, "
+                  f"app version {r['app_version']}: DeltaTable() {r['open_s']:.2f} s + file list "
+                  f"{r['file_list_s']:.2f} s + one shard's rows ({r['query_rows']}) {r['query_s']:.2f} s = "
+                  f"{total:.2f} s (target < 10)"
+                  + (f"; DeltaTable.to_pyarrow_dataset() {r['pyarrow_dataset_s']:.1f} s" if with_dataset else ""))
+    finally:
+        server.stop()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("plan", "list", "run"))
+    p.add_argument("what", nargs="+", choices=("plan", "list", "run", "table"))
     p.add_argument("--entries", type=int, default=1_000_000, help="manifest entries to plan")
     p.add_argument("--keys", type=int, default=50_000, help="S3 keys to list")
-    p.add_argument("--images", type=int, default=2000, help="images for the long run")
+    p.add_argument("--images", type=int, help="images for the long run (default 2000) or the table (default 10M)")
+    p.add_argument("--shard-size", type=int, default=128, help="table: images per shard (the job's default)")
+    p.add_argument("--group", type=int, default=256, help="table: shards per commit")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="table: versions between log checkpoints")
+    p.add_argument("--proposals", type=int, default=1000, help="table: masks rows per image")
+    p.add_argument("--pyarrow-dataset", action="store_true",
+                   help="table: also time DeltaTable.to_pyarrow_dataset() on the finished tables (minutes at 10M)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="ifcn-scale-") as tmp:
         if "plan" in args.what:
@@ -170,7 +404,10 @@ def main() -> None:
         if "list" in args.what:
             bench_list(args.keys, Path(tmp))
         if "run" in args.what:
-            bench_run(args.images, Path(tmp))
+            bench_run(args.images or 2000, Path(tmp))
+        if "table" in args.what:
+            bench_table(args.images or 10_000_000, args.shard_size, args.group, args.checkpoint_every,
+                        args.proposals, Path(tmp), args.pyarrow_dataset)
 
 
 if __name__ == "__main__":
