@@ -48,16 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.show import show
     from ifcn.evaluate import format_table
     from pipeline.config import SegmentConfig, SegmentError
+    from pipeline.report import describe, write_report
     from pipeline.run import run_segment
 
     out = Path(args.output).resolve()
     began = time.perf_counter()
 
-    t = _step(f"1/5 synthetic bucket: {args.num_images} images (seed {VAL_SEED}) -> {out / 'bucket'}")
+    t = _step(f"1/6 synthetic bucket: {args.num_images} images (seed {VAL_SEED}) -> {out / 'bucket'}")
     write_synthetic_dataset(str(out / "bucket"), args.num_images, VAL_SEED)
     print(f"   {time.perf_counter() - t:.1f}s")
 
-    t = _step("2/5 model")
+    t = _step("2/6 model")
     if args.train_minutes > 0 or not SHIPPED_CHECKPOINT.exists():
         from ifcn.train import train
         from ifcn.train.config import TrainConfig
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   shipped checkpoint {checkpoint} (reproduce: see README 'Training')")
     print(f"   {time.perf_counter() - t:.1f}s")
 
-    t = _step("3/5 jobs.segment on local Ray")
+    t = _step("3/6 jobs.segment on local Ray")
     try:
         config = SegmentConfig.from_options(str(out / "bucket" / "images"), str(out / "segments"), checkpoint,
                                             scales=DEMO_SCALES, max_proposals=args.max_proposals)
@@ -86,18 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   {summary['images_ok']} ok, {summary['images_error']} error, {summary['proposals']} proposals, "
           f"{summary['images_per_s']:.2f} images/s -> {summary['output']}")
 
-    t = _step("4/5 jobs.evaluate (class-agnostic COCO AR, pycocotools)")
+    t = _step("4/6 jobs.evaluate (class-agnostic COCO AR, pycocotools)")
     report = evaluate(str(out / "bucket" / "annotations.json"), predictions=str(out / "segments"),
                       out=str(out / "ar.json"))
     print(format_table(report["metrics"], report["iou_protocol"]))
     print(f"   {time.perf_counter() - t:.1f}s -> {out / 'ar.json'}")
 
-    t = _step(f"5/5 jobs.show: {args.pictures} overlay pictures")
+    t = _step(f"5/6 jobs.show: {args.pictures} overlay pictures")
     (out / "pictures").mkdir(parents=True, exist_ok=True)
     for name in sorted(p.name for p in (out / "bucket" / "images").iterdir())[: args.pictures]:
         png = out / "pictures" / f"{Path(name).stem}.png"
         show(str(out / "segments"), name, str(png), top=10)
         print(f"   {png}")
+
+    t = _step("6/6 jobs.report: the run report (one self-contained HTML page)")
+    summary = write_report(str(out / "segments"), str(out / "report.html"),
+                           annotations=str(out / "bucket" / "annotations.json"))
+    print(f"   {describe(summary)}")
 
     print(f"\ndone in {time.perf_counter() - began:.0f}s. Query the tables, e.g.:\n"
           f"   .venv/bin/python -c \"import duckdb, deltalake; m = deltalake.DeltaTable('{out}/segments/masks')"

@@ -1,0 +1,304 @@
+"""The run report's facts: what a user wants to see first after a bucket job, read from its tables.
+
+    facts = collect("s3://bucket/out/")            # dict of counts, histograms, runs, gallery
+    html = pipeline.report_html.render(facts)      # one self-contained page
+
+Reads only what it needs, so a 10M-image output reports in about a minute on one machine:
+- the images table's small columns for every row (status, num_proposals, run_id); the error
+  text and URI only of the rows that are not ok;
+- the masks table only for a sample of images (score, area, scale of their proposals, and the
+  gallery's masks), found through the files' image_id statistics;
+- the tables' commit history (runs, their settings and how they ended, throughput over time);
+- the pixels of the gallery's few images.
+"""
+from __future__ import annotations
+
+import base64
+import calendar
+import hashlib
+import io
+import re
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from ifcn.image import decode_image, one_line, read_bytes
+
+STATUSES = ("ok", "error", "retry")
+TIMINGS = ("read_ms", "decode_ms", "infer_ms", "postprocess_ms")
+EXAMPLES_PER_REASON = 3  # URIs shown for each error reason
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What the page samples; defaults keep a 10M-image report near a minute and the page < 5 MB."""
+
+    samples: int = 24  # gallery images
+    top: int = 10  # proposals drawn on each gallery image
+    thumb_px: int = 320  # gallery thumbnails' long side
+    stats_images: int = 2000  # images whose proposals feed the score / area histograms
+    bins: int = 20
+    max_error_reasons: int = 20
+
+
+def collect(output: str, storage_options: dict[str, Any] | None = None, annotations: str | None = None,
+            config: ReportConfig = ReportConfig()) -> dict[str, Any]:
+    """Everything the page shows, as plain values (JSON-able apart from the thumbnails' base64 text)."""
+    from . import read_output
+
+    images = read_output(output, "images", ["image_id", "status", "num_proposals", *TIMINGS],
+                         storage_options=storage_options)
+    facts: dict[str, Any] = {"output": output, "images": _inputs(images), "timings": timings(images)}
+    bad = read_output(output, "images", ["uri", "status", "error"], filter=ds.field("status") != "ok",
+                      storage_options=storage_options)
+    facts["errors"] = error_groups(bad, config.max_error_reasons)
+    commits = history(output, storage_options)
+    facts["runs"] = runs(commits, rows_per_run(output, storage_options))
+    facts["skipped_keys"] = _skipped(commits)
+    facts["throughput"] = throughput(commits)
+    ok = images.filter(pc.equal(images.column("status"), "ok"))
+    facts["proposals_per_image"] = histogram(ok.column("num_proposals").to_numpy(zero_copy_only=False), config.bins,
+                                             integer=True)
+    with_masks = ok.filter(pc.greater(ok.column("num_proposals"), 0)).column("image_id").to_pylist()
+    stats_ids = sample_ids(with_masks, config.stats_images)
+    masks = _masks_of(output, stats_ids, ["image_id", "score", "area", "scale"], storage_options)
+    facts["proposal_sample_images"] = len(stats_ids)
+    facts["scores"] = histogram(masks.column("score").to_numpy(zero_copy_only=False), config.bins, lo=0.0, hi=1.0)
+    facts["area_by_scale"] = area_by_scale(masks, config.bins)
+    facts["gallery"] = gallery(output, sample_ids(with_masks, config.samples), config, storage_options)
+    if annotations:
+        facts["recall"] = recall(output, annotations, storage_options)
+    return facts
+
+
+def write_report(output: str, html: str | None = None, storage_options: dict[str, Any] | None = None,
+                 annotations: str | None = None, config: ReportConfig = ReportConfig()) -> dict[str, Any]:
+    """Collects, renders and writes the page (default OUTPUT/report.html); returns a summary for a log line."""
+    from ifcn.io import join, write_bytes
+
+    from .report_html import render
+
+    start = time.perf_counter()
+    html = html or join(output, "report.html")
+    facts = collect(output, storage_options, annotations, config)
+    page = render(facts).encode("utf-8")
+    write_bytes(html, page, storage_options)
+    return {**facts["images"], "runs": len(facts["runs"]), "pictures": len(facts["gallery"]), "html": html,
+            "mb": len(page) / 1e6, "seconds": time.perf_counter() - start, "ar": facts.get("recall", {}).get("ar")}
+
+
+def describe(summary: dict[str, Any]) -> str:
+    """The one line jobs print after writing a report."""
+    return (f"report of {summary['total']} images ({summary['ok']} ok, {summary['error']} errors, {summary['retry']} to "
+            f"retry), {summary['runs']} run(s), {summary['pictures']} pictures: {summary['html']} "
+            f"({summary['mb']:.2f} MB, {summary['seconds']:.1f} s)")
+
+
+def _inputs(images: pa.Table) -> dict[str, int]:
+    counts = Counter(images.column("status").to_pylist())
+    return {"total": images.num_rows, **{s: counts.get(s, 0) for s in STATUSES},
+            "proposals": int(pc.sum(images.column("num_proposals")).as_py() or 0)}
+
+
+_URI_PREFIX = re.compile(r"^image \S+: ")
+
+
+def error_groups(bad: pa.Table, limit: int) -> list[dict[str, Any]]:
+    """Rows that are not ok, grouped by their reason with the URI taken out, most frequent first:
+    [{status, reason, count, examples: [uri, ...]}]."""
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for uri, status, error in zip(*(bad.column(c).to_pylist() for c in ("uri", "status", "error"))):
+        reason = _URI_PREFIX.sub("", error or "(no reason recorded)").replace(uri or "\0", "<uri>")
+        groups[(status, reason)].append(uri)
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return [{"status": s, "reason": r, "count": len(uris), "examples": sorted(uris)[:EXAMPLES_PER_REASON]}
+            for (s, r), uris in ordered[:limit]]
+
+
+def history(output: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The images table's commits that carry a run record, oldest first:
+    [{version, timestamp (ms), record}] (the record's counts are the run's totals at that commit)."""
+    from .table import RUN_KEY, OutputTables
+
+    dt = OutputTables(output, storage_options).open("images")
+    commits = dt.history() if dt is not None else []
+    return sorted(({"version": c.get("version"), "timestamp": int(c.get("timestamp") or 0), "record": c[RUN_KEY]}
+                   for c in commits if isinstance(c.get(RUN_KEY), dict)), key=lambda c: c["version"])
+
+
+def _epoch_ms(utc: str | None) -> int | None:
+    try:
+        return int(calendar.timegm(time.strptime(utc, "%Y-%m-%dT%H:%M:%SZ")) * 1000) if utc else None
+    except ValueError:
+        return None
+
+
+def rows_per_run(output: str, storage_options: dict[str, Any] | None) -> Counter:
+    """Images rows per run_id, from the Delta log alone: every data file holds one shard of one run,
+    so its stats (run_id min = max, numRecords) say it without reading a row."""
+    from .table import OutputTables
+
+    dt = OutputTables(output, storage_options).open("images")
+    per_run: Counter = Counter()
+    if dt is None:
+        return per_run
+    adds = dt.get_add_actions(flatten=True)
+    runs_min, runs_max = adds.column("min.run_id").to_pylist(), adds.column("max.run_id").to_pylist()
+    for lo, hi, n in zip(runs_min, runs_max, adds.column("num_records").to_pylist()):
+        if lo != hi:  # not written by jobs.segment; count nothing rather than guess
+            continue
+        per_run[lo] += int(n or 0)
+    return per_run
+
+
+def timings(images: pa.Table) -> dict[str, dict[str, float]]:
+    """Median and 90th percentile of each per-image timing column (ok images)."""
+    ok = images.filter(pc.equal(images.column("status"), "ok"))
+    out = {}
+    for name in TIMINGS:
+        v = ok.column(name).drop_null().to_numpy(zero_copy_only=False)
+        if v.size:
+            out[name] = {"median": float(np.median(v)), "p90": float(np.percentile(v, 90))}
+    return out
+
+
+def runs(commits: list[dict[str, Any]], per_run: Counter) -> list[dict[str, Any]]:
+    """One entry per run, oldest first: when, settings, images it processed, images/s from its start
+    to its last commit, how it ended (its last record), and how many images rows it still owns."""
+    last: dict[str, dict[str, Any]] = {}
+    for c in commits:
+        last[c["record"]["run_id"]] = c
+    out = []
+    for rid, c in last.items():
+        rec = c["record"]
+        started = _epoch_ms(rec.get("started_at")) or c["timestamp"]
+        processed = int((rec.get("counts") or {}).get("num_images", 0))
+        span_s = (c["timestamp"] - started) / 1000
+        ended = "running or killed (no end record)" if rec.get("exit") == "running" else rec.get("exit")
+        out.append({"run_id": rid, "started": started, "settings": rec.get("settings"), "images": processed,
+                    "images_per_s": round(processed / span_s, 3) if span_s > 0 else None,
+                    "complete": bool(rec.get("complete")), "ended": ended, "rows_in_table": per_run.get(rid, 0),
+                    "planned": rec.get("planned") or {}})
+    return sorted(out, key=lambda r: r["started"])
+
+
+def _skipped(commits: list[dict[str, Any]]) -> dict[str, int]:
+    """Skipped keys by extension, as the latest run that recorded them saw the input."""
+    for c in reversed(commits):
+        if c["record"].get("skipped_keys") is not None:
+            return dict(c["record"]["skipped_keys"])
+    return {}
+
+
+def throughput(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Images processed over time, per run: [{run_id, t_s (since the run started), images}]."""
+    points = []
+    for c in commits:
+        rec = c["record"]
+        t0 = _epoch_ms(rec.get("started_at")) or c["timestamp"]
+        points.append({"run_id": rec["run_id"], "t_s": max(0.0, (c["timestamp"] - t0) / 1000),
+                       "images": int((rec.get("counts") or {}).get("num_images", 0))})
+    return points
+
+
+def histogram(values: np.ndarray, bins: int, lo: float | None = None, hi: float | None = None,
+              integer: bool = False) -> dict[str, Any]:
+    """{edges, counts, n, mean, median} of `values`; integer data gets integer-aligned edges."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return {"edges": [], "counts": [], "n": 0, "mean": None, "median": None}
+    lo = float(values.min()) if lo is None else lo
+    hi = float(values.max()) if hi is None else hi
+    if integer:
+        width = max(1, int(np.ceil((hi - lo + 1) / bins)))
+        edges = np.arange(lo, hi + width + 1, width, dtype=np.float64)[: bins + 1]
+        edges[-1] = max(edges[-1], hi + 1)
+    else:
+        edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
+    counts, edges = np.histogram(values, edges)
+    return {"edges": [float(e) for e in edges], "counts": [int(c) for c in counts], "n": int(values.size),
+            "mean": float(values.mean()), "median": float(np.median(values))}
+
+
+def area_by_scale(masks: pa.Table, bins: int) -> list[dict[str, Any]]:
+    """Per inference scale: a histogram of log10 mask area (areas span 1 to millions of pixels)."""
+    if masks.num_rows == 0:
+        return []
+    area = np.log10(np.maximum(masks.column("area").to_numpy(zero_copy_only=False), 1))
+    scale = masks.column("scale").to_numpy(zero_copy_only=False)
+    lo, hi = 0.0, float(max(1.0, np.ceil(area.max())))
+    return [{"scale": int(s), **histogram(area[scale == s], bins, lo, hi)} for s in np.unique(scale)]
+
+
+def sample_ids(ids: list[str], n: int) -> list[str]:
+    """n ids chosen by a hash of the id: the same output gives the same sample, whatever the row order."""
+    return sorted(ids, key=lambda i: hashlib.blake2b(i.encode(), digest_size=8).digest())[:n]
+
+
+def _masks_of(output: str, image_ids: list[str], columns: list[str],
+              storage_options: dict[str, Any] | None) -> pa.Table:
+    from . import read_output
+
+    if not image_ids:
+        return read_output(output, "masks", columns, filter=ds.field("image_id") == "", storage_options=storage_options)
+    return read_output(output, "masks", columns, filter=ds.field("image_id").isin(image_ids),
+                       storage_options=storage_options)
+
+
+def gallery(output: str, image_ids: list[str], config: ReportConfig,
+            storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Sampled images with their top proposals drawn (ifcn.viz, as jobs.show draws them), as inline
+    JPEG thumbnails: [{image_id, uri, proposals, drawn, jpeg_b64 | error}]."""
+    from ifcn.viz import draw_proposals
+    from PIL import Image
+
+    masks = _masks_of(output, image_ids, ["image_id", "uri", "rank", "score", "bbox", "rle", "height", "width"],
+                      storage_options)
+    by_image: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in masks.sort_by([("image_id", "ascending"), ("rank", "ascending")]).to_pylist():
+        by_image[row["image_id"]].append(row)
+    out = []
+    for image_id in image_ids:
+        rows = by_image.get(image_id, [])
+        if not rows:
+            continue
+        uri = rows[0]["uri"]
+        entry = {"image_id": image_id, "uri": uri, "proposals": len(rows), "drawn": min(config.top, len(rows))}
+        proposals = [{"rank": r["rank"], "score": r["score"], "bbox": r["bbox"],
+                      "rle": {"size": [r["height"], r["width"]], "counts": r["rle"]}} for r in rows]
+        try:
+            pixels = decode_image(read_bytes(uri, storage_options), uri)
+            picture = draw_proposals(pixels, proposals, top=config.top)
+        except Exception as e:  # a vanished or replaced image: say so on the page, keep the report
+            entry["error"] = f"{type(e).__name__}: {one_line(e)}"
+            out.append(entry)
+            continue
+        picture.thumbnail((config.thumb_px, config.thumb_px), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        picture.save(buf, format="JPEG", quality=82)
+        entry["jpeg_b64"] = base64.b64encode(buf.getvalue()).decode("ascii")
+        out.append(entry)
+    return out
+
+
+def recall(output: str, annotations: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """AR@10/100/1000 overall and by size (COCO's IoU 0.50:0.05:0.95, class-agnostic) and recall
+    against IoU at 1000 proposals, from the masks table and a COCO annotations file."""
+    from ifcn.evaluate import IOU_LABELS, RESULT_COLUMNS, coco_eval, load_gt, recall_from_eval, results_from_masks
+    from . import read_output
+
+    gt = load_gt(annotations, storage_options)
+    results = results_from_masks(read_output(output, "masks", list(RESULT_COLUMNS), storage_options=storage_options),
+                                 gt)
+    ev = coco_eval(gt, results)
+    p = ev.params
+    curve = ev.eval["recall"][:, 0, p.areaRngLbl.index("all"), p.maxDets.index(max(p.maxDets))]  # (T,)
+    return {"ar": recall_from_eval(ev), "protocol": IOU_LABELS["coco"], "images": len(gt["images"]),
+            "iou": [float(t) for t in p.iouThrs], "recall": [float(r) for r in curve]}
