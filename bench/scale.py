@@ -45,6 +45,9 @@ import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, bench/ comes first on sys.path, where bench/pipeline.py would shadow the `pipeline` package.
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(REPO))
 CHECKPOINT = REPO / "checkpoints" / "narrow_synth.pt"
 
 
@@ -248,20 +251,6 @@ def _shard_stats(template: dict, shard: int, per_shard: int) -> str:
     return json.dumps(s, separators=(",", ":"))
 
 
-def commit_group(masks_table, images_table, masks_adds: list, images_adds: list, app_id: str, version: int,
-                 metadata: dict) -> None:
-    """One group of finished shards: the masks commit, then the images commit (DELTA_LAYOUT's order),
-    each carrying the app transaction (app_id, version) and the run record. Both handles end at the
-    version they committed (delta-rs leaves a handle at its read version after a write transaction).
-    """
-    from deltalake import CommitProperties, Transaction
-
-    for table, adds in ((masks_table, masks_adds), (images_table, images_adds)):
-        props = CommitProperties(custom_metadata=metadata, app_transactions=[Transaction(app_id, version)])
-        table.create_write_transaction(adds, mode="append", schema=table.schema(), commit_properties=props)
-        table.update_incremental()
-
-
 OPEN_CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -293,8 +282,8 @@ print(json.dumps(res))
 def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int, proposals: int,
                 workdir: Path, with_dataset: bool = False) -> None:
     import pyarrow.parquet as pq
-    from deltalake import DeltaTable, Schema
-    from deltalake.transaction import AddAction
+
+    from pipeline.table import OutputTables
 
     sys.path.insert(0, str(REPO / "tests"))
     import s3fs
@@ -309,11 +298,9 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.mkdir("bench")
         out = "s3://bench/out"
-        masks_schema, images_schema = _table_schemas()
-        config = {"delta.checkpointInterval": str(checkpoint_every)}
-        tables = {name: DeltaTable.create(f"{out}/{name}", Schema.from_arrow(schema), configuration=config,
-                                          storage_options=opts)
-                  for name, schema in (("masks", masks_schema), ("images", images_schema))}
+        # the pipeline's own commit code: masks then images per group, app transaction, run record, checkpoints
+        tables = OutputTables(out, checkpoint_every=checkpoint_every)
+        record, settings = {"run_id": run_id, "exit": "running"}, {"bench": True}
         # Real files for the first and the last shard (what the open-time query reads); every other
         # shard's add action copies their stats with its own ids and the measured size per row.
         real, templates = {}, {}
@@ -323,19 +310,21 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
                 path = f"part-{shard:06d}-{run_id}-{uuid.uuid4()}.parquet"
                 with fs.open(f"bench/out/{name}/{path}", "wb") as f:
                     pq.write_table(t, f, compression="zstd")
-                real[name, shard] = AddAction(path, fs.size(f"bench/out/{name}/{path}"), {}, int(time.time() * 1000),
-                                              True, json.dumps(_stats(t)))
-                templates.setdefault(name, (_stats(t), real[name, shard].size / t.num_rows))
-        print(f"template shard: masks file {real['masks', 0].size / 2**20:.1f} MiB ({shard_size * proposals} rows), "
-              f"images file {real['images', 0].size / 2**10:.1f} KiB; stats JSON "
-              f"{len(real['masks', 0].stats)} + {len(real['images', 0].stats)} bytes")
+                real[name, shard] = {"path": path, "size": fs.size(f"bench/out/{name}/{path}"),
+                                     "modification_time": int(time.time() * 1000), "stats": json.dumps(_stats(t))}
+                templates.setdefault(name, (_stats(t), real[name, shard]["size"] / t.num_rows))
+        print(f"template shard: masks file {real['masks', 0]['size'] / 2**20:.1f} MiB ({shard_size * proposals} rows), "
+              f"images file {real['images', 0]['size'] / 2**10:.1f} KiB; stats JSON "
+              f"{len(real['masks', 0]['stats'])} + {len(real['images', 0]['stats'])} bytes")
 
-        def adds(name: str, shard: int) -> AddAction:
+        def adds(name: str, shard: int) -> dict:
+            """The add-action facts a publish task returns (pipeline.table.write_data_file)."""
             if (name, shard) in real:
                 return real[name, shard]
             stats, per_row = templates[name]
-            return AddAction(f"part-{shard:06d}-{run_id}-{uuid.uuid4()}.parquet", int(per_row * stats["numRecords"]),
-                             {}, int(time.time() * 1000), True, _shard_stats(stats, shard, shard_size))
+            return {"path": f"part-{shard:06d}-{run_id}-{uuid.uuid4()}.parquet",
+                    "size": int(per_row * stats["numRecords"]), "modification_time": int(time.time() * 1000),
+                    "stats": _shard_stats(stats, shard, shard_size)}
 
         commit_s = build_s = 0.0
         groups, done, last = 0, 0, (0, 0.0)  # last: (shards, commit s) at the previous progress line
@@ -348,15 +337,14 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
         for version, lo in enumerate(range(0, shards, group)):
             t0 = time.perf_counter()
             ids = range(lo, min(shards, lo + group))
-            m, i = [adds("masks", s) for s in ids], [adds("images", s) for s in ids]
+            group_results = [{"masks": adds("masks", s), "images": adds("images", s)} for s in ids]
             t1 = time.perf_counter()
-            commit_group(tables["masks"], tables["images"], m, i, app_id, version,
-                         {"run_id": run_id, "shards": f"{ids[0]}-{ids[-1]}"})
+            tables.commit_group(app_id, version + 1, group_results, record, settings)
             t2 = time.perf_counter()
             build_s, commit_s, done, groups = build_s + t1 - t0, commit_s + t2 - t1, done + len(ids), groups + 1
             if done * 20 // shards > (done - len(ids)) * 20 // shards:  # every 5%
                 now = cpu()
-                print(f"  {done:6d}/{shards} shards, table version {tables['masks'].version()}: "
+                print(f"  {done:6d}/{shards} shards, table version {tables.open('masks').version()}: "
                       f"{done / commit_s:.0f} shards/s so far, {(done - last[0]) / (commit_s - last[1]):.0f} since "
                       f"the last line ({(done - last[0]) / (now - cpu_last):.0f} per CPU-second; "
                       f"{(t2 - t1) * 1000:.0f} ms for this group's two commits)", flush=True)

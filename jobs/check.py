@@ -2,7 +2,7 @@
 
     python -m jobs.check s3://bucket/out/run1
     python -m jobs.check s3://bucket/out/run1 --repair
-    python -m jobs.check s3://bucket/out/run1 --storage-options '{"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"}'
+    python -m jobs.check s3://bucket/out/run1 --storage-options '{"endpoint_url": "http://127.0.0.1:9000"}'
 
 Exit status: 0 clean (or repaired), 1 damaged files found and not repaired, 2 bad input.
 """
@@ -15,12 +15,7 @@ import pyarrow as pa
 
 from jobs._cli import Parser, storage_options
 from pipeline.check import check_output, repair_output
-
-
-def _delta_options(text: str) -> dict[str, str]:
-    """delta-rs (object_store) options: string values, e.g. AWS_ENDPOINT_URL, AWS_REGION."""
-    return {k: v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
-            for k, v in storage_options(text).items()}
+from pipeline.table import delta_storage_options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,16 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repair", action="store_true",
                    help="remove every file of each damaged file's shard (one commit per table, images first) "
                         "so the next run re-processes those images")
-    p.add_argument("--storage-options", type=_delta_options,
-                   help="JSON object of delta-rs storage options (AWS_ENDPOINT_URL, AWS_REGION, "
-                        "conditional_put, ...); the AWS_* environment is used too")
+    p.add_argument("--storage-options", type=storage_options,
+                   help="JSON dict for fsspec, as jobs.segment takes it (e.g. '{\"endpoint_url\": ...}'); "
+                        "the AWS_* environment is used too")
     args = p.parse_args(argv)
+    options = delta_storage_options(args.output, args.storage_options) or None
     # delta-rs logs retries and region look-ups to stderr (WARN); errors reach the user as one line below
     os.environ.setdefault("RUST_LOG", "error")
     from deltalake.exceptions import DeltaError
 
     try:
-        checks = check_output(args.output, args.storage_options)
+        checks = check_output(args.output, options)
         damaged = [d for c in checks for d in c.damaged]
         for d in damaged:
             print(f"{d.table} {d.path}: {d.reason} (shard {d.shard_id or 'unknown'})")
@@ -51,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.repair:
             print("run again with --repair to remove those shards' rows (the next run then re-processes them)")
             return 1
-        for r in repair_output(args.output, damaged, args.storage_options):
+        for r in repair_output(args.output, damaged, options):
             print(f"removed {len(r.paths)} file{'s' * (len(r.paths) != 1)} from {r.table} (version {r.version}): "
                   f"{', '.join(r.paths)}")
         print(f"repaired: the next run re-processes shards {', '.join(shards) or '(none)'}; "

@@ -71,7 +71,7 @@ def result_fingerprint(config: SegmentConfig, sha: str) -> dict[str, Any]:
     return json.loads(json.dumps({"format": FORMAT, "checkpoint_sha256": sha, "settings": config.result_settings()}))
 
 
-def make_plan(config: SegmentConfig, run_id: str = "dry-run") -> Plan:
+def make_plan(config: SegmentConfig, run_id: str = "dry-run", guard: Callable[[], None] | None = None) -> Plan:
     """Checkpoint, input listing (or an interrupted run's snapshot), output state: read only
     (what --dry-run prints). Raises SegmentError (one line)."""
     so = config.storage_options
@@ -84,7 +84,7 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run") -> Plan:
     settings = result_fingerprint(config, sha)
     try:
         store = OutputStore(config.output, so)
-        tables = OutputTables(config.output, so)
+        tables = OutputTables(config.output, so, guard)
         previous = tables.settings()
         last = tables.last_run()
         old_layout = previous is None and store.fs.exists(store.path(OLD_LAYOUT_FILE))
@@ -146,15 +146,16 @@ def _classified(plan: Plan, config: SegmentConfig) -> Plan:
 
 def prepare(config: SegmentConfig, lease: Lease | None = None, run_id: str | None = None,
             record: Callable[[Plan], dict[str, Any]] | None = None, log: Callable[[str], None] = lambda _: None) -> Plan:
-    """Preflight (`make_plan`), then claims the output: takes `lease` (if given), rolls forward a
+    """Takes `lease` (if given), then preflight (`make_plan`; every commit checks the lease), rolls forward a
     group a killed run left between its two commits, re-reads the images table, snapshots the
     listing, and removes the old rows of images it will re-process. `record(plan)` is the run's
     record for the commits this makes."""
-    plan = make_plan(config, run_id or new_run_id())
-    record = record or (lambda p: {"run_id": p.run_id, "started_at": now_utc(), "exit": "running"})
-    if lease is not None:
+    if lease is not None:  # before listing and hashing: a second run is refused at once, whatever the input
         lease.acquire()
-        plan.tables.refresh()
+        if lease.took_over:
+            log(f"took over the lease of a stale run ({lease.took_over})")
+    plan = make_plan(config, run_id or new_run_id(), lease.check if lease is not None else None)
+    record = record or (lambda p: {"run_id": p.run_id, "started_at": now_utc(), "exit": "running"})
     try:
         if plan.overwrite:
             plan.tables.overwrite(record(plan), plan.settings)

@@ -45,7 +45,7 @@ from .infer import InferenceActor
 from .lease import Lease
 from .plan import Plan, new_run_id, now_utc, prepare, skipped_note
 from .reduce import InferAndEncodeActor, encode_and_stage
-from .sink import Fragment, OutputStore, publish_shard
+from .sink import Fragment, publish_shard
 from .sources import Listing, Shard, Span, read_images
 from .table import OutputTables
 
@@ -313,7 +313,7 @@ def run_segment(config: SegmentConfig, log: Callable[[str], None] | None = None)
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     start = time.perf_counter()
     try:
-        lease = Lease(OutputStore(config.output, config.storage_options))
+        lease = Lease(config.output, config.storage_options)
     except Exception as e:
         raise SegmentError(f"--output {config.output}: cannot open it ({type(e).__name__}: {one_line(e)}); "
                            f"check the URL and --storage-options") from None
@@ -328,7 +328,7 @@ def run_record(plan: Plan, config: SegmentConfig, started_at: str) -> dict[str, 
     return {"run_id": plan.run_id, "started_at": started_at, "input": config.input, "checkpoint": config.checkpoint,
             "checkpoint_sha256": plan.checkpoint_sha256, "settings": config.result_settings(),
             "config": config.to_dict(), "listing": plan.listing_path, "resumes": plan.resumes,
-            "planned": plan.counts, "counts": dict.fromkeys(COUNTS, 0), "complete": False,
+            "planned": plan.counts, "skipped_keys": plan.skipped, "counts": dict.fromkeys(COUNTS, 0), "complete": False,
             "finished_listing": False, "exit": "running", "versions": versions()}
 
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from ifcn.io import filesystem, open_url
 
 from .config import SegmentError, digest
-from .errors import RETRY, is_transient, with_retries
+from .errors import RETRY, classify, with_retries
 from ifcn.image import ImageError, decode_image, one_line, read_bytes
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
@@ -336,10 +336,10 @@ def _read_with_retries(uri: str, storage_options: dict[str, Any] | None) -> byte
     except ImageError as e:  # missing file, directory: retrying will not help
         return "error", e.reason
     except Exception as e:  # network, throttling, credentials (or a permanent storage answer)
-        if not is_transient(e):
-            return "error", f"image {uri}: reading failed ({type(e).__name__}: {one_line(e)}); recorded as error row"
-        return RETRY, (f"image {uri}: reading failed {READ_ATTEMPTS} times ({type(e).__name__}: {one_line(e)}); "
-                       f"left uncommitted for a re-run")
+        transient, reason = classify(e)
+        if not transient:
+            return "error", f"image {uri}: {reason}"
+        return RETRY, f"image {uri}: reading failed {READ_ATTEMPTS} times ({reason}); left for a re-run"
 
 
 def _read_manifest(url: str, storage_options: dict[str, Any] | None) -> Listing:

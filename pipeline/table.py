@@ -28,7 +28,7 @@ import os
 import signal
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -119,9 +119,12 @@ def _kill_point(step: str, group: int) -> None:
 class OutputTables:
     """The two Delta tables of one output, opened lazily and kept up to date by this driver."""
 
-    def __init__(self, output: str, storage_options: dict[str, Any] | None = None) -> None:
-        self.output = output
+    def __init__(self, output: str, storage_options: dict[str, Any] | None = None,
+                 guard: Callable[[], None] | None = None, checkpoint_every: int = CHECKPOINT_EVERY) -> None:
+        """guard: called before every commit; raises to stop writing (the run's `Lease.check`)."""
+        self.output, self.checkpoint_every = output, checkpoint_every
         self.options = delta_storage_options(output, storage_options)
+        self.guard = guard or (lambda: None)
         self._open: dict[str, Any] = {}
 
     def uri(self, name: str) -> str:
@@ -210,6 +213,7 @@ class OutputTables:
         from deltalake import Schema
         from deltalake.transaction import AddAction, CommitProperties, Transaction, create_table_with_add_actions
 
+        self.guard()
         dt = self.open(name)
         if dt is not None:
             dt.update_incremental()
@@ -226,7 +230,7 @@ class OutputTables:
         else:
             dt.create_write_transaction(actions, "append", dt.schema(), commit_properties=props)
             dt.update_incremental()
-            if dt.version() % CHECKPOINT_EVERY == 0:
+            if dt.version() % self.checkpoint_every == 0:
                 dt.create_checkpoint()
         return True
 
@@ -254,6 +258,7 @@ class OutputTables:
 
         for name in ("images", "masks"):
             if self.open(name) is not None:
+                self.guard()
                 create_table_with_add_actions(self.uri(name), Schema.from_arrow(SCHEMAS[name]), [], mode="overwrite",
                                               description=json.dumps(settings, sort_keys=True),
                                               storage_options=self.options or None,
@@ -290,5 +295,6 @@ class OutputTables:
                 continue
             for i in range(0, len(image_ids), DELETE_CHUNK):
                 ids = ", ".join("'" + x.replace("'", "''") + "'" for x in image_ids[i:i + DELETE_CHUNK])
+                self.guard()
                 dt.delete(f"image_id IN ({ids})", commit_properties=CommitProperties(custom_metadata={RUN_KEY: record}))
             dt.update_incremental()

@@ -249,7 +249,8 @@ def test_s3_damage_found_and_repaired(s3_server, s3_bucket, kind):
     damaged = [d for c in check_output(out, opts) for d in c.damaged]
     assert [(d.table, d.path, d.reason, d.shard_id) for d in damaged] == [(table, path, reason, "00001")]
     before = {t: DeltaTable(f"{out}/{t}", storage_options=opts).version() for t in ("images", "masks")}
-    r = _cli(out, "--repair", "--storage-options", json.dumps(opts))
+    # the CLI takes fsspec options, like every job (the endpoint also comes from AWS_ENDPOINT_URL)
+    r = _cli(out, "--repair", "--storage-options", json.dumps({"endpoint_url": s3_server.endpoint}))
     assert r.returncode == 0, r.stderr
     assert f"{table} {path}: {reason}" in r.stdout
     _assert_repaired(out, opts, before, {"00001"})

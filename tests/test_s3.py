@@ -63,8 +63,9 @@ def upload_inputs(bucket: str, num_images: int = 4) -> dict[str, bytes]:
 
 
 def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    # A fresh local Ray per run: RAY_ADDRESS must not send the job to some other cluster.
-    clean = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    # A fresh local Ray per run: RAY_ADDRESS must not send the job to some other cluster. CUDA hidden:
+    # the tables are compared exactly with a CPU Predictor's, so the run takes the CPU path on any machine.
+    clean = {**{k: v for k, v in env.items() if k != "RAY_ADDRESS"}, "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-m", "jobs.segment", *args], cwd=REPO, env=clean,
                           capture_output=True, text=True, timeout=600)
 
