@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-to", type=int, help="pad resized images to multiples of this many px so differently "
                    "sized images share a forward (default 0: batch only equal sizes)")
     p.add_argument("--shard-size", type=int, help="images per data file (resume granularity)")
-    p.add_argument("--commit-shards", type=int, help="finished shards per table commit at most (default 64; a "
+    p.add_argument("--commit-shards", type=int, help="finished shards per table commit at most (default 256; a "
                    "group also commits after 2 s)")
     p.add_argument("--actors", type=int, help="inference actors (default: one per GPU; without GPUs one per CPU)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 with GPUs, else 0 = CPU)")
