@@ -440,7 +440,13 @@ def test_cli_missing_checkpoint(inputs: dict, tmp_path: Path) -> None:
     r = cli("--input", str(inputs["images"]), "--output", str(tmp_path / "o"),
             "--checkpoint", str(tmp_path / "nope.pt"))
     _assert_one_line_error(r, "--checkpoint", "nope.pt")
-    assert not (tmp_path / "o").exists()
+    _assert_nothing_written(tmp_path / "o")
+
+
+def _assert_nothing_written(out: Path) -> None:
+    """The lease comes first (a second run is refused before anything is read) and is given back:
+    no table, no lease left; only a local output's lock file, which is never deleted (pipeline/lease.py)."""
+    assert sorted(p.name for p in out.iterdir()) == [".lease.lock"]
 
 
 def test_cli_missing_and_empty_input(inputs: dict, tmp_path: Path) -> None:
@@ -451,7 +457,7 @@ def test_cli_missing_and_empty_input(inputs: dict, tmp_path: Path) -> None:
     (tmp_path / "empty" / "readme.md").write_text("no images here")
     r = cli("--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o"), "--checkpoint", inputs["checkpoint"])
     _assert_one_line_error(r, "--input", "no images found")
-    assert not (tmp_path / "o").exists()
+    _assert_nothing_written(tmp_path / "o")
 
 
 def test_cli_rerun_prints_summary(first_run: dict, inputs: dict, tmp_path: Path) -> None:
