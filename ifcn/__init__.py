@@ -16,8 +16,10 @@ _LAZY = {
     "DeepMask": "deepmask",
     "InstanceFCN": "model", "load_vgg16_weights": "model",
     "assemble": "ops",
-    "Candidates": "predictor", "Predictor": "predictor", "postprocess": "predictor",
-    "Proposals": "proposals", "encode": "proposals", "postprocess_device": "proposals",
+    "Candidates": "containers", "Proposals": "containers", "WindowBatch": "containers", "Windows": "containers",
+    "NMS_MODES": "config",
+    "Predictor": "predictor",
+    "encode": "proposals", "postprocess": "proposals", "postprocess_device": "proposals",
     "postprocess_numpy": "proposals",
 }
 __all__ = sorted(_LAZY)

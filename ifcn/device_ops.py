@@ -19,16 +19,15 @@ run lengths. Mask NMS pastes windows a round at a time in score order, as the re
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
+from .containers import Windows
+
 # Elements (windows x pixels) one pasting call may materialise: bounds peak memory (~4 bytes
 # each in float32, a few temporaries) whatever the image size, e.g. a 4000 x 3000 photo.
 PASTE_BUDGET = 1 << 25
-# Fixed-point NMS sweeps between convergence checks (each check is a host sync).
-_SWEEPS_PER_CHECK = 4
 
 
 @dataclass
@@ -54,17 +53,6 @@ def axis_samples(cell0: torch.Tensor, factor: torch.Tensor, pixels: torch.Tensor
     return AxisSamples(i0, (i0 + 1).clamp(max=m - 1), t, valid)
 
 
-def span(cell0: torch.Tensor, factor: torch.Tensor, m: int, stride: int) -> torch.Tensor:
-    """(N,) first image pixel of each window's span along one axis (as ops.window_pixel_span);
-    `span_count` pixels from there cover it."""
-    return torch.ceil((cell0 * stride).double() / factor - 0.5).long()
-
-
-def span_count(min_factor: float, m: int, stride: int) -> int:
-    """Pixels that cover a window's span along an axis whose resized/original factor is >= min_factor."""
-    return int(math.ceil(m * stride / min_factor)) + 1
-
-
 def blend(probs: torch.Tensor, ys: AxisSamples, xs: AxisSamples, dtype: torch.dtype) -> torch.Tensor:
     """probs: (N, m, m) -> (N, ny, nx) pasted values at the sampled pixels (0 where not valid).
 
@@ -78,94 +66,6 @@ def blend(probs: torch.Tensor, ys: AxisSamples, xs: AxisSamples, dtype: torch.dt
     v = (q.gather(1, ys.i0[:, :, None].expand(n, ny, nx)) * (1.0 - ty)
          + q.gather(1, ys.i1[:, :, None].expand(n, ny, nx)) * ty)  # (N, ny, nx)
     return v * (ys.valid[:, :, None] & xs.valid[:, None, :])
-
-
-@dataclass
-class Windows:
-    """Candidate windows of one image, on one device.
-
-    scores: (C,) objectness probability; cells: (C, 2) long top-left feature cell (y0, x0);
-    probs: (C, m, m) assembled probabilities; factor: (C, 2) float64 resized/original (fy, fx);
-    scale: (C,) long short side of the window's scale.
-    """
-
-    scores: torch.Tensor
-    cells: torch.Tensor
-    probs: torch.Tensor
-    factor: torch.Tensor
-    scale: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.scores.shape[0])
-
-    def take(self, idx: torch.Tensor) -> "Windows":
-        return Windows(self.scores[idx], self.cells[idx], self.probs[idx], self.factor[idx], self.scale[idx])
-
-    @staticmethod
-    def cat(parts: list["Windows"]) -> "Windows":
-        return Windows(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                         ("scores", "cells", "probs", "factor", "scale")))
-
-
-def _chunks(n: int, per_item: int) -> list[slice]:
-    """Slices of n items, each within PASTE_BUDGET elements at `per_item` elements per item."""
-    step = max(1, PASTE_BUDGET // max(1, per_item))
-    return [slice(lo, min(n, lo + step)) for lo in range(0, n, step)]
-
-
-def _probe_pixels(cell0: torch.Tensor, factor: torch.Tensor, m: int, stride: int, size: int, count: int) -> torch.Tensor:
-    """(N, 2m + 2) long pixels that decide a row's (or column's) maximum over this axis, -1 = none.
-
-    Within the pixels that blend the same cell pair (same floor(u)), the pasted value of any
-    fixed row is affine in t, and t grows with the pixel: its maximum sits at the first or last
-    such pixel. So a row holds a mask pixel iff one of these <= 2m probes does."""
-    pix = span(cell0, factor, m, stride)[:, None] + torch.arange(count, device=cell0.device)  # (N, S)
-    s = axis_samples(cell0, factor, pix, m, stride, size)
-    key = torch.where(s.valid, s.i0, torch.full_like(s.i0, -1))
-    edge = torch.ones_like(key[:, :1], dtype=torch.bool)
-    first = s.valid & torch.cat([edge, key[:, 1:] != key[:, :-1]], 1)
-    last = s.valid & torch.cat([key[:, :-1] != key[:, 1:], edge], 1)
-    probe = first | last
-    # Probes first (stable keeps pixel order), padded with -1 beyond each row's probes.
-    order = torch.argsort((~probe).to(torch.int8), dim=1, stable=True)[:, :2 * m + 2]
-    return torch.where(probe.gather(1, order), pix.gather(1, order), torch.full_like(order, -1))
-
-
-def tight_boxes(w: Windows, image_size: tuple[int, int], m: int, stride: int, threshold: float,
-                min_factor: tuple[float, float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(C, 4) long tight boxes (x0, y0, x1, y1), ends exclusive, of the windows' binarised pasted
-    masks, without pasting them; (0, 0, 0, 0) for an empty mask.
-
-    min_factor: (fy, fx) lower bounds of the windows' factors (host floats, so no sync); windows of
-    one scale give the tightest padding."""
-    height, width = image_size
-    out = torch.zeros((len(w), 4), dtype=torch.long, device=w.scores.device)
-    ny, nx = (span_count(f, m, stride) for f in min_factor)
-    (cy, cx), (fy, fx) = w.cells.unbind(1), w.factor.unbind(1)
-    ar_y, ar_x = torch.arange(ny, device=out.device), torch.arange(nx, device=out.device)
-    for sl in _chunks(len(w), (2 * m + 2) * (ny + nx) + ny + nx):
-        probs = w.probs[sl]
-        ypix = span(cy[sl], fy[sl], m, stride)[:, None] + ar_y  # (n, Sy)
-        xpix = span(cx[sl], fx[sl], m, stride)[:, None] + ar_x  # (n, Sx)
-        ys = axis_samples(cy[sl], fy[sl], ypix, m, stride, height)
-        xs = axis_samples(cx[sl], fx[sl], xpix, m, stride, width)
-        yprobe = axis_samples(cy[sl], fy[sl], _probe_pixels(cy[sl], fy[sl], m, stride, height, ny), m, stride, height)
-        xprobe = axis_samples(cx[sl], fx[sl], _probe_pixels(cx[sl], fx[sl], m, stride, width, nx), m, stride, width)
-        rows = (blend(probs, ys, xprobe, dtype) > threshold).any(2)  # (n, Sy)
-        cols = (blend(probs, yprobe, xs, dtype) > threshold).any(1)  # (n, Sx)
-        y0, y1 = _first_last(rows, ypix)
-        x0, x1 = _first_last(cols, xpix)
-        out[sl] = torch.stack([x0, y0, x1, y1], 1)
-    return out
-
-
-def _first_last(on: torch.Tensor, pix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """on: (n, S) bool over pixels pix (n, S) -> first pixel and last pixel + 1 (0, 0 when none)."""
-    any_ = on.any(1)
-    first = pix.gather(1, on.to(torch.int8).argmax(1, keepdim=True))[:, 0]
-    last = pix.gather(1, (on.shape[1] - 1 - on.flip(1).to(torch.int8).argmax(1)).unsqueeze(1))[:, 0] + 1
-    zero = torch.zeros_like(first)
-    return torch.where(any_, first, zero), torch.where(any_, last, zero)
 
 
 def paste_in_boxes(w: Windows, boxes: torch.Tensor, image_size: tuple[int, int], m: int, stride: int,
@@ -273,44 +173,6 @@ def box_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     iw = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
     ih = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(min=0)
     return iw * ih
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(n, 4), (k, 4) boxes (x0, y0, x1, y1) -> (n, k) float64 IoU (0 for two empty boxes)."""
-    inter = box_overlap(a, b)
-    a, b = a.double(), b.double()
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1.0)
-
-
-def greedy_keep(suppress: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
-    """Greedy NMS from a suppression matrix, without a sequential loop over items.
-
-    suppress: (n, n) bool, [i, j] = item j (earlier in score order, j < i) would suppress i;
-    alive: (n,) bool items that take part. Returns (n,) bool kept: i is kept iff alive and no
-    kept j < i suppresses it. Computed as the fixed point of that rule, reached after as many
-    sweeps as the longest chain of suppressions (each sweep one batched matrix-vector step).
-    """
-    suppress = torch.tril(suppress, diagonal=-1) & alive[None, :]
-    kept = alive.clone()
-    while True:
-        for _ in range(_SWEEPS_PER_CHECK):
-            prev, kept = kept, alive & ~(suppress & kept[None, :]).any(1)
-        if torch.equal(prev, kept):  # a host sync on CUDA: once per few sweeps
-            return kept
-
-
-def box_nms(boxes: torch.Tensor, alive: torch.Tensor, iou_threshold: float, max_keep: int) -> torch.Tensor:
-    """Greedy NMS on tight boxes in the given (score) order. boxes: (n, 4); alive: (n,) bool.
-    Returns kept indices (long), at most max_keep, in order."""
-    n = boxes.shape[0]
-    suppress = torch.zeros((n, n), dtype=torch.bool, device=boxes.device)
-    rows = max(1, PASTE_BUDGET // max(1, 8 * n))  # float64 IoU rows per block
-    for lo in range(0, n, rows):
-        suppress[lo:lo + rows] = box_iou(boxes[lo:lo + rows], boxes) > iou_threshold
-    kept = greedy_keep(suppress, alive)
-    return torch.nonzero(kept).reshape(-1)[:max_keep]
 
 
 def crop_runs(crops: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
+from .config import NMS_MODES
+
 # Logit for window cells that fall outside the feature map: sigmoid(-1e4) == 0 (background),
 # and still finite in bf16/fp16.
 BACKGROUND_LOGIT = -1.0e4
@@ -203,9 +205,6 @@ def _crop_intersection(a: tuple[int, int, np.ndarray], b: tuple[int, int, np.nda
     if y1 <= y0 or x1 <= x0:
         return 0
     return int(np.count_nonzero(ca[y0 - ta:y1 - ta, x0 - la:x1 - la] & cb[y0 - tb:y1 - tb, x0 - lb:x1 - lb]))
-
-
-NMS_MODES = ("box", "mask")
 
 
 class GreedyMaskNMS:
