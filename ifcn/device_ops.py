@@ -86,13 +86,15 @@ def paste_in_boxes(w: Windows, boxes: torch.Tensor, image_size: tuple[int, int],
 
 class CropStore:
     """Binarised pasted masks, each its tight-box crop in row-major order in one flat bool buffer,
-    so NMS and run lengths read masks again without pasting them again."""
+    so NMS and run lengths read masks again without pasting them again.
 
-    def __init__(self, n: int, device: torch.device) -> None:
+    Offsets are int64 (a 48 MP image's crops pass 2**31 pixels); the buffer grows by doubling, so
+    adding a block copies the store only when it fills (amortised O(1) per pixel), never per read."""
+
+    def __init__(self, n: int, device: torch.device, capacity: int = 1 << 20) -> None:
         self.start = torch.full((n,), -1, dtype=torch.long, device=device)  # (n,) offset of window i's crop
-        self._parts: list[torch.Tensor] = []
+        self._flat = torch.zeros(capacity, dtype=torch.bool, device=device)
         self._size = 0
-        self._flat: torch.Tensor | None = None
 
     def add(self, idx: torch.Tensor, crops: torch.Tensor, boxes: torch.Tensor) -> None:
         """crops: (k, hmax, wmax) of windows idx (k,) over their tight boxes (k, 4), False past each size."""
@@ -103,30 +105,30 @@ class CropStore:
         sizes = h * w
         self.start[idx] = self._size + torch.cumsum(sizes, 0) - sizes
         part = crops[inside]  # row-major per window, windows in order (a host sync: its length)
-        self._parts.append(part)
-        self._size += len(part)
-        self._flat = None
+        end = self._size + len(part)
+        if end > len(self._flat):
+            grown = torch.zeros(max(end, 2 * len(self._flat)), dtype=torch.bool, device=self._flat.device)
+            grown[:self._size] = self._flat[:self._size]
+            self._flat = grown
+        self._flat[self._size:end] = part
+        self._size = end
 
     def read(self, idx: torch.Tensor, boxes: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         """(k, hmax, wmax) bool: windows idx's masks (tight boxes `boxes`) over `region` (x0, y0, x1, y1),
         which lies inside each window's box; False past a region's size."""
-        if self._flat is None:
-            self._flat = torch.cat(self._parts) if self._parts else torch.zeros(0, dtype=torch.bool,
-                                                                                device=self.start.device)
         k = len(idx)
-        hmax = int((region[:, 3] - region[:, 1]).max()) if k else 0
-        wmax = int((region[:, 2] - region[:, 0]).max()) if k else 0
+        rh, rw = region[:, 3] - region[:, 1], region[:, 2] - region[:, 0]
+        hmax = int(rh.max()) if k else 0
+        wmax = int(rw.max()) if k else 0
         dev_ = region.device
-        rows = torch.arange(hmax, device=dev_, dtype=torch.int32)
-        cols = torch.arange(wmax, device=dev_, dtype=torch.int32)
-        rh, rw = (region[:, 3] - region[:, 1]).int(), (region[:, 2] - region[:, 0]).int()
+        rows = torch.arange(hmax, device=dev_)
+        cols = torch.arange(wmax, device=dev_)
         # offset of region pixel (r, c) in the window's row-major crop: start + (dy + r) * width + dx + c
         width = boxes[:, 2] - boxes[:, 0]
-        base = (self.start[idx] + (region[:, 1] - boxes[:, 1]) * width + region[:, 0] - boxes[:, 0]).int()  # (k,)
-        row_off = base[:, None] + rows[None, :] * width.int()[:, None]  # (k, hmax)
-        pos = row_off[:, :, None] + cols[None, None, :]  # (k, hmax, wmax) int32
+        base = self.start[idx] + (region[:, 1] - boxes[:, 1]) * width + region[:, 0] - boxes[:, 0]  # (k,) int64
+        pos = (base[:, None] + rows[None, :] * width[:, None])[:, :, None] + cols[None, None, :]  # (k, hmax, wmax)
         valid = (rows[None, :] < rh[:, None])[:, :, None] & (cols[None, :] < rw[:, None])[:, None, :]
-        pos.clamp_(0, max(0, len(self._flat) - 1))  # past a region's size: any pixel, masked below
+        pos.clamp_(0, max(0, self._size - 1))  # past a region's size: any pixel, masked below
         return self._flat[pos] & valid
 
 

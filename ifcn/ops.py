@@ -38,7 +38,8 @@ def assemble(scores: torch.Tensor, windows: torch.Tensor, m: int) -> torch.Tenso
     k = int(round(kk**0.5))
     if k * k != kk:
         raise ValueError(f"assemble: channel count {kk} is not a square k*k")
-    windows = windows.to(device=scores.device, dtype=torch.long).reshape(-1, 3)
+    windows = windows.long() if windows.device == scores.device else windows.to(device=scores.device, dtype=torch.long)
+    windows = windows.reshape(-1, 3)
     if windows.shape[0] == 0:
         return scores.new_zeros((0, m, m))
     # A background border of m cells makes every window one plain gather: a window starting

@@ -23,16 +23,19 @@ from .containers import Proposals, WindowBatch, Windows
 from .nms import box_nms, greedy_keep
 from .runs import flat_runs, paste_flat
 
-# Kept-mask pixels pasted per step (per batch): bounds the flat buffers (~40 bytes per pixel)
-# whatever the images; a batch beyond it pastes in several steps.
-PIXEL_BUDGET = 1 << 26
+# Kept-mask pixels pasted per step (per batch), by device type: bounds the flat buffers (~100 bytes
+# per pixel at the peak) whatever the images; a batch beyond it pastes in several steps. 480x640
+# images keep ~25-30 k pixels per proposal at the paper's defaults (~30 M per image), so a batch of
+# 16 takes four steps on a GPU.
+PIXEL_BUDGET = {"cuda": 1 << 27, "cpu": 1 << 24}
 # Windows whose tight boxes one call computes (~1.5 kB each in float32): bounds that memory.
 WINDOW_BLOCK = 1 << 16
 
 
 def postprocess_batch(batch: WindowBatch, config: InferenceConfig, m: int, stride: int,
-                      dtype: torch.dtype = torch.float32, pixel_budget: int = PIXEL_BUDGET) -> list[Proposals]:
-    """Every image's proposals, best first (what ops.paste_masks + GreedyMaskNMS + crop_runs give)."""
+                      dtype: torch.dtype = torch.float32, pixel_budget: int | None = None) -> list[Proposals]:
+    """Every image's proposals, best first (what ops.paste_masks + GreedyMaskNMS + crop_runs give).
+    pixel_budget: kept-mask pixels per paste step (None: PIXEL_BUDGET of the device type)."""
     b, c = batch.scores.shape
     if c == 0:
         return [Proposals.empty(s) for s in batch.image_sizes]
@@ -53,6 +56,8 @@ def postprocess_batch(batch: WindowBatch, config: InferenceConfig, m: int, strid
     pos, real = box_nms(boxes, alive, config.nms_iou, config.max_proposals)  # (B, K)
     idx = order.gather(1, pos)
     kept_boxes = torch.where(real[..., None], boxes.gather(1, pos[..., None].expand(*pos.shape, 4)), 0)
+    if pixel_budget is None:
+        pixel_budget = PIXEL_BUDGET.get(batch.scores.device.type, PIXEL_BUDGET["cuda"])
     return _finish(batch, idx, real, kept_boxes, m, stride, config.mask_threshold, dtype, pixel_budget)
 
 
@@ -64,7 +69,7 @@ def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: to
     take = lambda t: t.gather(1, idx.reshape(b, k, *([1] * (t.dim() - 2))).expand(b, k, *t.shape[2:]))  # noqa: E731
     scores, scale = take(batch.scores), take(batch.scale)
     head = torch.cat([real[..., None].double(), scores[..., None].double(), boxes.double(), scale[..., None].double()], 2)
-    head = head.cpu().numpy()  # (B, K, 7): one host read plans the pasting
+    head = head.numpy(force=True)  # (B, K, 7): one host read plans the pasting
     n = b * k
     boxes_f = boxes.reshape(n, 4)
     probs, cells, factor = (take(t).reshape(n, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor))
@@ -72,17 +77,18 @@ def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: to
     area = (head[..., 4] - head[..., 2]) * (head[..., 5] - head[..., 3])
     area = area.reshape(-1).astype(np.int64)
     counts, lengths, pixels = [], [], []
+    side = np.stack([head[..., 5] - head[..., 3], head[..., 4] - head[..., 2]], -1).reshape(-1, 2).astype(np.int64)
     for lo, hi in _steps(area, pixel_budget):
-        total = int(area[lo:hi].sum())
+        totals = (int(area[lo:hi].sum()), *(int(v) for v in side[lo:hi].sum(0)))
         sl = slice(lo, hi)
-        values, owner, row, col = paste_flat(probs[sl], cells[sl], factor[sl], boxes_f[sl], total, m, stride,
+        values, owner, row, col = paste_flat(probs[sl], cells[sl], factor[sl], boxes_f[sl], totals, m, stride,
                                              threshold, dtype)
         pixels.append(torch.zeros(hi - lo, dtype=torch.long, device=values.device).index_add_(0, owner, values.long()))
         cnt, ln = flat_runs(values, owner, row, col, boxes_f[sl], hw[sl])
         counts.append(cnt)
         lengths.append(ln)
-    tail = torch.stack([torch.cat(pixels), torch.cat(lengths)], 1).cpu().numpy()  # (n, 2)
-    runs = torch.cat(counts).cpu().numpy()
+    tail = torch.stack([torch.cat(pixels), torch.cat(lengths)], 1).numpy(force=True)  # (n, 2)
+    runs = torch.cat(counts).numpy(force=True)
     runs_at = np.concatenate([[0], np.cumsum(tail[:, 1])])
     out = []
     for i, size in enumerate(batch.image_sizes):

@@ -199,7 +199,7 @@ def _to_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
     t = torch.from_numpy(table)
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    return t if device.type == "cpu" else t.to(device)
 
 
 def _inputs(bases: dict[tuple[int, int], tuple[torch.Tensor, list[int]]], members: list[int],

@@ -12,38 +12,47 @@ import torch
 from .boxes import cell_coord
 
 
-def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor, total: int, m: int,
-               stride: int, threshold: float, dtype: torch.dtype = torch.float32
+def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
+               totals: tuple[int, int, int], m: int, stride: int, threshold: float, dtype: torch.dtype = torch.float32
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Binarised pasted masks of windows over their boxes, flat.
 
     probs: (n, m, m); cells: (n, 2) long; factor: (n, 2) float64; boxes: (n, 4) long (x0, y0, x1, y1),
-    inside their images; total: sum of box areas (host int). Returns (values (total,) bool,
-    owner (total,) long window of each pixel, row (total,), col (total,) long pixel within its box);
-    window i's pixels start at the cumulative sum of the areas before it, column by column.
-    The reference's float ops: blend along x first, then y, in `dtype`."""
+    inside their images; totals: the sums of the boxes' areas, heights and widths (host ints).
+    Returns (values (T,) bool, owner (T,) long window of each pixel, row (T,), col (T,) long pixel
+    within its box); window i's pixels start at the cumulative sum of the areas before it, column
+    by column. The reference's float ops: each box column blends the m rows along x (once per
+    column), then each pixel blends two of those along y, in `dtype`."""
+    total, rows_total, cols_total = totals
     dev = probs.device
+    n = len(boxes)
     h, w = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
+    p = probs.to(dtype)
+    ar = torch.arange(n, device=dev)
+
+    def axis(length: torch.Tensor, first: torch.Tensor, axis_: int, count: int):
+        """Per box pixel along one axis (boxes' pixels back to back): its window, cell i0, i1, weight t."""
+        owner = torch.repeat_interleave(ar, length, output_size=count)
+        starts = torch.cumsum(length, 0) - length
+        pix = first[owner] + torch.arange(count, device=dev) - starts[owner]
+        u = cell_coord(pix, cells[owner, axis_], factor[owner, axis_], m, stride)
+        i0 = u.floor()
+        return owner, starts, i0.long(), (i0.long() + 1).clamp(max=m - 1), (u - i0).to(dtype)
+
+    cown, cstart, i0x, i1x, tx = axis(w, boxes[:, 0], 1, cols_total)
+    _, rstart, i0y, i1y, ty = axis(h, boxes[:, 1], 0, rows_total)
+    q = p[cown, :, i0x] * (1.0 - tx[:, None]) + p[cown, :, i1x] * tx[:, None]  # (cols, m): along x first
     area = h * w
-    start = torch.cumsum(area, 0) - area
-    owner = torch.repeat_interleave(torch.arange(len(area), device=dev), area, output_size=total)
-    local = torch.arange(total, device=dev) - start[owner]
+    owner = torch.repeat_interleave(ar, area, output_size=total)
+    local = torch.arange(total, device=dev) - (torch.cumsum(area, 0) - area)[owner]
     hh = h[owner]
     col = local // hh
     row = local - col * hh
-    y, x = boxes[owner, 1] + row, boxes[owner, 0] + col
-    c, f = cells[owner], factor[owner]
-    uy, ux = cell_coord(y, c[:, 0], f[:, 0], m, stride), cell_coord(x, c[:, 1], f[:, 1], m, stride)
-    fy, fx = uy.floor(), ux.floor()
-    ty, tx = uy - fy, ux - fx
-    i0y, i0x = fy.long(), fx.long()
-    i1y, i1x = (i0y + 1).clamp(max=m - 1), (i0x + 1).clamp(max=m - 1)
-    flat = probs.reshape(-1).to(dtype)
-    base = owner * (m * m)
-    ty, tx = ty.to(dtype), tx.to(dtype)
-    q0 = flat[base + i0y * m + i0x] * (1.0 - tx) + flat[base + i0y * m + i1x] * tx
-    q1 = flat[base + i1y * m + i0x] * (1.0 - tx) + flat[base + i1y * m + i1x] * tx
-    return q0 * (1.0 - ty) + q1 * ty > threshold, owner, row, col
+    qrow = (cstart[owner] + col) * m  # this pixel's column of q
+    r = rstart[owner] + row  # this pixel's row geometry
+    t = ty[r]
+    flat = q.reshape(-1)
+    return flat[qrow + i0y[r]] * (1.0 - t) + flat[qrow + i1y[r]] * t > threshold, owner, row, col
 
 
 def flat_runs(values: torch.Tensor, owner: torch.Tensor, row: torch.Tensor, col: torch.Tensor, boxes: torch.Tensor,

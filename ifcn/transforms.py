@@ -39,7 +39,8 @@ def images_to_tensor(images: list[np.ndarray], device: torch.device | str = "cpu
     out = {}
     for shape, idx in groups.items():
         stacked = np.stack([images[i] for i in idx])  # a fresh writeable array, whatever the inputs
-        t = torch.from_numpy(stacked).to(device)
+        t = torch.from_numpy(stacked)
+        t = t if torch.device(device).type == "cpu" else t.to(device)
         out[shape] = (t.permute(0, 3, 1, 2).float().div_(255.0), idx)
     return out
 

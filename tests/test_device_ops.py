@@ -75,7 +75,8 @@ def test_tight_boxes_and_paste_match_reference(case: int, dtype: torch.dtype) ->
     live = torch.nonzero(boxes[:, 2] > boxes[:, 0]).reshape(-1)
     crops = dev.paste_in_boxes(w.take(live), boxes[live], image_size, m, 8, 0.5, dtype)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    values, owner, row, col = paste_flat(w.probs, w.cells, w.factor, boxes, int(area.sum()), m, 8, 0.5, dtype)
+    totals = (int(area.sum()), int((boxes[:, 3] - boxes[:, 1]).sum()), int((boxes[:, 2] - boxes[:, 0]).sum()))
+    values, owner, row, col = paste_flat(w.probs, w.cells, w.factor, boxes, totals, m, 8, 0.5, dtype)
     start = torch.cumsum(area, 0) - area
     for j, i in enumerate(live.tolist()):
         top, left, crop = ref[i]
@@ -317,3 +318,25 @@ def test_padded_batches_never_window_or_paint_the_padding(model: InstanceFCN) ->
             assert ((centres >= 0) & (centres < torch.tensor([fh, fw]))).all()
         x, y, bw, bh = got.boxes.T
         assert (x >= 0).all() and (y >= 0).all() and (x + bw <= w).all() and (y + bh <= h).all()
+
+
+def test_crop_store_grows_and_reads_back() -> None:
+    """Blocks added past the initial capacity (it doubles) read back as they went in."""
+    rng = np.random.default_rng(0)
+    store = dev.CropStore(6, torch.device("cpu"), capacity=8)
+    crops, boxes = [], []
+    for block in (range(0, 2), range(2, 6)):
+        part = [rng.random((int(rng.integers(1, 7)), int(rng.integers(1, 9)))) < 0.5 for _ in block]
+        hmax, wmax = max(c.shape[0] for c in part), max(c.shape[1] for c in part)
+        padded = np.zeros((len(part), hmax, wmax), bool)
+        for j, c in enumerate(part):
+            padded[j, :c.shape[0], :c.shape[1]] = c
+        bx = torch.tensor([[3, 2, 3 + c.shape[1], 2 + c.shape[0]] for c in part])
+        store.add(torch.tensor(list(block)), torch.from_numpy(padded), bx)
+        crops += part
+        boxes.append(bx)
+    boxes = torch.cat(boxes)
+    assert store.start.dtype == torch.long
+    got = store.read(torch.arange(6), boxes, boxes)
+    for i, c in enumerate(crops):
+        np.testing.assert_array_equal(got[i, :c.shape[0], :c.shape[1]].numpy(), c)
