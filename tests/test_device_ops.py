@@ -62,7 +62,7 @@ def _boxes(w: dev.Windows, image_size: tuple[int, int], m: int, factor: tuple[fl
 
 
 @pytest.mark.parametrize("case", range(6))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_tight_boxes_and_paste_match_reference(case: int, dtype: torch.dtype) -> None:
     m, factor, image_size, cells, probs = list(_paste_cases())[case]
     ref = paste_masks(probs, cells, factor, image_size, 8, 0.5)
@@ -274,7 +274,7 @@ def test_mask_nms_rounds_and_chunks(model: InstanceFCN, monkeypatch: pytest.Monk
     _assert_same(postprocess_device(groups, (64, 64), config, 21, 8, torch.float64), want)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_pixel_budget_crossed_still_equals_reference(model: InstanceFCN, dtype: torch.dtype) -> None:
     """Kept masks pasted in many small steps (a budget of 300 pixels: most masks alone, and a mask
     larger than the budget in a step of its own): the same proposals as one step and the reference."""
