@@ -15,7 +15,7 @@ _LAZY = {
     "BACKBONES": "config", "PAPER_SCALES": "config", "InferenceConfig": "config", "ModelConfig": "config",
     "DeepMask": "deepmask",
     "InstanceFCN": "model", "load_vgg16_weights": "model",
-    "assemble": "ops",
+    "assemble": "assembling",
     "Candidates": "containers", "Proposals": "containers", "WindowBatch": "containers", "Windows": "containers",
     "NMS_MODES": "config",
     "Predictor": "predictor",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -150,3 +151,12 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     start = torch.where(live, hit0, 0)  # (2, n): (y0, x0)
     end = torch.where(live, hit1 + 1, 0)
     return torch.stack([start[1], start[0], end[1], end[0]], 1)
+
+
+def crop_bbox(top: int, left: int, crop: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Tight COCO box (x, y, w, h) of a pasted crop, or None when it is empty."""
+    rows = np.flatnonzero(crop.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(crop.any(axis=0))
+    return (float(left + cols[0]), float(top + rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1))

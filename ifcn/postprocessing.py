@@ -20,8 +20,9 @@ from . import device_ops as dev
 from .boxes import search_steps, tight_boxes
 from .config import InferenceConfig
 from .containers import Proposals, WindowBatch, Windows
-from .nms import box_nms, greedy_keep
-from .runs import flat_runs, paste_flat
+from .nms import box_nms, box_overlap, greedy_keep
+from .paste import paste_flat, paste_in_boxes
+from .runs import flat_runs, padded_crop_runs
 
 # Kept-mask pixels pasted per step (per batch), by device type: bounds the flat buffers (~100 bytes
 # per pixel at the peak) whatever the images; a batch beyond it pastes in several steps. 480x640
@@ -135,7 +136,7 @@ def _mask_one(batch: WindowBatch, i: int, order: torch.Tensor, boxes: torch.Tens
     for g in dev.size_groups(boxes):
         crops = store.read(keep[g], boxes[g], boxes[g])
         areas[g] = crops.sum((1, 2))
-        parts.append((g, *dev.crop_runs(crops, boxes[g], image_size)))
+        parts.append((g, *padded_crop_runs(crops, boxes[g], image_size)))
     counts, lengths = dev.ragged_place(parts, len(keep))
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
     host = lambda t: t.cpu().numpy()  # noqa: E731
@@ -151,7 +152,7 @@ def _paste_into(store: dev.CropStore, w: Windows, idx: torch.Tensor, boxes: torc
     areas = torch.zeros(len(idx), dtype=torch.long, device=boxes.device)
     for g in dev.size_groups(boxes[idx]):
         sel = idx[g]
-        crops = dev.paste_in_boxes(w.take(sel), boxes[sel], image_size, m, stride, config.mask_threshold, dtype)
+        crops = paste_in_boxes(w.take(sel), boxes[sel], image_size, m, stride, config.mask_threshold, dtype)
         store.add(sel, crops, boxes[sel])
         areas[g] = crops.sum((1, 2))
     return areas
@@ -191,7 +192,7 @@ def _mask_nms(w: Windows, boxes: torch.Tensor, alive: torch.Tensor, store: dev.C
         block = order[lo:lo + MASK_NMS_BLOCK]
         area = _paste_into(store, w, block, boxes, image_size, config, m, stride, dtype).double()
         group, areas = torch.cat([kept, block]), torch.cat([kept_area.double(), area])  # (K + b,)
-        overlap = dev.box_overlap(boxes[block], boxes[group])  # (b, K + b)
+        overlap = box_overlap(boxes[block], boxes[group])  # (b, K + b)
         bound_inter = torch.minimum(overlap, torch.minimum(area[:, None], areas[None, :]))
         near = bound_inter / (area[:, None] + areas[None, :] - bound_inter).clamp(min=1) > config.nms_iou
         k = len(kept)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .config import InferenceConfig
 from .containers import Candidates, Groups, Proposals, WindowBatch
 from .model import InstanceFCN
-from .ops import BACKGROUND_LOGIT, assemble
+from .assembling import BACKGROUND_LOGIT, assemble
 from .postprocessing import postprocess_batch
 from .proposals import encode, postprocess_numpy
 from .transforms import images_to_tensor, normalize, resize, scaled_size

@@ -16,7 +16,9 @@ import torch
 
 from .config import InferenceConfig
 from .containers import Candidates, Groups, Proposals, WindowBatch
-from .ops import GreedyMaskNMS, crop_runs, encode_counts, paste_masks
+from .nms import GreedyMaskNMS
+from .paste import paste_masks
+from .runs import crop_runs, encode_counts
 from .postprocessing import postprocess_batch
 
 

@@ -1,58 +1,53 @@
-"""Pasting kept windows pixel by pixel and reading their COCO run lengths off, for any number of
-windows of any images in one flat (ragged) layout (torch).
+"""COCO run lengths of pasted masks, side by side:
 
-Each window's binarised mask over its tight box is laid out column-major, windows back to back,
-so a batch's masks cost memory in proportion to their pixels (not to the largest box), and the
-runs of every mask come from one pass of change detection over the flat buffer.
+    crop_runs, crop_to_rle, encode_counts   the numpy reference (one crop; pycocotools encodes)
+    flat_runs                               torch: every mask of a flat paste (paste.paste_flat) at once
+    padded_crop_runs                        torch: masks as padded crops (mask NMS's crop store)
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 
-from .boxes import cell_coord
+def crop_to_rle(top: int, left: int, crop: np.ndarray, image_size: tuple[int, int]) -> dict:
+    """COCO compressed RLE of a full-image mask that is zero outside `crop`, without building it."""
+    return encode_counts(crop_runs(top, left, crop, image_size), image_size)
 
 
-def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
-               totals: tuple[int, int, int], m: int, stride: int, threshold: float, dtype: torch.dtype = torch.float32
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Binarised pasted masks of windows over their boxes, flat.
+def crop_runs(top: int, left: int, crop: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """COCO uncompressed run lengths (uint32, column-major, background first) of a full-image
+    mask that is zero outside `crop`.
 
-    probs: (n, m, m); cells: (n, 2) long; factor: (n, 2) float64; boxes: (n, 4) long (x0, y0, x1, y1),
-    inside their images; totals: the sums of the boxes' areas, heights and widths (host ints).
-    Returns (values (T,) bool, owner (T,) long window of each pixel, row (T,), col (T,) long pixel
-    within its box); window i's pixels start at the cumulative sum of the areas before it, column
-    by column. The reference's float ops: each box column blends the m rows along x (once per
-    column), then each pixel blends two of those along y, in `dtype`."""
-    total, rows_total, cols_total = totals
-    dev = probs.device
-    n = len(boxes)
-    h, w = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
-    p = probs.to(dtype)
-    ar = torch.arange(n, device=dev)
+    Touches only the crop's pixels: O(h * w) rather than O(H * W). Runs are read off the crop's
+    columns (column-major, as COCO counts), each followed by one zero that stands for the
+    H - h background pixels between the crop's end in one column and its start in the next.
+    """
+    height, width = image_size
+    h, w = crop.shape
+    if h == 0 or w == 0 or not crop.any():
+        return np.array([height * width], dtype=np.uint32)
+    sep = 1 if h < height else 0  # a full-height crop's columns follow each other directly
+    strip = np.zeros((w, h + sep), dtype=np.int8)  # (w, h [+1]) column-major crop + separators
+    strip[:, :h] = crop.T
+    flat = strip.reshape(-1)
+    change = np.flatnonzero(np.diff(flat, prepend=0))  # runs start here (the image starts with background)
+    if flat[-1]:  # only without separators: the run after the crop starts past its last pixel
+        change = np.append(change, flat.size)
+    col, row = np.divmod(change, h + sep)
+    pos = (left + col) * height + top + row  # full-image column-major position
+    bounds = np.concatenate(([0], pos[pos < height * width], [height * width]))
+    return np.diff(bounds).astype(np.uint32)
 
-    def axis(length: torch.Tensor, first: torch.Tensor, axis_: int, count: int):
-        """Per box pixel along one axis (boxes' pixels back to back): its window, cell i0, i1, weight t."""
-        owner = torch.repeat_interleave(ar, length, output_size=count)
-        starts = torch.cumsum(length, 0) - length
-        pix = first[owner] + torch.arange(count, device=dev) - starts[owner]
-        u = cell_coord(pix, cells[owner, axis_], factor[owner, axis_], m, stride)
-        i0 = u.floor()
-        return owner, starts, i0.long(), (i0.long() + 1).clamp(max=m - 1), (u - i0).to(dtype)
 
-    cown, cstart, i0x, i1x, tx = axis(w, boxes[:, 0], 1, cols_total)
-    _, rstart, i0y, i1y, ty = axis(h, boxes[:, 1], 0, rows_total)
-    q = p[cown, :, i0x] * (1.0 - tx[:, None]) + p[cown, :, i1x] * tx[:, None]  # (cols, m): along x first
-    area = h * w
-    owner = torch.repeat_interleave(ar, area, output_size=total)
-    local = torch.arange(total, device=dev) - (torch.cumsum(area, 0) - area)[owner]
-    hh = h[owner]
-    col = local // hh
-    row = local - col * hh
-    qrow = (cstart[owner] + col) * m  # this pixel's column of q
-    r = rstart[owner] + row  # this pixel's row geometry
-    t = ty[r]
-    flat = q.reshape(-1)
-    return flat[qrow + i0y[r]] * (1.0 - t) + flat[qrow + i1y[r]] * t > threshold, owner, row, col
+def encode_counts(runs: list[int] | np.ndarray, image_size: tuple[int, int]) -> dict:
+    """Uncompressed column-major run lengths -> COCO compressed RLE with str counts.
+
+    A uint32 array goes to pycocotools without a Python-list round trip."""
+    height, width = image_size
+    rle = mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width)
+    rle["counts"] = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
+    return rle
 
 
 def flat_runs(values: torch.Tensor, owner: torch.Tensor, row: torch.Tensor, col: torch.Tensor, boxes: torch.Tensor,
@@ -92,4 +87,45 @@ def flat_runs(values: torch.Tensor, owner: torch.Tensor, row: torch.Tensor, col:
     last_at = torch.cumsum(changes, 0) + torch.arange(n, device=dev)  # each window's final count
     last_pos = torch.zeros(n, dtype=torch.long, device=dev).scatter_reduce(0, who, where, "amax", include_self=False)
     counts[last_at] = pixels - torch.where(changes > 0, last_pos, 0)
+    return counts, lengths
+
+
+def padded_crop_runs(crops: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """COCO uncompressed run lengths of full-image masks that are zero outside their crops.
+
+    crops: (n, hmax, wmax) bool, crop i placed at boxes[i] (x0, y0, ...), False past its size.
+    Returns (counts (R,) long, lengths (n,) long): mask i's column-major runs, starting with
+    background, are counts[sum(lengths[:i]):sum(lengths[:i+1])]. One host sync (the count).
+    """
+    height, width = image_size
+    n, hmax, wmax = crops.shape
+    dev = crops.device
+    strip = torch.zeros((n, wmax, hmax + 1), dtype=torch.int8, device=dev)  # column-major + a zero separator row
+    strip[:, :, :hmax] = crops.transpose(1, 2)
+    flat = strip.reshape(n, -1)
+    change = flat != torch.cat([torch.zeros_like(flat[:, :1]), flat[:, :-1]], 1)  # a run starts here
+    win, idx = torch.nonzero(change, as_tuple=True)  # by window, then position: sorted
+    col, row = idx // (hmax + 1), idx % (hmax + 1)
+    pos = (boxes[win, 0] + col) * height + boxes[win, 1] + row  # full-image column-major position
+    # A run ending at a column's last pixel and one starting at the next column's first pixel meet
+    # at one position (full-height crops): no change there. And the image end is no run start.
+    same = (pos[1:] == pos[:-1]) & (win[1:] == win[:-1])
+    drop = torch.zeros_like(pos, dtype=torch.bool)
+    drop[1:] |= same
+    drop[:-1] |= same
+    drop |= pos >= height * width
+    win, pos = win[~drop], pos[~drop]
+    changes = torch.bincount(win, minlength=n)  # (n,)
+    lengths = changes + 1
+    first = torch.ones_like(win, dtype=torch.bool)
+    first[1:] = win[1:] != win[:-1]
+    prev = torch.cat([torch.zeros_like(pos[:1]), pos[:-1]])
+    runs = pos - torch.where(first, torch.zeros_like(prev), prev)
+    ends = torch.cumsum(lengths, 0)  # one past each mask's last count
+    counts = torch.empty(int(ends[-1]) if n else 0, dtype=torch.long, device=dev)
+    starts = ends - lengths
+    rank = torch.arange(len(win), device=dev) - (torch.cumsum(changes, 0) - changes)[win]  # j-th change of its mask
+    counts[starts[win] + rank] = runs
+    last_pos = torch.zeros(n, dtype=torch.long, device=dev).scatter_reduce(0, win, pos, "amax", include_self=False)
+    counts[ends - 1] = height * width - torch.where(changes > 0, last_pos, torch.zeros_like(last_pos))
     return counts, lengths

@@ -15,17 +15,18 @@ import torch
 from pycocotools import mask as mask_utils
 
 import ifcn.device_ops as dev
+from ifcn.containers import Windows
 from ifcn import Candidates, InferenceConfig, InstanceFCN, Predictor, postprocess_device, postprocess_numpy
 from ifcn.boxes import search_steps, tight_boxes
 from ifcn.nms import box_nms, greedy_keep
-from ifcn.runs import flat_runs, paste_flat
-from ifcn.ops import crop_runs, paste_masks
+from ifcn.paste import paste_flat, paste_in_boxes, paste_masks
+from ifcn.runs import crop_runs, flat_runs, padded_crop_runs
 from test_ops import _crop_cases, _random_masks, _reference_nms, _tight_crop
 
 
-def _windows(probs: np.ndarray, cells: np.ndarray, factor: tuple[float, float]) -> dev.Windows:
+def _windows(probs: np.ndarray, cells: np.ndarray, factor: tuple[float, float]) -> Windows:
     n = len(probs)
-    return dev.Windows(torch.linspace(1, 0, n, dtype=torch.float32), torch.from_numpy(cells).long(),
+    return Windows(torch.linspace(1, 0, n, dtype=torch.float32), torch.from_numpy(cells).long(),
                        torch.from_numpy(probs), torch.tensor(factor, dtype=torch.float64).expand(n, 2),
                        torch.full((n,), 100, dtype=torch.long))
 
@@ -54,7 +55,7 @@ def _paste_cases():
         yield m, factor, image_size, cells, probs.astype(np.float32)
 
 
-def _boxes(w: dev.Windows, image_size: tuple[int, int], m: int, factor: tuple[float, float],
+def _boxes(w: Windows, image_size: tuple[int, int], m: int, factor: tuple[float, float],
            dtype: torch.dtype = torch.float64) -> torch.Tensor:
     n = len(w)
     return tight_boxes(w.probs, w.cells, w.factor, torch.tensor(image_size).expand(n, 2), m, 8, 0.5,
@@ -73,7 +74,7 @@ def test_tight_boxes_and_paste_match_reference(case: int, dtype: torch.dtype) ->
         want = [left, top, left + crop.shape[1], top + crop.shape[0]] if crop.size else [0, 0, 0, 0]
         assert boxes[i].tolist() == want, f"window {i}"
     live = torch.nonzero(boxes[:, 2] > boxes[:, 0]).reshape(-1)
-    crops = dev.paste_in_boxes(w.take(live), boxes[live], image_size, m, 8, 0.5, dtype)
+    crops = paste_in_boxes(w.take(live), boxes[live], image_size, m, 8, 0.5, dtype)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     totals = (int(area.sum()), int((boxes[:, 3] - boxes[:, 1]).sum()), int((boxes[:, 2] - boxes[:, 0]).sum()))
     values, owner, row, col = paste_flat(w.probs, w.cells, w.factor, boxes, totals, m, 8, 0.5, dtype)
@@ -132,7 +133,7 @@ def test_crop_runs_match_reference_and_pycocotools(case: int) -> None:
     padded[1, :crop.shape[0], :crop.shape[1]] = crop
     padded[0, 0, 0] = True
     boxes = torch.tensor([[0, 0, 1, 1], [left, top, left + crop.shape[1], top + crop.shape[0]]])
-    counts, lengths = dev.crop_runs(torch.from_numpy(padded), boxes, image_size)
+    counts, lengths = padded_crop_runs(torch.from_numpy(padded), boxes, image_size)
     first = crop_runs(0, 0, np.ones((1, 1), bool), image_size)  # the pixel at (0, 0)
     assert int(lengths[0]) == len(first) and counts[:len(first)].tolist() == first.tolist()
     got = counts[int(lengths[0]):].numpy()

@@ -73,3 +73,12 @@ def test_no_import_cycle_in_ifcn() -> None:
                                   "ifcn.boxes", "ifcn.nms", "ifcn.runs", "ifcn.ops", "ifcn.device_ops"])
 def test_module_imports_alone(name: str) -> None:
     subprocess.run([sys.executable, "-c", f"import {name}"], check=True, cwd=ROOT, timeout=120)
+
+
+def test_no_lazy_name_is_shadowed_by_a_module() -> None:
+    """`ifcn.<name>` of ifcn/__init__.py's lazy names must not also be a module: importing that
+    module would replace the name on the package (as `ifcn.assemble` once did)."""
+    import ifcn
+
+    clash = [name for name in ifcn.__all__ if (PACKAGE / f"{name}.py").exists() or (PACKAGE / name).is_dir()]
+    assert not clash, clash
