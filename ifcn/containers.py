@@ -97,10 +97,12 @@ class WindowBatch:
         c = max(len(w) if w is not None else 0 for w in wins)
         m, dev = ref.probs.shape[-1], ref.scores.device
         b = len(wins)
-        batch = cls(torch.zeros((b, c), dtype=ref.scores.dtype, device=dev), torch.zeros((b, c), dtype=torch.bool, device=dev),
-                    torch.zeros((b, c, 2), dtype=torch.long, device=dev), torch.zeros((b, c, m, m), dtype=ref.probs.dtype, device=dev),
-                    torch.ones((b, c, 2), dtype=torch.float64, device=dev), torch.zeros((b, c), dtype=torch.long, device=dev),
-                    torch.tensor(image_sizes, dtype=torch.long, device=dev).reshape(b, 2), [tuple(s) for s in image_sizes], [[(int(w.scale[0]) if len(w) else 0, f) for w, f in g] for g in groups_per_image])
+        zeros = lambda *shape, dtype=torch.long: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
+        batch = cls(zeros(b, c, dtype=ref.scores.dtype), zeros(b, c, dtype=torch.bool), zeros(b, c, 2),
+                    zeros(b, c, m, m, dtype=ref.probs.dtype), torch.ones((b, c, 2), dtype=torch.float64, device=dev),
+                    zeros(b, c), torch.tensor(image_sizes, dtype=torch.long, device=dev).reshape(b, 2),
+                    [tuple(s) for s in image_sizes],
+                    [[(int(w.scale[0]) if len(w) else 0, f) for w, f in g] for g in groups_per_image])
         for i, w in enumerate(wins):
             if w is None or not len(w):
                 continue
@@ -115,9 +117,10 @@ class WindowBatch:
         out = []
         for i, size in enumerate(self.image_sizes):
             keep = host["valid"][i]
-            out.append(Candidates(tuple(size), host["scores"][i][keep].astype(np.float32), host["cells"][i][keep].astype(np.int32),
-                                  host["probs"][i][keep].astype(np.float32), host["scale"][i][keep].astype(np.int32),
-                                  host["factor"][i][keep].astype(np.float32), stride))
+            pick = {f: v[i][keep] for f, v in host.items()}
+            out.append(Candidates(tuple(size), pick["scores"].astype(np.float32), pick["cells"].astype(np.int32),
+                                  pick["probs"].astype(np.float32), pick["scale"].astype(np.int32),
+                                  pick["factor"].astype(np.float32), stride))
         return out
 
 

@@ -1,5 +1,6 @@
-"""The device half of inference (ifcn/device_ops.py, proposals.postprocess_device) against the numpy
-reference (ifcn/ops.py, proposals.postprocess_numpy), on CPU: the same torch code runs on CUDA.
+"""The device half of inference (torch: ifcn.boxes, ifcn.paste, ifcn.nms, ifcn.runs, ifcn.postprocessing,
+ifcn.device_ops) against the numpy references beside them (and proposals.postprocess_numpy), on CPU:
+the same torch code runs on CUDA.
 
 float64 blending must reproduce the reference bit for bit; float32 (the GPU default) may differ
 only for pixels within rounding of the threshold, which these inputs avoid.
