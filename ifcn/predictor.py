@@ -125,12 +125,22 @@ class Predictor:
             cl = cell if rows is None else cell[rows]
             n = cl.shape[0]
             img = torch.arange(n, device=self.device)[:, None, None].expand(n, c, 1)
-            got = self._window_logits(maps, torch.cat([img, cl], 2).reshape(-1, 3)).reshape(n, c, m, m)
-            here = ((scale_id if rows is None else scale_id[rows]) == s)[..., None, None]
+            windows = torch.cat([img, cl], 2).reshape(-1, 3)  # (n * C, 3)
+            here = (scale_id if rows is None else scale_id[rows]) == s  # (n, C)
+            if self.device.type == "cpu" and not self.on_device:
+                # the numpy path on the host, where syncs are free: assemble only this scale's windows
+                at = torch.nonzero(here.reshape(-1)).reshape(-1)
+                mine = masks if rows is None else masks[rows]
+                mine.view(-1, m, m)[at] = self._window_logits(maps, windows[at])
+                if rows is not None:
+                    masks[rows] = mine
+                continue
+            # on a device: every window from every scale's maps, kept where it belongs (no sync)
+            got = self._window_logits(maps, windows).reshape(n, c, m, m)
             if rows is None:
-                masks = torch.where(here, got, masks)
+                masks = torch.where(here[..., None, None], got, masks)
             else:
-                masks[rows] = torch.where(here, got, masks[rows])
+                masks[rows] = torch.where(here[..., None, None], got, masks[rows])
         fac = info[:, :2 * n_s].reshape(b, n_s, 2).gather(1, scale_id[..., None].expand(b, c, 2))
         shorts = info[:, 2 * n_s:3 * n_s].long().gather(1, scale_id)
         return WindowBatch(torch.sigmoid(logit), valid, cell, torch.sigmoid(masks), fac, shorts,
