@@ -15,9 +15,11 @@ _LAZY = {
     "BACKBONES": "config", "PAPER_SCALES": "config", "InferenceConfig": "config", "ModelConfig": "config",
     "DeepMask": "deepmask",
     "InstanceFCN": "model", "load_vgg16_weights": "model",
-    "assemble": "ops",
-    "Candidates": "predictor", "Predictor": "predictor", "postprocess": "predictor",
-    "Proposals": "proposals", "encode": "proposals", "postprocess_device": "proposals",
+    "assemble": "assembling",
+    "Candidates": "containers", "Proposals": "containers", "WindowBatch": "containers", "Windows": "containers",
+    "NMS_MODES": "config",
+    "Predictor": "predictor",
+    "encode": "proposals", "postprocess": "proposals", "postprocess_device": "proposals",
     "postprocess_numpy": "proposals",
 }
 __all__ = sorted(_LAZY)

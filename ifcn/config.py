@@ -61,6 +61,10 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# NMS modes, defined once (CLIs take their choices from here): "box", IoU of the masks' tight boxes
+# (the paper's); "mask", IoU of the masks themselves (stricter).
+NMS_MODES: tuple[str, ...] = ("box", "mask")
+
 # 600 * 1.5 ** e for e in -4..1, rounded: the paper's six inference scales.
 PAPER_SCALES: tuple[int, ...] = tuple(int(round(600 * 1.5**e)) for e in range(-4, 2))
 
@@ -92,8 +96,8 @@ class InferenceConfig:
             raise ValueError(f"InferenceConfig.mask_threshold={self.mask_threshold}: must be in (0, 1)")
         if not 0.0 < self.nms_iou <= 1.0:
             raise ValueError(f"InferenceConfig.nms_iou={self.nms_iou}: must be in (0, 1]")
-        if self.nms not in ("box", "mask"):
-            raise ValueError(f"InferenceConfig.nms={self.nms!r}: choose 'box' (the paper's) or 'mask'")
+        if self.nms not in NMS_MODES:
+            raise ValueError(f"InferenceConfig.nms={self.nms!r}: choose one of {list(NMS_MODES)} ('box' is the paper's)")
         if self.pad_to < 0 or self.pad_to % 8:
             raise ValueError(f"InferenceConfig.pad_to={self.pad_to}: must be 0 or a multiple of 8 px (the stride)")
         if self.max_proposals < 1 or self.windows_per_scale < 1:

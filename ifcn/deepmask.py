@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .model import InstanceFCN, _vgg16_trunk, init_weights
-from .ops import BACKGROUND_LOGIT
+from .assembling import BACKGROUND_LOGIT
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .ops import assemble
+from .assembling import assemble
 
 # torchvision's vgg16 "features" indices of the 13 convs; keeping them lets an ImageNet
 # state dict load key for key (features.0.weight ... features.28.bias).

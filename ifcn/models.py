@@ -23,7 +23,7 @@ from .baseline import BaselinePredictor, FCNBaseline, baseline_loss
 from .config import InferenceConfig, ModelConfig
 from .deepmask import DeepMask
 from .model import InstanceFCN
-from .ops import assemble
+from .assembling import assemble
 from .predictor import Predictor
 
 if TYPE_CHECKING:

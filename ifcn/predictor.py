@@ -1,9 +1,10 @@
 """Multi-scale inference for whole batches of images, with every per-pixel step on the model's device:
 
-    Predictor.windows(images)    every scale's forward (same-size images batched), top windows
-                                 by objectness, assembling; no host sync between scales
-    postprocess_device(...)      paste, binarise, tight boxes, NMS, run lengths (torch, same device)
-    proposals.encode(...)        COCO compressed RLE strings (pycocotools; CPU, after the actor)
+    Predictor.windows(images)           every scale's forward (same-size images batched), each image's
+                                        top windows across scales, assembled: one WindowBatch, no sync
+    Predictor.postprocess_batch(...)    tight boxes, NMS, paste, run lengths for the whole batch
+                                        (ifcn.postprocess, torch on the device; or the numpy reference)
+    proposals.encode(...)               COCO compressed RLE strings (pycocotools; CPU, after the actor)
 
 On CPU the per-pixel half defaults to the numpy reference (`postprocess_numpy`), which is the
 faster of the two there; `postprocess_on="device"` runs the torch path on CPU too (CI does).
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,63 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from .config import InferenceConfig
-from .device_ops import Windows
+from .containers import Candidates, Groups, Proposals, WindowBatch
 from .model import InstanceFCN
-from .ops import BACKGROUND_LOGIT, assemble
-from .proposals import Proposals, encode, postprocess_device, postprocess_numpy
-from .transforms import image_to_tensor, normalize, resize, scaled_size
+from .assembling import BACKGROUND_LOGIT, assemble
+from .postprocessing import postprocess_batch
+from .proposals import encode, postprocess_numpy
+from .transforms import images_to_tensor, normalize, resize, scaled_size
 
 # Input pixels per forward: 16 images of 480x640 at the paper's largest scale (900 x 1200 px), whose
 # VGG-16 activations take ~7 GB in bf16; larger groups run in several forwards of even size.
 BATCH_PIXELS = 18_000_000
 POSTPROCESS_ON = ("auto", "device", "numpy")
-
-
-@dataclass
-class Candidates:
-    """Top windows of every scale for one image, before pasting (all numpy).
-
-    scores: (C,) float32 objectness probability; cells: (C, 2) int32 window top-left feature
-    cell (y0, x0) at its scale; masks: (C, m, m) float32 (or float16) assembled probabilities;
-    scale: (C,) int32 short side; factor: (C, 2) float32 resized/original size (fy, fx).
-    """
-
-    image_size: tuple[int, int]
-    scores: np.ndarray
-    cells: np.ndarray
-    masks: np.ndarray
-    scale: np.ndarray
-    factor: np.ndarray
-    stride: int = 8
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"image_size": np.asarray(self.image_size, dtype=np.int64), "scores": self.scores,
-                "cells": self.cells, "masks": self.masks, "scale": self.scale, "factor": self.factor,
-                "stride": np.int64(self.stride)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Candidates":
-        h, w = (int(v) for v in np.asarray(d["image_size"]).reshape(2))
-        m = np.asarray(d["masks"])
-        return cls((h, w), np.asarray(d["scores"], np.float32).reshape(-1), np.asarray(d["cells"], np.int32).reshape(-1, 2),
-                   m.reshape(-1, *m.shape[-2:]) if m.size else m.reshape(0, 0, 0),
-                   np.asarray(d["scale"], np.int32).reshape(-1), np.asarray(d["factor"], np.float32).reshape(-1, 2),
-                   int(d.get("stride", 8)))
-
-    @classmethod
-    def from_windows(cls, groups: list[tuple[Windows, tuple[float, float]]], image_size: tuple[int, int],
-                     stride: int) -> "Candidates":
-        host = lambda t: t.cpu().numpy()  # noqa: E731
-        w = Windows.cat([g for g, _ in groups])
-        return cls(tuple(image_size), host(w.scores).astype(np.float32), host(w.cells).astype(np.int32),
-                   host(w.probs).astype(np.float32), host(w.scale).astype(np.int32),
-                   host(w.factor).astype(np.float32), stride)
-
-
-def postprocess(cands: Candidates, config: InferenceConfig) -> list[dict[str, Any]]:
-    """Paste, binarise, NMS and encode with the numpy reference: proposals best first,
-    {score, rle (COCO compressed, str counts), bbox (x, y, w, h), area, scale}."""
-    return encode(postprocess_numpy(cands, config))
 
 
 class Predictor:
@@ -113,108 +67,188 @@ class Predictor:
         return read(maps, windows) if read is not None else assemble(maps, windows, self.model.config.m)
 
     @torch.inference_mode()
-    def windows(self, images: list[np.ndarray]) -> list[list[tuple[Windows, tuple[float, float]]]]:
-        """images: (H, W, 3) uint8 RGB each -> per image, per scale: its top windows (on the
-        device) and the scale's (fy, fx) resized/original factor.
+    def windows(self, images: list[np.ndarray]) -> WindowBatch:
+        """images: (H, W, 3) uint8 RGB each -> every image's top windows, on the device, in one padded
+        batch (indexing it gives an image's per-scale (Windows, (fy, fx)) groups).
 
         Windows are ranked across scales: an image keeps its windows_per_scale * len(scales) best
         by objectness wherever they come from, so no window is dropped while a lower-scored one of
-        another scale is kept. Images whose resized size (padded up to `pad_to`) is equal share a
-        forward; padding is set to background before windows are picked, so it yields no window
-        and no mask pixel. No host sync until every scale's forward is queued."""
-        cfg = self.config
+        another scale is kept (ties at the cut: any of them). Images whose resized size (padded up
+        to `pad_to`) is equal share a forward; padding is set to background before windows are
+        picked, so it yields no window and no mask pixel. No host sync."""
+        cfg, mcfg = self.config, self.model.config
         total = cfg.windows_per_scale * len(cfg.scales)
-        bases = [image_to_tensor(image, self.device) for image in images]  # (1, 3, H, W) each
-        found: list[list[tuple[int, tuple[float, float], _Top]]] = [[] for _ in images]
-        for short in cfg.scales:
-            sizes = [scaled_size(*image.shape[:2], short, cfg.max_size) for image in images]
+        b = len(images)
+        hw = [tuple(int(v) for v in image.shape[:2]) for image in images]
+        bases = images_to_tensor(images, self.device)  # original size -> ((N, 3, H, W), image indices)
+        sizes = [[scaled_size(h, w, short, cfg.max_size) for h, w in hw] for short in cfg.scales]
+        # float32-rounded as the numpy path stores them, so both paste the same pixels
+        factors = [[(float(np.float32(s[i][0] / hw[i][0])), float(np.float32(s[i][1] / hw[i][1]))) for s in sizes]
+                   for i in range(b)]
+        table = np.array([[v for f in factors[i] for v in f] + list(cfg.scales) + list(hw[i]) for i in range(b)],
+                         dtype=np.float64).reshape(b, -1)  # (B, 2S + S + 2): one host-to-device copy
+        info = _to_device(table, self.device)
+        n_s = len(cfg.scales)
+        logits, cells, chunks = [], [], []  # per scale: (B, T) logits, (B, T, 2) cells; (scale, members, maps)
+        for s, short in enumerate(cfg.scales):
             groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-            for i, size in enumerate(sizes):
-                groups[_padded(size, cfg.pad_to)].append(i)
+            for i in range(b):
+                groups[_padded(sizes[s][i], cfg.pad_to)].append(i)
+            parts = []
             for padded, members in groups.items():
                 forwards = math.ceil(len(members) * padded[0] * padded[1] / BATCH_PIXELS)
                 per = math.ceil(len(members) / forwards)  # even forwards: fewer shapes for cudnn / compile
                 for lo in range(0, len(members), per):
                     chunk = members[lo:lo + per]
-                    tops = self._top_at_scale([bases[i] for i in chunk], [sizes[i] for i in chunk], padded, total)
-                    for i, top in zip(chunk, tops):
-                        height, width = images[i].shape[:2]
-                        # float32-rounded as the numpy path stores it, so both paste the same pixels
-                        factor = (float(np.float32(sizes[i][0] / height)), float(np.float32(sizes[i][1] / width)))
-                        found[i].append((short, factor, top))
-        out = []
-        for per_scale in found:
-            logits = torch.cat([top.logits for _, _, top in per_scale])
-            floor = torch.topk(logits, total).values[-1] if len(logits) > total else None  # the cross-scale cut
-            groups_out = []
-            for short, factor, top in per_scale:
-                keep = torch.nonzero(top.logits >= floor).reshape(-1) if floor is not None else None
-                logit, cells = (top.logits, top.cells) if keep is None else (top.logits[keep], top.cells[keep])
-                windows = torch.cat([torch.zeros_like(cells[:, :1]), cells], 1)  # (n, 3): one map, top-left cells
-                n = len(cells)
-                masks = torch.sigmoid(self._window_logits(top.scores[None], windows))  # (n, m, m)
-                groups_out.append((Windows(torch.sigmoid(logit), cells, masks,
-                                           # filled on the device: a host-to-device copy would wait for the GPU
-                                           torch.stack([torch.full((n,), f, dtype=torch.float64, device=self.device)
-                                                        for f in factor], 1),
-                                           torch.full((n,), short, dtype=torch.long, device=self.device)), factor))
-            out.append(groups_out)
-        return out
+                    top = self._top_at_scale(bases, chunk, [sizes[s][i] for i in chunk], padded, total)
+                    parts.append((chunk, *top))
+                    chunks.append((s, chunk, top[2]))
+            lg, cl = _rows(parts, b)
+            logits.append(lg)
+            cells.append(cl)
+        counts = [lg.shape[1] for lg in logits]
+        logits_all, cells_all = torch.cat(logits, 1), torch.cat(cells, 1)  # (B, sum T)
+        which = torch.cat([torch.full((t,), s, dtype=torch.long, device=self.device) for s, t in enumerate(counts)])
+        width = logits_all.shape[1]
+        c = min(total, width)
+        top = torch.topk(logits_all, c, dim=1)  # the cross-scale cut
+        key = torch.sort(top.indices + torch.where(torch.isfinite(top.values), 0, width), dim=1).values
+        valid = key < width  # real windows first, in candidate order (scale by scale, best first)
+        idx = torch.where(valid, key, key - width)
+        logit = logits_all.gather(1, idx)
+        cell = cells_all.gather(1, idx[..., None].expand(b, c, 2))
+        scale_id = which[idx]  # (B, C)
+        m = mcfg.m
+        masks = torch.full((b, c, m, m), BACKGROUND_LOGIT, device=self.device)
+        for s, members, maps in chunks:
+            rows = _to_device(np.asarray(members), self.device) if len(members) < b else None
+            cl = cell if rows is None else cell[rows]
+            n = cl.shape[0]
+            img = torch.arange(n, device=self.device)[:, None, None].expand(n, c, 1)
+            windows = torch.cat([img, cl], 2).reshape(-1, 3)  # (n * C, 3)
+            here = (scale_id if rows is None else scale_id[rows]) == s  # (n, C)
+            if self.device.type == "cpu" and not self.on_device:
+                # the numpy path on the host, where syncs are free: assemble only this scale's windows
+                at = torch.nonzero(here.reshape(-1)).reshape(-1)
+                mine = masks if rows is None else masks[rows]
+                mine.view(-1, m, m)[at] = self._window_logits(maps, windows[at])
+                if rows is not None:
+                    masks[rows] = mine
+                continue
+            # on a device: every window from every scale's maps, kept where it belongs (no sync)
+            got = self._window_logits(maps, windows).reshape(n, c, m, m)
+            if rows is None:
+                masks = torch.where(here[..., None, None], got, masks)
+            else:
+                masks[rows] = torch.where(here[..., None, None], got, masks[rows])
+        fac = info[:, :2 * n_s].reshape(b, n_s, 2).gather(1, scale_id[..., None].expand(b, c, 2))
+        shorts = info[:, 2 * n_s:3 * n_s].long().gather(1, scale_id)
+        return WindowBatch(torch.sigmoid(logit), valid, cell, torch.sigmoid(masks), fac, shorts,
+                           info[:, 3 * n_s:].long(), hw, [list(zip(cfg.scales, f)) for f in factors])
 
-    def _top_at_scale(self, bases: list[torch.Tensor], sizes: list[tuple[int, int]], padded: tuple[int, int],
-                      total: int) -> list["_Top"]:
-        """One batched forward at one scale -> each image's best `total` windows there (no host sync)."""
+    def _top_at_scale(self, bases: dict[tuple[int, int], tuple[torch.Tensor, list[int]]], members: list[int],
+                      sizes: list[tuple[int, int]], padded: tuple[int, int], total: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One batched forward at one scale -> images' best `total` windows there: logits (b, T)
+        (-inf past an image's own windows), top-left cells (b, T, 2), and the maps the windows read
+        (b, k*k, fh, fw) score maps, or DeepMask's (b, m*m, fh, fw) mask maps. No host sync."""
         mcfg = self.model.config
         half, stride = mcfg.m // 2, mcfg.stride
-        x = torch.cat([F.pad(normalize(resize(b, s)), (0, padded[1] - s[1], 0, padded[0] - s[0]))
-                       for b, s in zip(bases, sizes)]).contiguous(memory_format=torch.channels_last)  # (B, 3, h, w)
+        x = _inputs(bases, members, sizes, padded).contiguous(memory_format=torch.channels_last)  # (b, 3, h, w)
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext())
         with amp:
-            scores, objectness = self.forward(x)  # (B, k*k, fh, fw), (B, 1, fh, fw)
+            scores, objectness = self.forward(x)  # (b, k*k, fh, fw), (b, 1, fh, fw)
         scores, objectness = scores.float(), objectness.float()
         batch, _, fh, fw = objectness.shape
         feats = [(math.ceil(s[0] / stride), math.ceil(s[1] / stride)) for s in sizes]  # each image's own map
         if any(f != (fh, fw) for f in feats):  # padding: background scores, never a window
             inside = torch.zeros((batch, 1, fh, fw), dtype=torch.bool, device=self.device)
-            for b, (h, w) in enumerate(feats):
-                inside[b, :, :h, :w] = True
+            for j, (h, w) in enumerate(feats):
+                inside[j, :, :h, :w] = True
             scores = scores.masked_fill(~inside, BACKGROUND_LOGIT)
             objectness = objectness.masked_fill(~inside, -math.inf)
-        counts = [min(total, h * w) for h, w in feats]
-        top = torch.topk(objectness.reshape(batch, -1), max(counts), dim=1)  # (B, T)
-        cells = torch.stack([top.indices // fw - half, top.indices % fw - half], dim=2)  # (B, T, 2) top-left cells
-        return [_Top(top.values[b, :n], cells[b, :n], scores[b]) for b, n in enumerate(counts)]
+        top = torch.topk(objectness.reshape(batch, -1), min(total, fh * fw), dim=1)  # (b, T)
+        cells = torch.stack([top.indices // fw - half, top.indices % fw - half], dim=2)  # (b, T, 2) top-left cells
+        return top.values, cells, scores
+
+    @torch.inference_mode()
+    def postprocess_batch(self, windows_per_image: WindowBatch | list[Groups],
+                          image_sizes: list[tuple[int, int]]) -> list[Proposals]:
+        """Every image's proposals (compact form, best first) from `windows` (a WindowBatch, or per
+        image its groups): one batched chain on the device, or the numpy reference image by image."""
+        mcfg = self.model.config
+        batch = windows_per_image
+        if not isinstance(batch, WindowBatch):
+            groups = [[(w, f) for w, f in g if len(w)] for g in windows_per_image]
+            if not any(groups):
+                return [Proposals.empty(s) for s in image_sizes]
+            batch = WindowBatch.from_groups(groups, image_sizes)
+        if self.on_device:
+            return postprocess_batch(batch, self.config, mcfg.m, mcfg.stride)
+        return [postprocess_numpy(c, self.config) for c in batch.candidates(mcfg.stride)]
+
+    def postprocess(self, groups: Groups, image_size: tuple[int, int]) -> Proposals:
+        """One image's windows (an item of `windows`) -> its proposals, on the device or with numpy."""
+        return self.postprocess_batch([groups], [image_size])[0]
 
     def proposals(self, images: list[np.ndarray]) -> list[Proposals]:
         """images: (H, W, 3) uint8 RGB each -> each image's proposals, best first (compact form)."""
-        return [self.postprocess(groups, image.shape[:2]) for image, groups in zip(images, self.windows(images))]
-
-    @torch.inference_mode()
-    def postprocess(self, groups: list[tuple[Windows, tuple[float, float]]], image_size: tuple[int, int]) -> Proposals:
-        """One image's windows (from `windows`) -> its proposals, on the device or with numpy."""
-        mcfg = self.model.config
-        if self.on_device:
-            return postprocess_device(groups, image_size, self.config, mcfg.m, mcfg.stride)
-        return postprocess_numpy(Candidates.from_windows(groups, image_size, mcfg.stride), self.config)
+        return self.postprocess_batch(self.windows(images), [image.shape[:2] for image in images])
 
     def candidates(self, image: np.ndarray) -> Candidates:
         """image: (H, W, 3) uint8 RGB -> top windows of every scale, on the host."""
-        return Candidates.from_windows(self.windows([image])[0], image.shape[:2], self.model.config.stride)
+        return self.windows([image]).candidates(self.model.config.stride)[0]
 
     def predict(self, image: np.ndarray) -> list[dict[str, Any]]:
         """image: (H, W, 3) uint8 RGB -> proposals best first (see `postprocess`)."""
         return encode(self.proposals([image])[0])
 
 
-@dataclass
-class _Top:
-    """One image's best windows at one scale: logits (n,), cells (n, 2) top-left feature cells,
-    scores (k*k, fh, fw) its score maps, or DeepMask's (m*m, fh, fw) mask maps (the windows that
-    survive the cross-scale cut read their masks from them)."""
+def _to_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host table on the device; on CUDA from pinned memory without waiting for the queue."""
+    t = torch.from_numpy(table)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t if device.type == "cpu" else t.to(device)
 
-    logits: torch.Tensor
-    cells: torch.Tensor
-    scores: torch.Tensor
+
+def _inputs(bases: dict[tuple[int, int], tuple[torch.Tensor, list[int]]], members: list[int],
+            sizes: list[tuple[int, int]], padded: tuple[int, int]) -> torch.Tensor:
+    """(b, 3, h, w) network input of images `members` (resized to `sizes`, padded to `padded`): one
+    resize per original size among them."""
+    out = []
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for j, i in enumerate(members):
+        for shape, (t, idx) in bases.items():
+            if i in idx:
+                by_size[shape].append(j)
+    order = []
+    for shape, js in by_size.items():
+        t, idx = bases[shape]
+        rows = [idx.index(members[j]) for j in js]
+        part = t if rows == list(range(len(idx))) else t[_to_device(np.asarray(rows), t.device)]
+        size = sizes[js[0]]
+        out.append(F.pad(normalize(resize(part, size)), (0, padded[1] - size[1], 0, padded[0] - size[0])))
+        order += js
+    x = torch.cat(out) if len(out) > 1 else out[0]
+    return x if order == sorted(order) else x[_to_device(np.argsort(order), x.device)]
+
+
+def _rows(parts: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]], b: int
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-chunk (members, logits (b_c, T_c), cells (b_c, T_c, 2), maps) -> (B, T) logits (-inf
+    padding) and (B, T, 2) cells in image order."""
+    if len(parts) == 1 and parts[0][0] == list(range(b)):
+        return parts[0][1], parts[0][2]
+    t = max(p[1].shape[1] for p in parts)
+    dev = parts[0][1].device
+    logits = torch.full((b, t), -math.inf, device=dev)
+    cells = torch.zeros((b, t, 2), dtype=torch.long, device=dev)
+    for members, lg, cl, _ in parts:
+        rows = _to_device(np.asarray(members), dev)
+        logits[rows, :lg.shape[1]] = lg
+        cells[rows, :cl.shape[1]] = cl
+    return logits, cells
 
 
 def _padded(size: tuple[int, int], pad_to: int) -> tuple[int, int]:

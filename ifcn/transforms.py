@@ -27,6 +27,24 @@ def image_to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> to
     return t.permute(2, 0, 1)[None].float().div_(255.0)  # (1, 3, H, W)
 
 
+def images_to_tensor(images: list[np.ndarray], device: torch.device | str = "cpu"
+                     ) -> dict[tuple[int, int], tuple[torch.Tensor, list[int]]]:
+    """(H, W, 3) uint8 images -> per distinct (H, W): ((n, 3, H, W) float in [0, 1] on `device`, the
+    images' indices). Same-size images are stacked on the host first: one copy and one cast each."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+        groups.setdefault(tuple(int(v) for v in image.shape[:2]), []).append(i)
+    out = {}
+    for shape, idx in groups.items():
+        stacked = np.stack([images[i] for i in idx])  # a fresh writeable array, whatever the inputs
+        t = torch.from_numpy(stacked)
+        t = t if torch.device(device).type == "cpu" else t.to(device)
+        out[shape] = (t.permute(0, 3, 1, 2).float().div_(255.0), idx)
+    return out
+
+
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(N, 3, H, W) -> (N, 3, h, w), antialiased so small scales do not alias."""
     if tuple(images.shape[-2:]) == tuple(size):

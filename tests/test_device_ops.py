@@ -1,5 +1,6 @@
-"""The device half of inference (ifcn/device_ops.py, proposals.postprocess_device) against the numpy
-reference (ifcn/ops.py, proposals.postprocess_numpy), on CPU: the same torch code runs on CUDA.
+"""The device half of inference (torch: ifcn.boxes, ifcn.paste, ifcn.nms, ifcn.runs, ifcn.postprocessing,
+ifcn.device_ops) against the numpy references beside them (and proposals.postprocess_numpy), on CPU:
+the same torch code runs on CUDA.
 
 float64 blending must reproduce the reference bit for bit; float32 (the GPU default) may differ
 only for pixels within rounding of the threshold, which these inputs avoid.
@@ -15,14 +16,18 @@ import torch
 from pycocotools import mask as mask_utils
 
 import ifcn.device_ops as dev
+from ifcn.containers import Windows
 from ifcn import Candidates, InferenceConfig, InstanceFCN, Predictor, postprocess_device, postprocess_numpy
-from ifcn.ops import crop_runs, paste_masks
+from ifcn.boxes import search_steps, tight_boxes
+from ifcn.nms import box_nms, greedy_keep
+from ifcn.paste import paste_flat, paste_in_boxes, paste_masks
+from ifcn.runs import crop_runs, flat_runs, padded_crop_runs
 from test_ops import _crop_cases, _random_masks, _reference_nms, _tight_crop
 
 
-def _windows(probs: np.ndarray, cells: np.ndarray, factor: tuple[float, float]) -> dev.Windows:
+def _windows(probs: np.ndarray, cells: np.ndarray, factor: tuple[float, float]) -> Windows:
     n = len(probs)
-    return dev.Windows(torch.linspace(1, 0, n, dtype=torch.float32), torch.from_numpy(cells).long(),
+    return Windows(torch.linspace(1, 0, n, dtype=torch.float32), torch.from_numpy(cells).long(),
                        torch.from_numpy(probs), torch.tensor(factor, dtype=torch.float64).expand(n, 2),
                        torch.full((n,), 100, dtype=torch.long))
 
@@ -51,36 +56,63 @@ def _paste_cases():
         yield m, factor, image_size, cells, probs.astype(np.float32)
 
 
+def _boxes(w: Windows, image_size: tuple[int, int], m: int, factor: tuple[float, float],
+           dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    n = len(w)
+    return tight_boxes(w.probs, w.cells, w.factor, torch.tensor(image_size).expand(n, 2), m, 8, 0.5,
+                       search_steps(min(factor), 8), dtype)
+
+
 @pytest.mark.parametrize("case", range(6))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_tight_boxes_and_paste_match_reference(case: int, dtype: torch.dtype) -> None:
     m, factor, image_size, cells, probs = list(_paste_cases())[case]
     ref = paste_masks(probs, cells, factor, image_size, 8, 0.5)
     w = _windows(probs, cells, factor)
-    boxes = dev.tight_boxes(w, image_size, m, 8, 0.5, factor, dtype)
+    boxes = _boxes(w, image_size, m, factor, dtype)
     assert boxes.dtype == torch.long and boxes.shape == (len(cells), 4)
     for i, (top, left, crop) in enumerate(ref):
         want = [left, top, left + crop.shape[1], top + crop.shape[0]] if crop.size else [0, 0, 0, 0]
         assert boxes[i].tolist() == want, f"window {i}"
     live = torch.nonzero(boxes[:, 2] > boxes[:, 0]).reshape(-1)
-    crops = dev.paste_in_boxes(w.take(live), boxes[live], image_size, m, 8, 0.5, dtype)
+    crops = paste_in_boxes(w.take(live), boxes[live], image_size, m, 8, 0.5, dtype)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    totals = (int(area.sum()), int((boxes[:, 3] - boxes[:, 1]).sum()), int((boxes[:, 2] - boxes[:, 0]).sum()))
+    values, owner, row, col = paste_flat(w.probs, w.cells, w.factor, boxes, totals, m, 8, 0.5, dtype)
+    start = torch.cumsum(area, 0) - area
     for j, i in enumerate(live.tolist()):
         top, left, crop = ref[i]
         np.testing.assert_array_equal(crops[j, :crop.shape[0], :crop.shape[1]].numpy(), crop, err_msg=f"window {i}")
         assert not crops[j, crop.shape[0]:].any() and not crops[j, :, crop.shape[1]:].any()
+        flat = values[int(start[i]):int(start[i] + area[i])].numpy()  # column-major over the box
+        np.testing.assert_array_equal(flat.reshape(crop.shape[1], crop.shape[0]).T, crop, err_msg=f"window {i}")
+        assert (owner[int(start[i])] == i) and row[int(start[i]) + 1 if crop.shape[0] > 1 else 0] == (crop.shape[0] > 1)
 
 
-def test_tight_boxes_of_no_windows_and_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("seed", range(4))
+def test_tight_boxes_match_reference_on_random_geometry(seed: int) -> None:
+    """Any m, factors from 0.05 to 2.5 (segments of 1 to 240 pixels), windows off every border."""
+    rng = np.random.default_rng(seed)
+    for _ in range(30):
+        m = int(rng.integers(2, 22))
+        factor = (float(np.float32(rng.uniform(0.05, 2.5))), float(np.float32(rng.uniform(0.05, 2.5))))
+        size = (int(rng.integers(5, 200)), int(rng.integers(5, 200)))
+        fh, fw = math.ceil(size[0] * factor[0] / 8), math.ceil(size[1] * factor[1] / 8)
+        cells = np.stack([rng.integers(-m - 1, fh + 1, 20), rng.integers(-m - 1, fw + 1, 20)], 1).astype(np.int64)
+        probs = (rng.random((20, m, m)) ** rng.uniform(0.2, 6)).astype(np.float32)
+        got = _boxes(_windows(probs, cells, factor), size, m, factor)
+        for i, (top, left, crop) in enumerate(paste_masks(probs, cells, factor, size, 8, 0.5)):
+            want = [left, top, left + crop.shape[1], top + crop.shape[0]] if crop.size else [0, 0, 0, 0]
+            assert got[i].tolist() == want, (m, factor, size, i)
+
+
+def test_tight_boxes_of_no_windows() -> None:
     m, factor, image_size, cells, probs = list(_paste_cases())[5]
     w = _windows(probs, cells, factor)
-    assert dev.tight_boxes(w.take(torch.zeros(0, dtype=torch.long)), image_size, m, 8, 0.5, factor).shape == (0, 4)
-    whole = dev.tight_boxes(w, image_size, m, 8, 0.5, factor)
-    monkeypatch.setattr(dev, "PASTE_BUDGET", 1)  # one window per chunk: same boxes
-    assert torch.equal(dev.tight_boxes(w, image_size, m, 8, 0.5, factor), whole)
+    assert _boxes(w.take(torch.zeros(0, dtype=torch.long)), image_size, m, factor).shape == (0, 4)
+    whole = _boxes(w, image_size, m, factor)
     groups = dev.size_groups(whole)
     assert sorted(int(i) for g in groups for i in g) == list(range(len(whole)))
-    for g in groups:  # one window per group, unless the others are empty (nothing to paste)
-        assert len(g) == 1 or int((whole[g, 2:] - whole[g, :2]).prod(1).clamp(min=0).max()) == 0
 
 
 def test_ragged_place_reorders_groups() -> None:
@@ -102,7 +134,7 @@ def test_crop_runs_match_reference_and_pycocotools(case: int) -> None:
     padded[1, :crop.shape[0], :crop.shape[1]] = crop
     padded[0, 0, 0] = True
     boxes = torch.tensor([[0, 0, 1, 1], [left, top, left + crop.shape[1], top + crop.shape[0]]])
-    counts, lengths = dev.crop_runs(torch.from_numpy(padded), boxes, image_size)
+    counts, lengths = padded_crop_runs(torch.from_numpy(padded), boxes, image_size)
     first = crop_runs(0, 0, np.ones((1, 1), bool), image_size)  # the pixel at (0, 0)
     assert int(lengths[0]) == len(first) and counts[:len(first)].tolist() == first.tolist()
     got = counts[int(lengths[0]):].numpy()
@@ -112,6 +144,36 @@ def test_crop_runs_match_reference_and_pycocotools(case: int) -> None:
     full[top:top + crop.shape[0], left:left + crop.shape[1]] = crop
     rle = mask_utils.frPyObjects({"counts": got.astype(np.uint32).tolist(), "size": list(image_size)}, *image_size)
     np.testing.assert_array_equal(mask_utils.decode(rle), full)
+
+
+def _flat(crops: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
+    """Crops laid out as runs.paste_flat lays them: column-major, back to back."""
+    values = torch.from_numpy(np.concatenate([c.T.reshape(-1) for c in crops]))
+    owner = torch.cat([torch.full((c.size,), i) for i, c in enumerate(crops)])
+    row = torch.cat([torch.arange(c.shape[0]).repeat(c.shape[1]) for c in crops])
+    col = torch.cat([torch.arange(c.shape[1]).repeat_interleave(c.shape[0]) for c in crops])
+    return values, owner, row, col
+
+
+@pytest.mark.parametrize("case", range(len(_crop_cases())))
+def test_flat_runs_match_reference(case: int) -> None:
+    """Each crop case after a one-pixel mask at (0, 0) and before a full-height one: runs per mask
+    as ops.crop_runs gives them (which tests/test_ops.py checks against pycocotools)."""
+    image_size, top, left, crop = _crop_cases()[case]
+    if not crop.any():
+        return  # kept masks are never empty
+    rows, cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
+    top, left = top + rows[0], left + cols[0]
+    crop = crop[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    full = np.ones((image_size[0], 1), bool)
+    full[1:-1] = ~full[1:-1]  # a hole inside (tight: its ends stay on)
+    crops = [np.ones((1, 1), bool), crop, full]
+    placed = [(0, 0), (top, left), (0, image_size[1] - 1)]
+    boxes = torch.tensor([[x, y, x + c.shape[1], y + c.shape[0]] for (y, x), c in zip(placed, crops)])
+    counts, lengths = flat_runs(*_flat(crops), boxes, torch.tensor(image_size).expand(3, 2))
+    got = np.split(counts.numpy(), np.cumsum(lengths.numpy())[:-1])
+    for g, (y, x), c in zip(got, placed, crops):
+        np.testing.assert_array_equal(g, crop_runs(y, x, c, image_size))
 
 
 def _reference_greedy(suppress: np.ndarray, alive: np.ndarray) -> np.ndarray:
@@ -130,8 +192,12 @@ def test_greedy_keep_equals_sequential_loop(seed: int) -> None:
         suppress[:] = False
         suppress[np.arange(1, n), np.arange(n - 1)] = True
     alive = rng.random(n) < 0.9
-    got = dev.greedy_keep(torch.from_numpy(suppress), torch.from_numpy(alive)).numpy()
+    got = greedy_keep(torch.from_numpy(suppress), torch.from_numpy(alive)).numpy()
     np.testing.assert_array_equal(got, _reference_greedy(np.tril(suppress, -1), alive))
+    # a batch of two problems at once: each row its own answer
+    both = greedy_keep(torch.from_numpy(np.stack([suppress, suppress.T])), torch.from_numpy(np.stack([alive, alive])))
+    np.testing.assert_array_equal(both[0].numpy(), got)
+    np.testing.assert_array_equal(both[1].numpy(), _reference_greedy(np.tril(suppress.T, -1), alive))
 
 
 @pytest.mark.parametrize("iou_threshold", [0.3, 0.5, 0.8, 1.0])
@@ -150,8 +216,17 @@ def test_box_nms_matches_brute_force(iou_threshold: float, seed: int) -> None:
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         box_masks[order[i], y0:y1, x0:x1] = True  # box IoU = IoU of the filled boxes
     for max_keep in (1000, 7):
-        kept = dev.box_nms(torch.tensor(boxes), torch.ones(60, dtype=torch.bool), iou_threshold, max_keep)
-        assert order[kept.numpy()].tolist() == _reference_nms(box_masks, scores, iou_threshold, max_keep)
+        # two images at once: this one, and its first 30 windows (padded: not alive)
+        batch = torch.tensor(boxes)[None].repeat(2, 1, 1)
+        alive = torch.ones((2, 60), dtype=torch.bool)
+        alive[1, 30:] = False
+        pos, real = box_nms(batch, alive, iou_threshold, max_keep)
+        assert pos.shape == (2, min(max_keep, 60))
+        kept = pos[0][real[0]].numpy()
+        assert order[kept].tolist() == _reference_nms(box_masks, scores, iou_threshold, max_keep)
+        sub = order[:30]
+        want = _reference_nms(box_masks[sub], scores[sub], iou_threshold, max_keep)
+        assert sub[pos[1][real[1]].numpy()].tolist() == [sub[i] for i in want]
 
 
 # ----------------------------------------------------------------------------- whole postprocess
@@ -190,7 +265,7 @@ def test_postprocess_device_equals_numpy_reference(model: InstanceFCN, nms: str,
 
 def test_mask_nms_rounds_and_chunks(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
     """Mask NMS in blocks of 3 windows (many steps), pasting in tiny chunks."""
-    import ifcn.proposals as proposals
+    import ifcn.postprocessing as proposals
 
     config = InferenceConfig(scales=(40, 56, 88), windows_per_scale=80, max_proposals=12, nms="mask", nms_iou=0.3)
     image = _image(2, (64, 64))
@@ -199,6 +274,24 @@ def test_mask_nms_rounds_and_chunks(model: InstanceFCN, monkeypatch: pytest.Monk
     monkeypatch.setattr(proposals, "MASK_NMS_BLOCK", 3)
     monkeypatch.setattr(dev, "PASTE_BUDGET", 2000)
     _assert_same(postprocess_device(groups, (64, 64), config, 21, 8, torch.float64), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_pixel_budget_crossed_still_equals_reference(model: InstanceFCN, dtype: torch.dtype) -> None:
+    """Kept masks pasted in many small steps (a budget of 300 pixels: most masks alone, and a mask
+    larger than the budget in a step of its own): the same proposals as one step and the reference."""
+    from ifcn.postprocessing import postprocess_batch
+
+    config = InferenceConfig(scales=(40, 56, 88), windows_per_scale=60, max_proposals=40)
+    predictor = Predictor(model, config, device="cpu", postprocess_on="device")
+    images = [_image(0, (50, 70)), _image(1, (50, 70)), _image(3, (83, 41))]
+    batch = predictor.windows(images)
+    whole = postprocess_batch(batch, config, 21, 8, dtype)
+    steps = postprocess_batch(batch, config, 21, 8, dtype, pixel_budget=300)
+    assert max(int(np.max(p.areas)) for p in whole) > 300
+    for got, one, cands in zip(steps, whole, batch.candidates(8)):
+        _assert_same(got, one)
+        _assert_same(got, postprocess_numpy(cands, config))
 
 
 def test_batched_windows_equal_one_by_one(model: InstanceFCN) -> None:
@@ -227,3 +320,25 @@ def test_padded_batches_never_window_or_paint_the_padding(model: InstanceFCN) ->
             assert ((centres >= 0) & (centres < torch.tensor([fh, fw]))).all()
         x, y, bw, bh = got.boxes.T
         assert (x >= 0).all() and (y >= 0).all() and (x + bw <= w).all() and (y + bh <= h).all()
+
+
+def test_crop_store_grows_and_reads_back() -> None:
+    """Blocks added past the initial capacity (it doubles) read back as they went in."""
+    rng = np.random.default_rng(0)
+    store = dev.CropStore(6, torch.device("cpu"), capacity=8)
+    crops, boxes = [], []
+    for block in (range(0, 2), range(2, 6)):
+        part = [rng.random((int(rng.integers(1, 7)), int(rng.integers(1, 9)))) < 0.5 for _ in block]
+        hmax, wmax = max(c.shape[0] for c in part), max(c.shape[1] for c in part)
+        padded = np.zeros((len(part), hmax, wmax), bool)
+        for j, c in enumerate(part):
+            padded[j, :c.shape[0], :c.shape[1]] = c
+        bx = torch.tensor([[3, 2, 3 + c.shape[1], 2 + c.shape[0]] for c in part])
+        store.add(torch.tensor(list(block)), torch.from_numpy(padded), bx)
+        crops += part
+        boxes.append(bx)
+    boxes = torch.cat(boxes)
+    assert store.start.dtype == torch.long
+    got = store.read(torch.arange(6), boxes, boxes)
+    for i, c in enumerate(crops):
+        np.testing.assert_array_equal(got[i, :c.shape[0], :c.shape[1]].numpy(), c)

@@ -1,0 +1,162 @@
+"""Tight boxes of binarised pasted masks, straight from the windows' m x m grids (torch).
+
+The pasted value of a pixel is the reference's (ops.paste_masks) bilinear blend, along x first and
+then y: pixel p of an axis sits at window cell u = clip(((p + 0.5) * factor - stride * c0) / stride
+- 0.5, 0, m-1) and blends cells floor(u) and floor(u) + 1 with weight t = u - floor(u). Pixels with
+the same floor(u) form a *segment* (at most m per axis, bounds found exactly below); inside one the
+value is affine in t and t grows with p, so:
+
+- a row's maximum over x sits at an x-segment's first or last pixel (2m *probes* per axis);
+- along y, for one x-probe, the pixels of a segment above the threshold are a prefix or a suffix
+  of the segment: its first and last pixels say whether it has any, and a binary search over
+  its pixels (a fixed number of steps, log2 of the longest segment) finds where they start or end.
+
+So the first row of the mask is: the first y-segment where some x-probe has an endpoint on, and
+there the first pixel on over all probes; likewise the last row, and the columns with y-probes.
+Every value is computed with the reference's own float ops at the reference's own pixels, so
+float64 gives the reference's boxes exactly; cost O(m^2) per window and a fixed chain of ~150
+ops for any number of windows, images and scales (no host sync).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def _resized(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, stride: int) -> torch.Tensor:
+    """Resized px from the window's start of pixel(s) p (as device_ops.axis_samples computes it)."""
+    return (p.double() + 0.5) * f - (c0 * stride).double()
+
+
+def cell_coord(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, m: int, stride: int) -> torch.Tensor:
+    """Window cell u (float64, clamped to [0, m-1]) that pixel(s) p sample: floor(u) and floor(u) + 1
+    blend with weight t = u - floor(u) (as device_ops.axis_samples computes it)."""
+    return (_resized(p, c0, f, stride) / stride - 0.5).clamp(0.0, m - 1.0)
+
+
+def _weight(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, m: int, stride: int) -> torch.Tensor:
+    u = cell_coord(p, c0, f, m, stride)
+    return u - u.floor()
+
+
+def segments(c0: torch.Tensor, f: torch.Tensor, size: torch.Tensor, m: int, stride: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window and segment j (cells j, j + 1 blended): its valid pixels [lo, hi) along one axis.
+
+    c0, f, size: (...,) window start cell, factor (float64), image side -> lo, hi: (..., m) long,
+    hi == lo for an empty segment. Bounds are first pixels where a monotone float predicate turns
+    true (span start, u >= j, span end), estimated in closed form and settled by evaluating the
+    predicate itself at the estimate and its neighbours."""
+    dev = c0.device
+    j = torch.arange(m + 1, device=dev, dtype=torch.float64)
+    # resized-px thresholds: span start 0, cell boundaries (j + 0.5) * stride, span end m * stride
+    theta = torch.where(j == 0, 0.0, torch.where(j == m, float(m * stride), (j + 0.5) * stride))  # (m + 1,)
+    c0e, fe = c0[..., None], f[..., None]
+    est = torch.ceil((theta + (c0e * stride).double()) / fe - 0.5).long()  # (..., m + 1)
+    cand = est[..., None] + torch.arange(-1, 2, device=dev)  # (..., m + 1, 3)
+    r = _resized(cand, c0e[..., None], fe[..., None], stride)
+    jj = j.long()[:, None]
+    inner = (r / stride - 0.5) >= jj  # u >= j <=> floor(clip(u)) >= j for 1 <= j <= m - 1
+    ok = torch.where(jj == 0, r >= 0, torch.where(jj == m, r >= m * stride, inner))  # (..., m + 1, 3)
+    first = torch.where(ok[..., 0], cand[..., 0], torch.where(ok[..., 1], cand[..., 1], cand[..., 2]))
+    vlo = first[..., :1].clamp(min=0)
+    vhi = torch.minimum(first[..., m:], size[..., None])
+    lo = torch.maximum(first[..., :m], vlo)
+    hi = torch.maximum(torch.minimum(first[..., 1:], vhi), lo)
+    return lo, hi
+
+
+def search_steps(min_factor: float, stride: int) -> int:
+    """Binary-search steps that settle any segment of an axis whose factor is >= min_factor."""
+    longest = math.ceil(1.5 * stride / min_factor) + 2  # segment 0 also holds the clamped u < 0
+    return max(1, math.ceil(math.log2(longest)))
+
+
+def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, sizes: torch.Tensor, m: int,
+                stride: int, threshold: float, steps: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, 4) long tight boxes (x0, y0, x1, y1), ends exclusive, of the binarised pasted masks; zeros
+    when empty.
+
+    probs: (n, m, m) window probabilities; cells: (n, 2) long top-left cell (y0, x0); factor: (n, 2)
+    float64 (fy, fx); sizes: (n, 2) long image (height, width) of each window; steps: from
+    `search_steps` of the smallest factor. Values blend in `dtype` (float64: the reference's)."""
+    n = probs.shape[0]
+    dev = probs.device
+    if n == 0:
+        return torch.zeros((0, 4), dtype=torch.long, device=dev)
+    p = probs.to(dtype)
+    c0, f, size = cells.long().T, factor.double().T, sizes.long().T  # (2, n): axis 0 = y, 1 = x
+    lo, hi = segments(c0, f, size, m, stride)  # (2, n, m)
+    seg = torch.arange(m, device=dev)
+    seg1 = (seg + 1).clamp(max=m - 1)
+    # probes: each segment's first and last pixel, (2, n, 2m); cells j, j1 and weight t there
+    probe = torch.cat([lo, hi - 1], -1)
+    probe_ok = torch.cat([hi > lo] * 2, -1)
+    pt = _weight(probe, c0[..., None], f[..., None], m, stride).to(dtype)  # (2, n, 2m)
+    pj, pj1 = seg.repeat(2), seg1.repeat(2)  # (2m,)
+    # Rows (y-segments, x-probes): x-blend at the probes, Q[r, k] = P[r, j_k] (1 - t_k) + P[r, j1_k] t_k
+    tx = pt[1][:, None, :]  # (n, 1, 2m)
+    q = p[:, :, pj] * (1.0 - tx) + p[:, :, pj1] * tx  # (n, m, 2m)
+    zero = torch.zeros_like(q)
+    # Columns (x-segments, y-probes): P at the probe's rows i0, i1 and the segment's cells j, j1
+    rows0, rows1 = p[:, pj, :], p[:, pj1, :]  # (n, 2m, m): [k, j]
+    col = [t.transpose(1, 2) for t in (rows0[:, :, seg], rows0[:, :, seg1], rows1[:, :, seg], rows1[:, :, seg1])]
+    # One form for both axes: v(t) = (X0 (1-t) + X1 t) (1-s) + (Y0 (1-t) + Y1 t) s; rows have s = 0
+    x0 = torch.stack([q, col[0]])  # (2, n, m, 2m)
+    x1 = torch.stack([q[:, seg1], col[1]])
+    y0 = torch.stack([zero, col[2]])
+    y1 = torch.stack([zero, col[3]])
+    s = torch.stack([torch.zeros_like(pt[0]), pt[0]])[:, :, None, :]  # (2, n, 1, 2m)
+    ok = (hi > lo)[..., None] & probe_ok.flip(0)[:, :, None, :]  # (2, n, m, 2m): segment and probe exist
+
+    def value(t: torch.Tensor, x0, x1, y0, y1, s) -> torch.Tensor:
+        return (x0 * (1.0 - t) + x1 * t) * (1.0 - s) + (y0 * (1.0 - t) + y1 * t) * s
+
+    t_lo = _weight(lo, c0[..., None], f[..., None], m, stride).to(dtype)[..., None]  # (2, n, m, 1)
+    t_hi = _weight(hi - 1, c0[..., None], f[..., None], m, stride).to(dtype)[..., None]
+    on_lo = ok & (value(t_lo, x0, x1, y0, y1, s) > threshold)
+    on_hi = ok & (value(t_hi, x0, x1, y0, y1, s) > threshold)
+    seg_on = (on_lo | on_hi).any(-1)  # (2, n, m)
+    found = seg_on.any(-1)  # (2, n)
+    first = seg_on.to(torch.int8).argmax(-1)  # first segment with a pixel on
+    last = m - 1 - seg_on.flip(-1).to(torch.int8).argmax(-1)
+    # Both ends at once: side 0 looks in the first such segment for its first pixel on, side 1 in the
+    # last for its last pixel on, i.e. the pixel before its first pixel off after an on one.
+    at = torch.stack([first, last])[..., None]  # (2 sides, 2 axes, n, 1)
+
+    def pick(t: torch.Tensor) -> torch.Tensor:  # (2, n, m, ...) -> (2 sides, 2, n, ...) at each side's segment
+        idx = at.reshape(*at.shape, *([1] * (t.dim() - 3))).expand(2, *t.shape[:2], 1, *t.shape[3:])
+        return t.expand(2, *t.shape).gather(3, idx).squeeze(3)
+
+    s_lo, s_hi = pick(lo), pick(hi)  # (2, 2, n)
+    a_lo, a_hi = pick(on_lo), pick(on_hi)  # (2, 2, n, 2m)
+    coef = [pick(t) for t in (x0, x1, y0, y1)] + [s.squeeze(2).expand(2, *s.shape[:2], s.shape[-1])]
+    side = torch.tensor([False, True], device=dev)[:, None, None, None]
+    # search for the first pixel in (lo, hi - 1] where `on != side`, given it holds at hi - 1, not at lo
+    need = torch.where(side, a_lo & ~a_hi, ~a_lo & a_hi)
+    below = s_lo[..., None].expand_as(need).clone()
+    above = (s_hi - 1)[..., None].expand_as(need).clone()
+    ce, fe = c0[None, :, :, None], f[None, :, :, None]
+    for _ in range(steps):
+        mid = (below + above) // 2
+        flip = (value(_weight(mid, ce, fe, m, stride).to(dtype), *coef) > threshold) != side
+        above, below = torch.where(flip, mid, above), torch.where(flip, below, mid)
+    big = torch.iinfo(torch.long).max
+    # side 0: lo if on there, else the search's answer; side 1: hi - 1 if on there, else answer - 1
+    hit0 = torch.where(a_lo[0], s_lo[0][..., None], torch.where(need[0], above[0], big)).amin(-1)
+    hit1 = torch.where(a_hi[1], (s_hi[1] - 1)[..., None], torch.where(need[1], above[1] - 1, -1)).amax(-1)
+    live = found.all(0)  # (n,): both axes see the same pixels, so one empty means both
+    start = torch.where(live, hit0, 0)  # (2, n): (y0, x0)
+    end = torch.where(live, hit1 + 1, 0)
+    return torch.stack([start[1], start[0], end[1], end[0]], 1)
+
+
+def crop_bbox(top: int, left: int, crop: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Tight COCO box (x, y, w, h) of a pasted crop, or None when it is empty."""
+    rows = np.flatnonzero(crop.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(crop.any(axis=0))
+    return (float(left + cols[0]), float(top + rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1))

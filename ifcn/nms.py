@@ -1,0 +1,193 @@
+"""Greedy NMS, side by side: the numpy reference (`GreedyMaskNMS`, `mask_nms`: box or mask IoU, one
+mask at a time in score order) and greedy box NMS for every image of a batch at once (torch).
+
+Every window of a batch sits in one padded (B, N) layout in score order; the (B, N, N) matrix
+of "j (earlier) suppresses i" comes from box IoUs in row blocks of a fixed element budget, and the
+greedy rule's kept set is its fixed point: `kept = alive & ~any(suppress & kept)`, reached after as
+many sweeps as the longest chain of suppressions. The host checks convergence only after rounds
+of sweeps that double in length, so a batch costs a handful of syncs, none per window or image.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from .config import NMS_MODES
+
+# float64 IoU elements one block materialises (a few temporaries each), by device type: bounds
+# memory at any batch (a batch of 16 with the paper's 6000 windows each: 5 blocks on a GPU).
+IOU_BLOCK = {"cuda": 1 << 27, "cpu": 1 << 24}
+FIRST_SWEEPS = 8  # sweeps before the first convergence check; each later round doubles
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(..., n, 4), (..., k, 4) boxes (x0, y0, x1, y1) -> (..., n, k) float64 IoU, the reference's
+    float ops: inter / max(area_a + area_b - inter, 1)."""
+    a, b = a.double(), b.double()
+    lo = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    hi = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    wh = (hi - lo).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter).clamp(min=1.0)
+
+
+def suppression(boxes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """boxes: (B, N, 4) in score order -> (B, N, N) bool, [b, i, j] = j < i and IoU > threshold."""
+    batch, n = boxes.shape[:2]
+    out = torch.empty((batch, n, n), dtype=torch.bool, device=boxes.device)
+    rows = max(1, IOU_BLOCK.get(boxes.device.type, IOU_BLOCK["cuda"]) // max(1, batch * n))
+    for lo in range(0, n, rows):
+        out[:, lo:lo + rows] = box_iou(boxes[:, lo:lo + rows], boxes) > iou_threshold
+    return out.tril_(diagonal=-1)
+
+
+def greedy_keep(suppress: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Greedy NMS from a suppression matrix without a sequential loop.
+
+    suppress: (..., n, n) bool, [i, j] = earlier item j would suppress i (only j < i is read);
+    alive: (..., n) bool. Returns (..., n) bool: i kept iff alive and no kept j < i suppresses it."""
+    suppress = torch.tril(suppress, diagonal=-1) & alive[..., None, :]
+    kept = alive.clone()
+    sweeps = FIRST_SWEEPS
+    while True:
+        for _ in range(sweeps):
+            prev, kept = kept, alive & ~(suppress & kept[..., None, :]).any(-1)
+        if not bool((prev != kept).any()):  # one host sync per round
+            return kept
+        sweeps *= 2
+
+
+def first_kept(kept: torch.Tensor, max_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kept: (B, N) bool -> the positions of each row's first `max_keep` kept items, (B, K) long in
+    order with K = min(max_keep, N), and (B, K) bool which of those are real (no sync)."""
+    n = kept.shape[1]
+    pos = torch.arange(n, device=kept.device)
+    key = torch.where(kept, n - pos, 0)  # the earliest kept item has the largest key
+    top = torch.topk(key, min(max_keep, n), dim=1)
+    return torch.where(top.values > 0, n - top.values, 0), top.values > 0
+
+
+def box_nms(boxes: torch.Tensor, alive: torch.Tensor, iou_threshold: float, max_keep: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS on tight boxes in score order, every image at once.
+
+    boxes: (B, N, 4) long (x0, y0, x1, y1); alive: (B, N) bool. Returns (B, K) positions of the kept
+    items, best first, and (B, K) bool which are real (K = min(max_keep, N))."""
+    return first_kept(greedy_keep(suppression(boxes, iou_threshold), alive), max_keep)
+
+
+def box_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(n, 4), (k, 4) boxes (x0, y0, x1, y1) -> (n, k) float64 area of their intersection."""
+    a, b = a.double(), b.double()
+    iw = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
+    ih = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(min=0)
+    return iw * ih
+
+
+# --------------------------------------------------------------------------- numpy reference
+
+# A mask as NMS sees it: a COCO RLE, or a pasted crop (top, left, bool (h, w)) inside the image.
+Mask = Union[dict, tuple[int, int, np.ndarray]]
+
+
+def _crop_intersection(a: tuple[int, int, np.ndarray], b: tuple[int, int, np.ndarray]) -> int:
+    """Pixels two pasted crops share, read off the overlap of their boxes only."""
+    (ta, la, ca), (tb, lb, cb) = a, b
+    y0, y1 = max(ta, tb), min(ta + ca.shape[0], tb + cb.shape[0])
+    x0, x1 = max(la, lb), min(la + ca.shape[1], lb + cb.shape[1])
+    if y1 <= y0 or x1 <= x0:
+        return 0
+    return int(np.count_nonzero(ca[y0 - ta:y1 - ta, x0 - la:x1 - la] & cb[y0 - tb:y1 - tb, x0 - lb:x1 - lb]))
+
+
+class GreedyMaskNMS:
+    """Greedy NMS fed one mask at a time in score order, so callers can stop producing masks
+    once `max_keep` are kept. A mask is kept unless its IoU with a kept one exceeds the threshold.
+
+    mode "box" (the paper's): IoU of the masks' tight boxes. mode "mask": IoU of the masks; pairs
+    whose IoU cannot exceed the threshold (judged from boxes and areas alone) skip the exact
+    IoU, which comes from pycocotools for RLEs and from the overlapping pixels for crops (same
+    value: intersection / union in float64).
+    """
+
+    def __init__(self, iou_threshold: float, max_keep: int, mode: str = "mask") -> None:
+        if mode not in NMS_MODES:
+            raise ValueError(f"NMS mode {mode!r}: choose one of {NMS_MODES}")
+        self.iou_threshold, self.max_keep, self.mode = iou_threshold, max_keep, mode
+        self.kept: list[Mask] = []
+        self._boxes = np.zeros((16, 4), dtype=np.float64)  # x0, y0, x1, y1 of kept masks; grows by doubling
+        self._areas = np.zeros(len(self._boxes), dtype=np.float64)
+
+    @property
+    def full(self) -> bool:
+        return len(self.kept) >= self.max_keep
+
+    def offer(self, mask: Mask, box: Sequence[float], area: int) -> bool:
+        """mask: RLE or (top, left, crop), all offered masks of one kind; box: (x, y, w, h) tight box;
+        area: its pixel count. Returns whether the mask is kept (appended to `kept`)."""
+        if self.full:
+            return False
+        n = len(self.kept)
+        x0, y0, bw, bh = (float(v) for v in box)
+        x1, y1 = x0 + bw, y0 + bh
+        if n:
+            kb = self._boxes[:n]
+            iw = np.clip(np.minimum(x1, kb[:, 2]) - np.maximum(x0, kb[:, 0]), 0, None)
+            ih = np.clip(np.minimum(y1, kb[:, 3]) - np.maximum(y0, kb[:, 1]), 0, None)
+            if self.mode == "box":
+                kept_box_areas = (kb[:, 2] - kb[:, 0]) * (kb[:, 3] - kb[:, 1])
+                inter = iw * ih
+                if np.any(inter / np.maximum(kept_box_areas + bw * bh - inter, 1) > self.iou_threshold):
+                    return False
+            else:
+                # IoU = I / (a + b - I) grows with the intersection I, which is at most the boxes'
+                # overlap and either area: that I gives an upper bound on the IoU
+                kept_areas = self._areas[:n]
+                inter = np.minimum(iw * ih, np.minimum(kept_areas, area))
+                bound = inter / np.maximum(kept_areas + area - inter, 1)
+                near = np.flatnonzero(bound > self.iou_threshold)
+                if near.size and self._overlaps(mask, area, near):
+                    return False
+        if n == len(self._boxes):
+            self._boxes = np.concatenate([self._boxes, np.zeros_like(self._boxes)])
+            self._areas = np.concatenate([self._areas, np.zeros_like(self._areas)])
+        self._boxes[n] = (x0, y0, x1, y1)
+        self._areas[n] = area
+        self.kept.append(mask)
+        return True
+
+    def _overlaps(self, mask: Mask, area: int, near: np.ndarray) -> bool:
+        """Whether `mask` has IoU above the threshold with any kept mask in `near` (best boxes first)."""
+        if isinstance(mask, dict):
+            ious = mask_utils.iou([self.kept[i] for i in near], [mask], [0])
+            return bool(np.any(np.asarray(ious) > self.iou_threshold))
+        for i in near:
+            inter = _crop_intersection(self.kept[i], mask)
+            if inter / (self._areas[i] + area - inter) > self.iou_threshold:
+                return True
+        return False
+
+
+def mask_nms(rles: Sequence[dict], scores: np.ndarray, boxes: np.ndarray, areas: np.ndarray, iou_threshold: float,
+             max_keep: int, mode: str = "mask") -> np.ndarray:
+    """Greedy NMS: in score order, keep a mask unless its IoU (of masks, or of boxes with
+    mode="box") with a kept one exceeds the threshold.
+
+    rles: N COCO RLEs; boxes: (N, 4) xywh tight boxes, areas: (N,) mask areas. Returns kept
+    indices, best first (ties broken by index).
+    """
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    nms = GreedyMaskNMS(iou_threshold, max_keep, mode)
+    kept: list[int] = []
+    for idx in order:
+        if nms.full:
+            break
+        if nms.offer(rles[idx], boxes[idx], int(areas[idx])):
+            kept.append(int(idx))
+    return np.asarray(kept, dtype=np.int64)

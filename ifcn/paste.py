@@ -1,0 +1,214 @@
+"""Pasting window probabilities back into image pixels and binarising them, side by side:
+
+    paste_masks        the numpy reference, window by window (ops' maths, bit for bit in float64)
+    paste_in_boxes     torch: windows over their tight boxes, padded (mask NMS's crop store)
+    paste_flat         torch: windows over their tight boxes, flat (box NMS's kept masks)
+
+Pixel p of an axis sits at window cell u = clip(((p + 0.5) * factor - stride * c0) / stride - 0.5,
+0, m-1) and blends cells floor(u) and floor(u) + 1 with weight t = u - floor(u); pixels whose centre
+falls outside the window's span [stride * c0, stride * (c0 + m)) or outside the image are 0. A
+window's pasted value is that blend along x first, then along y; > threshold is the mask.
+Geometry is float64 everywhere; torch blends in `dtype` (float64 reproduces the reference).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .boxes import cell_coord
+from .containers import Windows
+
+
+# --------------------------------------------------------------------------- numpy reference
+
+class _AxisSamples:
+    """Bilinear sampling of one axis for a batch of windows: each pixel of a window's span blends
+    cells i0 and i1 with weight t on i1. All fields (W, count); `valid` marks pixels inside both
+    the window's span and the image.
+
+    Pixel p (centre p + 0.5) sits at resized coordinate (p + 0.5) * factor, i.e. at window cell
+    u = ((p + 0.5) * factor - stride * c0) / stride - 0.5, clamped to [0, m-1].
+    """
+
+    def __init__(self, cell0: np.ndarray, factor: float, m: int, stride: int, size: int) -> None:
+        self.start, count = window_pixel_span(cell0, factor, m, stride)
+        p = self.start[:, None] + np.arange(count)[None, :]  # (W, count) image pixels
+        r = (p + 0.5) * factor - (cell0 * stride)[:, None]  # resized px from the window's start
+        self.valid = (r >= 0) & (r < m * stride) & (p >= 0) & (p < size)
+        u = np.clip(r / stride - 0.5, 0.0, m - 1.0)
+        self.i0 = np.floor(u).astype(np.int64)
+        self.i1 = np.minimum(self.i0 + 1, m - 1)
+        self.t = u - self.i0
+
+    def support(self, on: np.ndarray) -> np.ndarray:
+        """(W, count) pixels that blend at least one cell marked in `on` (W, m)."""
+        rows = np.arange(len(on))[:, None]
+        return self.valid & (on[rows, self.i0] | on[rows, self.i1])
+
+
+def window_pixel_span(cell0: np.ndarray, factor: float, m: int, stride: int) -> tuple[np.ndarray, int]:
+    """First image pixel a window covers along one axis, and a span length that fits every window.
+
+    A window starting at feature cell c0 covers resized pixels [c0*stride, (c0+m)*stride), i.e.
+    image pixels p with c0*stride <= (p + 0.5) * factor < (c0+m)*stride.
+    """
+    start = np.ceil(cell0 * stride / factor - 0.5).astype(np.int64)
+    count = int(np.ceil(m * stride / factor)) + 1
+    return start, count
+
+
+_EMPTY_CROP = (0, 0, np.zeros((0, 0), dtype=bool))
+
+
+def paste_masks(probs: np.ndarray, cells: np.ndarray, factor: tuple[float, float], image_size: tuple[int, int],
+                stride: int = 8, threshold: float = 0.5) -> list[tuple[int, int, np.ndarray]]:
+    """Pastes m x m window probabilities back into image pixels and binarises them.
+
+    probs: (W, m, m) in [0, 1]; cells: (W, 2) window top-left feature cells (y0, x0) at a scale
+    whose resized/original factor is (fy, fx); image_size: (H, W) of the original image.
+    Returns per window (top, left, crop): crop is the mask's tight bool (h, w) box inside the image,
+    (0, 0, (0, 0)) when the mask is empty. Pixel p samples the window bilinearly at cell
+    u = ((p + 0.5) * factor - stride * c0) / stride - 0.5 (clamped to [0, m-1]) and is zero outside
+    the window's span [stride * c0, stride * (c0 + m)) in resized pixels.
+    """
+    n, m, _ = probs.shape
+    height, width = image_size
+    if n == 0:
+        return []
+    probs = np.asarray(probs, dtype=np.float64)  # float64: bit-identical to the per-pixel formula
+    # Bilinear weights are convex, so a pixel can pass the threshold only where one of the cells
+    # it blends does (up to rounding, hence the margin): only those rows/columns are resampled,
+    # and masks are sparse in their windows.
+    on = probs > threshold - 1e-9  # (W, m, m)
+    ay = _AxisSamples(cells[:, 0].astype(np.int64), factor[0], m, stride, height)
+    ax = _AxisSamples(cells[:, 1].astype(np.int64), factor[1], m, stride, width)
+    ys_live, xs_live = ay.support(on.any(axis=2)), ax.support(on.any(axis=1))  # (W, Sy), (W, Sx)
+    y_first, y_end = _first_and_end(ys_live)  # (W,) live pixel range [first, end) per window
+    x_first, x_end = _first_and_end(xs_live)
+    out: list[tuple[int, int, np.ndarray]] = []
+    for w in range(n):
+        a, b, c, d = y_first[w], y_end[w], x_first[w], x_end[w]
+        if a >= b or c >= d:
+            out.append(_EMPTY_CROP)
+            continue
+        tx, ty = ax.t[w, c:d], ay.t[w, a:b, None]
+        p = probs[w]
+        q = p[:, ax.i0[w, c:d]] * (1.0 - tx) + p[:, ax.i1[w, c:d]] * tx  # (m, wx): along x first
+        v = q[ay.i0[w, a:b]] * (1.0 - ty) + q[ay.i1[w, a:b]] * ty  # (hy, wx)
+        binary = v > threshold
+        rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
+        if rows.size == 0:
+            out.append(_EMPTY_CROP)
+            continue
+        top, left = int(ay.start[w] + a + rows[0]), int(ax.start[w] + c + cols[0])
+        out.append((top, left, binary[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]))
+    return out
+
+
+def _first_and_end(live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """live: (W, S) bool -> per row the first True index and one past the last (0, 0 when none)."""
+    any_ = live.any(axis=1)
+    first = np.argmax(live, axis=1)
+    end = live.shape[1] - np.argmax(live[:, ::-1], axis=1)
+    return np.where(any_, first, 0), np.where(any_, end, 0)
+
+
+# --------------------------------------------------------------------------- torch
+
+@dataclass
+class AxisSamples:
+    """Bilinear sampling of one axis at given pixels, per window. All (N, n); `valid` marks
+    pixels inside both the window's span and the image."""
+
+    i0: torch.Tensor  # long, first blended cell
+    i1: torch.Tensor  # long, second blended cell (= i0 at the last cell)
+    t: torch.Tensor  # float64 weight of i1
+    valid: torch.Tensor  # bool
+
+
+def axis_samples(cell0: torch.Tensor, factor: torch.Tensor, pixels: torch.Tensor, m: int, stride: int,
+                 size: int) -> AxisSamples:
+    """cell0: (N,) long window start cell; factor: (N,) float64 resized/original; pixels: (N, n) long."""
+    r = (pixels.double() + 0.5) * factor[:, None] - (cell0 * stride).double()[:, None]  # resized px from the start
+    valid = (r >= 0) & (r < m * stride) & (pixels >= 0) & (pixels < size)
+    u = (r / stride - 0.5).clamp(0.0, m - 1.0)
+    i0 = u.floor()
+    t = u - i0
+    i0 = i0.long()
+    return AxisSamples(i0, (i0 + 1).clamp(max=m - 1), t, valid)
+
+
+def blend(probs: torch.Tensor, ys: AxisSamples, xs: AxisSamples, dtype: torch.dtype) -> torch.Tensor:
+    """probs: (N, m, m) -> (N, ny, nx) pasted values at the sampled pixels (0 where not valid).
+
+    Along x first, then y, as ops.paste_masks does, so float64 reproduces it exactly."""
+    p = probs.to(dtype)
+    n, m, _ = p.shape
+    tx, ty = xs.t.to(dtype)[:, None, :], ys.t.to(dtype)[:, :, None]  # (N, 1, nx), (N, ny, 1)
+    nx, ny = xs.i0.shape[1], ys.i0.shape[1]
+    q = (p.gather(2, xs.i0[:, None, :].expand(n, m, nx)) * (1.0 - tx)
+         + p.gather(2, xs.i1[:, None, :].expand(n, m, nx)) * tx)  # (N, m, nx)
+    v = (q.gather(1, ys.i0[:, :, None].expand(n, ny, nx)) * (1.0 - ty)
+         + q.gather(1, ys.i1[:, :, None].expand(n, ny, nx)) * ty)  # (N, ny, nx)
+    return v * (ys.valid[:, :, None] & xs.valid[:, None, :])
+
+
+def paste_in_boxes(w: Windows, boxes: torch.Tensor, image_size: tuple[int, int], m: int, stride: int,
+                   threshold: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, hmax, wmax) bool: each window's binarised pasted mask over its box (x0, y0, x1, y1);
+    pixels past a box's own size are False. One call: callers bound n * hmax * wmax."""
+    height, width = image_size
+    n = len(w)
+    hmax = int((boxes[:, 3] - boxes[:, 1]).max()) if n else 0
+    wmax = int((boxes[:, 2] - boxes[:, 0]).max()) if n else 0
+    ar_y, ar_x = torch.arange(hmax, device=boxes.device), torch.arange(wmax, device=boxes.device)
+    ys = axis_samples(w.cells[:, 0], w.factor[:, 0], boxes[:, 1:2] + ar_y, m, stride, height)
+    xs = axis_samples(w.cells[:, 1], w.factor[:, 1], boxes[:, 0:1] + ar_x, m, stride, width)
+    ys.valid &= boxes[:, 1:2] + ar_y < boxes[:, 3:4]
+    xs.valid &= boxes[:, 0:1] + ar_x < boxes[:, 2:3]
+    return blend(w.probs, ys, xs, dtype) > threshold
+
+
+def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
+               totals: tuple[int, int, int], m: int, stride: int, threshold: float, dtype: torch.dtype = torch.float32
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Binarised pasted masks of windows over their boxes, flat.
+
+    probs: (n, m, m); cells: (n, 2) long; factor: (n, 2) float64; boxes: (n, 4) long (x0, y0, x1, y1),
+    inside their images; totals: the sums of the boxes' areas, heights and widths (host ints).
+    Returns (values (T,) bool, owner (T,) long window of each pixel, row (T,), col (T,) long pixel
+    within its box); window i's pixels start at the cumulative sum of the areas before it, column
+    by column. The reference's float ops: each box column blends the m rows along x (once per
+    column), then each pixel blends two of those along y, in `dtype`."""
+    total, rows_total, cols_total = totals
+    dev = probs.device
+    n = len(boxes)
+    h, w = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
+    p = probs.to(dtype)
+    ar = torch.arange(n, device=dev)
+
+    def axis(length: torch.Tensor, first: torch.Tensor, axis_: int, count: int):
+        """Per box pixel along one axis (boxes' pixels back to back): its window, cell i0, i1, weight t."""
+        owner = torch.repeat_interleave(ar, length, output_size=count)
+        starts = torch.cumsum(length, 0) - length
+        pix = first[owner] + torch.arange(count, device=dev) - starts[owner]
+        u = cell_coord(pix, cells[owner, axis_], factor[owner, axis_], m, stride)
+        i0 = u.floor()
+        return owner, starts, i0.long(), (i0.long() + 1).clamp(max=m - 1), (u - i0).to(dtype)
+
+    cown, cstart, i0x, i1x, tx = axis(w, boxes[:, 0], 1, cols_total)
+    _, rstart, i0y, i1y, ty = axis(h, boxes[:, 1], 0, rows_total)
+    q = p[cown, :, i0x] * (1.0 - tx[:, None]) + p[cown, :, i1x] * tx[:, None]  # (cols, m): along x first
+    area = h * w
+    owner = torch.repeat_interleave(ar, area, output_size=total)
+    local = torch.arange(total, device=dev) - (torch.cumsum(area, 0) - area)[owner]
+    hh = h[owner]
+    col = local // hh
+    row = local - col * hh
+    qrow = (cstart[owner] + col) * m  # this pixel's column of q
+    r = rstart[owner] + row  # this pixel's row geometry
+    t = ty[r]
+    flat = q.reshape(-1)
+    return flat[qrow + i0y[r]] * (1.0 - t) + flat[qrow + i1y[r]] * t > threshold, owner, row, col

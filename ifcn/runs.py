@@ -1,0 +1,131 @@
+"""COCO run lengths of pasted masks, side by side:
+
+    crop_runs, crop_to_rle, encode_counts   the numpy reference (one crop; pycocotools encodes)
+    flat_runs                               torch: every mask of a flat paste (paste.paste_flat) at once
+    padded_crop_runs                        torch: masks as padded crops (mask NMS's crop store)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+def crop_to_rle(top: int, left: int, crop: np.ndarray, image_size: tuple[int, int]) -> dict:
+    """COCO compressed RLE of a full-image mask that is zero outside `crop`, without building it."""
+    return encode_counts(crop_runs(top, left, crop, image_size), image_size)
+
+
+def crop_runs(top: int, left: int, crop: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """COCO uncompressed run lengths (uint32, column-major, background first) of a full-image
+    mask that is zero outside `crop`.
+
+    Touches only the crop's pixels: O(h * w) rather than O(H * W). Runs are read off the crop's
+    columns (column-major, as COCO counts), each followed by one zero that stands for the
+    H - h background pixels between the crop's end in one column and its start in the next.
+    """
+    height, width = image_size
+    h, w = crop.shape
+    if h == 0 or w == 0 or not crop.any():
+        return np.array([height * width], dtype=np.uint32)
+    sep = 1 if h < height else 0  # a full-height crop's columns follow each other directly
+    strip = np.zeros((w, h + sep), dtype=np.int8)  # (w, h [+1]) column-major crop + separators
+    strip[:, :h] = crop.T
+    flat = strip.reshape(-1)
+    change = np.flatnonzero(np.diff(flat, prepend=0))  # runs start here (the image starts with background)
+    if flat[-1]:  # only without separators: the run after the crop starts past its last pixel
+        change = np.append(change, flat.size)
+    col, row = np.divmod(change, h + sep)
+    pos = (left + col) * height + top + row  # full-image column-major position
+    bounds = np.concatenate(([0], pos[pos < height * width], [height * width]))
+    return np.diff(bounds).astype(np.uint32)
+
+
+def encode_counts(runs: list[int] | np.ndarray, image_size: tuple[int, int]) -> dict:
+    """Uncompressed column-major run lengths -> COCO compressed RLE with str counts.
+
+    A uint32 array goes to pycocotools without a Python-list round trip."""
+    height, width = image_size
+    rle = mask_utils.frPyObjects({"counts": runs, "size": [height, width]}, height, width)
+    rle["counts"] = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
+    return rle
+
+
+def flat_runs(values: torch.Tensor, owner: torch.Tensor, row: torch.Tensor, col: torch.Tensor, boxes: torch.Tensor,
+              image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """COCO uncompressed run lengths of full-image masks zero outside their boxes, from `paste_flat`.
+
+    boxes: (n, 4); image_sizes: (n, 2) (H, W) of each window's image. Returns (counts (R,) long,
+    lengths (n,) long): mask i's column-major runs, background first, are the lengths[i] counts
+    after those of masks < i. One sync (nonzero: the number of runs). Masks must not be empty."""
+    dev = values.device
+    n = len(boxes)
+    h = boxes[:, 3] - boxes[:, 1]
+    height = image_sizes[:, 0]
+    hh, full = h[owner], (h == height)[owner]  # a full-height box's columns follow each other directly
+    pos = (boxes[owner, 0] + col) * height[owner] + boxes[owner, 1] + row  # full-image column-major
+    prev_in = (row > 0) | (full & (col > 0))
+    prev = torch.cat([values.new_zeros(1), values[:-1]]) & prev_in
+    starts = values != prev  # a run starts at this pixel
+    last_row = row == hh - 1
+    width = boxes[:, 2] - boxes[:, 0]
+    next_out = last_row & ~(full & (col < width[owner] - 1))
+    pixels = image_sizes[:, 0] * image_sizes[:, 1]
+    ends = values & next_out & (pos + 1 < pixels[owner])  # the pixel after it starts a background run
+    events = torch.stack([starts, ends], 1).reshape(-1)  # (2T,): per pixel its start, then its end
+    e = torch.nonzero(events).reshape(-1)  # in order: by window, then position
+    pix, kind = e // 2, e % 2
+    where = pos[pix] + kind
+    who = owner[pix]
+    changes = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, who, torch.ones_like(who))
+    lengths = changes + 1
+    first = torch.ones_like(who, dtype=torch.bool)
+    first[1:] = who[1:] != who[:-1]
+    before = torch.cat([where.new_zeros(1), where[:-1]])
+    runs = where - torch.where(first, 0, before)
+    counts = torch.empty(len(e) + n, dtype=torch.long, device=dev)
+    counts[torch.arange(len(e), device=dev) + who] = runs  # event g of window o sits at g + o
+    last_at = torch.cumsum(changes, 0) + torch.arange(n, device=dev)  # each window's final count
+    last_pos = torch.zeros(n, dtype=torch.long, device=dev).scatter_reduce(0, who, where, "amax", include_self=False)
+    counts[last_at] = pixels - torch.where(changes > 0, last_pos, 0)
+    return counts, lengths
+
+
+def padded_crop_runs(crops: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """COCO uncompressed run lengths of full-image masks that are zero outside their crops.
+
+    crops: (n, hmax, wmax) bool, crop i placed at boxes[i] (x0, y0, ...), False past its size.
+    Returns (counts (R,) long, lengths (n,) long): mask i's column-major runs, starting with
+    background, are counts[sum(lengths[:i]):sum(lengths[:i+1])]. One host sync (the count).
+    """
+    height, width = image_size
+    n, hmax, wmax = crops.shape
+    dev = crops.device
+    strip = torch.zeros((n, wmax, hmax + 1), dtype=torch.int8, device=dev)  # column-major + a zero separator row
+    strip[:, :, :hmax] = crops.transpose(1, 2)
+    flat = strip.reshape(n, -1)
+    change = flat != torch.cat([torch.zeros_like(flat[:, :1]), flat[:, :-1]], 1)  # a run starts here
+    win, idx = torch.nonzero(change, as_tuple=True)  # by window, then position: sorted
+    col, row = idx // (hmax + 1), idx % (hmax + 1)
+    pos = (boxes[win, 0] + col) * height + boxes[win, 1] + row  # full-image column-major position
+    # A run ending at a column's last pixel and one starting at the next column's first pixel meet
+    # at one position (full-height crops): no change there. And the image end is no run start.
+    same = (pos[1:] == pos[:-1]) & (win[1:] == win[:-1])
+    drop = torch.zeros_like(pos, dtype=torch.bool)
+    drop[1:] |= same
+    drop[:-1] |= same
+    drop |= pos >= height * width
+    win, pos = win[~drop], pos[~drop]
+    changes = torch.bincount(win, minlength=n)  # (n,)
+    lengths = changes + 1
+    first = torch.ones_like(win, dtype=torch.bool)
+    first[1:] = win[1:] != win[:-1]
+    prev = torch.cat([torch.zeros_like(pos[:1]), pos[:-1]])
+    runs = pos - torch.where(first, torch.zeros_like(prev), prev)
+    ends = torch.cumsum(lengths, 0)  # one past each mask's last count
+    counts = torch.empty(int(ends[-1]) if n else 0, dtype=torch.long, device=dev)
+    starts = ends - lengths
+    rank = torch.arange(len(win), device=dev) - (torch.cumsum(changes, 0) - changes)[win]  # j-th change of its mask
+    counts[starts[win] + rank] = runs
+    last_pos = torch.zeros(n, dtype=torch.long, device=dev).scatter_reduce(0, win, pos, "amax", include_self=False)
+    counts[ends - 1] = height * width - torch.where(changes > 0, last_pos, torch.zeros_like(last_pos))
+    return counts, lengths

@@ -1,0 +1,71 @@
+"""Counted budgets of the device path (issue 14): kernel ops per image and host syncs per batch of
+`Predictor.proposals` with the torch postprocess, forward included, counted on CPU by
+ifcn.opcount (the same Python dispatches the same aten ops on CUDA; counts are deterministic).
+
+Targets at batch 16 (paper defaults, 480x640): box NMS <= 200 kernel ops per image and <= 16
+syncs per batch. Counting a batch of 16 at the paper's defaults takes ~15 min on two CPU cores,
+so this counts batches of 2 and 4 of 480x640 images at the paper's six scales with 250 windows
+per scale and image (the chain of ops depends on scales, images and memory blocks, not on the
+number of windows), and holds:
+- growth: each image more adds at most PER_IMAGE ops and no sync (the chain is per batch), with
+  all kept masks pasted in one step (more pixels take more steps: one more per PIXEL_BUDGET);
+- batch 16 scaled: with the memory bounds (IoU blocks, tight-box blocks, paste steps) set so a
+  batch of 4 takes as many blocks and steps as a batch of 16 with the paper's 6000 windows does
+  on a GPU, its count plus 12 images of growth is within 16 x the per-image budget, and its
+  syncs within the per-batch budget.
+Run: pytest tests/test_budgets.py -q
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ifcn.nms as nms
+import ifcn.postprocessing as post
+from ifcn import InferenceConfig, InstanceFCN, ModelConfig, Predictor
+from ifcn.opcount import OpCounter, OpCounts
+
+BOX_OPS, BOX_SYNCS = 200, 16  # per image, per batch (issue 14's targets at batch 16)
+PER_IMAGE = 30  # ops each more image may add (none today: the whole chain is per batch)
+WINDOWS = 250  # per scale and image (the paper's: 1000)
+
+
+def _count(model: InstanceFCN, batch: int, nms_mode: str) -> OpCounts:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(batch)]
+    config = InferenceConfig(nms=nms_mode, windows_per_scale=WINDOWS, max_proposals=WINDOWS)
+    predictor = Predictor(model, config, "cpu", postprocess_on="device")
+    with OpCounter() as counter:
+        out = predictor.proposals(images)
+    assert all(len(p) > 0 for p in out)
+    return counter.counts
+
+
+@pytest.fixture(scope="module")
+def random_model() -> InstanceFCN:
+    torch.manual_seed(0)
+    return InstanceFCN(ModelConfig("vgg16_narrow")).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("heads", ["random", "structured"])
+def test_box_nms_budget(heads: str, model: InstanceFCN, random_model: InstanceFCN,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    net = random_model if heads == "random" else model
+    with monkeypatch.context() as mp:  # growth apart from paste steps: one step for all (~3 GB)
+        mp.setitem(post.PIXEL_BUDGET, "cpu", 1 << 25)
+        two, four = _count(net, 2, "box"), _count(net, 4, "box")
+    growth = (four.kernel_ops - two.kernel_ops) / 2
+    assert growth <= PER_IMAGE and four.syncs <= two.syncs + 1, (two, four)  # +1: a longer NMS chain
+    # batch 16 with 6000 windows each on a GPU: 5 IoU blocks, 2 tight-box calls, 4 paste steps
+    n16, n4 = 16 * 6 * 1000, 4 * 6 * WINDOWS
+    rows = -(-6 * WINDOWS // 5)  # IoU rows per block giving 5 blocks
+    monkeypatch.setitem(nms.IOU_BLOCK, "cpu", rows * n4)
+    monkeypatch.setattr(post, "WINDOW_BLOCK", -(-n4 // 2))
+    monkeypatch.setitem(post.PIXEL_BUDGET, "cpu", 4 * WINDOWS * 30_000 // 4)  # ~30 k pixels per proposal
+    scaled = _count(net, 4, "box")
+    assert -(-n16 // (1 << 16)) == 2 and -(-6000 // ((1 << 27) // n16)) == 5  # the GPU's bounds, as above
+    at16 = scaled.kernel_ops + 12 * growth
+    assert at16 / 16 <= BOX_OPS, (scaled, growth)
+    assert scaled.syncs <= BOX_SYNCS, scaled
