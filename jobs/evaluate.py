@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from ifcn.evaluate import (IOU_LABELS, IOU_PROTOCOLS, average_recall, format_table, load_gt, load_results_json,
                            predictions_to_results, rank_filter, results_from_masks, RESULT_COLUMNS)
+from ifcn.config import NMS_MODES
 from ifcn.image import ImageError, decode_image
 from ifcn.io import filesystem, join, open_url, write_bytes
 from jobs._cli import Parser, scales, storage_options
@@ -188,7 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--predictions", help="COCO results JSON, or a pipeline output folder with masks/")
     p.add_argument("--scales", type=scales, help="comma-separated short sides, e.g. 119,178,267,400,600,900 (with --checkpoint)")
     p.add_argument("--max-proposals", type=int, help="keep at most N proposals per image")
-    p.add_argument("--nms", choices=("box", "mask"), help="with --checkpoint: NMS by box IoU (default, the paper's) "
+    p.add_argument("--nms", choices=NMS_MODES, help="with --checkpoint: NMS by box IoU (default, the paper's) "
                    "or mask IoU")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of the annotations")
     p.add_argument("--iou-protocol", choices=sorted(IOU_PROTOCOLS), default="coco",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ifcn.config import NMS_MODES
 from jobs._cli import Parser, scales, storage_options
 
 
@@ -26,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=scales, help="inference short sides, comma-separated (default: the paper's 6)")
     p.add_argument("--max-proposals", type=int, help="proposals kept per image after NMS")
     p.add_argument("--windows-per-scale", type=int, help="top windows by objectness assembled per scale")
-    p.add_argument("--nms", choices=("box", "mask"), help="NMS by IoU of the masks' tight boxes (default, the "
+    p.add_argument("--nms", choices=NMS_MODES, help="NMS by IoU of the masks' tight boxes (default, the "
                    "paper's) or of the masks (stricter)")
     p.add_argument("--nms-iou", type=float, help="IoU above which a lower-scored proposal is dropped (default 0.8)")
     p.add_argument("--pad-to", type=int, help="pad resized images to multiples of this many px so differently "
