@@ -18,6 +18,8 @@ Resources (num_gpus, pool size, batch size, concurrency) are set in pipeline/run
 from __future__ import annotations
 
 import io
+import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +37,9 @@ from .sources import image_from_row
 
 # Columns the stage passes through unchanged (the read stage's, minus the pixels).
 PASSTHROUGH = ("image_id", "uri", "shard_id", "width", "height", "read_ms", "decode_ms")
+# Benchmarks (bench/gpu.py) set this to a folder: each actor appends one JSON line per batch to <folder>/<pid>.jsonl
+# (its time, images, CUDA-event device time), so a job's steady rate and device busy share can be read off.
+STATS_DIR_ENV = "IFCN_ACTOR_STATS_DIR"
 # Calls of one GPU actor that Ray Data may run at once: two, so one batch's host work hides behind the
 # next one's device work; more would only queue on the device thread while holding their batches' pixels.
 CONCURRENT_CALLS = 2
@@ -59,6 +64,13 @@ class DeviceStats:
     device_ms: float = 0.0
     forward_ms: float = 0.0
     postprocess_ms: float = 0.0
+
+    def add(self, images: int, forward_ms: float, postprocess_ms: float) -> None:
+        self.batches += 1
+        self.images += images
+        self.device_ms += forward_ms + postprocess_ms
+        self.forward_ms += forward_ms
+        self.postprocess_ms += postprocess_ms
 
 
 class DeviceClock:
@@ -107,6 +119,8 @@ class InferenceActor:
     def _start(self, predictor: Predictor) -> None:
         self.predictor = predictor
         self.stats = DeviceStats()
+        folder = os.environ.get(STATS_DIR_ENV)
+        self._stats_file = os.path.join(folder, f"{os.getpid()}.jsonl") if folder else None
         cuda = predictor.device.type == "cuda"
         self._stream = torch.cuda.Stream(predictor.device) if cuda else None
         # one thread issues every device op, in call order, on the actor's stream
@@ -184,10 +198,12 @@ class InferenceActor:
         proposals = [p.postprocess(groups, image.shape[:2]) for image, groups in zip(images, windows)]
         clock.mark()  # proposals are on the host by now: the device has run every op before this mark
         forward_ms, post_ms = clock.spans_ms()
-        s, n = self.stats, len(images)
-        s.batches, s.images = s.batches + 1, s.images + n
-        s.device_ms, s.forward_ms, s.postprocess_ms = (s.device_ms + forward_ms + post_ms, s.forward_ms + forward_ms,
-                                                       s.postprocess_ms + post_ms)
+        n = len(images)
+        self.stats.add(n, forward_ms, post_ms)
+        if self._stats_file:
+            with open(self._stats_file, "a") as f:
+                f.write(json.dumps({"t": time.time(), "pid": os.getpid(), "images": n, "device_ms": forward_ms + post_ms,
+                                    "forward_ms": forward_ms, "postprocess_ms": post_ms}) + "\n")
         return [(r, forward_ms / n, post_ms / n) for r in proposals]
 
     @staticmethod

@@ -5,6 +5,8 @@ Run: pytest tests/test_infer_actor.py -q
 """
 from __future__ import annotations
 
+import json
+import os
 import threading
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from ifcn import InferenceConfig, InstanceFCN, Predictor
-from pipeline.infer import InferenceActor, unpack_proposals
+from pipeline.infer import STATS_DIR_ENV, InferenceActor, unpack_proposals
 from test_device_ops import _assert_same, _image
 
 CONFIG = InferenceConfig(scales=(40, 72), windows_per_scale=30, max_proposals=20)
@@ -115,9 +117,11 @@ class RecordsThreads(nn.Module):
         return self.model(x)
 
 
-def test_batches_in_flight_from_several_threads(model: InstanceFCN) -> None:
+def test_batches_in_flight_from_several_threads(model: InstanceFCN, tmp_path, monkeypatch) -> None:
     """Calls from several threads at once (Ray Data's concurrent calls of one actor): every device half
-    runs on the actor's one device thread, and each call gets its own batch's results, rows in order."""
+    runs on the actor's one device thread, and each call gets its own batch's results, rows in order;
+    with STATS_DIR_ENV set, one line per batch."""
+    monkeypatch.setenv(STATS_DIR_ENV, str(tmp_path))
     net = RecordsThreads(model)
     actor = InferenceActor.of(Predictor(net, CONFIG, device="cpu", postprocess_on="device"))
     batches = [[_image(10 * b + i, (50, 70) if i % 2 else (60, 44)) for i in range(3)] for b in range(4)]
@@ -135,6 +139,9 @@ def test_batches_in_flight_from_several_threads(model: InstanceFCN) -> None:
         t.join()
     assert set(net.threads) == {"ifcn-device_0"}
     assert (actor.stats.batches, actor.stats.images) == (4, 12)
+    lines = [json.loads(line) for line in (tmp_path / f"{os.getpid()}.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in lines] == [3, 3, 3, 3]
+    assert sum(r["device_ms"] for r in lines) == pytest.approx(actor.stats.device_ms)
     for b, images in enumerate(batches):
         assert outs[b].column("image_id").to_pylist() == [f"b{b}-{i}" for i in range(3)]
         _assert_matches_reference(outs[b], images, model)
