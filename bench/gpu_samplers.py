@@ -1,5 +1,6 @@
-"""What bench/gpu.py samples beside the work it times: nvidia-smi's utilisation and memory, this
-process's peak RSS, and the inference actors' own per-batch device time (CUDA events).
+"""What bench/gpu.py samples beside the work it times: nvidia-smi's utilisation and memory, peak
+memory (torch's, this process's RSS), the inference actors' own per-batch device time (CUDA
+events); the inputs it feeds (read-stage batches, JPEG files); and its table printer.
 
 Loaded by file path from bench/gpu.py (bench/ must not go on sys.path: bench/pipeline.py would
 shadow the `pipeline` package).
@@ -7,16 +8,19 @@ shadow the `pipeline` package).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import shutil
 import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import psutil
+import pyarrow as pa
+import torch
 
 UTIL_PERIOD_MS = 200  # nvidia-smi sampling period: a batch of 16 forwards takes ~100 ms on an H100
 BUSY_PERCENT = 80  # a sample counts as "busy" at this utilisation or above
@@ -172,3 +176,64 @@ def steady_state(lines: list[dict[str, Any]], warm_batches: int) -> dict[str, An
             # a batch's device work ends at its `t`; the part of it before the window is left out
             "device_busy": (sum(min(r["device_ms"] / 1e3, r["t"] - start) for r in inside) / span / len(by_pid)
                             if span > 0 else None)}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+
+
+def read_stage_batch(images: list[np.ndarray]) -> pa.Table:
+    """What the read stage hands an inference actor: one decoded image per row."""
+    n = len(images)
+    return pa.table({"image_id": [str(i) for i in range(n)], "uri": [f"mem://{i}" for i in range(n)],
+                     "shard_id": ["0"] * n, "width": pa.array([im.shape[1] for im in images], pa.int32()),
+                     "height": pa.array([im.shape[0] for im in images], pa.int32()),
+                     "read_ms": pa.array([0.0] * n, pa.float32()), "decode_ms": pa.array([0.0] * n, pa.float32()),
+                     "status": ["ok"] * n, "error": pa.array([None] * n, pa.string()),
+                     "pixels": pa.array([im.tobytes() for im in images], pa.large_binary())})
+
+
+def write_jpegs(folder: Path, scenes: list[np.ndarray], count: int) -> list[Path]:
+    """count JPEG files cycling through the scenes."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    encoded = []
+    for scene in scenes:
+        buf = io.BytesIO()
+        Image.fromarray(scene).save(buf, format="JPEG", quality=90)
+        encoded.append(buf.getvalue())
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:06d}.jpg"
+        path.write_bytes(encoded[i % len(encoded)])
+        paths.append(path)
+    return paths
+
+
+def print_table(rows: list[dict[str, Any]], report: Callable[[str], None]) -> None:
+    columns = [c for c in dict.fromkeys(k for r in rows for k in r) if any(r.get(c) is not None for r in rows)]
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    report("  " + "  ".join(c.rjust(wd) for c, wd in zip(columns, widths)))
+    for row in cells:
+        report("  " + "  ".join(v.rjust(wd) for v, wd in zip(row, widths)))
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 10 else f"{value:.0f}"
+    return str(value)
