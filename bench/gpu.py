@@ -419,6 +419,7 @@ def job_cases(settings: Settings, tmp: Path, actor_rows: list[dict[str, Any]], b
     report(f"  ray.init: {time.perf_counter() - t0:.1f} s")
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # ray.data sets its own level when imported
     ray.data.DataContext.get_current().enable_progress_bars = False
     rows = []
     try:
