@@ -1,59 +1,49 @@
 """How busy does the segmentation job keep a GPU? Line rates from the matmul peak down to the job end to end.
 
-GPU (the lent machine; one call, everything in it; see /work/shared/gpu/README.md):
+GPU (the lent machine; one call, everything in it, under 5 minutes; see /work/shared/gpu/README.md):
 
     run(carry=[".gpu"], timeout_s=600, command=
       "set -o pipefail; export PYTHONUNBUFFERED=1; mkdir -p /tmp/site && python3 -m pip install -q --no-index
        --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl && tar xJf .gpu/ray-slim.tar.xz -C /tmp/site
        && export PYTHONPATH=/tmp/site:$PWD || exit 3; python3 bench/gpu.py --out $OUT/gpu.json 2>&1 | tee $OUT/gpu.log")
 
-CPU (exercises the script; the figures are not GPU figures):
+CPU (exercises the script; the figures are not GPU figures, except the op counts of part 3):
 
-    python bench/gpu.py [--out gpu.json]          # ~4 min on 2 cores
+    python bench/gpu.py [--out gpu.json]
 
-Measures, in one run on one machine (in this order):
-  1. matmul     torch.mm of large square matrices: bf16 TFLOP/s on CUDA, fp32 GFLOP/s on CPU (the ceiling);
-  2. forward    the bare multi-scale forward of InstanceFCN (random init) on N pre-resized images at every
-                scale, batched (--batch-size), bf16 autocast + channels_last on CUDA; images/s and TFLOP/s
-                (conv FLOPs counted by bench/model.py's conv_flops);
-  3. actor      `Predictor.windows` + `Predictor.postprocess` (what pipeline.infer.InferenceActor runs per
-                batch: forwards, top windows, assembling, then paste / NMS / run lengths on the device) over
-                the same images, for --nms box and mask, with structured heads (bench/model.py's OracleHeads:
-                the maps a trained model gives on the synthetic scene) and random heads (noisy ~0.5 masks,
-                the costly case); images/s, actor / bare forward, ms per image in windows vs postprocess,
-                peak GPU memory, GPU busy share; plus `ifcn.encode` (COCO RLE strings, CPU tasks) per image.
-                Each setting stops after ACTOR_BUDGET_S (at least one image): some take seconds per image;
-  4. big image  one 4000x3000 synthetic photo through `Predictor.proposals` at the paper's defaults
-                (structured and random heads): peak GPU memory (torch.cuda.max_memory_allocated) and time
-                (on CPU: 600x800, random heads, the process's peak RSS growth instead);
-  5. job        `pipeline.run.run_segment` on generated JPEGs (a random-init checkpoint saved with
-                ifcn.save_checkpoint: random heads; and checkpoints/narrow_synth.pt on ifcn.data.synth scenes:
-                the "trained" stand-in for structured heads, since a checkpoint cannot carry OracleHeads), nms
-                box and mask: summary["pipeline_images_per_s"] and wall, end-to-end / bare forward of the same
-                model, the GPU's busy share (nvidia-smi every 200 ms: mean, share of samples >= 80%), peak GPU
-                memory (nvidia-smi memory.used above the idle level) and the actors' peak RSS. Each run gets as
-                many images as the actor alone did in PIPELINE_BUDGET_S (1 to N);
-  6. compiled   the bare forward again under torch.compile, its warm-up reported apart (last, so a run cut
-                off by the time limit loses only it);
-and ends with a table of the ratios per (heads, nms). With --out it writes everything as JSON (after each part,
-so a run cut off by a time limit keeps what it measured).
-
-Without CUDA it says so on its first line and runs CPU equivalents at a small size (narrow backbone, 256x256
-images, 3 scales, 100 proposals, N=8, no compile, both postprocess paths in part 3, a local Ray with 2 CPUs):
-that proves the script runs; its numbers are not GPU figures. Tests never assert on anything this prints.
+Measures, in one run on one machine (bench/README.md says more):
+  1. matmul     the dense ceiling: bf16 TFLOP/s on CUDA, fp32 GFLOP/s on CPU;
+  2. forward    the bare multi-scale forward (random init) on N pre-resized images, batched, bf16 autocast +
+                channels_last on CUDA (torch.compile's warm-up, ~50 s, does not fit the time budget);
+  3. op counts  kernel ops per image and syncs per batch of the actor's device path, forward included
+                (ifcn.opcount; the paper's defaults, 480x640, vgg16_narrow, structured (bench/model.py's
+                OracleHeads) and random heads; box NMS at batch 16 and 2, mask at batch 4). The same on any
+                machine of the same amp (bf16 autocast on CUDA adds its casts);
+  4. actor      the real pipeline.infer.InferenceActor called with read-stage batches from CONCURRENT_CALLS
+                threads, as Ray Data calls a GPU actor; its first call apart, then ACTOR_BUDGET_S of steady
+                calls: images/s, actor / bare forward, device busy by the actor's CUDA events (device time over
+                wall time) beside nvidia-smi's utilisation;
+  5. big image  one 4000x3000 photo through `Predictor.proposals` at the defaults: peak memory and time;
+  6. job        `pipeline.run.run_segment` on generated JPEGs (random-init --backbone), box and mask NMS, images
+                for JOB_STEADY_S at the actor's rate: start-up (call to the first batch out of an actor) apart
+                from the steady state after each actor's WARM_BATCHES batches, whose rate and device busy
+                share come from the actors' per-batch CUDA-event lines (pipeline.infer.STATS_DIR_ENV), with
+                nvidia-smi sampled over the same window;
+then a table per (heads, nms), and with --out the JSON after each part. On CUDA it keeps to TIME_BUDGET_S
+(a job case that would not fit is skipped, saying so). Without CUDA it says so on its first line and runs
+CPU equivalents at a small size (narrow backbone, 256x256, 3 scales, 100 proposals, a local Ray with 2
+CPUs): they prove the script runs, they are not GPU figures (the op counts are the same).
+Needs ray for part 6 only, and deltalake only where pipeline.run needs it.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import importlib.util
-import io
 import json
 import logging
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -64,7 +54,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 import numpy as np
-import psutil
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -75,22 +65,27 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != Path(__f
 sys.path.insert(0, str(REPO))
 
 import ifcn  # noqa: E402
-from ifcn.data.synth import SynthConfig, render_image  # noqa: E402
+from ifcn.opcount import OpCounter  # noqa: E402
 from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size  # noqa: E402
-from pipeline.run import CPU_BATCH, GPU_BATCH  # noqa: E402  (the job's own batch sizes)
+from pipeline.infer import CONCURRENT_CALLS, STATS_DIR_ENV, InferenceActor, unpack_proposals  # noqa: E402
 
 NO_CUDA_LINE = "no CUDA device: CPU equivalents at a small size; these are not GPU figures"
 MATMUL_N = {"cuda": 8192, "cpu": 2048}  # large enough for the peak; 2048 fp32 takes ~0.15 s on 2 cores
 MATMUL_REPS = {"cuda": 50, "cpu": 3}  # a bf16 8192^3 product takes ~1.5 ms on an H100: 50 make a sample
 REPEAT = 2  # timed passes of the bare forward after one warm-up pass; the best one is kept
-ACTOR_BUDGET_S = {"cuda": 20.0, "cpu": 3.0}  # per actor setting: mask NMS of random heads takes seconds per image
-PIPELINE_BUDGET_S = {"cuda": 30.0, "cpu": 20.0}  # images per job run ~ this x the actor's rate (1 to --num-images)
-DISTINCT_IMAGES = 16  # generated scenes; more files repeat them (a scene takes ~0.2 s to make, content
-# beyond 16 scenes does not change the cost per image)
+COUNT_SIZE = (480, 640)  # the issue's counting setting: paper's defaults, narrow model, these images
+COUNT_CASES = (("box", 16), ("box", 2), ("mask", 4))  # (nms, batch)
+TARGETS = {"box": (200, 16), "mask": (600, 48)}  # issue 14: kernel ops per image, syncs per batch, at batch 16
+ACTOR_BUDGET_S = {"cuda": 8.0, "cpu": 3.0}  # steady calls per actor setting, after its first call
+ACTOR_CPU_BATCH = 1  # on CPU the device path takes seconds per image: one image per call
+JOB_STEADY_S = {"cuda": 30.0, "cpu": 10.0}  # the job's steady window, at the actor's rate
+WARM_BATCHES = 2  # each actor's first batches (cuDNN's choice per shape, first reads): start-up, not steady
+CPU_RAY_CPUS = 2  # the CPU run's local Ray
+JOB_STARTUP_S = 40.0  # allowance per job run for Ray Data's start and the actors' (for the time budget)
+TIME_BUDGET_S = 285.0  # the whole CUDA run, so that a rerun fits a 15-minute lease
+DISTINCT_IMAGES = 16  # generated scenes; more files repeat them (content beyond 16 scenes changes nothing)
 ENCODE_SAMPLE = 4  # images whose proposals ifcn.encode times (a few ms each on CPU)
-UTIL_PERIOD_MS = 200  # nvidia-smi sampling period: a batch of 16 forwards takes ~100 ms on an H100
-BUSY_PERCENT = 80  # a sample counts as "busy" at this utilisation or above
-TRAINED_CHECKPOINT = REPO / "checkpoints" / "narrow_synth.pt"
+FALLBACK_BATCH = {"cuda": 16, "cpu": 4}  # pipeline.run's GPU_BATCH / CPU_BATCH where it cannot be imported
 
 
 def load_bench(name: str) -> ModuleType:
@@ -103,6 +98,7 @@ def load_bench(name: str) -> ModuleType:
 
 
 bench_model = load_bench("model")
+samplers = load_bench("gpu_samplers")
 
 
 @dataclass(frozen=True)
@@ -112,16 +108,21 @@ class Settings:
     size: tuple[int, int]  # image H, W
     scales: tuple[int, ...]
     num_images: int
-    batch_size: int
+    batch_size: int  # the job's images per actor call
     max_proposals: int
-    compile: bool
     pipeline: bool
+    counts: bool
     big_size: tuple[int, int]  # the bounded-memory check's image H, W
-    postprocess_on: tuple[str, ...]  # Predictor paths timed in part 3
+    postprocess_on: tuple[str, ...]  # Predictor paths timed in part 4
+    max_job_images: int
 
     @property
     def amp(self) -> torch.dtype | None:
         return torch.bfloat16 if self.device == "cuda" else None  # what the job's amp="auto" picks
+
+    @property
+    def actor_batch(self) -> int:
+        return self.batch_size if self.device == "cuda" else ACTOR_CPU_BATCH
 
     def inference(self, nms: str = "box") -> ifcn.InferenceConfig:
         return ifcn.InferenceConfig(scales=self.scales, nms=nms, max_proposals=self.max_proposals)
@@ -132,127 +133,28 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def job_batch(device: str) -> int:
+    """The job's own batch size (pipeline.run), or FALLBACK_BATCH where pipeline.run's imports are missing."""
+    try:
+        from pipeline.run import CPU_BATCH, GPU_BATCH
+    except ImportError:
+        return FALLBACK_BATCH[device]
+    return GPU_BATCH if device == "cuda" else CPU_BATCH
+
+
 def make_settings(args: argparse.Namespace) -> Settings:
     """GPU: the paper's settings; CPU: a small equivalent that runs in minutes on 2 cores."""
-    cuda = torch.cuda.is_available()
-    if cuda:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    batch = args.batch_size or job_batch(device)
+    common = dict(pipeline=not args.skip_pipeline, counts=not args.skip_counts,
+                  max_job_images=args.max_job_images)
+    if device == "cuda":
         return Settings("cuda", args.backbone or "vgg16", parse_size(args.size or "480x640"), ifcn.PAPER_SCALES,
-                        args.num_images or 256, args.batch_size or GPU_BATCH, args.max_proposals or 1000,
-                        not args.no_compile, not args.skip_pipeline, (3000, 4000), ("auto",))
+                        args.num_images or 128, batch, args.max_proposals or 1000, big_size=(3000, 4000),
+                        postprocess_on=("auto",), **common)
     return Settings("cpu", args.backbone or "vgg16_narrow", parse_size(args.size or "256x256"), (171, 256, 384),
-                    args.num_images or 8, args.batch_size or CPU_BATCH, args.max_proposals or 100,
-                    False, not args.skip_pipeline, (600, 800), ("numpy", "device"))
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset_peak(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_mib(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-
-
-class GpuSampler:
-    """GPU utilisation (%) and memory.used (MiB) every UTIL_PERIOD_MS, from `nvidia-smi -lms` in a
-    subprocess (pynvml in a thread where nvidia-smi is missing); no samples without either."""
-
-    def __init__(self) -> None:
-        self.samples: list[tuple[float, float, float]] = []  # (time.perf_counter(), util %, memory MiB)
-        self._proc: subprocess.Popen | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-
-    def __enter__(self) -> "GpuSampler":
-        if shutil.which("nvidia-smi"):
-            self._proc = subprocess.Popen(
-                ["nvidia-smi", "-i", "0", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                 "-lms", str(UTIL_PERIOD_MS)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            self._thread = threading.Thread(target=self._read_smi, daemon=True)
-        else:
-            self._thread = threading.Thread(target=self._poll_nvml, daemon=True)
-        self._thread.start()
-        return self
-
-    def _read_smi(self) -> None:
-        for line in self._proc.stdout:
-            parsed = parse_smi_line(line)
-            if parsed:
-                self.samples.append((time.perf_counter(), *parsed))
-
-    def _poll_nvml(self) -> None:
-        try:
-            import pynvml
-        except ImportError:
-            return
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        while not self._stop.is_set():
-            util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-            self.samples.append((time.perf_counter(), float(util), pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20))
-            time.sleep(UTIL_PERIOD_MS / 1e3)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._proc is not None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def summary(self, idle_mib: float = 0.0) -> dict[str, Any]:
-        """Mean utilisation over all samples and over the active span (first to last sample > 0%: leaves
-        out the actors' start-up and the shut-down), its length, share of samples >= BUSY_PERCENT, peak
-        memory above idle."""
-        if not self.samples:
-            return {"samples": 0}
-        stamp, util, mem = (np.array(col) for col in zip(*self.samples))
-        on = np.flatnonzero(util > 0)
-        active = util[on[0]:on[-1] + 1] if len(on) else util[:0]
-        return {"samples": len(util), "util_mean": float(util.mean()),
-                "util_mean_active": float(active.mean()) if len(active) else 0.0,
-                "active_s": float(stamp[on[-1]] - stamp[on[0]] + UTIL_PERIOD_MS / 1e3) if len(on) else 0.0,
-                "busy_share": float((util >= BUSY_PERCENT).mean()), "mem_peak_mib": float(mem.max() - idle_mib),
-                "mem_idle_mib": idle_mib}
-
-
-def parse_smi_line(line: str) -> tuple[float, float] | None:
-    """'37, 1234' -> (37.0, 1234.0); None for '[N/A]' fields or anything else."""
-    try:
-        util, mem = (float(v) for v in line.strip().split(","))
-    except ValueError:
-        return None
-    return util, mem
-
-
-def gpu_memory_used_mib() -> float:
-    """memory.used now (MiB), 0 where nvidia-smi cannot say: the idle level the job's peak is measured from."""
-    if not shutil.which("nvidia-smi"):
-        return 0.0
-    out = subprocess.run(["nvidia-smi", "-i", "0", "--query-gpu=utilization.gpu,memory.used",
-                          "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30).stdout
-    parsed = parse_smi_line(out)
-    return parsed[1] if parsed else 0.0
-
-
-@contextlib.contextmanager
-def gpu_sampler(device: str):
-    """A GpuSampler on CUDA, a no-op (no samples) on CPU."""
-    sampler = GpuSampler()
-    if device != "cuda":
-        yield sampler
-        return
-    with sampler:
-        yield sampler
+                    args.num_images or 8, batch, args.max_proposals or 100, big_size=(600, 800),
+                    postprocess_on=("numpy", "device"), **common)
 
 
 class BatchedOracle(nn.Module):
@@ -286,7 +188,7 @@ def matmul_peak(device: str) -> dict[str, Any]:
     def run() -> None:
         for _ in range(reps):
             torch.mm(a, b)
-        sync(device)
+        samplers.sync(device)
 
     seconds = bench_model.best_time(run, REPEAT)
     return {"dtype": str(dtype).replace("torch.", ""), "n": n, "reps": reps, "seconds": seconds,
@@ -326,7 +228,7 @@ def bare_forward(model: Callable, batches: list[torch.Tensor], images: int, amp:
         with torch.inference_mode(), ctx:
             for x in batches:
                 model(x)
-        sync(device)
+        samplers.sync(device)
 
     warm = [bench_model.timed(run)[0] for _ in range(warmups)]
     seconds = min(bench_model.timed(run)[0] for _ in range(REPEAT))
@@ -334,211 +236,109 @@ def bare_forward(model: Callable, batches: list[torch.Tensor], images: int, amp:
             "tflops": flops_per_image * images / seconds / 1e12}
 
 
-# --------------------------------------------------------------------------- 3. actor alone
+# --------------------------------------------------------------------------- 3. op counts
 
-def actor_alone(predictor: ifcn.Predictor, images: list[np.ndarray], batch: int, budget_s: float) -> dict[str, Any]:
-    """What InferenceActor._run does per batch: windows() (+ sync), then postprocess() per image.
+def op_counts(settings: Settings, report: Callable[[str], None]) -> list[dict[str, Any]]:
+    """COUNT_CASES with structured and random heads: what the actor's device path launches and waits for."""
+    device = settings.device
+    torch.manual_seed(0)
+    narrow = ifcn.InstanceFCN(ifcn.ModelConfig("vgg16_narrow")).to(device, memory_format=torch.channels_last).eval()
+    scene, instances = bench_model.synthetic_scene(*COUNT_SIZE)
+    nets = {"structured": BatchedOracle(bench_model.OracleHeads(narrow, instances)), "random": narrow}
+    rows = []
+    for heads, net in nets.items():
+        ifcn.Predictor(net, ifcn.InferenceConfig(), device, settings.amp).windows([scene])  # the oracle's maps, cuDNN
+        for nms, batch in COUNT_CASES:
+            predictor = ifcn.Predictor(net, ifcn.InferenceConfig(nms=nms), device, settings.amp,
+                                       postprocess_on="device")
+            t0 = time.perf_counter()
+            with OpCounter() as counter:
+                out = predictor.proposals([scene] * batch)
+            c = counter.counts
+            ops, syncs = TARGETS[nms]
+            rows.append({"heads": heads, "nms": nms, "batch": batch, "kernel_ops_per_image": c.kernel_ops / batch,
+                         "syncs_per_batch": c.syncs, "sync_ops": c.sync_ops, "host_reads": c.host_reads,
+                         "target_at_16": f"<= {ops} / <= {syncs}", "proposals": float(np.mean([len(p) for p in out])),
+                         "seconds": time.perf_counter() - t0, "top_ops": counter.by_op.most_common(5)})
+            r = rows[-1]
+            report(f"  {heads:10s} {nms:4s} batch {batch:2d}: {r['kernel_ops_per_image']:8.0f} kernel ops / image, "
+                   f"{c.syncs:6d} syncs / batch ({c.sync_ops} ops + {c.host_reads} host reads); target at batch 16 "
+                   f"{r['target_at_16']}; {r['proposals']:.0f} proposals; counted in {r['seconds']:.0f} s")
+    return rows
 
-    Stops once budget_s has passed (after at least one image). Rate = 1 / (the batch's windows time
-    per image + postprocess time per image), which holds for a partly done batch too."""
-    device = predictor.device.type
-    win_s = post_s = 0.0
-    windowed, results = 0, []
-    reset_peak(device)
-    start = time.perf_counter()
-    for lo in range(0, len(images), batch):
-        chunk = images[lo:lo + batch]
-        t0 = time.perf_counter()
-        groups = predictor.windows(chunk)
-        sync(device)
-        win_s += time.perf_counter() - t0
-        windowed += len(chunk)
-        for image, g in zip(chunk, groups):
-            t1 = time.perf_counter()
-            results.append(predictor.postprocess(g, image.shape[:2]))  # numpy out: synced
-            post_s += time.perf_counter() - t1
-            if time.perf_counter() - start > budget_s:
-                break
-        if time.perf_counter() - start > budget_s:
-            break
-    win_ms, post_ms = 1e3 * win_s / windowed, 1e3 * post_s / len(results)
-    sample = results[:ENCODE_SAMPLE]
-    t2 = time.perf_counter()
-    for p in sample:
-        ifcn.encode(p)
-    encode_ms = 1e3 * (time.perf_counter() - t2) / len(sample)
-    return {"images": len(results), "windows_ms": win_ms, "postprocess_ms": post_ms,
-            "images_per_s": 1e3 / (win_ms + post_ms), "encode_ms": encode_ms,
-            "proposals": float(np.mean([len(p) for p in results])), "peak_mib": peak_mib(device)}
+
+# --------------------------------------------------------------------------- 4. the actor alone
+
+def actor_alone(actor: InferenceActor, batch: pa.Table, budget_s: float, device: str) -> dict[str, Any]:
+    """One call (start-up, timed apart), then CONCURRENT_CALLS threads calling until budget_s has passed.
+    Rate = images done / wall; device busy = the actor's CUDA-event device time / wall."""
+    samplers.reset_peak(device)
+    t0 = time.perf_counter()
+    first = actor(batch)
+    first_s = time.perf_counter() - t0
+    if first.column("status").to_pylist() != ["ok"] * batch.num_rows:
+        raise RuntimeError(f"actor failed: {first.column('error').to_pylist()}")
+    before = (actor.stats.images, actor.stats.device_ms, actor.stats.forward_ms)
+    tables: list[pa.Table] = []
+    with samplers.gpu_sampler(device) as gpu:
+        start = time.time()
+
+        def caller() -> None:
+            while time.time() - start < budget_s:
+                tables.append(actor(batch))
+
+        threads = [threading.Thread(target=caller) for _ in range(CONCURRENT_CALLS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        end = time.time()
+    wall = end - start
+    images = actor.stats.images - before[0]
+    device_s, forward_s = (actor.stats.device_ms - before[1]) / 1e3, (actor.stats.forward_ms - before[2]) / 1e3
+    blobs = [b for t in tables for b in t.column("proposals").to_pylist()][:ENCODE_SAMPLE]
+    t1 = time.perf_counter()
+    proposals = [ifcn.encode(unpack_proposals(b)) for b in blobs]
+    encode_ms = 1e3 * (time.perf_counter() - t1) / len(blobs)
+    return {"images": images, "first_call_s": first_s, "seconds": wall, "images_per_s": images / wall,
+            "device_busy": device_s / wall, "forward_ms": 1e3 * forward_s / images,
+            "postprocess_ms": 1e3 * (device_s - forward_s) / images, "encode_ms": encode_ms,
+            "proposals": float(np.mean([len(p) for p in proposals])), "peak_mib": samplers.peak_mib(device),
+            "gpu": gpu.summary(window=(start, end))}
 
 
 def actor_settings(settings: Settings, nets: dict[str, nn.Module], images: list[np.ndarray],
                    bare_rate: float, report: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Every (heads, nms, postprocess path) setting of part 3."""
+    """Every (heads, nms, postprocess path) setting of part 4."""
     device = settings.device
-    for heads, net in nets.items():  # warm-up: cuDNN / oneDNN kernel choice per shape, the oracle's maps
-        ifcn.Predictor(net, settings.inference(), device, settings.amp).windows(images[:settings.batch_size])
-    if device == "cuda":  # first use of every postprocess kernel, on the cheap (structured) masks
-        for nms in ("box", "mask"):
-            ifcn.Predictor(nets["structured"], settings.inference(nms), device, settings.amp).proposals(images[:1])
+    batch = samplers.read_stage_batch(images[:settings.actor_batch])
     rows = []
     for heads, net in nets.items():
         for nms in ("box", "mask"):
             for on in settings.postprocess_on:
                 predictor = ifcn.Predictor(net, settings.inference(nms), device, settings.amp, postprocess_on=on)
-                with gpu_sampler(device) as gpu:
-                    r = actor_alone(predictor, images, settings.batch_size, ACTOR_BUDGET_S[device])
-                r.update(heads=heads, nms=nms, postprocess_on=on, ratio_to_bare=r["images_per_s"] / bare_rate,
-                         gpu=gpu.summary())
+                r = actor_alone(InferenceActor.of(predictor), batch, ACTOR_BUDGET_S[device], device)
+                r.update(heads=heads, nms=nms, postprocess_on=on, batch=batch.num_rows,
+                         ratio_to_bare=r["images_per_s"] / bare_rate)
                 rows.append(r)
-                report(f"  {heads:10s} {nms:4s} {on:6s}: {r['images_per_s']:8.2f} images/s ({r['images']} images)  "
-                       f"actor/bare {r['ratio_to_bare']:.3f}  per image: windows {r['windows_ms']:.1f} ms + "
-                       f"postprocess {r['postprocess_ms']:.1f} ms; encode {r['encode_ms']:.1f} ms (CPU); "
-                       f"{r['proposals']:.0f} proposals" + _gpu_text(r["gpu"], r["peak_mib"]))
+                report(f"  {heads:10s} {nms:4s} {on:6s}: {r['images_per_s']:8.2f} images/s ({r['images']} images in "
+                       f"{r['seconds']:.1f} s after a first call of {r['first_call_s']:.1f} s)  actor/bare "
+                       f"{r['ratio_to_bare']:.3f}  device busy {100 * r['device_busy']:.0f}% (events); per image: "
+                       f"forward {r['forward_ms']:.1f} ms + postprocess {r['postprocess_ms']:.1f} ms on the device; "
+                       f"encode {r['encode_ms']:.1f} ms (CPU); {r['proposals']:.0f} proposals"
+                       + _gpu_text(r["gpu"], r["peak_mib"]))
     return rows
 
 
 def _gpu_text(gpu: dict[str, Any], peak: float | None) -> str:
     text = f"; peak {peak:.0f} MiB allocated" if peak is not None else ""
     if gpu.get("samples"):
-        text += f"; GPU busy {gpu['util_mean']:.0f}% mean, {100 * gpu['busy_share']:.0f}% of samples >= {BUSY_PERCENT}%"
+        text += (f"; nvidia-smi util {gpu['util_mean']:.0f}% mean, {100 * gpu['busy_share']:.0f}% of samples >= "
+                 f"{samplers.BUSY_PERCENT}%")
     return text
 
 
-# --------------------------------------------------------------------------- 5. the job end to end
-
-def write_jpegs(folder: Path, scenes: list[np.ndarray], count: int) -> list[Path]:
-    """count JPEG files cycling through the scenes."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    encoded = []
-    for scene in scenes:
-        buf = io.BytesIO()
-        Image.fromarray(scene).save(buf, format="JPEG", quality=90)
-        encoded.append(buf.getvalue())
-    paths = []
-    for i in range(count):
-        path = folder / f"{i:06d}.jpg"
-        path.write_bytes(encoded[i % len(encoded)])
-        paths.append(path)
-    return paths
-
-
-def job_run(paths: list[Path], out: Path, checkpoint: Path, settings: Settings, nms: str,
-            process_sampler_cls: type) -> dict[str, Any]:
-    """One run_segment over `paths` (through a .txt manifest), sampling the GPU and every process."""
-    import pyarrow.dataset as pads
-
-    from pipeline.config import SegmentConfig
-    from pipeline.run import run_segment
-
-    manifest = out.with_suffix(".txt")
-    manifest.write_text("".join(f"{p}\n" for p in paths))
-    config = SegmentConfig.from_options(input=str(manifest), output=str(out), checkpoint=str(checkpoint),
-                                        scales=settings.scales, nms=nms, max_proposals=settings.max_proposals,
-                                        batch_size=settings.batch_size, amp="auto")
-    lines: list[str] = []
-    if settings.device == "cuda":
-        torch.cuda.empty_cache()  # this process's cached blocks would count as the job's
-    idle = gpu_memory_used_mib() if settings.device == "cuda" else 0.0
-    earlier = previous_actors()
-    procs = process_sampler_cls()
-    procs.start()
-    try:
-        with gpu_sampler(settings.device) as gpu:
-            summary = run_segment(config, log=lines.append)
-    finally:
-        procs.stop()
-    images = pads.dataset(str(out / "images"), format="parquet").to_table().to_pandas()
-    actors = [pid for pid, titles in procs.titles.items()
-              if pid not in earlier and any("MapWorker" in t for t in titles)]
-    g = gpu.summary(idle)
-    n = summary["images_this_run"]
-    return {"nms": nms, "images": n, "wall_s": summary["wall_s"],
-            "pipeline_s": summary["pipeline_s"], "images_per_s": summary["pipeline_images_per_s"],
-            "actors": summary["actors"], "errors": int((images.status != "ok").sum()),
-            "infer_ms": float(images.infer_ms.mean()), "postprocess_ms": float(images.postprocess_ms.mean()),
-            "actor_peak_rss_mib": [round(procs.peak_rss[p] / 2**20) for p in actors], "gpu": g,
-            # the steady rate: images over the GPU's active span (Ray Data's time includes the actors' start)
-            "images_per_s_active": n / g["active_s"] if g.get("active_s") else None,
-            "plan": next((line for line in lines if line.startswith("inference:")), "")}
-
-
-def previous_actors() -> set[int]:
-    """Pids of actor processes alive now (the last run's, still exiting): not this run's actors. Pids
-    of idle workers are not excluded: Ray may turn a pre-started idle worker into an actor."""
-    pids = set()
-    for p in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "MapWorker" in " ".join(p.cmdline()):
-                pids.add(p.pid)
-    return pids
-
-
-def job_cases(settings: Settings, tmp: Path, actor_rows: list[dict[str, Any]], random_bare: float,
-              report: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Random-init --backbone on synthetic photos, and the trained narrow model on synth scenes; each with
-    box and mask NMS, as many images as the actor alone did in PIPELINE_BUDGET_S (1 to --num-images)."""
-    import ray
-
-    bench_pipeline = load_bench("pipeline")  # its ProcessSampler: peak RSS of every Ray process
-    torch.manual_seed(0)
-    random_ckpt = tmp / f"{settings.backbone}_random.pt"
-    ifcn.save_checkpoint(ifcn.InstanceFCN(ifcn.ModelConfig(settings.backbone)), str(random_ckpt))
-    h, w = settings.size
-    photos = [bench_model.synthetic_scene(h, w, seed=i)[0] for i in range(min(DISTINCT_IMAGES, settings.num_images))]
-    rng = np.random.default_rng(0)
-    synth = [render_image(rng, SynthConfig(size=min(h, w)))[0]
-             for _ in range(min(DISTINCT_IMAGES, settings.num_images))]
-    # the trained model's own bare forward on its own images: end-to-end / bare compares like with like
-    device, cfg = settings.device, settings.inference()
-    trained = ifcn.load_checkpoint(str(TRAINED_CHECKPOINT)).to(device, memory_format=torch.channels_last).eval()
-    trained_bare = bare_forward(trained, resized_batches(synth, cfg, settings.batch_size, device), len(synth),
-                                settings.amp, device, forward_flops(trained, synth[0], cfg, device))
-    del trained
-    report(f"  bare forward of {TRAINED_CHECKPOINT.name} on {len(synth)} synth scenes of {min(h, w)} px: "
-           f"{trained_bare['images_per_s']:.2f} images/s")
-    rates = {(r["heads"], r["nms"]): r["images_per_s"] for r in actor_rows if r["postprocess_on"] in ("auto", "numpy")}
-    cases = [("random", f"{settings.backbone} random init", random_ckpt, photos, random_bare),
-             ("structured", f"{TRAINED_CHECKPOINT.name} (trained)", TRAINED_CHECKPOINT, synth,
-              trained_bare["images_per_s"])]
-
-    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's progress lines drown the results
-    t0 = time.perf_counter()
-    ray.init(num_cpus=2 if settings.device == "cpu" else None, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
-    report(f"  ray.init: {time.perf_counter() - t0:.1f} s")
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    rows = []
-    try:
-        for heads, label, ckpt, scenes, bare_rate in cases:
-            for nms in ("box", "mask"):
-                rate = rates.get((heads, nms), 1.0)
-                count = min(settings.num_images, max(1, int(rate * PIPELINE_BUDGET_S[settings.device])))
-                paths = write_jpegs(tmp / f"in_{heads}", scenes, count)[:count]
-                r = job_run(paths, tmp / f"out_{heads}_{nms}", ckpt, settings, nms, bench_pipeline.ProcessSampler)
-                r.update(heads=heads, model=label, bare_images_per_s=bare_rate,
-                         ratio_to_bare=r["images_per_s"] / bare_rate)
-                rows.append(r)
-                g, active_rate = r["gpu"], r["images_per_s_active"] or 0.0
-                gpu_text = (f"; GPU busy {g['util_mean']:.0f}% mean ({g['util_mean_active']:.0f}% over the "
-                            f"{g['active_s']:.1f} s active span: {active_rate:.2f} images/s), "
-                            f"{100 * g['busy_share']:.0f}% of samples >= {BUSY_PERCENT}%, peak {g['mem_peak_mib']:.0f} "
-                            f"MiB above idle" if g.get("samples") else "")
-                report(f"  {label:32s} {nms:4s}: {r['images_per_s']:8.2f} images/s ({r['images']} images, "
-                       f"{r['pipeline_s']:.1f} s in Ray Data, {r['wall_s']:.1f} s wall, {r['actors']} actor(s))  "
-                       f"end-to-end/bare {r['ratio_to_bare']:.3f}; per image in the actor: forward "
-                       f"{r['infer_ms']:.0f} ms, postprocess+encode {r['postprocess_ms']:.0f} ms; actor peak RSS "
-                       f"{r['actor_peak_rss_mib']} MiB{gpu_text}")
-    finally:
-        ray.shutdown()
-    return rows
-
-
-# --------------------------------------------------------------------------- 4. bounded memory
+# --------------------------------------------------------------------------- 5. bounded memory
 
 def big_image(model: nn.Module, settings: Settings, report: Callable[[str], None]) -> list[dict[str, Any]]:
     """One large synthetic photo through Predictor.proposals at the paper's defaults, structured and random
@@ -555,11 +355,11 @@ def big_image(model: nn.Module, settings: Settings, report: Callable[[str], None
     for heads, net in nets.items():
         predictor = ifcn.Predictor(net, config, device, settings.amp, postprocess_on="device")
         for attempt in range(2 if device == "cuda" and heads == "structured" else 1):
-            reset_peak(device)
-            rss = RssPeak()
+            samplers.reset_peak(device)
+            rss = samplers.RssPeak()
             with rss:
                 seconds, _ = bench_model.timed(lambda: predictor.proposals([scene]))
-            r = {"heads": heads, "run": attempt + 1, "size": [h, w], "seconds": seconds, "peak_mib": peak_mib(device),
+            r = {"heads": heads, "run": attempt + 1, "size": [h, w], "seconds": seconds, "peak_mib": samplers.peak_mib(device),
                  "rss_growth_mib": rss.growth_mib}
             rows.append(r)
             mem = (f"peak {r['peak_mib']:.0f} MiB GPU memory allocated" if r["peak_mib"] is not None
@@ -568,102 +368,147 @@ def big_image(model: nn.Module, settings: Settings, report: Callable[[str], None
     return rows
 
 
-class RssPeak:
-    """Peak growth of this process's RSS while the block runs (sampled every 20 ms): the CPU's stand-in
-    for max_memory_allocated."""
+# --------------------------------------------------------------------------- 6. the job end to end
 
-    def __init__(self) -> None:
-        self.me = psutil.Process()
-        self.growth_mib = 0.0
-        self._stop = threading.Event()
+def job_run(paths: list[Path], out: Path, checkpoint: Path, settings: Settings, nms: str,
+            stats_dir: Path) -> dict[str, Any]:
+    """One run_segment over `paths` (through a .txt manifest): start-up apart from the steady state."""
+    from pipeline.config import SegmentConfig
+    from pipeline.run import run_segment
 
-    def __enter__(self) -> "RssPeak":
-        self._base = self._peak = self.me.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
+    manifest = out.with_suffix(".txt")
+    manifest.write_text("".join(f"{p}\n" for p in paths))
+    config = SegmentConfig.from_options(input=str(manifest), output=str(out), checkpoint=str(checkpoint),
+                                        scales=settings.scales, nms=nms, max_proposals=settings.max_proposals,
+                                        batch_size=settings.batch_size, amp="auto")
+    if settings.device == "cuda":
+        torch.cuda.empty_cache()  # this process's cached blocks would count as the job's
+    idle = samplers.gpu_memory_used_mib() if settings.device == "cuda" else 0.0
+    start = time.time()
+    with samplers.gpu_sampler(settings.device) as gpu:
+        summary = run_segment(config, log=lambda line: None)
+    lines = [r for r in samplers.read_batch_lines(stats_dir) if r["t"] >= start]
+    steady = samplers.steady_state(lines, WARM_BATCHES)
+    return {"nms": nms, "images": summary.get("images_this_run"), "wall_s": time.time() - start,
+            "pipeline_images_per_s": summary.get("pipeline_images_per_s"), "actors": summary.get("actors"),
+            "startup_s": lines[0]["t"] - start if lines else None, "steady": steady,
+            "gpu": gpu.summary(idle, window=steady.get("window")), "gpu_all": gpu.summary(idle)}
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._peak = max(self._peak, self.me.memory_info().rss)
-            time.sleep(0.02)
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._peak = max(self._peak, self.me.memory_info().rss)
-        self.growth_mib = (self._peak - self._base) / 2**20
+def job_cases(settings: Settings, tmp: Path, actor_rows: list[dict[str, Any]], bare_rate: float,
+              deadline: float | None, report: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Random-init --backbone on synthetic photos, box and mask NMS, each with enough images for
+    JOB_STEADY_S at the actor's rate (at most --max-job-images)."""
+    import ray
+
+    torch.manual_seed(0)
+    checkpoint = tmp / f"{settings.backbone}_random.pt"
+    ifcn.save_checkpoint(ifcn.InstanceFCN(ifcn.ModelConfig(settings.backbone)), str(checkpoint))
+    h, w = settings.size
+    scenes = [bench_model.synthetic_scene(h, w, seed=i)[0] for i in range(DISTINCT_IMAGES)]
+    rates = {r["nms"]: r["images_per_s"] for r in actor_rows
+             if r["heads"] == "random" and r["postprocess_on"] in ("auto", "numpy")}
+    actors = torch.cuda.device_count() if settings.device == "cuda" else CPU_RAY_CPUS  # the job's pool, about
+    stats_dir = tmp / "actor_stats"
+    stats_dir.mkdir()
+    os.environ[STATS_DIR_ENV] = str(stats_dir)  # before ray.init: the local Ray's workers inherit it
+    t0 = time.perf_counter()
+    logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's progress lines drown the results
+    ray.init(num_cpus=CPU_RAY_CPUS if settings.device == "cpu" else None, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+    report(f"  ray.init: {time.perf_counter() - t0:.1f} s")
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # ray.data sets its own level when imported
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rows = []
+    try:
+        for nms in ("box", "mask"):
+            rate = rates.get(nms, 1.0)
+            warm = WARM_BATCHES * settings.batch_size
+            count = min(settings.max_job_images, int(actors * rate * JOB_STEADY_S[settings.device] * 1.2) + 2 * warm)
+            if deadline and time.time() + JOB_STARTUP_S + count / rate / actors > deadline:
+                report(f"  {nms}: skipped, {count} images at ~{rate:.0f} images/s would pass the time budget")
+                continue
+            paths = samplers.write_jpegs(tmp / "in", scenes, count)
+            r = job_run(paths, tmp / f"out_{nms}", checkpoint, settings, nms, stats_dir)
+            r["ratio_to_bare"] = (r["steady"].get("images_per_s") or 0.0) / bare_rate
+            rows.append(r)
+            report("  " + _job_text(r, settings))
+    finally:
+        ray.shutdown()
+        os.environ.pop(STATS_DIR_ENV, None)
+    return rows
+
+
+def _job_text(r: dict[str, Any], settings: Settings) -> str:
+    s, g = r["steady"], r["gpu"]
+    text = (f"{r['nms']:4s}: {r['images']} images, {r['actors']} actor(s); start-up {r['startup_s'] or 0:.1f} s "
+            f"(run_segment call to the first batch out of an actor)")
+    if s.get("images_per_s"):
+        text += (f"; steady over {s['seconds']:.1f} s ({s['images']} images): {s['images_per_s']:.2f} images/s, "
+                 f"{r['ratio_to_bare']:.3f} of the bare forward, device busy {100 * s['device_busy']:.0f}% by CUDA "
+                 f"events" + (f", nvidia-smi util {g['util_mean']:.0f}% mean, peak {g['mem_peak_mib']:.0f} MiB above "
+                              f"idle" if g.get("samples") else ""))
+        if s["seconds"] < JOB_STEADY_S[settings.device]:
+            text += f" (window shorter than {JOB_STEADY_S[settings.device]:.0f} s: raise --max-job-images)"
+    return text + f"; whole run {r['pipeline_images_per_s']} images/s in Ray Data, {r['wall_s']:.1f} s wall"
 
 
 # --------------------------------------------------------------------------- summary
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (heads, nms): the ratios and the GPU's busy share and memory."""
+    """One row per (heads, nms): op counts, the actor's and the job's ratios and busy shares."""
     rows = []
     for heads in ("structured", "random"):
         for nms in ("box", "mask"):
             row: dict[str, Any] = {"heads": heads, "nms": nms}
+            for c in results.get("counts", []):
+                if (c["heads"], c["nms"]) == (heads, nms):
+                    row[f"ops/image (b{c['batch']})"] = c["kernel_ops_per_image"]
+                    row[f"syncs/batch (b{c['batch']})"] = float(c["syncs_per_batch"])
             for a in results.get("actor", []):
                 if (a["heads"], a["nms"]) == (heads, nms):
                     row[f"actor/bare ({a['postprocess_on']})"] = a["ratio_to_bare"]
-                    row["actor peak MiB"] = a["peak_mib"] if a["peak_mib"] is not None else row.get("actor peak MiB")
-                    if a["gpu"].get("samples"):
-                        row["actor GPU busy %"] = a["gpu"]["util_mean"]
+                    row[f"actor busy % ({a['postprocess_on']})"] = 100 * a["device_busy"]
             for j in results.get("job", []):
-                if (j["heads"], j["nms"]) == (heads, nms):
-                    row["end-to-end/bare"] = j["ratio_to_bare"]
-                    if j.get("images_per_s_active"):
-                        row["e2e/bare (GPU-active span)"] = j["images_per_s_active"] / j["bare_images_per_s"]
+                if heads == "random" and j["nms"] == nms and j["steady"].get("images_per_s"):
+                    row["job images/s (steady)"] = j["steady"]["images_per_s"]
+                    row["job/bare"] = j["ratio_to_bare"]
+                    row["job busy % (events)"] = 100 * j["steady"]["device_busy"]
                     if j["gpu"].get("samples"):
-                        row["job GPU busy % (mean)"] = j["gpu"]["util_mean"]
-                        row[f"job samples >= {BUSY_PERCENT}%"] = 100 * j["gpu"]["busy_share"]
-                        row["job peak MiB"] = j["gpu"]["mem_peak_mib"]
-                    else:
-                        row["job actor RSS MiB"] = max(j["actor_peak_rss_mib"], default=None)
+                        row["job nvidia-smi %"] = j["gpu"]["util_mean"]
             rows.append(row)
     return rows
-
-
-def print_table(rows: list[dict[str, Any]], report: Callable[[str], None]) -> None:
-    columns = [c for c in dict.fromkeys(k for r in rows for k in r) if any(r.get(c) is not None for r in rows)]
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    report("  " + "  ".join(c.rjust(wd) for c, wd in zip(columns, widths)))
-    for row in cells:
-        report("  " + "  ".join(v.rjust(wd) for v, wd in zip(row, widths)))
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3f}" if value < 10 else f"{value:.0f}"
-    return str(value)
 
 
 # --------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--num-images", type=int, default=None, help="N (default 256 on GPU, 8 on CPU)")
+    ap.add_argument("--num-images", type=int, default=None, help="N (default 128 on GPU, 8 on CPU)")
     ap.add_argument("--size", default=None, help="image HxW (default 480x640 on GPU, 256x256 on CPU)")
-    ap.add_argument("--batch-size", type=int, default=None, help=f"images per forward / actor call "
-                    f"(default: the job's, {GPU_BATCH} on GPU, {CPU_BATCH} on CPU)")
+    ap.add_argument("--batch-size", type=int, default=None, help="images per forward / job actor call "
+                    "(default: the job's own)")
     ap.add_argument("--max-proposals", type=int, default=None, help="default 1000 on GPU (the paper's), 100 on CPU")
     ap.add_argument("--backbone", choices=ifcn.BACKBONES, default=None,
                     help="default vgg16 on GPU, vgg16_narrow on CPU")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile forward (~1 min of warm-up)")
-    ap.add_argument("--skip-pipeline", action="store_true", help="skip part 4 (jobs.segment end to end on Ray)")
+    ap.add_argument("--skip-counts", action="store_true", help="skip part 3 (op counts)")
+    ap.add_argument("--skip-pipeline", action="store_true", help="skip part 6 (jobs.segment end to end on Ray)")
+    ap.add_argument("--max-job-images", type=int, default=20_000, help="cap on the images of one job run")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here (after every part)")
     args = ap.parse_args(argv)
+    started = time.time()
     settings = make_settings(args)
     device = settings.device
+    deadline = started + TIME_BUDGET_S if device == "cuda" else None
     results: dict[str, Any] = {"settings": asdict(settings)}
 
     def report(line: str) -> None:
         print(line, flush=True)
 
     def save() -> None:
+        results["elapsed_s"] = time.time() - started
         if args.out:
             args.out.write_text(json.dumps(results, indent=2, default=str))
 
@@ -678,8 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                f"python {platform.python_version()}")
     h, w = settings.size
     report(f"settings: {settings.backbone}, {settings.num_images} images of {h}x{w}, scales {list(settings.scales)}, "
-           f"batch {settings.batch_size}, max {settings.max_proposals} proposals, amp "
-           f"{str(settings.amp).replace('torch.', '')}, postprocess paths {list(settings.postprocess_on)}")
+           f"job batch {settings.batch_size}, actor batch {settings.actor_batch}, max {settings.max_proposals} "
+           f"proposals, amp {str(settings.amp).replace('torch.', '')}, postprocess paths {list(settings.postprocess_on)}")
 
     report("1. matmul")
     mm = results["matmul"] = matmul_peak(device)
@@ -698,48 +543,41 @@ def main(argv: list[str] | None = None) -> int:
     fwd["gflop_per_image"] = flops / 1e9
     report(f"  {flops / 1e9:.1f} GFLOP per image; {fwd['images_per_s']:.2f} images/s, {fwd['tflops'] * scale:.2f} "
            f"{unit} ({fwd['tflops'] / mm['tflops']:.3f} of matmul); warm-up pass {fwd['warmup_s']:.1f} s")
+    del batches
     save()
 
-    report("3. actor alone (Predictor.windows + postprocess, as InferenceActor runs them)")
+    if settings.counts:
+        report(f"3. op counts of the actor's device path (forward included; paper's defaults, {COUNT_SIZE[0]}x"
+               f"{COUNT_SIZE[1]}, vgg16_narrow, amp {str(settings.amp).replace('torch.', '')})")
+        results["counts"] = op_counts(settings, report)
+        save()
+    else:
+        report("3. op counts: skipped (--skip-counts)")
+
+    report(f"4. the actor alone (pipeline.infer.InferenceActor, {CONCURRENT_CALLS} calls at once)")
     nets = {"structured": BatchedOracle(bench_model.OracleHeads(model, instances)), "random": model}
     results["actor"] = actor_settings(settings, nets, images, fwd["images_per_s"], report)
     save()
 
-    report(f"4. bounded memory: one {settings.big_size[0]}x{settings.big_size[1]} synthetic photo "
+    report(f"5. bounded memory: one {settings.big_size[0]}x{settings.big_size[1]} synthetic photo "
            f"(postprocess on the device)")
     results["big_image"] = big_image(model, settings, report)
     save()
-    del batches
     if device == "cuda":
         torch.cuda.empty_cache()
 
     if settings.pipeline:
-        report(f"5. jobs.segment end to end (pipeline.run.run_segment, local Ray"
-               f"{', 2 CPUs' if device == 'cpu' else ''})")
+        report(f"6. jobs.segment end to end (pipeline.run.run_segment, local Ray"
+               f"{', 2 CPUs' if device == 'cpu' else ''}; {settings.backbone} random init)")
         with tempfile.TemporaryDirectory(prefix="bench_gpu_") as tmp:
-            results["job"] = job_cases(settings, Path(tmp), results["actor"], fwd["images_per_s"], report)
+            results["job"] = job_cases(settings, Path(tmp), results["actor"], fwd["images_per_s"], deadline, report)
         save()
-
-    if settings.compile:
-        report("6. bare forward under torch.compile (as Predictor(compile=True) does it)")
-        batches = resized_batches(images, settings.inference(), settings.batch_size, device)
-        try:
-            compiled = bare_forward(torch.compile(model), batches, len(images), settings.amp, device, flops)
-            speedup = compiled["images_per_s"] / fwd["images_per_s"]
-            report(f"  {compiled['images_per_s']:.2f} images/s, {compiled['tflops']:.2f} TFLOP/s "
-                   f"({compiled['tflops'] / mm['tflops']:.3f} of matmul, {speedup:.2f}x uncompiled); "
-                   f"compile warm-up {compiled['warmup_s']:.1f} s")
-        except Exception as e:  # a compiler failure must not cost the rest of the run
-            compiled = {"error": f"{type(e).__name__}: {e}"}
-            report(f"  torch.compile failed: {compiled['error']}")
-        results["forward_compiled"] = compiled
     else:
-        report("6. torch.compile: skipped (" + ("--no-compile" if device == "cuda" else "CPU run") + ")")
+        report("6. jobs.segment: skipped (--skip-pipeline)")
 
-    report("summary (ratios to the bare forward of the same model; structured end-to-end = the trained "
-           f"{TRAINED_CHECKPOINT.name} on synth scenes)")
+    report(f"summary (ratios to the bare forward of the same model; {time.time() - started:.0f} s in all)")
     results["summary"] = summary_rows(results)
-    print_table(results["summary"], report)
+    samplers.print_table(results["summary"], report)
     save()
     return 0
 

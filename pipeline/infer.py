@@ -1,18 +1,28 @@
 """Inference stage: a Ray Data callable class that turns decoded images into compact proposals.
 
 One actor holds one model on one device; `__init__` loads the checkpoint once, `__call__` runs
-a whole batch of images through `ifcn.Predictor.proposals`: batched forwards at every scale, top
-windows, assembling, then paste, binarise, NMS and run lengths, all on the actor's device (on a
-GPU actor the GPU does every per-pixel step). What leaves the actor per image is compact: per
-proposal score, box, area, scale and its uncompressed run lengths (npz bytes). CPU tasks after
-the pool turn those into COCO compressed RLE strings and rows (pipeline/reduce.py); on CPU-only
-clusters pipeline/reduce.InferAndEncodeActor does that inside the actor instead.
-Resources (num_gpus, pool size, batch size) are set in pipeline/run.py, not here.
+a whole batch of images through the Predictor: batched forwards at every scale, top windows,
+assembling, then paste, binarise, NMS and run lengths, all on the actor's device (on a GPU actor
+the GPU does every per-pixel step). What leaves the actor per image is compact: per proposal
+score, box, area, scale and its uncompressed run lengths (npz bytes). CPU tasks after the pool
+turn those into COCO compressed RLE strings and rows (pipeline/reduce.py); on CPU-only clusters
+pipeline/reduce.InferAndEncodeActor does that inside the actor instead.
+
+Keeping the device busy: a call's device half (`_device`) runs on the actor's one device thread
+(its own CUDA stream), its host halves (rows -> pixels staged in pinned memory before; npz
+packing, table building and, in InferAndEncodeActor, encoding after) on the calling thread. When
+Ray Data runs CONCURRENT_CALLS calls of one actor at once, one batch's host work overlaps the
+next batch's device work; with one call at a time (CPU actors, tests) the same code runs in order.
+Resources (num_gpus, pool size, batch size, concurrency) are set in pipeline/run.py, not here.
 """
 from __future__ import annotations
 
 import io
+import json
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,11 +37,63 @@ from .sources import image_from_row
 
 # Columns the stage passes through unchanged (the read stage's, minus the pixels).
 PASSTHROUGH = ("image_id", "uri", "shard_id", "width", "height", "read_ms", "decode_ms")
+# Benchmarks (bench/gpu.py) set this to a folder: each actor appends one JSON line per batch to <folder>/<pid>.jsonl
+# (its time, images, CUDA-event device time), so a job's steady rate and device busy share can be read off.
+STATS_DIR_ENV = "IFCN_ACTOR_STATS_DIR"
+# Calls of one GPU actor that Ray Data may run at once: two, so one batch's host work hides behind the
+# next one's device work; more would only queue on the device thread while holding their batches' pixels.
+CONCURRENT_CALLS = 2
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """bf16 autocast where it pays (CUDA; "auto" = bf16 there); CPU runs full precision."""
     return torch.bfloat16 if amp in ("auto", "bf16") and device.type == "cuda" else None
+
+
+@dataclass
+class DeviceStats:
+    """What the device half did since the actor started: batches, images, and the device's time.
+
+    device_ms: per batch, from a CUDA event recorded on the actor's stream before its first op to
+    one after its last (on CPU, the host's clock: there the device half is the host's work). Gaps
+    between batches (host work not overlapped, an empty input queue) are not in it; stalls inside
+    a batch are. forward_ms / postprocess_ms split it at the end of the forwards."""
+
+    batches: int = 0
+    images: int = 0
+    device_ms: float = 0.0
+    forward_ms: float = 0.0
+    postprocess_ms: float = 0.0
+
+    def add(self, images: int, forward_ms: float, postprocess_ms: float) -> None:
+        self.batches += 1
+        self.images += images
+        self.device_ms += forward_ms + postprocess_ms
+        self.forward_ms += forward_ms
+        self.postprocess_ms += postprocess_ms
+
+
+class DeviceClock:
+    """Marks on the device's timeline: CUDA events on the current stream (no host wait), else the host's clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def spans_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks (waits for the last one on CUDA)."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
 class InferenceActor:
@@ -44,8 +106,25 @@ class InferenceActor:
             torch.set_num_threads(torch_threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = load_checkpoint(checkpoint, storage_options, checkpoint_sha256)  # the weights the job planned
-        self.predictor = Predictor(model, InferenceConfig.from_dict(inference), device, amp_dtype(amp, device),
-                                   compile=compile and device.type == "cuda")
+        self._start(Predictor(model, InferenceConfig.from_dict(inference), device, amp_dtype(amp, device),
+                              compile=compile and device.type == "cuda"))
+
+    @classmethod
+    def of(cls, predictor: Predictor) -> "InferenceActor":
+        """An actor around a ready Predictor (benchmarks and tests: any model, no checkpoint)."""
+        actor = cls.__new__(cls)
+        actor._start(predictor)
+        return actor
+
+    def _start(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+        self.stats = DeviceStats()
+        folder = os.environ.get(STATS_DIR_ENV)
+        self._stats_file = os.path.join(folder, f"{os.getpid()}.jsonl") if folder else None
+        cuda = predictor.device.type == "cuda"
+        self._stream = torch.cuda.Stream(predictor.device) if cuda else None
+        # one thread issues every device op, in call order, on the actor's stream
+        self._device_thread = ThreadPoolExecutor(1, "ifcn-device", initializer=_enter_stream, initargs=(self._stream,))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select(["status", "error", "pixels", "height", "width", "uri"]).to_pylist()
@@ -53,29 +132,24 @@ class InferenceActor:
         infer_ms: list[float | None] = [None] * n
         post_ms: list[float | None] = [None] * n
         blobs = [b""] * n
-        todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
         images = {}
-        for i in todo:
+        for i, r in enumerate(rows):
+            if r["status"] != "ok":
+                continue
             try:
-                images[i] = image_from_row(rows[i]["pixels"], rows[i]["height"], rows[i]["width"])  # (H, W, 3)
+                images[i] = self._stage(image_from_row(r["pixels"], r["height"], r["width"]))  # (H, W, 3)
             except Exception as e:
-                self._fail(rows[i], e)
-        order = [i for i in todo if i in images]
-        try:
-            results = self._run([images[i] for i in order])
-        except Exception:  # e.g. CUDA OOM on a huge image: run one by one, so only that image fails
-            _release_cuda_memory()
-            results = []
-            for i in order:
+                self._fail(r, e)
+        order = list(images)
+        for i, res in zip(order, self._infer(rows, [images[i] for i in order], order)):
+            if res is not None:
+                t0 = time.perf_counter()
+                proposals, infer_ms[i], post_ms[i] = res
                 try:
-                    results.extend(self._run([images[i]]))
+                    blobs[i] = pack_proposals(proposals)
                 except Exception as e:
                     self._fail(rows[i], e)
-                    _release_cuda_memory()
-                    results.append(None)
-        for i, res in zip(order, results):
-            if res is not None:
-                blobs[i], infer_ms[i], post_ms[i] = res
+                post_ms[i] += (time.perf_counter() - t0) * 1e3
         out = batch.select(list(PASSTHROUGH))
         out = out.append_column("status", pa.array([r["status"] for r in rows], pa.string()))
         out = out.append_column("error", pa.array([r["error"] for r in rows], pa.string()))
@@ -83,21 +157,54 @@ class InferenceActor:
         out = out.append_column("postprocess_ms", pa.array(post_ms, pa.float32()))
         return out.append_column("proposals", pa.array(blobs, pa.large_binary()))
 
-    def _run(self, images: list[np.ndarray]) -> list[tuple[bytes, float, float]]:
-        """Images -> (packed proposals, forward ms (the image's share of the batch), postprocess ms)."""
+    def _stage(self, image: np.ndarray) -> np.ndarray:
+        """(H, W, 3) uint8 -> the same pixels in page-locked memory on CUDA (a direct DMA to the device,
+        no bounce through a pageable buffer), unchanged on CPU."""
+        if self._stream is None:
+            return image
+        pinned = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
+        pinned.numpy()[...] = image
+        return pinned.numpy()
+
+    def _infer(self, rows: list[dict[str, Any]], images: list[np.ndarray],
+               order: list[int]) -> list[tuple[Proposals, float, float] | None]:
+        """The batch's device half; if it fails (e.g. CUDA OOM on a huge image), image by image, so only
+        the images that fail again fail (None)."""
         if not images:
             return []
+        try:
+            return self._device_thread.submit(self._device, images).result()
+        except Exception:
+            _release_cuda_memory()
+        results: list[tuple[Proposals, float, float] | None] = []
+        for i, image in zip(order, images):
+            try:
+                results.extend(self._device_thread.submit(self._device, [image]).result())
+            except Exception as e:
+                self._fail(rows[i], e)
+                _release_cuda_memory()
+                results.append(None)
+        return results
+
+    def _device(self, images: list[np.ndarray]) -> list[tuple[Proposals, float, float]]:
+        """Images -> (proposals, forward ms (the image's share of the batch), postprocess ms (its share)),
+        on the device thread. The one place that calls the Predictor: forwards, then the postprocess of
+        every image (one `Predictor.postprocess_batch` call where ifcn has it)."""
         p = self.predictor
-        t0 = time.perf_counter()
+        clock = DeviceClock(p.device)
+        clock.mark()
         windows = p.windows(images)
-        _synchronize(p.device)  # so the forward's time is not billed to the first postprocess
-        share = (time.perf_counter() - t0) * 1e3 / len(images)
-        out = []
-        for image, groups in zip(images, windows):
-            t1 = time.perf_counter()
-            blob = pack_proposals(p.postprocess(groups, image.shape[:2]))
-            out.append((blob, share, (time.perf_counter() - t1) * 1e3))
-        return out
+        clock.mark()
+        proposals = [p.postprocess(groups, image.shape[:2]) for image, groups in zip(images, windows)]
+        clock.mark()  # proposals are on the host by now: the device has run every op before this mark
+        forward_ms, post_ms = clock.spans_ms()
+        n = len(images)
+        self.stats.add(n, forward_ms, post_ms)
+        if self._stats_file:
+            with open(self._stats_file, "a") as f:
+                f.write(json.dumps({"t": time.time(), "pid": os.getpid(), "images": n, "device_ms": forward_ms + post_ms,
+                                    "forward_ms": forward_ms, "postprocess_ms": post_ms}) + "\n")
+        return [(r, forward_ms / n, post_ms / n) for r in proposals]
 
     @staticmethod
     def _fail(row: dict[str, Any], e: Exception) -> None:
@@ -120,9 +227,10 @@ def unpack_proposals(blob: bytes) -> Proposals:
         return Proposals.from_dict({k: z[k] for k in z.files})
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _enter_stream(stream: torch.cuda.Stream | None) -> None:
+    """The device thread's start: its ops go to the actor's stream (the current stream is per thread)."""
+    if stream is not None:
+        torch.cuda.set_stream(stream)
 
 
 def _release_cuda_memory() -> None:

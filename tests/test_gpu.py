@@ -8,12 +8,16 @@ Run: pytest tests/test_gpu.py -q
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from ifcn import InferenceConfig, InstanceFCN, Predictor
+from ifcn import InferenceConfig, InstanceFCN, Predictor, load_checkpoint
+from segment_helpers import write_checkpoint
+from test_device_ops import _assert_same, _image
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -55,3 +59,29 @@ def test_cuda_device_postprocess_equals_numpy_on_the_same_windows(model: Instanc
     got = postprocess_device(on_cuda, image.shape[:2], config, 21, 8, torch.float64)
     for field in ("scores", "boxes", "areas", "scales", "counts", "lengths"):
         np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+
+
+def _on(groups: list, device: str) -> list:
+    """Every tensor of a Predictor.windows group moved to `device` (the same windows, bit for bit)."""
+    return [(type(w)(**{f.name: getattr(w, f.name).to(device) for f in dataclasses.fields(w)}), factor)
+            for w, factor in groups]
+
+
+def test_cuda_defaults_equal_numpy_reference(tmp_path) -> None:
+    """The product's defaults (InferenceConfig(): paper scales, box NMS, 1000 proposals; float32 device path)
+    on CUDA give the numpy reference's proposals exactly, from the same windows. The checkpoint's logits sit
+    far from the 0.5 threshold, and the CPU's float32 torch path must equal the reference first: the input
+    has no pixel within float32 rounding of a tie, so any CUDA difference is CUDA's."""
+    model = load_checkpoint(write_checkpoint(tmp_path / "structured.pt"))
+    config = InferenceConfig()
+    assert config.nms == "box"
+    images = [_image(seed, size) for seed, size in ((0, (90, 130)), (1, (120, 84)))]
+    cpu = Predictor(model, config, device="cpu", postprocess_on="numpy")
+    cpu_torch = Predictor(model, config, device="cpu", postprocess_on="device")
+    cuda = Predictor(model, config, device="cuda")
+    assert cuda.on_device and cuda.amp_dtype is None
+    for image, groups in zip(images, cpu.windows(images)):
+        want = cpu.postprocess(groups, image.shape[:2])
+        assert len(want) > 50
+        _assert_same(cpu_torch.postprocess(groups, image.shape[:2]), want)  # precondition: no float32 ties
+        _assert_same(cuda.postprocess(_on(groups, "cuda"), image.shape[:2]), want)
