@@ -30,9 +30,8 @@ import pyarrow as pa
 import torch
 
 from ifcn import InferenceConfig, Predictor, Proposals, load_checkpoint
-from ifcn.image import one_line
 
-from .errors import RETRY, is_transient
+from .errors import RETRY, classify
 from .sources import image_from_row
 
 # Columns the stage passes through unchanged (the read stage's, minus the pixels).
@@ -189,13 +188,13 @@ class InferenceActor:
     def _device(self, images: list[np.ndarray]) -> list[tuple[Proposals, float, float]]:
         """Images -> (proposals, forward ms (the image's share of the batch), postprocess ms (its share)),
         on the device thread. The one place that calls the Predictor: forwards, then the postprocess of
-        every image (one `Predictor.postprocess_batch` call where ifcn has it)."""
+        every image in one `Predictor.postprocess_batch` call (one chain of ops for the batch)."""
         p = self.predictor
         clock = DeviceClock(p.device)
         clock.mark()
         windows = p.windows(images)
         clock.mark()
-        proposals = [p.postprocess(groups, image.shape[:2]) for image, groups in zip(images, windows)]
+        proposals = p.postprocess_batch(windows, [image.shape[:2] for image in images])
         clock.mark()  # proposals are on the host by now: the device has run every op before this mark
         forward_ms, post_ms = clock.spans_ms()
         n = len(images)
@@ -208,11 +207,10 @@ class InferenceActor:
 
     @staticmethod
     def _fail(row: dict[str, Any], e: Exception) -> None:
-        """CUDA and out-of-memory failures are the machine's, not the image's: left for a re-run."""
-        transient = is_transient(e)
+        """CUDA and out-of-memory failures are the machine's, not the image's: a 'retry' row."""
+        transient, reason = classify(e)
         row["status"] = RETRY if transient else "error"
-        row["error"] = (f"image {row['uri']}: inference failed ({type(e).__name__}: {one_line(e)})"
-                        + ("; left uncommitted for a re-run" if transient else ""))
+        row["error"] = f"image {row['uri']}: inference failed ({reason})" + ("; left for a re-run" if transient else "")
 
 
 def pack_proposals(p: Proposals) -> bytes:

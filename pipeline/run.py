@@ -41,7 +41,7 @@ from ifcn.image import one_line
 
 from .config import IncompleteRunError, SegmentConfig, SegmentError
 from .errors import RETRY
-from .infer import InferenceActor
+from .infer import CONCURRENT_CALLS, InferenceActor
 from .lease import Lease
 from .plan import Plan, new_run_id, now_utc, prepare, skipped_note
 from .reduce import InferAndEncodeActor, encode_and_stage
@@ -133,13 +133,22 @@ def build_dataset(plan: Plan, config: SegmentConfig, res: Resources):
                     "checkpoint_sha256": plan.checkpoint_sha256}
     ds = ds.map_batches(
         InferAndEncodeActor if res.postprocess_in_actor else InferenceActor, batch_format="pyarrow",
-        batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=res.actors),
+        batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=res.actors, **_overlap(res)),
         num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor,
         fn_constructor_kwargs={**actor_kwargs, "stage": stage} if res.postprocess_in_actor else actor_kwargs)
     if res.postprocess_in_actor:
         return ds
     return ds.map_batches(encode_and_stage, batch_format="pyarrow", batch_size=ENCODE_BATCH, num_cpus=ENCODE_CPUS,
                           fn_kwargs=stage)
+
+
+def _overlap(res: Resources) -> dict[str, Any]:
+    """GPU actors take CONCURRENT_CALLS calls at once: one batch's host work (pinned staging,
+    packing) overlaps the next batch's device work, which runs on the actor's one device thread
+    (pipeline/infer.py). CPU actors run one call at a time: their host and device are the same cores."""
+    if res.gpus_per_actor <= 0:
+        return {}
+    return {"max_concurrent_calls_per_actor": CONCURRENT_CALLS, "enable_true_multi_threading": True}
 
 
 def pending_rows(plan: Plan) -> pa.Table:
