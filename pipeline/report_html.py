@@ -87,7 +87,7 @@ def _summary(facts: dict[str, Any]) -> str:
 
 def _runs(runs: list[dict[str, Any]]) -> str:
     if not runs:
-        return '<section id="runs"><h2>Runs</h2><p class="muted">No run recorded in the table history.</p></section>'
+        return _empty("runs", "Runs", "No run recorded in the table history.")
     rows = []
     for r in runs:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["started"] / 1000))
@@ -129,8 +129,16 @@ def _proposals(facts: dict[str, Any]) -> str:
     return f'<section id="proposals"><h2>Proposals</h2><div class="plots">{"".join(plots)}</div></section>'
 
 
-def _hist(h: dict[str, Any], title: str, key: str) -> str:
-    """A histogram as inline SVG bars, with its n, mean and median."""
+def _section(sid: str, title: str, body: str) -> str:
+    return f'<section id="{sid}"><h2>{title}</h2>{body}</section>'
+
+
+def _empty(sid: str, title: str, text: str) -> str:
+    return _section(sid, title, f'<p class="muted">{text}</p>')
+
+
+def _hist(h: dict[str, Any], title: str, key: str, stats: bool = True) -> str:
+    """A histogram as inline SVG bars, with its n, mean and median (`stats`)."""
     if not h["counts"]:
         return f'<div class="plot"><div>{esc(title)}: no data</div></div>'
     top = max(h["counts"]) or 1
@@ -141,13 +149,13 @@ def _hist(h: dict[str, Any], title: str, key: str) -> str:
     axis = (f'<text x="0" y="{PLOT_H - 4}" font-size="11">{h["edges"][0]:g}</text>'
             f'<text x="{PLOT_W}" y="{PLOT_H - 4}" font-size="11" text-anchor="end">{h["edges"][-1]:g}</text>')
     return (f'<div class="plot" data-hist="{esc(key)}"><div>{esc(title)}</div><svg width="{PLOT_W}" height="{PLOT_H}" '
-            f'viewBox="0 0 {PLOT_W} {PLOT_H}" role="img">{bars}{axis}</svg><div>n = {count("hist." + key + ".n", h["n"])}, '
-            f'mean {h["mean"]:.3g}, median {h["median"]:.3g}</div></div>')
+            f'viewBox="0 0 {PLOT_W} {PLOT_H}" role="img">{bars}{axis}</svg><div>n = {count("hist." + key + ".n", h["n"])}'
+            + (f', mean {h["mean"]:.3g}, median {h["median"]:.3g}' if stats else "") + '</div></div>')
 
 
 def _throughput(points: list[dict[str, Any]]) -> str:
     if not points:
-        return '<section id="throughput"><h2>Throughput</h2><p class="muted">No commits recorded.</p></section>'
+        return _empty("throughput", "Throughput", "No commits recorded.")
     t_max = max(p["t_s"] for p in points) or 1.0
     n_max = max(p["images"] for p in points) or 1
     colors = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2")
@@ -168,16 +176,15 @@ def _throughput(points: list[dict[str, Any]]) -> str:
 def _recall(r: dict[str, Any]) -> str:
     cells = "".join(f'<div class="card"><b>{count("ar." + name, f"{100 * v:.1f}" if v >= 0 else "n/a")}</b>'
                     f'<span>{esc(name)}</span></div>' for name, v in r["ar"].items())
-    curve = {"edges": r["iou"] + [1.0], "counts": [round(1000 * max(v, 0)) for v in r["recall"]],
-             "n": r["images"], "mean": sum(max(v, 0) for v in r["recall"]) / max(1, len(r["recall"])), "median": 0.0}
+    curve = {"edges": r["iou"] + [1.0], "counts": [round(1000 * max(v, 0)) for v in r["recall"]], "n": r["images"]}
     return (f'<section id="recall"><h2>Average recall against the annotations</h2><p class="muted">Class-agnostic mask '
             f'AR (%), {esc(r["protocol"])}, over {r["images"]} annotated images.</p><div class="cards">{cells}</div>'
-            f'{_hist(curve, "recall (per mille) at each IoU threshold, 1000 proposals", "recall_iou")}</section>')
+            f'{_hist(curve, "recall (per mille) at each IoU threshold, 1000 proposals", "recall_iou", stats=False)}</section>')
 
 
 def _gallery(items: list[dict[str, Any]]) -> str:
     if not items:
-        return '<section id="gallery"><h2>Gallery</h2><p class="muted">No image with proposals.</p></section>'
+        return _empty("gallery", "Gallery", "No image with proposals.")
     figs = []
     for g in items:
         caption = f'<code>{esc(g["image_id"])}</code>: top {g["drawn"]} of {g["proposals"]} proposals'
