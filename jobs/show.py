@@ -10,7 +10,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from ifcn.viz import draw_proposals, save_png
 from ifcn.image import ImageError, decode_image, read_bytes  # decode exactly as the pipeline did (EXIF, alpha)
@@ -22,9 +21,10 @@ SHOWN_IDS = 5  # valid ids listed when an id is unknown
 
 
 def _table(output: str, table: str, columns: list[str], image_id: str | None, storage_options: dict | None):
-    """Rows of one image (or, with image_id None, just the columns) of an output's committed shards."""
-    filt = ds.field("image_id") == image_id if image_id is not None else None
-    return read_output(output, table, columns, filt, storage_options)
+    """Rows of one image (or, with image_id None, just the columns) of an output's committed shards
+    (files skipped by their image_id statistics: one image reads one file)."""
+    return read_output(output, table, columns, storage_options=storage_options,
+                       image_ids=None if image_id is None else [image_id])
 
 
 def load_proposals(output: str, image_id: str, storage_options: dict | None = None) -> tuple[str, list[dict]]:

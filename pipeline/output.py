@@ -6,14 +6,24 @@
     images = read_output(url, "images", ray=True)                     # Ray Dataset
     before = read_output(url, "images", version=3)                    # time travel
 
-A thin layer over `deltalake.DeltaTable(...).to_pyarrow_dataset()`: only files that a commit
-added are read, so a shard being written, a publish task killed mid-way or a run killed
-between its two commits is never seen. Any other Delta reader (polars.read_delta,
-ray.data.read_delta, Spark, DuckDB's delta_scan) sees the same; a plain Parquet glob does not.
+A thin layer over the Delta log: only files that a commit added are read, so a shard being
+written, a publish task killed mid-way or a run killed between its two commits is never seen.
+Any other Delta reader (polars.read_delta, ray.data.read_delta, Spark, DuckDB's delta_scan)
+sees the same; a plain Parquet glob does not.
+
+The pyarrow dataset is built from the log's file list in one call (`table_dataset`), not with
+`DeltaTable.to_pyarrow_dataset()`, which builds one fragment per file in Python: 23 s for a
+40k-file table against 0.1 s (a 10M-image output has 78k files per table). `image_ids` skips
+files by their image_id statistics first, so reading one image opens one file, not every footer.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
 
 from .schema import IMAGES_SCHEMA, MASKS_SCHEMA
 from .table import OutputTables
@@ -40,12 +50,41 @@ def open_table(url: str, table: str = "masks", storage_options: dict[str, Any] |
     return dt
 
 
+def table_dataset(dt: Any, table: str, options: dict[str, str] | None = None,
+                  image_ids: Sequence[str] | None = None) -> ds.Dataset:
+    """The active data files of DeltaTable `dt` (`table`: "masks" or "images") as one pyarrow
+    dataset; with `image_ids`, only the files whose image_id min/max can hold one of them (files
+    without statistics are kept)."""
+    import pyarrow.fs as pafs
+    from deltalake.fs import DeltaStorageHandler
+
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    paths = adds.column("path").to_pylist()
+    if image_ids is not None and adds.num_rows and "min.image_id" in adds.column_names:
+        ids = np.unique(np.asarray(list(image_ids), dtype=object))
+        lo = adds.column("min.image_id").to_numpy(zero_copy_only=False)
+        hi = adds.column("max.image_id").to_numpy(zero_copy_only=False)
+        no_stats = np.array([a is None or b is None for a, b in zip(lo, hi)], dtype=bool)
+        lo, hi = np.where(no_stats, "", lo), np.where(no_stats, "", hi)
+        # a file can hold an id when some sorted id falls in [min, max]
+        holds = np.searchsorted(ids, hi, side="right") > np.searchsorted(ids, lo, side="left")
+        paths = [p for p, keep in zip(paths, holds | no_stats) if keep]
+    fs = pafs.PyFileSystem(DeltaStorageHandler(dt.table_uri, options or None))
+    return ds.FileSystemDataset.from_paths(paths, schema=SCHEMAS[table], format=ds.ParquetFileFormat(),
+                                           filesystem=fs)
+
+
 def read_output(url: str, table: str = "masks", columns: list[str] | None = None, filter: Any = None,
-                storage_options: dict[str, Any] | None = None, ray: bool = False, version: int | None = None):
+                storage_options: dict[str, Any] | None = None, ray: bool = False, version: int | None = None,
+                image_ids: Sequence[str] | None = None):
     """`table` ("masks" or "images") of the output at `url`: a pyarrow Table, or with ray=True a
-    Ray Dataset read by the cluster. `filter` is a pyarrow.dataset expression (files' min/max
-    stats and row groups let it skip most files for one image_id); `version` reads the table as
-    a past commit left it."""
+    Ray Dataset read by the cluster. `filter` is a pyarrow.dataset expression (row-group
+    statistics let it skip most of a file); `image_ids` keeps only those images and skips whole
+    files by their statistics first (combine it with `filter` freely); `version` reads the table
+    as a past commit left it."""
+    if image_ids is not None:
+        only = ds.field("image_id").isin(list(image_ids))
+        filter = only if filter is None else filter & only
     dt = open_table(url, table, storage_options, version)
     if ray:
         import ray.data
@@ -64,7 +103,8 @@ def read_output(url: str, table: str = "masks", columns: list[str] | None = None
             rds = rds.map_batches(_filter_block, fn_kwargs={"expression": filter}, batch_format="pyarrow",
                                   batch_size=None)
         return rds.select_columns(columns) if columns else rds  # (read_parquet's columns= is deprecated)
-    return dt.to_pyarrow_dataset().to_table(columns=columns, filter=filter)
+    options = OutputTables(url, storage_options).options
+    return table_dataset(dt, table, options, image_ids).to_table(columns=columns, filter=filter)
 
 
 __all__ = ["open_table", "read_output"]

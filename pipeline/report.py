@@ -246,10 +246,7 @@ def _masks_of(output: str, image_ids: list[str], columns: list[str],
               storage_options: dict[str, Any] | None) -> pa.Table:
     from . import read_output
 
-    if not image_ids:
-        return read_output(output, "masks", columns, filter=ds.field("image_id") == "", storage_options=storage_options)
-    return read_output(output, "masks", columns, filter=ds.field("image_id").isin(image_ids),
-                       storage_options=storage_options)
+    return read_output(output, "masks", columns, storage_options=storage_options, image_ids=image_ids)
 
 
 def gallery(output: str, image_ids: list[str], config: ReportConfig,

@@ -234,3 +234,39 @@ def test_publishing_rides_out_a_short_storage_outage(s3_server, s3_bucket: str) 
     result, = publisher.poll()
     assert result["shard_id"] == "000000" and result["num_images"] == 2
     assert fs.info(f"{out}/images/{result['images']['path']}")["size"] == result["images"]["size"]
+
+
+def test_table_dataset_skips_files_by_image_id_statistics(tmp_path: Path) -> None:
+    """Three files of known image_id ranges plus one without statistics: `image_ids` keeps exactly the
+    files whose [min, max] can hold one of them (and the one it cannot judge); rows equal deltalake's."""
+    from deltalake import DeltaTable, Schema
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    import pyarrow.parquet as pq
+
+    from pipeline.output import read_output, table_dataset
+    from pipeline.schema import IMAGES_SCHEMA
+    from pipeline.table import file_stats
+
+    root = tmp_path / "out" / "images"
+    root.mkdir(parents=True)
+    adds = []
+    for n, ids in enumerate((["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"], ["x"])):
+        t = pa.Table.from_pylist([{**dict.fromkeys(IMAGES_SCHEMA.names), "image_id": i, "uri": f"file:///{i}",
+                                   "status": "ok", "shard_id": f"{n:06d}", "run_id": "r"} for i in ids], IMAGES_SCHEMA)
+        pq.write_table(t, root / f"part-{n}.parquet")
+        stats = file_stats(t) if ids != ["x"] else json.dumps({"numRecords": 1})
+        adds.append(AddAction(f"part-{n}.parquet", (root / f"part-{n}.parquet").stat().st_size, {}, 0, True, stats))
+    create_table_with_add_actions(str(root), Schema.from_arrow(IMAGES_SCHEMA), adds, mode="error")
+    dt = DeltaTable(str(root))
+    kept = lambda ids: sorted(f.rsplit("/", 1)[-1] for f in table_dataset(dt, "images", None, ids).files)  # noqa: E731
+    assert kept(["e"]) == ["part-1.parquet", "part-3.parquet"]
+    assert kept(["c", "g"]) == ["part-0.parquet", "part-2.parquet", "part-3.parquet"]
+    assert kept(["cc", "zz"]) == ["part-3.parquet"]  # between and beyond every range: only the unjudged file
+    assert kept([]) == ["part-3.parquet"]
+    assert len(kept(None)) == 4
+    whole = read_output(str(tmp_path / "out"), "images").sort_by("image_id")
+    assert whole.equals(dt.to_pyarrow_table().select(IMAGES_SCHEMA.names).cast(IMAGES_SCHEMA).sort_by("image_id"))
+    one = read_output(str(tmp_path / "out"), "images", ["image_id", "shard_id"], image_ids=["e", "x"])
+    assert one.sort_by("image_id").to_pylist() == [{"image_id": "e", "shard_id": "000001"},
+                                                    {"image_id": "x", "shard_id": "000003"}]
