@@ -16,7 +16,7 @@ import io
 import json
 import posixpath
 import warnings
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -25,7 +25,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from .data.coco import segmentation_to_rle
-from .io import filesystem, join, open_url
+from .io import open_url
 
 MAX_DETS: tuple[int, int, int] = (10, 100, 1000)  # summarize() reads exactly three
 IOU_PROTOCOLS: dict[str, np.ndarray] = {
@@ -228,28 +228,6 @@ class FileNameMatcher:
                 if hit is not None:
                     return hit
         return None
-
-
-def read_parquet_dataset(url: str, columns: list[str] | None = None, filter_expr: Any = None,
-                         storage_options: dict | None = None):
-    """A Parquet dataset folder (hive partitions discovered, e.g. `<output>/masks/`) as a pyarrow Table."""
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{url}: no such Parquet dataset (is the output URL right?)")
-    dataset = ds.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    return dataset.to_table(columns=columns, filter=filter_expr)
-
-
-def load_results_parquet(output_url: str, gt: dict | str, max_proposals: int | None = None,
-                         storage_options: dict | None = None) -> list[dict]:
-    """Pipeline output folder -> COCO results entries, image ids mapped through the COCO file_names.
-
-    Rows whose `image_id`/`uri` match no COCO `file_name` are dropped with a warning that counts them.
-    max_proposals keeps ranks below it (default: all).
-    """
-    table = read_parquet_dataset(join(output_url, "masks"), list(RESULT_COLUMNS), rank_filter(max_proposals),
-                                 storage_options)
-    return results_from_masks(table, load_gt(gt, storage_options))
 
 
 RESULT_COLUMNS = ("image_id", "uri", "score", "rle", "height", "width")  # what results_from_masks reads

@@ -14,8 +14,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ifcn.evaluate import (IOU_PROTOCOLS, STATS_INDEX, average_recall, coco_eval, format_table, load_results_json,
-                           load_results_parquet, predictions_to_results, recall_from_eval)
+from ifcn.evaluate import (IOU_PROTOCOLS, RESULT_COLUMNS, STATS_INDEX, average_recall, coco_eval, format_table,
+                           load_results_json, predictions_to_results, rank_filter, recall_from_eval, results_from_masks)
+from pipeline import read_output
 from pipeline.schema import MASKS_SCHEMA
 
 H = W = 200
@@ -202,11 +203,9 @@ def test_predictions_to_results_and_json_loader(tmp_path):
         load_results_json(str(path))
 
 
-def write_masks(root, res_by_name: dict[str, list[dict]], partitioned: bool = True,
-                uncommitted: tuple[str, ...] = ()) -> None:
-    """A `<root>/masks/` dataset, one file per name: hive partitions (shard=...), or jobs.segment's
-    Delta table (written by deltalake's own writer), where the names in `uncommitted` get a data
-    file in the table folder that no commit added."""
+def write_masks(root, res_by_name: dict[str, list[dict]], uncommitted: tuple[str, ...] = ()) -> None:
+    """`<root>/masks/`: jobs.segment's Delta table (written by deltalake's own writer), one file per
+    name; the names in `uncommitted` get a data file in the table folder that no commit added."""
     from deltalake import write_deltalake
 
     for n, (name, rs) in enumerate(res_by_name.items()):
@@ -221,9 +220,9 @@ def write_masks(root, res_by_name: dict[str, list[dict]], partitioned: bool = Tr
             "shard_id": [f"{n:06d}"] * len(rs), "run_id": ["r1"] * len(rs),
         }
         table = pa.table(rows, schema=MASKS_SCHEMA)
-        part = root / "masks" / (f"shard={n:05d}" if partitioned else "")
+        part = root / "masks"
         part.mkdir(parents=True, exist_ok=True)
-        if partitioned or name in uncommitted:
+        if name in uncommitted:
             pq.write_table(table, part / f"part-{n}.parquet", compression="zstd")
         else:  # jobs.segment's layout: a commit to the Delta table adds the file
             write_deltalake(str(part), table, mode="append")
@@ -238,21 +237,21 @@ def test_parquet_loader_round_trip(tmp_path):
         by_name.setdefault(name, []).append(r)
     by_name["stray.jpg"] = res[:2]  # matches no file_name
     write_masks(tmp_path, by_name)
+    read = lambda n=None: read_output(f"file://{tmp_path}", "masks", list(RESULT_COLUMNS), rank_filter(n))  # noqa: E731
     with pytest.warns(UserWarning, match=r"2 proposal rows of 1 images match no COCO file_name"):
-        loaded = load_results_parquet(f"file://{tmp_path}", gt)
+        loaded = results_from_masks(read(), gt)
     assert len(loaded) == len(res)
     key = lambda r: (r["image_id"], r["segmentation"]["counts"])  # noqa: E731
     assert sorted(map(key, loaded)) == sorted(map(key, res))
     assert average_recall(gt, loaded) == pytest.approx(EXPECTED["coco"])
     with pytest.warns(UserWarning, match=r"1 proposal rows of 1 images"):
-        top1 = load_results_parquet(str(tmp_path), gt, max_proposals=1)
+        top1 = results_from_masks(read(1), gt)
     assert sorted(r["image_id"] for r in top1) == [1, 2, 3]  # rank 0 of each image only
 
 
 def test_parquet_loader_missing_folder_is_clear(tmp_path):
-    gt, _ = hand_set()
-    with pytest.raises(FileNotFoundError, match="no such Parquet dataset"):
-        load_results_parquet(str(tmp_path / "nope"), gt)
+    with pytest.raises(FileNotFoundError, match="not a jobs.segment output"):
+        read_output(str(tmp_path / "nope"), "masks", list(RESULT_COLUMNS))
 
 
 # ---- jobs.evaluate ---------------------------------------------------------------------------------------------
@@ -290,7 +289,7 @@ def test_job_scores_pipeline_folder_with_max_proposals(tmp_path, capsys):
     # which would lift every AR to 1.0 if a reader took uncommitted files
     perfect = [{"image_id": a["image_id"], "segmentation": a["segmentation"], "score": 1.0} for a in gt["annotations"]]
     by_name["sub/000002.jpg"] = perfect  # matches image 2 by its full file_name
-    write_masks(tmp_path / "out", by_name, partitioned=False, uncommitted=("sub/000002.jpg",))
+    write_masks(tmp_path / "out", by_name, uncommitted=("sub/000002.jpg",))
     out = tmp_path / "nums" / "ar.json"
     assert main(["--annotations", ann, "--predictions", f"file://{tmp_path / 'out'}", "--max-proposals", "10",
                  "--out", str(out)]) == 0
@@ -385,7 +384,7 @@ def test_job_reads_and_writes_s3(tmp_path, s3_bucket, capsys):
     by_name: dict[str, list[dict]] = {}
     for r in res:
         by_name.setdefault(f"{r['image_id']:06d}.jpg", []).append(r)
-    write_masks(tmp_path / "out", by_name, partitioned=False)
+    write_masks(tmp_path / "out", by_name)
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.put(str(tmp_path / "instances.json"), f"{s3_bucket}/instances.json")
     fs.put(str(tmp_path / "out"), f"{s3_bucket}/run", recursive=True)
