@@ -9,7 +9,6 @@ import json
 import sys
 
 import numpy as np
-import pyarrow.dataset as pads
 import pytest
 import torch
 from PIL import Image
@@ -34,6 +33,9 @@ def test_head_runs_a_submitted_job(ray_head):
 
 def test_segment_job_via_ray_job_submit(ray_head, tmp_path):
     pytest.importorskip("pipeline.run", reason="jobs.segment's pipeline is not there yet")
+    from pipeline import read_output
+    from pipeline.table import OutputTables
+
     inputs = tmp_path / "images"
     (inputs / "nested").mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -54,8 +56,8 @@ def test_segment_job_via_ray_job_submit(ray_head, tmp_path):
     assert "Connecting to existing Ray cluster" in r.stdout  # the driver joined the head, no local Ray
     assert "done: 3 images ok, 1 errors" in r.stdout
 
-    images = pads.dataset(str(out / "images"), format="parquet").to_table().to_pylist()
-    masks = pads.dataset(str(out / "masks"), format="parquet").to_table()
+    images = read_output(str(out), "images").to_pylist()  # the Delta tables' committed rows
+    masks = read_output(str(out), "masks")
     assert sorted(row["image_id"] for row in images) == sorted([*ids, "truncated.png"])
     by_id = {row["image_id"]: row for row in images}
     assert by_id["truncated.png"]["status"] == "error" and "truncated.png" in by_id["truncated.png"]["error"]
@@ -64,7 +66,8 @@ def test_segment_job_via_ray_job_submit(ray_head, tmp_path):
         assert (by_id[image_id]["width"], by_id[image_id]["height"]) == (96, 96)
     assert masks.num_rows == sum(row["num_proposals"] for row in images)
     assert set(masks.column("image_id").to_pylist()) == set(ids)
-    manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["counts"]["images"] == 4 and manifest["counts"]["proposals"] == masks.num_rows
-    assert manifest["checkpoint"]["sha256"] == ifcn.checkpoint_digest(str(ckpt))
+    record = OutputTables(str(out)).runs()[-1]  # the run's record, from the tables' commit metadata
+    assert record["totals"]["images"] == 4 and record["totals"]["proposals"] == masks.num_rows
+    assert record["checkpoint_sha256"] == ifcn.checkpoint_digest(str(ckpt))
+    assert record["complete"] and record["exit"] == "done"
 
