@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 from ifcn.image import ImageError, one_line
 
 RETRY = "retry"  # status of an image that failed transiently; a re-run retries exactly those
-# Writes of staged fragments, tables and commit markers: 6 attempts, 1 s backoff doubling, ride out
+# Writes of staged fragments, data files and table commits: 6 attempts, 1 s backoff doubling, ride out
 # ~30 s of storage trouble (throttling, a restarting endpoint) before the shard is given up.
 STORAGE_ATTEMPTS = 6
 STORAGE_BACKOFF_S = 1.0
