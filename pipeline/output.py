@@ -21,14 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as ds
 
-from .schema import IMAGES_SCHEMA, MASKS_SCHEMA
-from .table import OutputTables
-
-SCHEMAS = {"masks": MASKS_SCHEMA, "images": IMAGES_SCHEMA}
+from .table import SCHEMAS, OutputTables, table_dataset
 
 
 def _filter_block(table, expression: Any):
@@ -48,30 +43,6 @@ def open_table(url: str, table: str = "masks", storage_options: dict[str, Any] |
         raise FileNotFoundError(f"{url}: not a jobs.segment output (no Delta table at {tables.uri(table)}); pass "
                                 f"the --output URL the job wrote to (outputs of the previous layout are not readable)")
     return dt
-
-
-def table_dataset(dt: Any, table: str, options: dict[str, str] | None = None,
-                  image_ids: Sequence[str] | None = None) -> ds.Dataset:
-    """The active data files of DeltaTable `dt` (`table`: "masks" or "images") as one pyarrow
-    dataset; with `image_ids`, only the files whose image_id min/max can hold one of them (files
-    without statistics are kept)."""
-    import pyarrow.fs as pafs
-    from deltalake.fs import DeltaStorageHandler
-
-    adds = pa.table(dt.get_add_actions(flatten=True))
-    paths = adds.column("path").to_pylist()
-    if image_ids is not None and adds.num_rows and "min.image_id" in adds.column_names:
-        ids = np.unique(np.asarray(list(image_ids), dtype=object))
-        lo = adds.column("min.image_id").to_numpy(zero_copy_only=False)
-        hi = adds.column("max.image_id").to_numpy(zero_copy_only=False)
-        no_stats = np.array([a is None or b is None for a, b in zip(lo, hi)], dtype=bool)
-        lo, hi = np.where(no_stats, "", lo), np.where(no_stats, "", hi)
-        # a file can hold an id when some sorted id falls in [min, max]
-        holds = np.searchsorted(ids, hi, side="right") > np.searchsorted(ids, lo, side="left")
-        paths = [p for p, keep in zip(paths, holds | no_stats) if keep]
-    fs = pafs.PyFileSystem(DeltaStorageHandler(dt.table_uri, options or None))
-    return ds.FileSystemDataset.from_paths(paths, schema=SCHEMAS[table], format=ds.ParquetFileFormat(),
-                                           filesystem=fs)
 
 
 def read_output(url: str, table: str = "masks", columns: list[str] | None = None, filter: Any = None,
@@ -107,4 +78,4 @@ def read_output(url: str, table: str = "masks", columns: list[str] | None = None
     return table_dataset(dt, table, options, image_ids).to_table(columns=columns, filter=filter)
 
 
-__all__ = ["open_table", "read_output"]
+__all__ = ["open_table", "read_output", "table_dataset"]

@@ -28,10 +28,13 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 
 from .errors import STORAGE_ATTEMPTS, STORAGE_BACKOFF_S
 from .schema import IMAGES_SCHEMA, MASKS_ROW_GROUP_ROWS, MASKS_SCHEMA
@@ -116,6 +119,30 @@ def _kill_point(step: str, group: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def table_dataset(dt: Any, table: str, options: dict[str, str] | None = None,
+                  image_ids: Sequence[str] | None = None) -> ds.Dataset:
+    """The active data files of DeltaTable `dt` (`table`: "masks" or "images") as one pyarrow
+    dataset; with `image_ids`, only the files whose image_id min/max can hold one of them (files
+    without statistics are kept)."""
+    import pyarrow.fs as pafs
+    from deltalake.fs import DeltaStorageHandler
+
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    paths = adds.column("path").to_pylist()
+    if image_ids is not None and adds.num_rows and "min.image_id" in adds.column_names:
+        ids = np.unique(np.asarray(list(image_ids), dtype=object))
+        lo = adds.column("min.image_id").to_numpy(zero_copy_only=False)
+        hi = adds.column("max.image_id").to_numpy(zero_copy_only=False)
+        no_stats = np.array([a is None or b is None for a, b in zip(lo, hi)], dtype=bool)
+        lo, hi = np.where(no_stats, "", lo), np.where(no_stats, "", hi)
+        # a file can hold an id when some sorted id falls in [min, max]
+        holds = np.searchsorted(ids, hi, side="right") > np.searchsorted(ids, lo, side="left")
+        paths = [p for p, keep in zip(paths, holds | no_stats) if keep]
+    fs = pafs.PyFileSystem(DeltaStorageHandler(dt.table_uri, options or None))
+    return ds.FileSystemDataset.from_paths(paths, schema=SCHEMAS[table], format=ds.ParquetFileFormat(),
+                                           filesystem=fs)
+
+
 class OutputTables:
     """The two Delta tables of one output, opened lazily and kept up to date by this driver."""
 
@@ -167,7 +194,7 @@ class OutputTables:
         cols = cols or list(STATE_COLUMNS)
         if dt is None:
             return IMAGES_SCHEMA.empty_table().select(cols)
-        return dt.to_pyarrow_dataset().to_table(columns=cols)
+        return table_dataset(dt, "images", self.options).to_table(columns=cols)
 
     def last_run(self) -> dict[str, Any] | None:
         """The newest run record in the images table's history (None: no run committed anything)."""
