@@ -15,10 +15,13 @@ venv: $(BIN)/activate
 demo: venv  ## the main job on the embedded default: local Ray, local files, narrow model
 	$(BIN)/python -m jobs.demo --output demo_out
 
-test: venv  ## the whole suite, slow end-to-end tests included
+browser:  ## Debian's chromium, for the run report's browser test (installed with apt-get when missing; needs root)
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: venv browser  ## the whole suite, slow end-to-end tests included
 	$(BIN)/python -m pytest -q
 
-test-fast: venv
+test-fast: venv browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
-.PHONY: venv demo test test-fast
+.PHONY: venv browser demo test test-fast

@@ -6,7 +6,7 @@ rendered DOM, take a screenshot.
         page = browser.open(Path("report.html"), screenshot=Path("shot.png"))
         page.errors, page.evaluate("document.title")
 
-Chromium comes from Debian's `chromium` package (.ci/run installs it when missing); tests skip
+Chromium comes from Debian's `chromium` package (`make test` installs it when missing); tests skip
 when it is absent only if IFCN_ALLOW_NO_BROWSER=1, so CI cannot pass without it silently.
 """
 from __future__ import annotations
@@ -129,4 +129,4 @@ def require_chromium() -> None:
     if chromium_path() is None:
         if os.environ.get("IFCN_ALLOW_NO_BROWSER") == "1":
             pytest.skip("chromium not installed (IFCN_ALLOW_NO_BROWSER=1)")
-        pytest.fail("chromium not installed: apt-get install chromium (Debian); .ci/run installs it")
+        pytest.fail("chromium not installed: apt-get install chromium (Debian; `make test` does), or set IFCN_ALLOW_NO_BROWSER=1")

@@ -1,7 +1,7 @@
 """jobs.report: one self-contained HTML page, opened in a real headless Chromium (no console error,
 no uncaught exception), whose numbers equal counts computed from the Delta tables directly.
 
-Run: pytest tests/test_report.py -q   (needs Debian's chromium; .ci/run installs it)
+Run: pytest tests/test_report.py -q   (needs Debian's chromium; `make test` installs it)
 """
 from __future__ import annotations
 
