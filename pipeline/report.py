@@ -50,28 +50,30 @@ class ReportConfig:
 def collect(output: str, storage_options: dict[str, Any] | None = None, annotations: str | None = None,
             config: ReportConfig = ReportConfig()) -> dict[str, Any]:
     """Everything the page shows, as plain values (JSON-able apart from the thumbnails' base64 text)."""
-    from . import read_output
+    from .output import open_table, read_output
 
+    table = open_table(output, "images", storage_options)  # its log is read once, for history and stats
     images = read_output(output, "images", ["image_id", "status", "num_proposals", *TIMINGS],
                          storage_options=storage_options)
     facts: dict[str, Any] = {"output": output, "images": _inputs(images), "timings": timings(images)}
     bad = read_output(output, "images", ["uri", "status", "error"], filter=ds.field("status") != "ok",
                       storage_options=storage_options)
     facts["errors"] = error_groups(bad, config.max_error_reasons)
-    commits = history(output, storage_options)
-    facts["runs"] = runs(commits, rows_per_run(output, storage_options))
+    commits = history(table)
+    facts["runs"] = runs(commits, rows_per_run(table))
     facts["skipped_keys"] = _skipped(commits)
     facts["throughput"] = throughput(commits)
     ok = images.filter(pc.equal(images.column("status"), "ok"))
     facts["proposals_per_image"] = histogram(ok.column("num_proposals").to_numpy(zero_copy_only=False), config.bins,
                                              integer=True)
     with_masks = ok.filter(pc.greater(ok.column("num_proposals"), 0)).column("image_id").to_pylist()
-    stats_ids = sample_ids(with_masks, config.stats_images)
+    ordered = sample_ids(with_masks, max(config.stats_images, config.samples))  # one hash sort serves both
+    stats_ids = ordered[:config.stats_images]
     masks = _masks_of(output, stats_ids, ["image_id", "score", "area", "scale"], storage_options)
     facts["proposal_sample_images"] = len(stats_ids)
     facts["scores"] = histogram(masks.column("score").to_numpy(zero_copy_only=False), config.bins, lo=0.0, hi=1.0)
     facts["area_by_scale"] = area_by_scale(masks, config.bins)
-    facts["gallery"] = gallery(output, sample_ids(with_masks, config.samples), config, storage_options)
+    facts["gallery"] = gallery(output, ordered[:config.samples], config, storage_options)
     if annotations:
         facts["recall"] = recall(output, annotations, storage_options)
     return facts
@@ -121,13 +123,12 @@ def error_groups(bad: pa.Table, limit: int) -> list[dict[str, Any]]:
             for (s, r), uris in ordered[:limit]]
 
 
-def history(output: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The images table's commits that carry a run record, oldest first:
+def history(dt: Any) -> list[dict[str, Any]]:
+    """The commits of images table `dt` that carry a run record, oldest first:
     [{version, timestamp (ms), record}] (the record's counts are the run's totals at that commit)."""
-    from .table import RUN_KEY, OutputTables
+    from .table import RUN_KEY
 
-    dt = OutputTables(output, storage_options).open("images")
-    commits = dt.history() if dt is not None else []
+    commits = dt.history()
     return sorted(({"version": c.get("version"), "timestamp": int(c.get("timestamp") or 0), "record": c[RUN_KEY]}
                    for c in commits if isinstance(c.get(RUN_KEY), dict)), key=lambda c: c["version"])
 
@@ -139,15 +140,10 @@ def _epoch_ms(utc: str | None) -> int | None:
         return None
 
 
-def rows_per_run(output: str, storage_options: dict[str, Any] | None) -> Counter:
-    """Images rows per run_id, from the Delta log alone: every data file holds one shard of one run,
-    so its stats (run_id min = max, numRecords) say it without reading a row."""
-    from .table import OutputTables
-
-    dt = OutputTables(output, storage_options).open("images")
+def rows_per_run(dt: Any) -> Counter:
+    """Images rows per run_id of images table `dt`, from the Delta log alone: every data file holds
+    one shard of one run, so its stats (run_id min = max, numRecords) say it without reading a row."""
     per_run: Counter = Counter()
-    if dt is None:
-        return per_run
     adds = dt.get_add_actions(flatten=True)
     runs_min, runs_max = adds.column("min.run_id").to_pylist(), adds.column("max.run_id").to_pylist()
     for lo, hi, n in zip(runs_min, runs_max, adds.column("num_records").to_pylist()):
