@@ -30,6 +30,8 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -59,6 +61,7 @@ MIN_ACTOR_CPUS = 0.25  # a CPU actor's smallest logical share (torch still uses 
 MAX_INPUT_BLOCKS = 2000  # listing blocks: enough parallelism, few enough objects for millions of inputs
 PUBLISH_CPUS = 0.25  # a publish task mostly waits on storage; Parquet encoding is a few ms per image
 PUBLISH_RETRIES = 3  # a publish task whose worker dies or whose storage call fails runs again
+SPREAD_WAIT_S = 60.0  # how long the CPU actors' placement group may take before the job goes without it
 
 
 @dataclass(frozen=True)
@@ -110,16 +113,25 @@ def resolve_resources(config: SegmentConfig, cluster: dict[str, float],
     return Resources(actors, per_actor, cpus_per_actor, in_actor, batch)
 
 
-def build_dataset(plan: Plan, config: SegmentConfig, res: Resources):
-    """The Ray Data graph over the pending shards' images (lazy; iterate it to run). Its rows are
-    FRAGMENT_SCHEMA: the staged fragments' paths and image ids, never masks."""
+def input_dataset(plan: Plan):
+    """The pending shards' images (image_id, uri, shard_id) as a Ray Dataset. Built before the
+    actors' placement group: `from_arrow` runs metadata tasks of one whole CPU each, which would
+    never start on 1-CPU nodes whose other half a bundle holds."""
     import ray.data
 
     rows = pending_rows(plan)
     per_block = max(READ_BATCH, math.ceil(rows.num_rows / MAX_INPUT_BLOCKS))
     # Copies (take), not slices of one table: a pickled slice can carry its parent's whole buffers.
-    ds = ray.data.from_arrow([rows.take(pa.array(range(i, min(i + per_block, rows.num_rows)), pa.int64()))
-                              for i in range(0, rows.num_rows, per_block)])
+    return ray.data.from_arrow([rows.take(pa.array(range(i, min(i + per_block, rows.num_rows)), pa.int64()))
+                                for i in range(0, rows.num_rows, per_block)])
+
+
+def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placement: Any = None):
+    """The Ray Data graph over `ds` (input_dataset; lazy: iterate it to run). Its rows are
+    FRAGMENT_SCHEMA: the staged fragments' paths and image ids, never masks.
+    placement: a scheduling strategy for the inference actors (`spread_actors`), or None."""
+    import ray.data
+
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
         # actor stage (it fuses task -> actor stages with equal resources): decoding stays in tasks.
@@ -135,6 +147,7 @@ def build_dataset(plan: Plan, config: SegmentConfig, res: Resources):
         InferAndEncodeActor if res.postprocess_in_actor else InferenceActor, batch_format="pyarrow",
         batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=res.actors, **_overlap(res)),
         num_gpus=res.gpus_per_actor, num_cpus=res.cpus_per_actor,
+        **({"scheduling_strategy": placement} if placement is not None else {}),
         fn_constructor_kwargs={**actor_kwargs, "stage": stage} if res.postprocess_in_actor else actor_kwargs)
     if res.postprocess_in_actor:
         return ds
@@ -149,6 +162,38 @@ def _overlap(res: Resources) -> dict[str, Any]:
     if res.gpus_per_actor <= 0:
         return {}
     return {"max_concurrent_calls_per_actor": CONCURRENT_CALLS, "enable_true_multi_threading": True}
+
+
+@contextmanager
+def spread_actors(res: Resources, node_cpus: list[float], log: Callable[[str], None]) -> Iterator[Any]:
+    """A placement group of one bundle per CPU actor, spread over the nodes, while the job runs.
+
+    Ray Data's default actor placement (SPREAD) is best effort: on two 1-CPU nodes, with actors of
+    0.5 CPU, both actors landed on one node while read tasks held the other (a CI run of the
+    two-node test), so one core did all the inference. Bundles are placed all at once, before any
+    task holds a node: one per node where there are no more actors than nodes (STRICT_SPREAD),
+    else as evenly as Ray can (SPREAD); an actor that dies restarts into its freed bundle. GPU actors need none (a GPU pins them), nor does one node. Yields the actors'
+    scheduling strategy, or None where no group is needed or it cannot be placed in SPREAD_WAIT_S."""
+    if res.gpus_per_actor > 0 or res.actors < 2 or len(node_cpus) < 2:
+        yield None
+        return
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    # SPREAD alone put both bundles on one node too (a node's freed CPUs reach the scheduler late)
+    strategy = "STRICT_SPREAD" if res.actors <= len(node_cpus) else "SPREAD"
+    group = placement_group([{"CPU": res.cpus_per_actor}] * res.actors, strategy=strategy)
+    try:
+        ready, _ = ray.wait([group.ready()], timeout=SPREAD_WAIT_S)
+        if ready:
+            yield PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=False)
+        else:
+            log(f"warning: {res.actors} CPU actors could not be spread over the nodes in {SPREAD_WAIT_S:.0f} s; "
+                f"Ray places them as it can")
+            yield None
+    finally:
+        remove_placement_group(group)
 
 
 def pending_rows(plan: Plan) -> pa.Table:
@@ -407,8 +452,8 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
     if not ray.is_initialized():
         ray.init()
     cluster = ray.cluster_resources()
-    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
-    res = resolve_resources(config, cluster, [c for c in node_cpus if c > 0])
+    node_cpus = [c for n in ray.nodes() if n.get("Alive") and (c := n["Resources"].get("CPU", 0.0)) > 0]
+    res = resolve_resources(config, cluster, node_cpus)
     log(f"inference: {res.actors} actor(s), {res.gpus_per_actor} GPU each, batch size {res.batch_size}, "
         f"{config.inference.nms} NMS in the actors; RLE strings in "
         f"{'the actors' if res.postprocess_in_actor else 'CPU tasks'}")
@@ -417,11 +462,13 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
             f"({cluster.get('GPU', 0)} GPU, {cluster.get('CPU', 0)} CPU); they wait for an autoscaler")
     collector = ShardCollector(plan.shards, plan.pending, RayPublisher(config.output, config.storage_options,
                                                                        plan.run_id), log)
-    ds = build_dataset(plan, config, res)
     run_start = time.perf_counter()
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        collector.add(batch)
-        committer.add(collector.take())
+    inputs = input_dataset(plan)
+    with spread_actors(res, node_cpus, log) as placement:
+        for batch in build_dataset(inputs, plan, config, res, placement).iter_batches(batch_format="pyarrow",
+                                                                                     batch_size=None):
+            collector.add(batch)
+            committer.add(collector.take())
     collector.collect(wait=True)
     committer.add(collector.take())
     committer.flush()
