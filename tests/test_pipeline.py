@@ -22,7 +22,7 @@ from pipeline.config import SegmentConfig, SegmentError
 from ifcn.image import decode_image, read_bytes
 from pipeline.infer import InferenceActor
 from pipeline.reduce import encode_batch
-from pipeline.run import Resources, prepare, resolve_resources, run_segment
+from pipeline.run import Resources, prepare, resolve_resources, run_segment, spread_actors
 from pipeline.schema import IMAGES_RESULT_COLUMNS, IMAGES_SCHEMA, MASKS_SCHEMA
 from pipeline.sources import read_images
 from segment_helpers import INFERENCE, cli, inference_flags, read_table, write_checkpoint, write_images
@@ -119,6 +119,18 @@ def test_resolve_resources(cluster: dict, kw: dict, want: Resources, inputs: dic
     cluster = dict(cluster)
     nodes = cluster.pop("nodes", None)
     assert resolve_resources(_config(inputs, tmp_path, **kw), cluster, nodes) == want
+
+
+@pytest.mark.parametrize("res, nodes", [
+    (Resources(2, 1.0, 1.0, False, 16), [8.0, 8.0]),  # GPU actors: the GPUs place them
+    (Resources(2, 0.0, 0.75, True, 4), [2.0]),  # one node
+    (Resources(1, 0.0, 0.5, True, 4), [1.0, 1.0]),  # one actor
+])
+def test_no_placement_group_where_placement_cannot_go_wrong(res: Resources, nodes: list[float]) -> None:
+    """spread_actors makes a group only for several CPU actors on several nodes (no Ray needed
+    here: it must not touch Ray in these cases; the two-node case runs in test_faults)."""
+    with spread_actors(res, nodes, print) as placement:
+        assert placement is None
 
 
 def test_resources_that_cannot_run_are_refused_in_one_line(inputs: dict, tmp_path: Path) -> None:
