@@ -263,17 +263,51 @@ def test_postprocess_device_equals_numpy_reference(model: InstanceFCN, nms: str,
         _assert_same(postprocess_device(groups, size, config, 21, 8, torch.float32), want)
 
 
-def test_mask_nms_rounds_and_chunks(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Mask NMS in blocks of 3 windows (many steps), pasting in tiny chunks."""
-    import ifcn.postprocessing as proposals
+def _small_mask_budgets(mp: pytest.MonkeyPatch, round_: int = 3, pair_pixels: int = 50) -> None:
+    """Mask NMS in rounds of `round_` windows per image, pair bounds a few rows a block,
+    intersections `pair_pixels` a step and pastes of 300 pixels: many rounds and many tiny steps."""
+    import ifcn.nms as nms
+    import ifcn.postprocessing as post
 
+    mp.setitem(post.MASK_ROUND, "cpu", round_)
+    mp.setitem(post.PAIR_PIXEL_BUDGET, "cpu", pair_pixels)
+    mp.setitem(post.PIXEL_BUDGET, "cpu", 300)
+    mp.setitem(nms.IOU_BLOCK, "cpu", 100)  # (B, rows, K + R) elements: a few rows a block
+
+
+def test_mask_nms_rounds_and_chunks(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mask NMS in rounds of 3 windows, pair bounds, intersections and pastes in tiny steps."""
     config = InferenceConfig(scales=(40, 56, 88), windows_per_scale=80, max_proposals=12, nms="mask", nms_iou=0.3)
     image = _image(2, (64, 64))
     groups = Predictor(model, config, device="cpu").windows([image])[0]
     want = postprocess_numpy(Candidates.from_windows(groups, (64, 64), 8), config)
-    monkeypatch.setattr(proposals, "MASK_NMS_BLOCK", 3)
-    monkeypatch.setattr(dev, "PASTE_BUDGET", 2000)
+    _small_mask_budgets(monkeypatch)
     _assert_same(postprocess_device(groups, (64, 64), config, 21, 8, torch.float64), want)
+
+
+@pytest.mark.parametrize("kw", [{"max_proposals": 12, "nms_iou": 0.3}, {"max_proposals": 40, "nms_iou": 0.8},
+                                {"max_proposals": 5, "nms_iou": 0.5, "min_score": 0.5}])
+def test_mask_nms_of_a_batch_equals_reference_per_image(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch,
+                                                        kw: dict) -> None:
+    """Images of different sizes (and windows) in one batch, mask NMS of all at once in many rounds
+    and tiny steps: each image's proposals are postprocess_numpy's on its own candidates, and the
+    same as with the default budgets (some images fill up rounds before others)."""
+    from ifcn.postprocessing import postprocess_batch
+
+    config = InferenceConfig(**{"scales": (40, 56, 88), "windows_per_scale": 100, "nms": "mask", **kw})
+    predictor = Predictor(model, config, device="cpu", postprocess_on="device")
+    images = [_image(0, (50, 70)), _image(4, (24, 20)), _image(3, (83, 41)), _image(1, (64, 64))]
+    batch = predictor.windows(images)
+    whole = postprocess_batch(batch, config, 21, 8, torch.float64)
+    with monkeypatch.context() as mp:
+        _small_mask_budgets(mp, round_=8, pair_pixels=2000)
+        steps = postprocess_batch(batch, config, 21, 8, torch.float64)
+    assert len({int(v) for v in batch.valid.sum(1)}) > 1  # images with different numbers of windows
+    for got, one, cands in zip(steps, whole, batch.candidates(8)):
+        want = postprocess_numpy(cands, config)
+        assert len(want) > 0
+        _assert_same(got, want)
+        _assert_same(one, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
