@@ -34,7 +34,7 @@ def count(model: InstanceFCN, nms: str, batch: int, windows: int, max_proposals:
     c = counter.counts
     return {"nms": nms, "batch": batch, "ops_per_image": c.kernel_ops / batch, "syncs": c.syncs,
             "sync_ops": c.sync_ops, "host_reads": c.host_reads, "kept": [len(p) for p in out],
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "by_op": counter.by_op}
 
 
 def main() -> None:
@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--nms", nargs="+", default=["box", "mask"])
     ap.add_argument("--windows", type=int, default=250, help="windows per scale")
     ap.add_argument("--max-proposals", type=int, default=250)
+    ap.add_argument("--top", type=int, default=0, help="also print the N most counted ops and every sync")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = InstanceFCN(ModelConfig("vgg16_narrow")).eval()
@@ -52,6 +53,10 @@ def main() -> None:
             print(f"{r['nms']:4s} batch {r['batch']:2d}: {r['ops_per_image']:8.0f} kernel ops / image, "
                   f"{r['syncs']:4d} syncs / batch ({r['sync_ops']} + {r['host_reads']}), kept {r['kept']}, "
                   f"{r['seconds']:.0f} s", flush=True)
+            if args.top:
+                ops = r["by_op"]
+                print("   ", ", ".join(f"{n} {v}" for n, v in ops.most_common(args.top)))
+                print("   ", ", ".join(f"{n} {v}" for n, v in ops.items() if n.startswith(("sync:", "read:"))))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ bounds, PAIR_PIXEL_BUDGET intersection pixels) and, for mask NMS, one more round
 windows of the score order that an image needs before it has `max_proposals` kept. Host syncs per
 batch: the NMS convergence checks (a few), one read of the kept boxes (to plan the pasting), one
 per paste step (the number of runs) and two reads of results; mask NMS adds one read of all boxes
-(to plan its pasting) and three a round (pair pixels, the greedy rule's check, the kept windows).
+(to plan its pasting) and three a round (candidate pairs, the greedy rule's check, the kept windows).
 float64 gives the numpy reference's proposals exactly; float32 (the default) differs only for
 pixels within rounding of the threshold.
 """
@@ -40,7 +40,7 @@ WINDOW_BLOCK = 1 << 16
 # R bounds that memory; windows past the point where an image has max_proposals kept are never
 # pasted. The paper's 6000 windows per image take at most six rounds on a GPU.
 MASK_ROUND = {"cuda": 1024, "cpu": 256}
-# Mask NMS: box-intersection pixels of candidate pairs read per step (~150 bytes each at the peak).
+# Mask NMS: box-intersection pixels of candidate pairs read per step (~100 bytes each at the peak).
 PAIR_PIXEL_BUDGET = {"cuda": 1 << 27, "cpu": 1 << 23}
 
 
@@ -199,8 +199,7 @@ def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive
         ga = torch.cat([_take(area, kpos), ra], 1)  # (B, G)
         gs = torch.cat([_take(start, kpos), rstart], 1)  # (B, G)
         pixels = _candidate_pixels(rb, ra, gb, ga, k, config.nms_iou)  # (B, R, G)
-        inter = _intersections(store, pixels, torch.cat([gb, (gb[..., 3] - gb[..., 1])[..., None], gs[..., None]], 2),
-                               k, _budget(PAIR_PIXEL_BUDGET, dev))  # (B, R, G)
+        inter = _intersections(store, pixels, gb, gs, k, _budget(PAIR_PIXEL_BUDGET, dev))  # (B, R, G)
         union = (ra[:, :, None] + ga[:, None, :] - inter).clamp(min=1)  # >= 1 wherever inter > 0
         suppress = inter.double() / union.double() > config.nms_iou  # (B, R, G): the exact rule
         free = (ra > 0) & ~suppress[:, :, :k].any(2)  # (B, R): no kept mask suppresses it
@@ -275,39 +274,48 @@ def _candidate_pixels(rb: torch.Tensor, ra: torch.Tensor, gb: torch.Tensor, ga: 
     return out
 
 
-def _intersections(store: torch.Tensor, pixels: torch.Tensor, table: torch.Tensor, k: int, budget: int) -> torch.Tensor:
+def _intersections(store: torch.Tensor, pixels: torch.Tensor, gb: torch.Tensor, gs: torch.Tensor, k: int,
+                   budget: int) -> torch.Tensor:
     """Exact mask intersections of every candidate pair, read from the flat store.
 
     store: (S,) bool masks over their boxes, column-major; pixels: (B, R, G) long box-intersection
-    pixels of each pair (0: not a candidate); table: (B, G, 6) long x0, y0, x1, y1, box height and
-    store offset of each column (round window i is column k + i). The candidates' pixels are
-    enumerated flat, `budget` a step, after one host read of their total. Returns (B, R, G) long."""
+    pixels of each pair (0: not a candidate); gb: (B, G, 4) boxes and gs: (B, G) store offsets of
+    the columns (round window i is column k + i). One host read (the candidates and their pixels)
+    plans it; the candidates' pixels are then enumerated flat, `budget` a step. Returns (B, R, G) long."""
     b, r, g = pixels.shape
     dev = pixels.device
     flat = pixels.reshape(-1)
-    cum = torch.cumsum(flat, 0)
-    total = int(cum[-1])  # one host sync: the pixels to read
-    table = table.reshape(b * g, 6)
-    inter = torch.zeros_like(flat)
+    n, total = (int(v) for v in torch.stack([(flat > 0).sum(), flat.sum()]).numpy(force=True))
+    pair = torch.nonzero_static(flat, size=n).reshape(-1)  # (n,) candidates (no sync: n is known)
+    img, i, j = pair // (r * g), pair // g % r, pair % g
+    mine, other = (gb.reshape(-1, 4)[rows] for rows in (img * g + k + i, img * g + j))  # (n, 4) boxes
+    start = gs.reshape(-1)
+    origin = torch.maximum(mine[:, :2], other[:, :2])  # (n, 2) the boxes' intersection's first pixel
+    height = torch.minimum(mine[:, 3], other[:, 3]) - origin[:, 1]  # (n,)
+    count = flat[pair]
+    cum = torch.cumsum(count, 0)
+    # per pair: first pixel, intersection height, then per mask the store offset of the
+    # intersection's first pixel and its box height (a step of one column)
+    table = torch.stack([cum - count, height, *_origin_offset(mine, start[img * g + k + i], origin),
+                         *_origin_offset(other, start[img * g + j], origin)], 1)  # (n, 6)
+    inter = torch.zeros(n, dtype=torch.long, device=dev)
     for lo in range(0, total, budget):
         at = torch.arange(lo, min(lo + budget, total), device=dev)  # (T,)
-        pair = torch.searchsorted(cum, at, right=True)  # (T,) the pair whose pixels hold `at`
-        local = at - (cum[pair] - flat[pair])  # pixel within the pair's box intersection, column-major
-        img, i, j = pair // (r * g), pair // g % r, pair % g
-        mine, other = table[img * g + k + i], table[img * g + j]  # (T, 6)
-        x0, y0 = torch.maximum(mine[:, 0], other[:, 0]), torch.maximum(mine[:, 1], other[:, 1])
-        height = torch.minimum(mine[:, 3], other[:, 3]) - y0
-        dx = local // height
-        x, y = x0 + dx, y0 + local - dx * height
-        hit = store[_store_offset(mine, x, y)] & store[_store_offset(other, x, y)]
-        inter.index_add_(0, pair, hit.long())
-    return inter.reshape(b, r, g)
+        at_pair = torch.searchsorted(cum, at, right=True)  # (T,) the pair whose pixels hold `at`
+        row = table[at_pair]  # (T, 6)
+        local = at - row[:, 0]  # pixel within the intersection, column-major
+        dx = local // row[:, 1]
+        dy = local - dx * row[:, 1]
+        hit = store[row[:, 2] + dx * row[:, 3] + dy] & store[row[:, 4] + dx * row[:, 5] + dy]
+        inter.index_add_(0, at_pair, hit.long())
+    return torch.zeros_like(flat).index_copy_(0, pair, inter).reshape(b, r, g)
 
 
-def _store_offset(row: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(T, 6) table rows (x0, y0, x1, y1, height, offset) and pixels (T,) inside their boxes -> (T,)
-    positions in the store (column-major over the box)."""
-    return row[:, 5] + (x - row[:, 0]) * row[:, 4] + y - row[:, 1]
+def _origin_offset(box: torch.Tensor, start: torch.Tensor, origin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks stored column-major over their boxes (n, 4) from offsets start (n,): the offset of
+    pixel origin (n, 2) (x, y) inside each box, and each box's height (n,)."""
+    height = box[:, 3] - box[:, 1]
+    return start + (origin[:, 0] - box[:, 0]) * height + origin[:, 1] - box[:, 1], height
 
 
 def _kept_pixels(store: torch.Tensor, base: int, keep: torch.Tensor, box_area: torch.Tensor, rstart: torch.Tensor,
