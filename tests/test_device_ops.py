@@ -260,9 +260,15 @@ def test_mask_nms_of_a_batch_equals_reference_per_image(model: InstanceFCN, monk
     images = [_image(0, (50, 70)), _image(4, (24, 20)), _image(3, (83, 41)), _image(1, (64, 64))]
     batch = predictor.windows(images)
     whole = postprocess_batch(batch, config, 21, 8, torch.float64)
+    import ifcn.postprocessing as post
+
+    rounds = []
     with monkeypatch.context() as mp:
         _small_mask_budgets(mp, round_=8, pair_pixels=2000)
+        widths = post._round_widths
+        mp.setattr(post, "_round_widths", lambda *a: rounds.append(widths(*a)) or rounds[-1])
         steps = postprocess_batch(batch, config, 21, 8, torch.float64)
+    assert len(rounds) > 3 and any(len(set(w.tolist())) > 1 for w in rounds)  # many rounds, some images finish first
     assert len({int(v) for v in batch.valid.sum(1)}) > 1  # images with different numbers of windows
     for got, one, cands in zip(steps, whole, batch.candidates(8)):
         want = postprocess_numpy(cands, config)
