@@ -182,7 +182,7 @@ def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive
     width = _round_widths(n_alive, lo, count, cap, most)
     while width.any():
         room = cap - count
-        plan = torch.as_tensor(np.stack([lo, width, room], 1), device=dev)  # (B, 3)
+        plan = _upload(np.stack([lo, width, room], 1), dev)  # (B, 3)
         ar = torch.arange(int(width.max()), device=dev)
         pos = plan[:, :1] + ar  # (B, R) this round's positions
         inside = ar < plan[:, 1:2]  # (B, R)
@@ -226,6 +226,13 @@ def _round_widths(n_alive: np.ndarray, done: np.ndarray, count: np.ndarray, cap:
     need = np.ceil((cap - count) / np.maximum(rate, 0.05) * 1.25) + 16
     width = np.minimum(np.minimum(need, most), n_alive - done).astype(np.int64)
     return np.where(count < cap, np.maximum(width, 0), 0)
+
+
+def _upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on the device without waiting for it: a copy from pageable memory would
+    synchronise the stream, one from pinned memory is queued like a kernel."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
 
 def _exclusive_cumsum(t: torch.Tensor) -> torch.Tensor:
