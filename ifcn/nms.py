@@ -83,10 +83,12 @@ def box_nms(boxes: torch.Tensor, alive: torch.Tensor, iou_threshold: float, max_
 
 
 def box_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(n, 4), (k, 4) boxes (x0, y0, x1, y1) -> (n, k) float64 area of their intersection."""
+    """(..., n, 4), (..., k, 4) boxes (x0, y0, x1, y1) -> (..., n, k) float64 area of their intersection."""
     a, b = a.double(), b.double()
-    iw = (torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
-    ih = (torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])).clamp(min=0)
+    iw = (torch.minimum(a[..., :, None, 2], b[..., None, :, 2]) - torch.maximum(a[..., :, None, 0], b[..., None, :, 0])
+          ).clamp(min=0)
+    ih = (torch.minimum(a[..., :, None, 3], b[..., None, :, 3]) - torch.maximum(a[..., :, None, 1], b[..., None, :, 1])
+          ).clamp(min=0)
     return iw * ih
 
 

@@ -14,7 +14,9 @@ Definitions (issue 14):
   (`empty*`) are left out, and `.to()` to the tensor's own dtype/device never dispatches at all;
 - sync op: an aten op whose output shape or value the host must wait for (SYNC_OPS, boolean
   indices, `repeat_interleave` without `output_size`); also counted as a kernel op except the
-  scalar read `_local_scalar_dense` (`item`, `int(t)`, `bool(t)`, `float(t)`), a copy, not a kernel;
+  scalar reads `_local_scalar_dense`, `item` and `is_nonzero` (`item`, `int(t)`, `bool(t)`: under
+  `torch.inference_mode`, as Predictor runs, they dispatch `item` or `is_nonzero` themselves), a
+  copy, not a kernel;
 - host read: a read of tensor data by the host outside aten (`.tolist()`, `.numpy()`, `.cpu()`,
   `.to("cpu")`), seen by wrapping those methods while counting.
 syncs = sync_ops + host_reads.
@@ -33,7 +35,7 @@ aten = torch.ops.aten
 
 # Ops whose output size or value depends on tensor data: the host must wait for the device.
 SYNC_OPS = frozenset({
-    aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.equal.default,
+    aten._local_scalar_dense.default, aten.item.default, aten.nonzero.default, aten.masked_select.default, aten.equal.default,
     aten.bincount.default, aten._unique.default, aten._unique2.default, aten.unique_dim.default,
     aten.unique_consecutive.default, aten.unique_dim_consecutive.default, aten.is_nonzero.default,
     aten.allclose.default,
@@ -45,7 +47,7 @@ NOT_KERNELS = frozenset({
     aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
     aten.is_same_size.default, aten.resize_.default,
 })
-SCALAR_READ = aten._local_scalar_dense.default
+SCALAR_READS = frozenset({aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default})
 # Tensor methods that read data on the host (on a GPU: a device-to-host copy that waits).
 HOST_READ_METHODS = ("tolist", "numpy", "cpu")
 
@@ -98,7 +100,7 @@ class OpCounter(TorchDispatchMode):
         if sync:
             self.sync_ops += 1
             self.by_op[f"sync:{name}"] += 1
-        if func is SCALAR_READ or func in NOT_KERNELS or func.is_view:
+        if func in SCALAR_READS or func in NOT_KERNELS or func.is_view:
             return
         self.kernel_ops += 1
         self.by_op[name] += 1

@@ -1,8 +1,7 @@
 """Pasting window probabilities back into image pixels and binarising them, side by side:
 
     paste_masks        the numpy reference, window by window (ops' maths, bit for bit in float64)
-    paste_in_boxes     torch: windows over their tight boxes, padded (mask NMS's crop store)
-    paste_flat         torch: windows over their tight boxes, flat (box NMS's kept masks)
+    paste_flat         torch: windows over their tight boxes, flat (mask NMS's rounds, the kept masks)
 
 Pixel p of an axis sits at window cell u = clip(((p + 0.5) * factor - stride * c0) / stride - 0.5,
 0, m-1) and blends cells floor(u) and floor(u) + 1 with weight t = u - floor(u); pixels whose centre
@@ -12,13 +11,10 @@ Geometry is float64 everywhere; torch blends in `dtype` (float64 reproduces the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from .boxes import cell_coord
-from .containers import Windows
 
 
 # --------------------------------------------------------------------------- numpy reference
@@ -116,60 +112,6 @@ def _first_and_end(live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- torch
-
-@dataclass
-class AxisSamples:
-    """Bilinear sampling of one axis at given pixels, per window. All (N, n); `valid` marks
-    pixels inside both the window's span and the image."""
-
-    i0: torch.Tensor  # long, first blended cell
-    i1: torch.Tensor  # long, second blended cell (= i0 at the last cell)
-    t: torch.Tensor  # float64 weight of i1
-    valid: torch.Tensor  # bool
-
-
-def axis_samples(cell0: torch.Tensor, factor: torch.Tensor, pixels: torch.Tensor, m: int, stride: int,
-                 size: int) -> AxisSamples:
-    """cell0: (N,) long window start cell; factor: (N,) float64 resized/original; pixels: (N, n) long."""
-    r = (pixels.double() + 0.5) * factor[:, None] - (cell0 * stride).double()[:, None]  # resized px from the start
-    valid = (r >= 0) & (r < m * stride) & (pixels >= 0) & (pixels < size)
-    u = (r / stride - 0.5).clamp(0.0, m - 1.0)
-    i0 = u.floor()
-    t = u - i0
-    i0 = i0.long()
-    return AxisSamples(i0, (i0 + 1).clamp(max=m - 1), t, valid)
-
-
-def blend(probs: torch.Tensor, ys: AxisSamples, xs: AxisSamples, dtype: torch.dtype) -> torch.Tensor:
-    """probs: (N, m, m) -> (N, ny, nx) pasted values at the sampled pixels (0 where not valid).
-
-    Along x first, then y, as ops.paste_masks does, so float64 reproduces it exactly."""
-    p = probs.to(dtype)
-    n, m, _ = p.shape
-    tx, ty = xs.t.to(dtype)[:, None, :], ys.t.to(dtype)[:, :, None]  # (N, 1, nx), (N, ny, 1)
-    nx, ny = xs.i0.shape[1], ys.i0.shape[1]
-    q = (p.gather(2, xs.i0[:, None, :].expand(n, m, nx)) * (1.0 - tx)
-         + p.gather(2, xs.i1[:, None, :].expand(n, m, nx)) * tx)  # (N, m, nx)
-    v = (q.gather(1, ys.i0[:, :, None].expand(n, ny, nx)) * (1.0 - ty)
-         + q.gather(1, ys.i1[:, :, None].expand(n, ny, nx)) * ty)  # (N, ny, nx)
-    return v * (ys.valid[:, :, None] & xs.valid[:, None, :])
-
-
-def paste_in_boxes(w: Windows, boxes: torch.Tensor, image_size: tuple[int, int], m: int, stride: int,
-                   threshold: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(n, hmax, wmax) bool: each window's binarised pasted mask over its box (x0, y0, x1, y1);
-    pixels past a box's own size are False. One call: callers bound n * hmax * wmax."""
-    height, width = image_size
-    n = len(w)
-    hmax = int((boxes[:, 3] - boxes[:, 1]).max()) if n else 0
-    wmax = int((boxes[:, 2] - boxes[:, 0]).max()) if n else 0
-    ar_y, ar_x = torch.arange(hmax, device=boxes.device), torch.arange(wmax, device=boxes.device)
-    ys = axis_samples(w.cells[:, 0], w.factor[:, 0], boxes[:, 1:2] + ar_y, m, stride, height)
-    xs = axis_samples(w.cells[:, 1], w.factor[:, 1], boxes[:, 0:1] + ar_x, m, stride, width)
-    ys.valid &= boxes[:, 1:2] + ar_y < boxes[:, 3:4]
-    xs.valid &= boxes[:, 0:1] + ar_x < boxes[:, 2:3]
-    return blend(w.probs, ys, xs, dtype) > threshold
-
 
 def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
                totals: tuple[int, int, int], m: int, stride: int, threshold: float, dtype: torch.dtype = torch.float32

@@ -1,45 +1,62 @@
 """The per-pixel half of inference for a whole batch at once, on the windows' device (torch):
 
     tight boxes of every window (boxes.tight_boxes, from the m x m grids: no pasting)
-    box NMS of every image at once (nms.box_nms)             | mask NMS: image by image (_mask_nms)
-    the kept windows pasted flat, their areas and run lengths (runs.paste_flat, runs.flat_runs)
+    NMS of every image at once: box IoU (nms.box_nms) or mask IoU (mask_nms, in rounds)
+    the kept windows pasted flat, their areas and run lengths (paste.paste_flat, runs.flat_runs)
 
-One chain of ops per batch for box NMS: its length does not grow with the number of images,
-windows or kept masks, except one more paste-and-runs step per `pixel_budget` kept-mask pixels
-(memory stays bounded). Host syncs per batch: the NMS convergence checks (a few), one read of the
-kept boxes (to plan the pasting), one per paste step (the number of runs) and two reads of results.
+One chain of ops per batch: its length does not grow with the number of images, windows or kept
+masks, except one more step per memory budget (`pixel_budget` pixels pasted, IOU_BLOCK pair
+bounds, PAIR_PIXEL_BUDGET intersection pixels) and, for mask NMS, one more round per MASK_ROUND
+windows of the score order that an image needs before it has `max_proposals` kept. Host syncs per
+batch: the NMS convergence checks (a few), one read of the kept boxes (to plan the pasting), one
+per paste step (the number of runs) and two reads of results; mask NMS adds one read of all boxes
+(to plan its pasting) and three a round (candidate pairs, the greedy rule's check, the kept windows).
 float64 gives the numpy reference's proposals exactly; float32 (the default) differs only for
 pixels within rounding of the threshold.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
-from . import device_ops as dev
 from .boxes import search_steps, tight_boxes
 from .config import InferenceConfig
-from .containers import Proposals, WindowBatch, Windows
-from .nms import box_nms, box_overlap, greedy_keep
-from .paste import paste_flat, paste_in_boxes
-from .runs import flat_runs, padded_crop_runs
+from .containers import Proposals, WindowBatch
+from .nms import IOU_BLOCK, box_nms, box_overlap, first_kept, greedy_keep
+from .paste import paste_flat
+from .runs import flat_runs
 
 # Kept-mask pixels pasted per step (per batch), by device type: bounds the flat buffers (~100 bytes
 # per pixel at the peak) whatever the images; a batch beyond it pastes in several steps. 480x640
 # images keep ~25-30 k pixels per proposal at the paper's defaults (~30 M per image), so a batch of
-# 16 takes four steps on a GPU.
+# 16 takes four steps on a GPU. Mask NMS pastes its rounds' windows in steps of the same budget.
 PIXEL_BUDGET = {"cuda": 1 << 27, "cpu": 1 << 24}
 # Windows whose tight boxes one call computes (~1.5 kB each in float32): bounds that memory.
 WINDOW_BLOCK = 1 << 16
+# Mask NMS: windows per image that one round settles, by device type. A round holds their masks
+# (1 byte a pixel) and a (B, R, K + R) pair matrix against the K = max_proposals kept so far, so
+# R bounds that memory; windows past the point where an image has max_proposals kept are never
+# pasted. The paper's 6000 windows per image take at most six rounds on a GPU.
+MASK_ROUND = {"cuda": 1024, "cpu": 256}
+# Mask NMS: box-intersection pixels of candidate pairs read per step (~100 bytes each at the peak).
+PAIR_PIXEL_BUDGET = {"cuda": 1 << 27, "cpu": 1 << 23}
+
+
+def _budget(table: dict[str, int], device: torch.device) -> int:
+    return table.get(device.type, table["cuda"])
 
 
 def postprocess_batch(batch: WindowBatch, config: InferenceConfig, m: int, stride: int,
                       dtype: torch.dtype = torch.float32, pixel_budget: int | None = None) -> list[Proposals]:
     """Every image's proposals, best first (what ops.paste_masks + GreedyMaskNMS + crop_runs give).
-    pixel_budget: kept-mask pixels per paste step (None: PIXEL_BUDGET of the device type)."""
+    pixel_budget: pixels pasted per step (None: PIXEL_BUDGET of the device type)."""
     b, c = batch.scores.shape
     if c == 0:
         return [Proposals.empty(s) for s in batch.image_sizes]
+    if pixel_budget is None:
+        pixel_budget = _budget(PIXEL_BUDGET, batch.scores.device)
     hw = batch.image_hw[:, None, :].expand(b, c, 2).reshape(-1, 2)
     steps = search_steps(batch.min_factor, stride)
     flat = [t.reshape(b * c, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor)]
@@ -53,13 +70,32 @@ def postprocess_batch(batch: WindowBatch, config: InferenceConfig, m: int, strid
     boxes = boxes.gather(1, order[..., None].expand(b, c, 4))
     alive = live.gather(1, order) & (boxes[..., 2] > boxes[..., 0])  # empty masks take no part
     if config.nms == "mask":
-        return [_mask_one(batch, i, order[i], boxes[i], alive[i], config, m, stride, dtype) for i in range(b)]
-    pos, real = box_nms(boxes, alive, config.nms_iou, config.max_proposals)  # (B, K)
+        pos, real = mask_nms(batch, order, boxes, alive, config, m, stride, dtype, pixel_budget)
+    else:
+        pos, real = box_nms(boxes, alive, config.nms_iou, config.max_proposals)  # (B, K)
     idx = order.gather(1, pos)
     kept_boxes = torch.where(real[..., None], boxes.gather(1, pos[..., None].expand(*pos.shape, 4)), 0)
-    if pixel_budget is None:
-        pixel_budget = PIXEL_BUDGET.get(batch.scores.device.type, PIXEL_BUDGET["cuda"])
     return _finish(batch, idx, real, kept_boxes, m, stride, config.mask_threshold, dtype, pixel_budget)
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t: (B, C, ...) -> (B, K, ...) at each row's indices idx (B, K)."""
+    b, k = idx.shape
+    return t.gather(1, idx.reshape(b, k, *([1] * (t.dim() - 2))).expand(b, k, *t.shape[2:]))
+
+
+def _pasted(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
+            host_boxes: np.ndarray, m: int, stride: int, threshold: float, dtype: torch.dtype, budget: int
+            ) -> Iterator[tuple[slice, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """Windows (n,) pasted flat over their boxes (n, 4) (host_boxes: the same on the host, which
+    plans the steps), `budget` box pixels a step: each step's slice of the windows and
+    paste_flat's (values, owner, row, col), owner counted within the step."""
+    side = (host_boxes[:, 2:] - host_boxes[:, :2]).astype(np.int64)  # (n, 2) width, height
+    area = side[:, 0] * side[:, 1]
+    for lo, hi in _steps(area, budget):
+        sl = slice(lo, hi)
+        totals = (int(area[sl].sum()), int(side[sl, 1].sum()), int(side[sl, 0].sum()))
+        yield sl, paste_flat(probs[sl], cells[sl], factor[sl], boxes[sl], totals, m, stride, threshold, dtype)
 
 
 def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: torch.Tensor, m: int, stride: int,
@@ -67,24 +103,18 @@ def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: to
     """Kept windows idx (B, K) (real: (B, K) bool) with tight boxes (B, K, 4) -> Proposals: pastes them
     flat, `pixel_budget` pixels a step, for their areas and run lengths."""
     b, k = idx.shape
-    take = lambda t: t.gather(1, idx.reshape(b, k, *([1] * (t.dim() - 2))).expand(b, k, *t.shape[2:]))  # noqa: E731
-    scores, scale = take(batch.scores), take(batch.scale)
+    scores, scale = _take(batch.scores, idx), _take(batch.scale, idx)
     head = torch.cat([real[..., None].double(), scores[..., None].double(), boxes.double(), scale[..., None].double()], 2)
     head = head.numpy(force=True)  # (B, K, 7): one host read plans the pasting
     n = b * k
     boxes_f = boxes.reshape(n, 4)
-    probs, cells, factor = (take(t).reshape(n, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor))
+    probs, cells, factor = (_take(t, idx).reshape(n, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor))
     hw = batch.image_hw[:, None, :].expand(b, k, 2).reshape(n, 2)
-    area = (head[..., 4] - head[..., 2]) * (head[..., 5] - head[..., 3])
-    area = area.reshape(-1).astype(np.int64)
     counts, lengths, pixels = [], [], []
-    side = np.stack([head[..., 5] - head[..., 3], head[..., 4] - head[..., 2]], -1).reshape(-1, 2).astype(np.int64)
-    for lo, hi in _steps(area, pixel_budget):
-        totals = (int(area[lo:hi].sum()), *(int(v) for v in side[lo:hi].sum(0)))
-        sl = slice(lo, hi)
-        values, owner, row, col = paste_flat(probs[sl], cells[sl], factor[sl], boxes_f[sl], totals, m, stride,
-                                             threshold, dtype)
-        pixels.append(torch.zeros(hi - lo, dtype=torch.long, device=values.device).index_add_(0, owner, values.long()))
+    for sl, (values, owner, row, col) in _pasted(probs, cells, factor, boxes_f, head[..., 2:6].reshape(n, 4), m,
+                                                 stride, threshold, dtype, pixel_budget):
+        pixels.append(torch.zeros(sl.stop - sl.start, dtype=torch.long, device=values.device
+                                  ).index_add_(0, owner, values.long()))
         cnt, ln = flat_runs(values, owner, row, col, boxes_f[sl], hw[sl])
         counts.append(cnt)
         lengths.append(ln)
@@ -104,118 +134,207 @@ def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: to
 
 
 def _steps(area: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Consecutive ranges of items whose areas sum within `budget` (an item larger than it alone)."""
+    """Consecutive ranges covering all items, whose areas sum within `budget` (an item larger than it
+    alone, with the empty items after it)."""
     out, lo, acc = [], 0, 0
     for i, a in enumerate(area.tolist()):
         if acc and acc + a > budget:
             out.append((lo, i))
             lo, acc = i, 0
         acc += a
-    if acc or not out:
-        out.append((lo, len(area)))
+    out.append((lo, len(area)))
     return out
 
 
-# --------------------------------------------------------------------------- mask NMS, image by image
-
-def _mask_one(batch: WindowBatch, i: int, order: torch.Tensor, boxes: torch.Tensor, alive: torch.Tensor,
-              config: InferenceConfig, m: int, stride: int, dtype: torch.dtype) -> Proposals:
-    """Image i's mask NMS (order, boxes, alive: its windows in score order) and results."""
-    image_size = batch.image_sizes[i]
-    n = int(batch.valid[i].sum())
-    order, boxes, alive = order[:n], boxes[:n], alive[:n]
-    w = Windows(batch.scores[i, order], batch.cells[i, order], batch.probs[i, order], batch.factor[i, order],
-                batch.scale[i, order])
-    store = dev.CropStore(len(w), boxes.device)
-    keep = _mask_nms(w, boxes, alive, store, image_size, config, m, stride, dtype)
-    if len(keep) == 0:
-        return Proposals.empty(image_size)
-    w, boxes = w.take(keep), boxes[keep]
-    areas = torch.zeros(len(keep), dtype=torch.long, device=boxes.device)
-    parts = []
-    for g in dev.size_groups(boxes):
-        crops = store.read(keep[g], boxes[g], boxes[g])
-        areas[g] = crops.sum((1, 2))
-        parts.append((g, *padded_crop_runs(crops, boxes[g], image_size)))
-    counts, lengths = dev.ragged_place(parts, len(keep))
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
-    host = lambda t: t.cpu().numpy()  # noqa: E731
-    return Proposals(tuple(image_size), host(w.scores.float()), host(xywh.float()), host(areas),
-                     host(w.scale.int()), host(counts).astype(np.uint32), host(lengths).astype(np.int32))
 
 
-def _paste_into(store: dev.CropStore, w: Windows, idx: torch.Tensor, boxes: torch.Tensor,
-                image_size: tuple[int, int], config: InferenceConfig, m: int, stride: int,
-                dtype: torch.dtype) -> torch.Tensor:
-    """Pastes windows idx over their tight boxes into `store`, in groups of similar size; returns
-    their areas (len(idx),)."""
-    areas = torch.zeros(len(idx), dtype=torch.long, device=boxes.device)
-    for g in dev.size_groups(boxes[idx]):
-        sel = idx[g]
-        crops = paste_in_boxes(w.take(sel), boxes[sel], image_size, m, stride, config.mask_threshold, dtype)
-        store.add(sel, crops, boxes[sel])
-        areas[g] = crops.sum((1, 2))
-    return areas
+# --------------------------------------------------------------------------- mask NMS, every image at once
+
+def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive: torch.Tensor,
+             config: InferenceConfig, m: int, stride: int, dtype: torch.dtype, pixel_budget: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy mask-IoU NMS of every image of the batch at once, the reference's rule exactly: in
+    score order, a window is kept iff no kept earlier one has mask IoU above `nms_iou`, until
+    `max_proposals` are kept.
+
+    order: (B, C) candidate index of each position in score order; boxes: (B, C, 4) long tight boxes
+    there; alive: (B, C) bool. Rounds: each takes the next alive windows of every image that still
+    has room (at most MASK_ROUND, `_round_widths`), pastes them flat (`pixel_budget` pixels a step)
+    for exact areas, reads the exact intersections of the pairs whose box/area bound passes (round
+    x kept so far, round x earlier in the round), drops the windows a kept mask suppresses and runs
+    the greedy rule (nms.greedy_keep) over the rest. Returns (B, K) positions of the kept windows,
+    best first, and (B, K) bool which are real (K = min(max_proposals, C)), as nms.box_nms does."""
+    b, c = alive.shape
+    dev = boxes.device
+    cap, k, most = config.max_proposals, min(config.max_proposals, c), _budget(MASK_ROUND, dev)
+    # alive windows first, still in score order (a round is a run of positions per image), then
+    # `most` empty ones, so a round's positions never pass the end
+    rank = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)  # (B, C)
+    boxes = torch.cat([_take(torch.where(alive[..., None], boxes, 0), rank), boxes.new_zeros(b, most, 4)], 1)
+    src = torch.cat([order.gather(1, rank), order.new_zeros(b, most)], 1)  # (B, C + most) candidate index
+    host = boxes.numpy(force=True)  # (B, C + most, 4): one host read plans every round's pasting
+    n_alive = (host[..., 2] > host[..., 0]).sum(1)  # (B,)
+    kept = torch.zeros((b, c + most), dtype=torch.bool, device=dev)
+    area = torch.zeros((b, c + most), dtype=torch.long, device=dev)  # mask areas of the pasted positions
+    start = torch.zeros((b, c + most), dtype=torch.long, device=dev)  # kept masks' offsets in `store`
+    store = torch.zeros(0, dtype=torch.bool, device=dev)  # kept masks over their boxes, flat
+    lo, count = np.zeros(b, dtype=np.int64), np.zeros(b, dtype=np.int64)  # (B,) positions done, kept (host)
+    width = _round_widths(n_alive, lo, count, cap, most)
+    while width.any():
+        room = cap - count
+        plan = _upload(np.stack([lo, width, room], 1), dev)  # (B, 3)
+        ar = torch.arange(int(width.max()), device=dev)
+        pos = plan[:, :1] + ar  # (B, R) this round's positions
+        inside = ar < plan[:, 1:2]  # (B, R)
+        rb = torch.where(inside[..., None], _take(boxes, pos), 0)  # (B, R, 4)
+        pos_h = lo[:, None] + np.arange(len(ar))
+        hb = np.take_along_axis(host, pos_h[..., None], 1) * (np.arange(len(ar)) < width[:, None])[..., None]
+        values, ra = _paste_round(batch, _take(src, pos), rb, hb, m, stride, config.mask_threshold, dtype, pixel_budget)
+        base = len(store)
+        store = torch.cat([store, values])  # kept masks, then this round's windows
+        box_area = (rb[..., 2] - rb[..., 0]) * (rb[..., 3] - rb[..., 1])  # (B, R)
+        rstart = base + _exclusive_cumsum(box_area.reshape(-1)).reshape(box_area.shape)  # (B, R)
+        kpos, kreal = first_kept(kept, k)  # (B, K) kept so far
+        gb = torch.cat([torch.where(kreal[..., None], _take(boxes, kpos), 0), rb], 1)  # (B, G = K + R, 4)
+        ga = torch.cat([_take(area, kpos), ra], 1)  # (B, G)
+        gs = torch.cat([_take(start, kpos), rstart], 1)  # (B, G)
+        pixels = _candidate_pixels(rb, ra, gb, ga, k, config.nms_iou)  # (B, R, G)
+        inter = _intersections(store, pixels, gb, gs, k, _budget(PAIR_PIXEL_BUDGET, dev))  # (B, R, G)
+        union = (ra[:, :, None] + ga[:, None, :] - inter).clamp(min=1)  # >= 1 wherever inter > 0
+        suppress = inter.double() / union.double() > config.nms_iou  # (B, R, G): the exact rule
+        free = (ra > 0) & ~suppress[:, :, :k].any(2)  # (B, R): no kept mask suppresses it
+        keep = greedy_keep(suppress[:, :, k:], free)  # (B, R): the greedy rule within the round
+        keep &= torch.cumsum(keep, 1) <= plan[:, 2:3]  # the kept list stops at max_proposals
+        kept.scatter_(1, pos, keep)
+        area.scatter_(1, pos, ra)
+        keep_h = keep.numpy(force=True)  # one host read: how many each image kept, which pixels to keep
+        lo, count = lo + width, count + keep_h.sum(1)
+        width = _round_widths(n_alive, lo, count, cap, most)
+        if width.any():  # another round: keep the kept masks' pixels only
+            hb_area = (hb[..., 2] - hb[..., 0]) * (hb[..., 3] - hb[..., 1])
+            store, new_start = _kept_pixels(store, base, keep, box_area, rstart, int((hb_area * keep_h).sum()))
+            start.scatter_(1, pos, new_start)
+    pos, real = first_kept(kept[:, :c], k)
+    return rank.gather(1, pos), real
 
 
-# Windows settled per step of mask NMS: each step pastes them and compares them with the kept masks
-# and with each other only, so pairs of windows that NMS drops anyway are rarely compared.
-MASK_NMS_BLOCK = 128
+def _round_widths(n_alive: np.ndarray, done: np.ndarray, count: np.ndarray, cap: int, most: int) -> np.ndarray:
+    """Windows each image takes in the next round (host, (B,) ints; 0: it is finished): what it
+    likely needs to fill its room at the keep rate it has had so far, with a margin, at most `most`.
+    Any width gives the same result; this one keeps rounds few and pastes few windows past the end."""
+    rate = np.where(done > 0, count / np.maximum(done, 1), 1.0)
+    need = np.ceil((cap - count) / np.maximum(rate, 0.05) * 1.25) + 16
+    width = np.minimum(np.minimum(need, most), n_alive - done).astype(np.int64)
+    return np.where(count < cap, np.maximum(width, 0), 0)
 
 
-def _mask_nms(w: Windows, boxes: torch.Tensor, alive: torch.Tensor, store: dev.CropStore,
-              image_size: tuple[int, int], config: InferenceConfig, m: int, stride: int,
-              dtype: torch.dtype) -> torch.Tensor:
-    """Greedy mask-IoU NMS in score order, a block of windows at a time, stopping once
-    `max_proposals` are kept. Per block: paste it into `store` (areas); judge each window against
-    the kept masks whose box/area bound can pass the threshold, its best-ranked such mask first
-    (usually the one that suppresses it, as in the reference's early exit); then the survivors
-    against each other with the greedy rule. Exact intersections are read from the store.
-    Returns kept indices, in order."""
-    device = boxes.device
-    order = torch.nonzero(alive).reshape(-1)
-    kept = torch.zeros(0, dtype=torch.long, device=device)
-    kept_area = torch.zeros(0, dtype=torch.long, device=device)
+def _upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array on the device without waiting for it: a copy from pageable memory would
+    synchronise the stream, one from pinned memory is queued like a kernel."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
 
-    def suppresses(gi: torch.Tensor, gj: torch.Tensor, ai: torch.Tensor, aj: torch.Tensor) -> torch.Tensor:
-        """(P,) bool: mask IoU of windows gi, gj (areas ai, aj) above the threshold."""
-        region = torch.cat([torch.maximum(boxes[gi, :2], boxes[gj, :2]), torch.minimum(boxes[gi, 2:], boxes[gj, 2:])], 1)
-        inter = torch.zeros(len(gi), dtype=torch.float64, device=device)
-        for g in dev.size_groups(region):
-            inter[g] = (store.read(gi[g], boxes[gi[g]], region[g]) & store.read(gj[g], boxes[gj[g]], region[g])
-                        ).sum((1, 2)).double()
-        return inter / (ai + aj - inter) > config.nms_iou
 
-    for lo in range(0, len(order), MASK_NMS_BLOCK):
-        if len(kept) >= config.max_proposals:
-            break
-        block = order[lo:lo + MASK_NMS_BLOCK]
-        area = _paste_into(store, w, block, boxes, image_size, config, m, stride, dtype).double()
-        group, areas = torch.cat([kept, block]), torch.cat([kept_area.double(), area])  # (K + b,)
-        overlap = box_overlap(boxes[block], boxes[group])  # (b, K + b)
-        bound_inter = torch.minimum(overlap, torch.minimum(area[:, None], areas[None, :]))
-        near = bound_inter / (area[:, None] + areas[None, :] - bound_inter).clamp(min=1) > config.nms_iou
-        k = len(kept)
-        near_kept, near_block = near[:, :k], near[:, k:].tril(diagonal=-1)
-        # Against kept masks: each window's best-ranked near kept mask first, the rest only if it survives.
-        hit = torch.zeros(len(block), dtype=torch.long, device=device)
-        i = torch.nonzero(near_kept.any(1)).reshape(-1)
-        if len(i):
-            j = near_kept[i].to(torch.int8).argmax(1)
-            hit[i] = suppresses(block[i], kept[j], area[i], areas[j]).long()
-            rest = near_kept & (hit == 0)[:, None]
-            rest[i, j] = False
-            i, j = torch.nonzero(rest, as_tuple=True)
-            if len(i):
-                hit.index_add_(0, i, suppresses(block[i], kept[j], area[i], areas[j]).long())
-        free = hit == 0
-        # Among the block's survivors: the greedy rule over their exact suppressions.
-        i, j = torch.nonzero(near_block & free[:, None] & free[None, :], as_tuple=True)
-        suppress = torch.zeros((len(block), len(block)), dtype=torch.bool, device=device)
-        if len(i):
-            suppress[i, j] = suppresses(block[i], block[j], area[i], area[j])
-        keep = greedy_keep(suppress, free)
-        room = config.max_proposals - k
-        kept = torch.cat([kept, block[keep][:room]])
-        kept_area = torch.cat([kept_area, area[keep][:room].long()])
-    return kept
+def _exclusive_cumsum(t: torch.Tensor) -> torch.Tensor:
+    """(n,) -> (n,) sums of the items before each."""
+    return torch.cumsum(t, 0) - t
+
+
+def _paste_round(batch: WindowBatch, idx: torch.Tensor, boxes: torch.Tensor, host_boxes: np.ndarray, m: int,
+                 stride: int, threshold: float, dtype: torch.dtype, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows idx (B, R) of the batch pasted over their boxes (B, R, 4) (empty: nothing), flat in
+    `budget`-pixel steps. Returns (values (T,) bool: each box's pixels column-major, boxes back to
+    back in (B, R) order, as paste_flat lays them, and (B, R) long mask areas)."""
+    b, r = idx.shape
+    n = b * r
+    probs, cells, factor = (_take(t, idx).reshape(n, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor))
+    parts, areas = [], []
+    for sl, (values, owner, _, _) in _pasted(probs, cells, factor, boxes.reshape(n, 4), host_boxes.reshape(n, 4), m,
+                                             stride, threshold, dtype, budget):
+        parts.append(values)
+        areas.append(torch.zeros(sl.stop - sl.start, dtype=torch.long, device=values.device
+                                 ).index_add_(0, owner, values.long()))
+    return torch.cat(parts), torch.cat(areas).reshape(b, r)
+
+
+def _candidate_pixels(rb: torch.Tensor, ra: torch.Tensor, gb: torch.Tensor, ga: torch.Tensor, k: int,
+                      iou_threshold: float) -> torch.Tensor:
+    """Box-intersection pixels of the pairs whose mask IoU may pass the threshold, 0 for the rest.
+
+    rb: (B, R, 4) a round's boxes, ra: (B, R) their mask areas; gb: (B, G, 4), ga: (B, G) the kept
+    masks (first k columns) then the round's own. A pair (i, j) is a candidate if j is kept or
+    earlier in the round and the IoU bound from boxes and areas passes (as GreedyMaskNMS: the
+    intersection is at most the boxes' overlap and either area, and I / (a + b - I) grows with I).
+    Rows in blocks of nms.IOU_BLOCK float64 elements. Returns (B, R, G) long."""
+    b, r, g = rb.shape[0], rb.shape[1], gb.shape[1]
+    dev = rb.device
+    out = torch.empty((b, r, g), dtype=torch.long, device=dev)
+    col, row = torch.arange(g, device=dev), torch.arange(r, device=dev)
+    earlier = (col[None, :] < k) | (col[None, :] - k < row[:, None])  # (R, G)
+    rows = max(1, _budget(IOU_BLOCK, dev) // max(1, b * g))
+    for lo in range(0, r, rows):
+        overlap = box_overlap(rb[:, lo:lo + rows], gb)  # (B, rows, G) float64
+        a, o = ra[:, lo:lo + rows, None].double(), ga[:, None, :].double()
+        bound = torch.minimum(overlap, torch.minimum(a, o))
+        near = (bound / (a + o - bound).clamp(min=1) > iou_threshold) & earlier[lo:lo + rows]
+        out[:, lo:lo + rows] = torch.where(near, overlap.long(), 0)
+    return out
+
+
+def _intersections(store: torch.Tensor, pixels: torch.Tensor, gb: torch.Tensor, gs: torch.Tensor, k: int,
+                   budget: int) -> torch.Tensor:
+    """Exact mask intersections of every candidate pair, read from the flat store.
+
+    store: (S,) bool masks over their boxes, column-major; pixels: (B, R, G) long box-intersection
+    pixels of each pair (0: not a candidate); gb: (B, G, 4) boxes and gs: (B, G) store offsets of
+    the columns (round window i is column k + i). One host read (the candidates and their pixels)
+    plans it; the candidates' pixels are then enumerated flat, `budget` a step. Returns (B, R, G) long."""
+    b, r, g = pixels.shape
+    dev = pixels.device
+    flat = pixels.reshape(-1)
+    n, total = (int(v) for v in torch.stack([(flat > 0).sum(), flat.sum()]).numpy(force=True))
+    pair = torch.nonzero_static(flat, size=n).reshape(-1)  # (n,) candidates (no sync: n is known)
+    img, i, j = pair // (r * g), pair // g % r, pair % g
+    mine, other = (gb.reshape(-1, 4)[rows] for rows in (img * g + k + i, img * g + j))  # (n, 4) boxes
+    start = gs.reshape(-1)
+    origin = torch.maximum(mine[:, :2], other[:, :2])  # (n, 2) the boxes' intersection's first pixel
+    height = torch.minimum(mine[:, 3], other[:, 3]) - origin[:, 1]  # (n,)
+    count = flat[pair]
+    cum = torch.cumsum(count, 0)
+    # per pair: first pixel, intersection height, then per mask the store offset of the
+    # intersection's first pixel and its box height (a step of one column)
+    table = torch.stack([cum - count, height, *_origin_offset(mine, start[img * g + k + i], origin),
+                         *_origin_offset(other, start[img * g + j], origin)], 1)  # (n, 6)
+    inter = torch.zeros(n, dtype=torch.long, device=dev)
+    for lo in range(0, total, budget):
+        at = torch.arange(lo, min(lo + budget, total), device=dev)  # (T,)
+        at_pair = torch.searchsorted(cum, at, right=True)  # (T,) the pair whose pixels hold `at`
+        row = table[at_pair]  # (T, 6)
+        local = at - row[:, 0]  # pixel within the intersection, column-major
+        dx = local // row[:, 1]
+        dy = local - dx * row[:, 1]
+        hit = store[row[:, 2] + dx * row[:, 3] + dy] & store[row[:, 4] + dx * row[:, 5] + dy]
+        inter.index_add_(0, at_pair, hit.long())
+    return torch.zeros_like(flat).index_copy_(0, pair, inter).reshape(b, r, g)
+
+
+def _origin_offset(box: torch.Tensor, start: torch.Tensor, origin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks stored column-major over their boxes (n, 4) from offsets start (n,): the offset of
+    pixel origin (n, 2) (x, y) inside each box, and each box's height (n,)."""
+    height = box[:, 3] - box[:, 1]
+    return start + (origin[:, 0] - box[:, 0]) * height + origin[:, 1] - box[:, 1], height
+
+
+def _kept_pixels(store: torch.Tensor, base: int, keep: torch.Tensor, box_area: torch.Tensor, rstart: torch.Tensor,
+                 total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drops a round's windows from the store but the kept ones, so it holds kept masks only.
+
+    store: the kept masks (first `base` pixels), then the round's; keep, box_area, rstart: (B, R)
+    the round's kept windows, box pixels and store offsets; total: the kept ones' box pixels (host).
+    Returns the new store and (B, R) the kept windows' offsets in it (others: anything)."""
+    lengths = torch.where(keep, box_area, 0).reshape(-1)  # (n,)
+    first = _exclusive_cumsum(lengths)  # (n,) each kept window's offset among the kept pixels
+    n = len(lengths)
+    owner = torch.repeat_interleave(torch.arange(n, device=store.device), lengths, output_size=total)  # (total,)
+    at = rstart.reshape(-1)[owner] + torch.arange(total, device=store.device) - first[owner]
+    return torch.cat([store[:base], store[at]]), (base + first).reshape(keep.shape)

@@ -2,7 +2,6 @@
 
     crop_runs, crop_to_rle, encode_counts   the numpy reference (one crop; pycocotools encodes)
     flat_runs                               torch: every mask of a flat paste (paste.paste_flat) at once
-    padded_crop_runs                        torch: masks as padded crops (mask NMS's crop store)
 """
 from __future__ import annotations
 
@@ -87,45 +86,4 @@ def flat_runs(values: torch.Tensor, owner: torch.Tensor, row: torch.Tensor, col:
     last_at = torch.cumsum(changes, 0) + torch.arange(n, device=dev)  # each window's final count
     last_pos = torch.zeros(n, dtype=torch.long, device=dev).scatter_reduce(0, who, where, "amax", include_self=False)
     counts[last_at] = pixels - torch.where(changes > 0, last_pos, 0)
-    return counts, lengths
-
-
-def padded_crop_runs(crops: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """COCO uncompressed run lengths of full-image masks that are zero outside their crops.
-
-    crops: (n, hmax, wmax) bool, crop i placed at boxes[i] (x0, y0, ...), False past its size.
-    Returns (counts (R,) long, lengths (n,) long): mask i's column-major runs, starting with
-    background, are counts[sum(lengths[:i]):sum(lengths[:i+1])]. One host sync (the count).
-    """
-    height, width = image_size
-    n, hmax, wmax = crops.shape
-    dev = crops.device
-    strip = torch.zeros((n, wmax, hmax + 1), dtype=torch.int8, device=dev)  # column-major + a zero separator row
-    strip[:, :, :hmax] = crops.transpose(1, 2)
-    flat = strip.reshape(n, -1)
-    change = flat != torch.cat([torch.zeros_like(flat[:, :1]), flat[:, :-1]], 1)  # a run starts here
-    win, idx = torch.nonzero(change, as_tuple=True)  # by window, then position: sorted
-    col, row = idx // (hmax + 1), idx % (hmax + 1)
-    pos = (boxes[win, 0] + col) * height + boxes[win, 1] + row  # full-image column-major position
-    # A run ending at a column's last pixel and one starting at the next column's first pixel meet
-    # at one position (full-height crops): no change there. And the image end is no run start.
-    same = (pos[1:] == pos[:-1]) & (win[1:] == win[:-1])
-    drop = torch.zeros_like(pos, dtype=torch.bool)
-    drop[1:] |= same
-    drop[:-1] |= same
-    drop |= pos >= height * width
-    win, pos = win[~drop], pos[~drop]
-    changes = torch.bincount(win, minlength=n)  # (n,)
-    lengths = changes + 1
-    first = torch.ones_like(win, dtype=torch.bool)
-    first[1:] = win[1:] != win[:-1]
-    prev = torch.cat([torch.zeros_like(pos[:1]), pos[:-1]])
-    runs = pos - torch.where(first, torch.zeros_like(prev), prev)
-    ends = torch.cumsum(lengths, 0)  # one past each mask's last count
-    counts = torch.empty(int(ends[-1]) if n else 0, dtype=torch.long, device=dev)
-    starts = ends - lengths
-    rank = torch.arange(len(win), device=dev) - (torch.cumsum(changes, 0) - changes)[win]  # j-th change of its mask
-    counts[starts[win] + rank] = runs
-    last_pos = torch.zeros(n, dtype=torch.long, device=dev).scatter_reduce(0, win, pos, "amax", include_self=False)
-    counts[ends - 1] = height * width - torch.where(changes > 0, last_pos, torch.zeros_like(last_pos))
     return counts, lengths

@@ -3,16 +3,16 @@
 ifcn.opcount (the same Python dispatches the same aten ops on CUDA; counts are deterministic).
 
 Targets at batch 16 (paper defaults, 480x640): box NMS <= 200 kernel ops per image and <= 16
-syncs per batch. Counting a batch of 16 at the paper's defaults takes ~15 min on two CPU cores,
+syncs per batch; mask NMS <= 600 and <= 48. Counting a batch of 16 at the paper's defaults takes ~15 min on two CPU cores,
 so this counts batches of 2 and 4 of 480x640 images at the paper's six scales with 250 windows
 per scale and image (the chain of ops depends on scales, images and memory blocks, not on the
 number of windows), and holds:
 - growth: each image more adds at most PER_IMAGE ops and no sync (the chain is per batch), with
   all kept masks pasted in one step (more pixels take more steps: one more per PIXEL_BUDGET);
 - batch 16 scaled: with the memory bounds (IoU blocks, tight-box blocks, paste steps) set so a
-  batch of 4 takes as many blocks and steps as a batch of 16 with the paper's 6000 windows does
-  on a GPU, its count plus 12 images of growth is within 16 x the per-image budget, and its
-  syncs within the per-batch budget.
+  batch of 4 takes as many blocks and steps (and, for mask NMS, rounds) as a batch of 16 with the
+  paper's 6000 windows does on a GPU, its count plus 12 images of growth is within 16 x the
+  per-image budget, and its syncs within the per-batch budget.
 Run: pytest tests/test_budgets.py -q
 """
 from __future__ import annotations
@@ -27,14 +27,15 @@ from ifcn import InferenceConfig, InstanceFCN, ModelConfig, Predictor
 from ifcn.opcount import OpCounter, OpCounts
 
 BOX_OPS, BOX_SYNCS = 200, 16  # per image, per batch (issue 14's targets at batch 16)
+MASK_OPS, MASK_SYNCS = 600, 48
 PER_IMAGE = 30  # ops each more image may add (none today: the whole chain is per batch)
 WINDOWS = 250  # per scale and image (the paper's: 1000)
 
 
-def _count(model: InstanceFCN, batch: int, nms_mode: str) -> OpCounts:
+def _count(model: InstanceFCN, batch: int, nms_mode: str, windows: int = WINDOWS) -> OpCounts:
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(batch)]
-    config = InferenceConfig(nms=nms_mode, windows_per_scale=WINDOWS, max_proposals=WINDOWS)
+    config = InferenceConfig(nms=nms_mode, windows_per_scale=windows, max_proposals=windows)
     predictor = Predictor(model, config, "cpu", postprocess_on="device")
     with OpCounter() as counter:
         out = predictor.proposals(images)
@@ -69,3 +70,35 @@ def test_box_nms_budget(heads: str, model: InstanceFCN, random_model: InstanceFC
     at16 = scaled.kernel_ops + 12 * growth
     assert at16 / 16 <= BOX_OPS, (scaled, growth)
     assert scaled.syncs <= BOX_SYNCS, scaled
+
+
+# Mask NMS: box-intersection pixels of the candidate pairs per image (random heads, these inputs),
+# with a GPU's rounds at the paper's defaults (1,024 windows: one round), and in this test's setting
+# (MASK_ROUND["cpu"] = 256 = 1024 / 4 windows for 1500 = 6000 / 4: one round), measured with
+# bench/nms_counts.py's inputs: they size the pair steps so batch 4 takes as many as batch 16 would.
+PAIR_PIXELS_GPU, PAIR_PIXELS_HERE = 138e6, 12.1e6
+
+
+@pytest.mark.slow
+def test_mask_nms_budget(random_model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as mp:  # growth apart from steps: one paste and one pair step for all
+        mp.setitem(post.PIXEL_BUDGET, "cpu", 1 << 25)
+        mp.setitem(post.PAIR_PIXEL_BUDGET, "cpu", 1 << 25)
+        two, four = _count(random_model, 2, "mask", 100), _count(random_model, 4, "mask", 100)
+    growth = (four.kernel_ops - two.kernel_ops) / 2
+    assert growth <= PER_IMAGE and four.syncs <= two.syncs + 1, (two, four)  # +1: a longer greedy chain
+    # batch 16 with 6000 windows each on a GPU: rounds of 1024 windows (here 256 of 1500), 2 tight-box
+    # calls, 4 paste steps a round of 1024 (~30 k pixels a window) and for the kept masks, and the pair steps
+    n4 = 4 * 6 * WINDOWS
+    gpu_pair_steps = -(-16 * int(PAIR_PIXELS_GPU) // post.PAIR_PIXEL_BUDGET["cuda"])
+    monkeypatch.setitem(post.MASK_ROUND, "cpu", post.MASK_ROUND["cuda"] // 4)
+    monkeypatch.setattr(post, "WINDOW_BLOCK", -(-n4 // 2))
+    monkeypatch.setitem(post.PIXEL_BUDGET, "cpu", 4 * 256 * 30_000 // 4)
+    monkeypatch.setitem(post.PAIR_PIXEL_BUDGET, "cpu", -(-4 * int(PAIR_PIXELS_HERE) // gpu_pair_steps))
+    scaled = _count(random_model, 4, "mask")
+    assert -(-16 * 6000 // (1 << 16)) == 2 and -(-16 * 1024 * 30_000 // post.PIXEL_BUDGET["cuda"]) == 4
+    # the (B, R, K + R) pair bounds fit one IoU block at batch 16 on a GPU, as here
+    assert 16 * 1024 * (1000 + 1024) <= nms.IOU_BLOCK["cuda"] and 4 * 256 * (250 + 256) <= nms.IOU_BLOCK["cpu"]
+    at16 = scaled.kernel_ops + 12 * growth
+    assert at16 / 16 <= MASK_OPS, (scaled, growth)
+    assert scaled.syncs <= MASK_SYNCS, scaled

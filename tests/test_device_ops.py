@@ -1,5 +1,5 @@
-"""The device half of inference (torch: ifcn.boxes, ifcn.paste, ifcn.nms, ifcn.runs, ifcn.postprocessing,
-ifcn.device_ops) against the numpy references beside them (and proposals.postprocess_numpy), on CPU:
+"""The device half of inference (torch: ifcn.boxes, ifcn.paste, ifcn.nms, ifcn.runs, ifcn.postprocessing)
+against the numpy references beside them (and proposals.postprocess_numpy), on CPU:
 the same torch code runs on CUDA.
 
 float64 blending must reproduce the reference bit for bit; float32 (the GPU default) may differ
@@ -13,15 +13,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from pycocotools import mask as mask_utils
 
-import ifcn.device_ops as dev
 from ifcn.containers import Windows
 from ifcn import Candidates, InferenceConfig, InstanceFCN, Predictor, postprocess_device, postprocess_numpy
 from ifcn.boxes import search_steps, tight_boxes
 from ifcn.nms import box_nms, greedy_keep
-from ifcn.paste import paste_flat, paste_in_boxes, paste_masks
-from ifcn.runs import crop_runs, flat_runs, padded_crop_runs
+from ifcn.paste import paste_flat, paste_masks
+from ifcn.runs import crop_runs, flat_runs
 from test_ops import _crop_cases, _random_masks, _reference_nms, _tight_crop
 
 
@@ -75,15 +73,12 @@ def test_tight_boxes_and_paste_match_reference(case: int, dtype: torch.dtype) ->
         want = [left, top, left + crop.shape[1], top + crop.shape[0]] if crop.size else [0, 0, 0, 0]
         assert boxes[i].tolist() == want, f"window {i}"
     live = torch.nonzero(boxes[:, 2] > boxes[:, 0]).reshape(-1)
-    crops = paste_in_boxes(w.take(live), boxes[live], image_size, m, 8, 0.5, dtype)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     totals = (int(area.sum()), int((boxes[:, 3] - boxes[:, 1]).sum()), int((boxes[:, 2] - boxes[:, 0]).sum()))
     values, owner, row, col = paste_flat(w.probs, w.cells, w.factor, boxes, totals, m, 8, 0.5, dtype)
     start = torch.cumsum(area, 0) - area
-    for j, i in enumerate(live.tolist()):
+    for i in live.tolist():
         top, left, crop = ref[i]
-        np.testing.assert_array_equal(crops[j, :crop.shape[0], :crop.shape[1]].numpy(), crop, err_msg=f"window {i}")
-        assert not crops[j, crop.shape[0]:].any() and not crops[j, :, crop.shape[1]:].any()
         flat = values[int(start[i]):int(start[i] + area[i])].numpy()  # column-major over the box
         np.testing.assert_array_equal(flat.reshape(crop.shape[1], crop.shape[0]).T, crop, err_msg=f"window {i}")
         assert (owner[int(start[i])] == i) and row[int(start[i]) + 1 if crop.shape[0] > 1 else 0] == (crop.shape[0] > 1)
@@ -110,40 +105,6 @@ def test_tight_boxes_of_no_windows() -> None:
     m, factor, image_size, cells, probs = list(_paste_cases())[5]
     w = _windows(probs, cells, factor)
     assert _boxes(w.take(torch.zeros(0, dtype=torch.long)), image_size, m, factor).shape == (0, 4)
-    whole = _boxes(w, image_size, m, factor)
-    groups = dev.size_groups(whole)
-    assert sorted(int(i) for g in groups for i in g) == list(range(len(whole)))
-
-
-def test_ragged_place_reorders_groups() -> None:
-    parts = [(torch.tensor([2, 0]), torch.tensor([7, 8, 9, 1]), torch.tensor([3, 1])),
-             (torch.tensor([1]), torch.tensor([5, 6]), torch.tensor([2]))]
-    values, lengths = dev.ragged_place(parts, 3)
-    assert values.tolist() == [1, 5, 6, 7, 8, 9] and lengths.tolist() == [1, 2, 3]
-
-
-@pytest.mark.parametrize("case", range(len(_crop_cases())))
-def test_crop_runs_match_reference_and_pycocotools(case: int) -> None:
-    image_size, top, left, crop = _crop_cases()[case]
-    if not crop.any():
-        return  # kept masks are never empty
-    rows, cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))  # the device path sees tight crops
-    top, left = top + rows[0], left + cols[0]
-    crop = crop[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    padded = np.zeros((2, crop.shape[0] + 3, crop.shape[1] + 2), bool)  # padded past its size, beside another
-    padded[1, :crop.shape[0], :crop.shape[1]] = crop
-    padded[0, 0, 0] = True
-    boxes = torch.tensor([[0, 0, 1, 1], [left, top, left + crop.shape[1], top + crop.shape[0]]])
-    counts, lengths = padded_crop_runs(torch.from_numpy(padded), boxes, image_size)
-    first = crop_runs(0, 0, np.ones((1, 1), bool), image_size)  # the pixel at (0, 0)
-    assert int(lengths[0]) == len(first) and counts[:len(first)].tolist() == first.tolist()
-    got = counts[int(lengths[0]):].numpy()
-    want = crop_runs(top, left, crop, image_size)
-    np.testing.assert_array_equal(got, want)
-    full = np.zeros(image_size, np.uint8)
-    full[top:top + crop.shape[0], left:left + crop.shape[1]] = crop
-    rle = mask_utils.frPyObjects({"counts": got.astype(np.uint32).tolist(), "size": list(image_size)}, *image_size)
-    np.testing.assert_array_equal(mask_utils.decode(rle), full)
 
 
 def _flat(crops: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
@@ -263,17 +224,57 @@ def test_postprocess_device_equals_numpy_reference(model: InstanceFCN, nms: str,
         _assert_same(postprocess_device(groups, size, config, 21, 8, torch.float32), want)
 
 
-def test_mask_nms_rounds_and_chunks(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Mask NMS in blocks of 3 windows (many steps), pasting in tiny chunks."""
-    import ifcn.postprocessing as proposals
+def _small_mask_budgets(mp: pytest.MonkeyPatch, round_: int = 3, pair_pixels: int = 50) -> None:
+    """Mask NMS in rounds of `round_` windows per image, pair bounds a few rows a block,
+    intersections `pair_pixels` a step and pastes of 300 pixels: many rounds and many tiny steps."""
+    import ifcn.nms as nms
+    import ifcn.postprocessing as post
 
+    mp.setitem(post.MASK_ROUND, "cpu", round_)
+    mp.setitem(post.PAIR_PIXEL_BUDGET, "cpu", pair_pixels)
+    mp.setitem(post.PIXEL_BUDGET, "cpu", 300)
+    mp.setitem(nms.IOU_BLOCK, "cpu", 100)  # (B, rows, K + R) elements: a few rows a block
+
+
+def test_mask_nms_rounds_and_chunks(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mask NMS in rounds of 3 windows, pair bounds, intersections and pastes in tiny steps."""
     config = InferenceConfig(scales=(40, 56, 88), windows_per_scale=80, max_proposals=12, nms="mask", nms_iou=0.3)
     image = _image(2, (64, 64))
     groups = Predictor(model, config, device="cpu").windows([image])[0]
     want = postprocess_numpy(Candidates.from_windows(groups, (64, 64), 8), config)
-    monkeypatch.setattr(proposals, "MASK_NMS_BLOCK", 3)
-    monkeypatch.setattr(dev, "PASTE_BUDGET", 2000)
+    _small_mask_budgets(monkeypatch)
     _assert_same(postprocess_device(groups, (64, 64), config, 21, 8, torch.float64), want)
+
+
+@pytest.mark.parametrize("kw", [{"max_proposals": 12, "nms_iou": 0.3}, {"max_proposals": 40, "nms_iou": 0.8},
+                                {"max_proposals": 5, "nms_iou": 0.5, "min_score": 0.5}])
+def test_mask_nms_of_a_batch_equals_reference_per_image(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch,
+                                                        kw: dict) -> None:
+    """Images of different sizes (and windows) in one batch, mask NMS of all at once in many rounds
+    and tiny steps: each image's proposals are postprocess_numpy's on its own candidates, and the
+    same as with the default budgets (some images fill up rounds before others)."""
+    from ifcn.postprocessing import postprocess_batch
+
+    config = InferenceConfig(**{"scales": (40, 56, 88), "windows_per_scale": 100, "nms": "mask", **kw})
+    predictor = Predictor(model, config, device="cpu", postprocess_on="device")
+    images = [_image(0, (50, 70)), _image(4, (24, 20)), _image(3, (83, 41)), _image(1, (64, 64))]
+    batch = predictor.windows(images)
+    whole = postprocess_batch(batch, config, 21, 8, torch.float64)
+    import ifcn.postprocessing as post
+
+    rounds = []
+    with monkeypatch.context() as mp:
+        _small_mask_budgets(mp, round_=8, pair_pixels=2000)
+        widths = post._round_widths
+        mp.setattr(post, "_round_widths", lambda *a: rounds.append(widths(*a)) or rounds[-1])
+        steps = postprocess_batch(batch, config, 21, 8, torch.float64)
+    assert len(rounds) > 2 and any(len(set(w.tolist())) > 1 for w in rounds)  # many rounds, some images finish first
+    assert len({int(v) for v in batch.valid.sum(1)}) > 1  # images with different numbers of windows
+    for got, one, cands in zip(steps, whole, batch.candidates(8)):
+        want = postprocess_numpy(cands, config)
+        assert len(want) > 0
+        _assert_same(got, want)
+        _assert_same(one, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -320,25 +321,3 @@ def test_padded_batches_never_window_or_paint_the_padding(model: InstanceFCN) ->
             assert ((centres >= 0) & (centres < torch.tensor([fh, fw]))).all()
         x, y, bw, bh = got.boxes.T
         assert (x >= 0).all() and (y >= 0).all() and (x + bw <= w).all() and (y + bh <= h).all()
-
-
-def test_crop_store_grows_and_reads_back() -> None:
-    """Blocks added past the initial capacity (it doubles) read back as they went in."""
-    rng = np.random.default_rng(0)
-    store = dev.CropStore(6, torch.device("cpu"), capacity=8)
-    crops, boxes = [], []
-    for block in (range(0, 2), range(2, 6)):
-        part = [rng.random((int(rng.integers(1, 7)), int(rng.integers(1, 9)))) < 0.5 for _ in block]
-        hmax, wmax = max(c.shape[0] for c in part), max(c.shape[1] for c in part)
-        padded = np.zeros((len(part), hmax, wmax), bool)
-        for j, c in enumerate(part):
-            padded[j, :c.shape[0], :c.shape[1]] = c
-        bx = torch.tensor([[3, 2, 3 + c.shape[1], 2 + c.shape[0]] for c in part])
-        store.add(torch.tensor(list(block)), torch.from_numpy(padded), bx)
-        crops += part
-        boxes.append(bx)
-    boxes = torch.cat(boxes)
-    assert store.start.dtype == torch.long
-    got = store.read(torch.arange(6), boxes, boxes)
-    for i, c in enumerate(crops):
-        np.testing.assert_array_equal(got[i, :c.shape[0], :c.shape[1]].numpy(), c)

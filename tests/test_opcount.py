@@ -46,6 +46,15 @@ def test_hand_counted_cases(name: str, fn, expected: tuple[int, int, int]) -> No
     assert count(fn) == expected, name
 
 
+def test_scalar_reads_under_inference_mode() -> None:
+    """Predictor runs under inference_mode, where int(t) and t.item() dispatch `item`, not
+    `_local_scalar_dense`, and bool(t) `is_nonzero`: still one sync each and no kernel."""
+    with torch.inference_mode():
+        assert count(lambda: int(X.sum())) == (1, 1, 0)
+        assert count(lambda: X.max().item()) == (1, 1, 0)
+        assert count(lambda: bool(X.sum() > 1)) == (2, 1, 0)
+
+
 def test_counts_add_up_and_methods_are_restored() -> None:
     tolist = torch.Tensor.tolist
     with OpCounter() as c:
