@@ -7,10 +7,12 @@
 One chain of ops per batch: its length does not grow with the number of images, windows or kept
 masks, except one more step per memory budget (`pixel_budget` pixels pasted, IOU_BLOCK pair
 bounds, PAIR_PIXEL_BUDGET intersection pixels) and, for mask NMS, one more round per MASK_ROUND
-windows of the score order that an image needs before it has `max_proposals` kept. Host syncs per
+windows of the score order that an image needs before it has `max_proposals` kept (or per share of
+STORE_PIXEL_BUDGET box pixels, and one chunk step per such share of kept masks past half of it). Host syncs per
 batch: the NMS convergence checks (a few), one read of the kept boxes (to plan the pasting), one
 per paste step (the number of runs) and two reads of results; mask NMS adds one read of all boxes
-(to plan its pasting) and three a round (candidate pairs, the greedy rule's check, the kept windows).
+(to plan its pasting) and three a round (candidate pairs, the greedy rule's check, the kept windows),
+one more a chunk where its kept masks pass half of STORE_PIXEL_BUDGET and are pasted again in chunks.
 float64 gives the numpy reference's proposals exactly; float32 (the default) differs only for
 pixels within rounding of the threshold.
 """
@@ -42,6 +44,11 @@ WINDOW_BLOCK = 1 << 16
 MASK_ROUND = {"cuda": 1024, "cpu": 256}
 # Mask NMS: box-intersection pixels of candidate pairs read per step (~100 bytes each at the peak).
 PAIR_PIXEL_BUDGET = {"cuda": 1 << 27, "cpu": 1 << 23}
+# Mask NMS: box pixels (1 byte each) its flat store holds per batch, by device type: 2 GB on a GPU
+# (a batch of 16 480x640 images needs ~1 GB, so it stays on the stored path) and 128 MB on a CPU.
+# A round's windows get what the kept masks leave (at least half); kept masks past half of it are
+# not stored but re-pasted in chunks of the rest for each round (`_chunked_intersections`).
+STORE_PIXEL_BUDGET = {"cuda": 1 << 31, "cpu": 1 << 27}
 
 
 def _budget(table: dict[str, int], device: torch.device) -> int:
@@ -163,23 +170,35 @@ def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive
     for exact areas, reads the exact intersections of the pairs whose box/area bound passes (round
     x kept so far, round x earlier in the round), drops the windows a kept mask suppresses and runs
     the greedy rule (nms.greedy_keep) over the rest. Returns (B, K) positions of the kept windows,
-    best first, and (B, K) bool which are real (K = min(max_proposals, C)), as nms.box_nms does."""
+    best first, and (B, K) bool which are real (K = min(max_proposals, C)), as nms.box_nms does.
+
+    Memory: the flat `store` (1 byte a box pixel) stays within STORE_PIXEL_BUDGET per batch, but for
+    the one window a round always takes of an unfinished image and a chunk's last kept mask: while
+    the kept masks take at most half of it they stay stored and a round's windows get the rest;
+    past that they are pasted again each round, in chunks (`_chunked_intersections`, one more host
+    read a chunk), and a round's windows get half. Dropping a round's unkept windows copies the
+    store once (`_kept_pixels`: ~1.5x it at the peak)."""
     b, c = alive.shape
     dev = boxes.device
     cap, k, most = config.max_proposals, min(config.max_proposals, c), _budget(MASK_ROUND, dev)
+    budget = _budget(STORE_PIXEL_BUDGET, dev)
     # alive windows first, still in score order (a round is a run of positions per image), then
     # `most` empty ones, so a round's positions never pass the end
     rank = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)  # (B, C)
     boxes = torch.cat([_take(torch.where(alive[..., None], boxes, 0), rank), boxes.new_zeros(b, most, 4)], 1)
     src = torch.cat([order.gather(1, rank), order.new_zeros(b, most)], 1)  # (B, C + most) candidate index
     host = boxes.numpy(force=True)  # (B, C + most, 4): one host read plans every round's pasting
+    # (B, C + 1 + most) box pixels of the positions before each: caps a round's windows by pixels
+    host_cum = np.concatenate([np.zeros((b, 1), np.int64), np.cumsum(_box_pixels(host), 1)], 1)
     n_alive = (host[..., 2] > host[..., 0]).sum(1)  # (B,)
     kept = torch.zeros((b, c + most), dtype=torch.bool, device=dev)
+    kept_h = np.zeros((b, c + most), dtype=bool)  # the same on the host: plans the kept masks' chunks
     area = torch.zeros((b, c + most), dtype=torch.long, device=dev)  # mask areas of the pasted positions
     start = torch.zeros((b, c + most), dtype=torch.long, device=dev)  # kept masks' offsets in `store`
-    store = torch.zeros(0, dtype=torch.bool, device=dev)  # kept masks over their boxes, flat
+    store = torch.zeros(0, dtype=torch.bool, device=dev)  # kept masks over their boxes, flat (while stored)
+    stored, kept_px = True, 0  # whether `store` holds the kept masks; their box pixels (host)
     lo, count = np.zeros(b, dtype=np.int64), np.zeros(b, dtype=np.int64)  # (B,) positions done, kept (host)
-    width = _round_widths(n_alive, lo, count, cap, most)
+    width = _round_widths(n_alive, lo, count, cap, most, host_cum, budget - kept_px)
     while width.any():
         room = cap - count
         plan = _upload(np.stack([lo, width, room], 1), dev)  # (B, 3)
@@ -190,16 +209,24 @@ def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive
         pos_h = lo[:, None] + np.arange(len(ar))
         hb = np.take_along_axis(host, pos_h[..., None], 1) * (np.arange(len(ar)) < width[:, None])[..., None]
         values, ra = _paste_round(batch, _take(src, pos), rb, hb, m, stride, config.mask_threshold, dtype, pixel_budget)
-        base = len(store)
-        store = torch.cat([store, values])  # kept masks, then this round's windows
+        base = len(store)  # kept_px while stored, else 0
         box_area = (rb[..., 2] - rb[..., 0]) * (rb[..., 3] - rb[..., 1])  # (B, R)
         rstart = base + _exclusive_cumsum(box_area.reshape(-1)).reshape(box_area.shape)  # (B, R)
         kpos, kreal = first_kept(kept, k)  # (B, K) kept so far
         gb = torch.cat([torch.where(kreal[..., None], _take(boxes, kpos), 0), rb], 1)  # (B, G = K + R, 4)
         ga = torch.cat([_take(area, kpos), ra], 1)  # (B, G)
-        gs = torch.cat([_take(start, kpos), rstart], 1)  # (B, G)
         pixels = _candidate_pixels(rb, ra, gb, ga, k, config.nms_iou)  # (B, R, G)
-        inter = _intersections(store, pixels, gb, gs, k, _budget(PAIR_PIXEL_BUDGET, dev))  # (B, R, G)
+        pair_budget = _budget(PAIR_PIXEL_BUDGET, dev)
+        if stored:
+            store = torch.cat([store, values])  # kept masks, then this round's windows
+            gs = torch.cat([_take(start, kpos), rstart], 1)  # (B, G)
+            inter = _intersections(store, pixels, gb, gs, k, pair_budget)  # (B, R, G)
+        else:
+            store = values  # this round's windows only
+            kept_hb = _first_kept_host(kept_h, host, k)  # (B, K, 4): gb's first k columns on the host
+            inter = _chunked_intersections(batch, src, kpos, values, pixels, gb, rstart, kept_hb,
+                                           budget - len(values), m, stride, config.mask_threshold, dtype,
+                                           pixel_budget, pair_budget)
         union = (ra[:, :, None] + ga[:, None, :] - inter).clamp(min=1)  # >= 1 wherever inter > 0
         suppress = inter.double() / union.double() > config.nms_iou  # (B, R, G): the exact rule
         free = (ra > 0) & ~suppress[:, :, :k].any(2)  # (B, R): no kept mask suppresses it
@@ -208,24 +235,87 @@ def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive
         kept.scatter_(1, pos, keep)
         area.scatter_(1, pos, ra)
         keep_h = keep.numpy(force=True)  # one host read: how many each image kept, which pixels to keep
+        np.put_along_axis(kept_h, pos_h, np.take_along_axis(kept_h, pos_h, 1) | keep_h, 1)
+        round_kept_px = int((_box_pixels(hb) * keep_h).sum())
+        kept_px += round_kept_px
         lo, count = lo + width, count + keep_h.sum(1)
-        width = _round_widths(n_alive, lo, count, cap, most)
+        # kept masks stay stored while they take at most half the budget; past it, for good, chunks
+        stored = stored and 2 * kept_px <= budget
+        width = _round_widths(n_alive, lo, count, cap, most, host_cum,
+                              budget - kept_px if stored else budget - budget // 2)
         if width.any():  # another round: keep the kept masks' pixels only
-            hb_area = (hb[..., 2] - hb[..., 0]) * (hb[..., 3] - hb[..., 1])
-            store, new_start = _kept_pixels(store, base, keep, box_area, rstart, int((hb_area * keep_h).sum()))
-            start.scatter_(1, pos, new_start)
+            if stored:
+                store, new_start = _kept_pixels(store, base, keep, box_area, rstart, round_kept_px)
+                start.scatter_(1, pos, new_start)
+            else:
+                store = store[:0]
     pos, real = first_kept(kept[:, :c], k)
     return rank.gather(1, pos), real
 
 
-def _round_widths(n_alive: np.ndarray, done: np.ndarray, count: np.ndarray, cap: int, most: int) -> np.ndarray:
+def _box_pixels(hb: np.ndarray) -> np.ndarray:
+    """Host boxes (..., 4) -> (...) their pixels."""
+    return (hb[..., 2] - hb[..., 0]) * (hb[..., 3] - hb[..., 1])
+
+
+def _first_kept_host(kept_h: np.ndarray, host: np.ndarray, k: int) -> np.ndarray:
+    """The host's copy of mask_nms's kept boxes: kept_h (B, N) bool, host (B, N, 4) boxes ->
+    (B, K, 4) the boxes of each row's first k kept positions in order, zero past them (as
+    nms.first_kept's positions with the unreal ones' boxes zeroed)."""
+    first = np.argsort(~kept_h, axis=1, kind="stable")[:, :k]  # (B, K) kept positions first, in order
+    real = np.take_along_axis(kept_h, first, 1)
+    return np.take_along_axis(host, first[..., None], 1) * real[..., None]
+
+
+def _chunked_intersections(batch: WindowBatch, src: torch.Tensor, kpos: torch.Tensor, values: torch.Tensor,
+                           pixels: torch.Tensor, gb: torch.Tensor, rstart: torch.Tensor, kept_hb: np.ndarray,
+                           budget: int, m: int, stride: int, threshold: float, dtype: torch.dtype,
+                           pixel_budget: int, pair_budget: int) -> torch.Tensor:
+    """_intersections when the kept masks are not stored: they are pasted again from their windows,
+    a chunk at a time (consecutive kept masks in (B, K) order, `budget` box pixels, a mask larger
+    than it alone), behind the round's windows `values` in a temporary store; each chunk reads only
+    the pairs of its masks (the first one also the round's own pairs), so the sum is every pair's.
+
+    src: (B, N) candidate index per position; kpos: (B, K) kept positions (nms.first_kept);
+    values: the round's masks flat at offsets rstart (B, R); pixels: (B, R, G) candidate pairs'
+    box pixels; gb: (B, G, 4) boxes (unreal kept columns zero); kept_hb: (B, K, 4) gb's first K
+    columns on the host. One host read per chunk (_intersections). Returns (B, R, G) long."""
+    b, k = kpos.shape
+    dev = gb.device
+    n = b * k
+    idx = _take(src, kpos)  # (B, K) the kept masks' windows
+    grids = [_take(t, idx).reshape(n, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor)]
+    kb, khost = gb[:, :k].reshape(n, 4), kept_hb.reshape(n, 4)
+    kb_area = (kb[:, 2] - kb[:, 0]) * (kb[:, 3] - kb[:, 1])  # (n,)
+    item = torch.arange(n, device=dev)
+    inter = torch.zeros_like(pixels)
+    for i, (lo, hi) in enumerate(_steps(_box_pixels(khost), budget)):
+        chunk, _ = _paste_items(*(g[lo:hi] for g in grids), kb[lo:hi], khost[lo:hi], m, stride, threshold, dtype,
+                                pixel_budget)
+        mine = (item >= lo) & (item < hi)  # (n,) this chunk's kept masks
+        offset = torch.where(mine, len(values) + _exclusive_cumsum(torch.where(mine, kb_area, 0)), 0)
+        gs = torch.cat([offset.reshape(b, k), rstart], 1)  # (B, G) store offsets (others: unused)
+        cols = torch.cat([mine.reshape(b, k), torch.full_like(rstart, i == 0, dtype=torch.bool)], 1)  # (B, G)
+        inter += _intersections(torch.cat([values, chunk]), pixels * cols[:, None, :], gb, gs, k, pair_budget)
+    return inter
+
+
+def _round_widths(n_alive: np.ndarray, done: np.ndarray, count: np.ndarray, cap: int, most: int,
+                  cum: np.ndarray, pixels: int) -> np.ndarray:
     """Windows each image takes in the next round (host, (B,) ints; 0: it is finished): what it
-    likely needs to fill its room at the keep rate it has had so far, with a margin, at most `most`.
-    Any width gives the same result; this one keeps rounds few and pastes few windows past the end."""
+    likely needs to fill its room at the keep rate it has had so far, with a margin, at most `most`,
+    and with box pixels within an equal share of `pixels` over the unfinished images (cum: (B, N + 1)
+    cumulative box pixels per position), at least one window. Any width gives the same result (the
+    greedy rule runs in order); this one keeps rounds few and pastes few windows past the end."""
     rate = np.where(done > 0, count / np.maximum(done, 1), 1.0)
     need = np.ceil((cap - count) / np.maximum(rate, 0.05) * 1.25) + 16
     width = np.minimum(np.minimum(need, most), n_alive - done).astype(np.int64)
-    return np.where(count < cap, np.maximum(width, 0), 0)
+    width = np.where(count < cap, np.maximum(width, 0), 0)
+    share = max(0, pixels) // max(1, int((width > 0).sum()))
+    # the most windows from `done` whose box pixels fit the share (searchsorted per image, B small)
+    fits = np.array([np.searchsorted(row, row[d] + share, side="right") - 1 - d for row, d in zip(cum, done)],
+                    dtype=np.int64).reshape(width.shape)
+    return np.where(width > 0, np.clip(fits, 1, None), 0).clip(max=width)
 
 
 def _upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -248,13 +338,23 @@ def _paste_round(batch: WindowBatch, idx: torch.Tensor, boxes: torch.Tensor, hos
     b, r = idx.shape
     n = b * r
     probs, cells, factor = (_take(t, idx).reshape(n, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor))
+    values, areas = _paste_items(probs, cells, factor, boxes.reshape(n, 4), host_boxes.reshape(n, 4), m, stride,
+                                 threshold, dtype, budget)
+    return values, areas.reshape(b, r)
+
+
+def _paste_items(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
+                 host_boxes: np.ndarray, m: int, stride: int, threshold: float, dtype: torch.dtype, budget: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows (n,) (their grids, boxes (n, 4) and the same on the host) pasted flat over their
+    boxes in `budget`-pixel steps: (values (T,) bool, boxes back to back, and (n,) long mask areas)."""
     parts, areas = [], []
-    for sl, (values, owner, _, _) in _pasted(probs, cells, factor, boxes.reshape(n, 4), host_boxes.reshape(n, 4), m,
-                                             stride, threshold, dtype, budget):
+    for sl, (values, owner, _, _) in _pasted(probs, cells, factor, boxes, host_boxes, m, stride, threshold, dtype,
+                                             budget):
         parts.append(values)
         areas.append(torch.zeros(sl.stop - sl.start, dtype=torch.long, device=values.device
                                  ).index_add_(0, owner, values.long()))
-    return torch.cat(parts), torch.cat(areas).reshape(b, r)
+    return torch.cat(parts), torch.cat(areas)
 
 
 def _candidate_pixels(rb: torch.Tensor, ra: torch.Tensor, gb: torch.Tensor, ga: torch.Tensor, k: int,

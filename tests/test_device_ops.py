@@ -277,6 +277,62 @@ def test_mask_nms_of_a_batch_equals_reference_per_image(model: InstanceFCN, monk
         _assert_same(one, want)
 
 
+@pytest.mark.parametrize("kw", [{"max_proposals": 40, "nms_iou": 0.8}, {"max_proposals": 12, "nms_iou": 0.3}])
+def test_mask_nms_store_budget_crossed_equals_reference_per_image(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch,
+                                                                  kw: dict) -> None:
+    """A store budget of a few masks: rounds capped by pixels to a few windows an image, kept masks
+    past half of it re-pasted in chunks for each round. Images of different sizes in one batch: each
+    one's proposals are postprocess_numpy's on its own candidates, and the store stays within the
+    budget but for the one window an image a round always takes."""
+    import ifcn.postprocessing as post
+    from ifcn.postprocessing import postprocess_batch
+
+    config = InferenceConfig(**{"scales": (40, 56, 88), "windows_per_scale": 100, "nms": "mask", **kw})
+    predictor = Predictor(model, config, device="cpu", postprocess_on="device")
+    images = [_image(0, (50, 70)), _image(4, (24, 20)), _image(3, (83, 41)), _image(1, (64, 64))]
+    batch = predictor.windows(images)
+    budget = 40_000
+
+    boxes: list[int] = []  # the largest window box, from _round_widths' cumulative box pixels
+
+    def run(store_budget: int) -> tuple[list, list[int], list[int], list[int]]:
+        lengths, chunks, rounds = [], [], []  # store lengths read, chunked rounds, round widths
+        inter, chunked, widths = post._intersections, post._chunked_intersections, post._round_widths
+
+        def read(store: torch.Tensor, *a):
+            lengths.append(len(store))
+            return inter(store, *a)
+
+        def chunked_round(*a):
+            chunks.append(1)
+            return chunked(*a)
+
+        def round_widths(*a):
+            boxes.append(int(np.diff(a[5], axis=1).max()))
+            rounds.append(int(widths(*a).max()))
+            return widths(*a)
+
+        with monkeypatch.context() as mp:
+            mp.setitem(post.STORE_PIXEL_BUDGET, "cpu", store_budget)
+            for name, f in [("_intersections", read), ("_chunked_intersections", chunked_round),
+                            ("_round_widths", round_widths)]:
+                mp.setattr(post, name, f)
+            return postprocess_batch(batch, config, 21, 8, torch.float64), lengths, chunks, rounds
+
+    whole, free_lengths, free_chunks, free_rounds = run(1 << 30)
+    capped, lengths, chunks, rounds = run(budget)
+    assert not free_chunks and max(free_lengths) > 3 * budget  # unbounded: everything stored
+    assert chunks and len(lengths) > len(chunks) + len(rounds)  # chunked rounds, several chunks each
+    assert max(rounds) < max(free_rounds) and len(rounds) > len(free_rounds)  # rounds capped by pixels
+    # + the one window a round takes of an image whatever the budget, and a chunk's last kept mask
+    assert max(lengths) <= budget + (len(images) + 1) * max(boxes)
+    for got, one, cands in zip(capped, whole, batch.candidates(8)):
+        want = postprocess_numpy(cands, config)
+        assert len(want) > 0
+        _assert_same(got, want)
+        _assert_same(one, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_pixel_budget_crossed_still_equals_reference(model: InstanceFCN, dtype: torch.dtype) -> None:
     """Kept masks pasted in many small steps (a budget of 300 pixels: most masks alone, and a mask
