@@ -15,9 +15,8 @@ from torch import nn
 
 from . import models
 from .config import ModelConfig
+from .checkpoint_header import FORMAT, WINDOWED_KINDS, check_format, checkpoint_kind
 from .io import open_url, write_bytes
-
-FORMAT = "instancefcn-checkpoint/1"
 
 
 def save_checkpoint(model: nn.Module, url: str, extra: dict[str, Any] | None = None,
@@ -48,15 +47,7 @@ def read_checkpoint(url: str, storage_options: dict | None = None, expected_sha2
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a bad file
         raise ValueError(f"checkpoint {url}: not a readable torch file ({type(e).__name__}: {e})") from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {url}: not an InstanceFCN checkpoint (expected format {FORMAT!r}); "
-                         f"write one with ifcn.save_checkpoint or jobs.train")
-    return payload
-
-
-def checkpoint_kind(payload: dict[str, Any]) -> str:
-    """The model kind a read_checkpoint payload holds."""
-    return payload.get("kind") or payload.get("extra", {}).get("model") or models.DEFAULT_KIND
+    return check_format(payload, url)
 
 
 def load_model(url: str, storage_options: dict | None = None, expected_sha256: str | None = None
@@ -75,10 +66,9 @@ def load_checkpoint(url: str, storage_options: dict | None = None, expected_sha2
     kind = checkpoint_kind(payload)
     spec = models.for_kind(kind, f"checkpoint {url}")
     if not spec.windowed:
-        runs = [s.kind for s in models.REGISTRY.values() if s.windowed]
         raise ValueError(f"checkpoint {url}: holds a {kind!r} model, not InstanceFCN or another model that "
-                         f"ifcn.Predictor runs ({runs}); load it with ifcn.baseline.load_baseline or "
-                         f"ifcn.checkpoint.load_model")
+                         f"ifcn.Predictor runs ({sorted(WINDOWED_KINDS)}); load it with ifcn.baseline.load_baseline "
+                         f"or ifcn.checkpoint.load_model")
     return _build(url, payload, spec)
 
 

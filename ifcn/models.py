@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .baseline import BaselinePredictor, FCNBaseline, baseline_loss
+from .checkpoint_header import DEFAULT_KIND  # noqa: F401  (re-exported: the kind of files without one)
 from .config import InferenceConfig, ModelConfig
 from .deepmask import DeepMask
 from .model import InstanceFCN
@@ -31,7 +32,6 @@ if TYPE_CHECKING:
 
 Loss = Callable[[nn.Module, "Example", "WindowBatch | None", torch.device], tuple[torch.Tensor, dict[str, float]]]
 MakePredictor = Callable[[nn.Module, InferenceConfig, "str | torch.device | None"], Any]
-DEFAULT_KIND = "instancefcn"  # checkpoints written before kinds were stored hold InstanceFCN
 
 
 @dataclass(frozen=True)

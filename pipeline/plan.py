@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ifcn import checkpoint_digest, load_checkpoint
+from ifcn.checkpoint_header import checkpoint_header
+from ifcn.config import ModelConfig
 from ifcn.image import one_line
 from ifcn.io import put_atomic
 
@@ -76,8 +77,8 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run", guard: Callable[[]
     (what --dry-run prints). Raises SegmentError (one line)."""
     so = config.storage_options
     try:
-        sha = checkpoint_digest(config.checkpoint, so)
-        model_config = load_checkpoint(config.checkpoint, so).config.to_dict()
+        sha, header = checkpoint_header(config.checkpoint, so)  # one read, no torch, no model built
+        model_config = ModelConfig.from_dict(header["config"]).to_dict()
     except Exception as e:
         raise SegmentError(f"--checkpoint {config.checkpoint}: cannot load it ({type(e).__name__}: {one_line(e)}); "
                            f"pass a file written by ifcn.save_checkpoint or jobs.train") from None

@@ -43,10 +43,8 @@ from ifcn.image import one_line
 
 from .config import IncompleteRunError, SegmentConfig, SegmentError
 from .errors import RETRY
-from .infer import CONCURRENT_CALLS, InferenceActor
 from .lease import Lease
 from .plan import Plan, new_run_id, now_utc, prepare, skipped_note
-from .reduce import InferAndEncodeActor, encode_and_stage
 from .sink import Fragment, publish_shard
 from .sources import Listing, Shard, Span, read_images
 from .table import OutputTables
@@ -132,6 +130,10 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
     placement: a scheduling strategy for the inference actors (`spread_actors`), or None."""
     import ray.data
 
+    # the stages import torch: only here, so planning (and --dry-run) never does (~490 MiB of RSS)
+    from .infer import InferenceActor
+    from .reduce import InferAndEncodeActor, encode_and_stage
+
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
         # actor stage (it fuses task -> actor stages with equal resources): decoding stays in tasks.
@@ -161,6 +163,8 @@ def _overlap(res: Resources) -> dict[str, Any]:
     (pipeline/infer.py). CPU actors run one call at a time: their host and device are the same cores."""
     if res.gpus_per_actor <= 0:
         return {}
+    from .infer import CONCURRENT_CALLS
+
     return {"max_concurrent_calls_per_actor": CONCURRENT_CALLS, "enable_true_multi_threading": True}
 
 

@@ -75,3 +75,46 @@ def test_baseline_checkpoint_is_refused_by_name(tmp_path) -> None:
     save_baseline(FCNBaseline(ModelConfig(backbone="vgg16_narrow")), url)
     with pytest.raises(ValueError, match="'fcn-baseline' model, not InstanceFCN.*load_baseline"):
         load_checkpoint(url)
+
+
+def test_header_reads_the_config_and_digest_without_tensors(tmp_path) -> None:
+    """checkpoint_header (torch-free, for the driver) gives read_checkpoint's payload but the
+    tensors, and the file's sha256, from one read."""
+    from ifcn.checkpoint_header import checkpoint_header
+
+    path = tmp_path / "m.pt"
+    save_checkpoint(_model(0), str(path), extra={"step": 7})
+    sha, header = checkpoint_header(f"file://{path}")
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    payload = read_checkpoint(str(path))
+    assert {k: v for k, v in header.items() if k != "state_dict"} == \
+        {k: v for k, v in payload.items() if k != "state_dict"}
+    assert header["config"]["backbone"] == "vgg16_narrow" and header["extra"] == {"step": 7}
+    assert list(header["state_dict"]) == list(payload["state_dict"])
+    assert all(v is None for v in header["state_dict"].values())  # no tensor was read
+
+
+def test_header_refuses_what_the_pipeline_cannot_run(tmp_path) -> None:
+    import pickle
+    import zipfile
+
+    from ifcn.baseline import FCNBaseline, save_baseline
+    from ifcn.checkpoint_header import checkpoint_header
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file at all")
+    with pytest.raises(ValueError, match="garbage.pt: not a readable torch file"):
+        checkpoint_header(str(garbage))
+    state_only = tmp_path / "state_only.pt"
+    torch.save(_model(0).state_dict(), state_only)
+    with pytest.raises(ValueError, match="not an InstanceFCN checkpoint.*save_checkpoint"):
+        checkpoint_header(str(state_only))
+    baseline = tmp_path / "baseline.pt"
+    save_baseline(FCNBaseline(ModelConfig(backbone="vgg16_narrow")), str(baseline))
+    with pytest.raises(ValueError, match="holds a 'fcn-baseline' model"):
+        checkpoint_header(str(baseline))
+    evil = tmp_path / "evil.pt"  # a pickled call outside torch is refused, never run
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps(print))
+    with pytest.raises(ValueError, match="builtins.print is not allowed"):
+        checkpoint_header(str(evil))

@@ -184,3 +184,26 @@ def test_read_and_publish_workers_import_without_torch() -> None:
             "with pytest.raises(AttributeError): ifcn.no_such_name")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_windowed_kinds_are_the_registry_s() -> None:
+    """The torch-free header reader names the kinds the pipeline runs; they are the registry's."""
+    from ifcn.checkpoint_header import DEFAULT_KIND, WINDOWED_KINDS
+
+    assert WINDOWED_KINDS == {s.kind for s in models.REGISTRY.values() if s.windowed}
+    assert DEFAULT_KIND in models.REGISTRY
+
+
+def test_a_dry_run_plans_without_torch(tmp_path) -> None:
+    """The driver's planning never imports torch (~490 MiB of RSS) nor builds a model: a --dry-run
+    with torch made unimportable still reads the checkpoint's sha256 and config."""
+    manifest = tmp_path / "m.txt"
+    manifest.write_text("s3://bucket/a.jpg\ns3://bucket/b.png\n")
+    code = ("import sys, runpy; sys.modules['torch'] = None; "
+            f"sys.argv = ['jobs.segment', '--input', {str(manifest)!r}, '--output', {str(tmp_path / 'out')!r}, "
+            f"'--checkpoint', {str(ROOT / 'checkpoints' / 'narrow_synth.pt')!r}, '--dry-run']; "
+            "runpy.run_module('jobs.segment', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    said = out.stdout + out.stderr
+    assert "2 new" in said and "backbone vgg16_narrow" in said, said[-2000:]
