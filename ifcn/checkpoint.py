@@ -15,7 +15,7 @@ from torch import nn
 
 from . import models
 from .config import ModelConfig
-from .checkpoint_header import FORMAT, WINDOWED_KINDS, check_format, checkpoint_kind
+from .checkpoint_header import FORMAT, check_format, checkpoint_kind, not_windowed
 from .io import open_url, write_bytes
 
 
@@ -66,9 +66,7 @@ def load_checkpoint(url: str, storage_options: dict | None = None, expected_sha2
     kind = checkpoint_kind(payload)
     spec = models.for_kind(kind, f"checkpoint {url}")
     if not spec.windowed:
-        raise ValueError(f"checkpoint {url}: holds a {kind!r} model, not InstanceFCN or another model that "
-                         f"ifcn.Predictor runs ({sorted(WINDOWED_KINDS)}); load it with ifcn.baseline.load_baseline "
-                         f"or ifcn.checkpoint.load_model")
+        raise not_windowed(url, kind)
     return _build(url, payload, spec)
 
 

@@ -71,7 +71,12 @@ def checkpoint_header(url: str, storage_options: dict | None = None) -> tuple[st
     header = read_header(data, url)
     kind = checkpoint_kind(header)
     if kind not in WINDOWED_KINDS:
-        raise ValueError(f"checkpoint {url}: holds a {kind!r} model, not InstanceFCN or another model that "
-                         f"ifcn.Predictor runs ({sorted(WINDOWED_KINDS)}); load it with "
-                         f"ifcn.baseline.load_baseline or ifcn.checkpoint.load_model")
+        raise not_windowed(url, kind)
     return hashlib.sha256(data).hexdigest(), header
+
+
+def not_windowed(url: str, kind: str) -> ValueError:
+    """The error for a checkpoint whose model ifcn.Predictor does not run (e.g. the FCN baseline)."""
+    return ValueError(f"checkpoint {url}: holds a {kind!r} model, not InstanceFCN or another model that "
+                      f"ifcn.Predictor runs ({sorted(WINDOWED_KINDS)}); load it with ifcn.baseline.load_baseline "
+                      f"or ifcn.checkpoint.load_model")

@@ -176,8 +176,9 @@ def spread_actors(res: Resources, node_cpus: list[float], log: Callable[[str], N
     0.5 CPU, both actors landed on one node while read tasks held the other (a CI run of the
     two-node test), so one core did all the inference. Bundles are placed all at once, before any
     task holds a node: one per node where there are no more actors than nodes (STRICT_SPREAD),
-    else as evenly as Ray can (SPREAD); an actor that dies restarts into its freed bundle. GPU actors need none (a GPU pins them), nor does one node. Yields the actors'
-    scheduling strategy, or None where no group is needed or it cannot be placed in SPREAD_WAIT_S."""
+    else as evenly as Ray can (SPREAD); an actor that dies restarts into its freed bundle. GPU
+    actors need none (a GPU pins them), nor does one node. Yields the actors' scheduling strategy,
+    or None where no group is needed or it cannot be placed in SPREAD_WAIT_S."""
     if res.gpus_per_actor > 0 or res.actors < 2 or len(node_cpus) < 2:
         yield None
         return

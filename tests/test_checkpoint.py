@@ -55,17 +55,22 @@ def test_digest_is_sha256_of_file(tmp_path) -> None:
     assert checkpoint_digest(str(tmp_path / "other.pt")) != want
 
 
-def test_wrong_files_raise_clear_errors(tmp_path) -> None:
+@pytest.mark.parametrize("load", ["load_checkpoint", "checkpoint_header"])
+def test_wrong_files_raise_clear_errors(tmp_path, load: str) -> None:
+    """The model loader and the driver's torch-free header reader refuse bad files alike."""
+    from ifcn.checkpoint_header import checkpoint_header
+
+    load = {"load_checkpoint": load_checkpoint, "checkpoint_header": checkpoint_header}[load]
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file at all")
-    with pytest.raises(ValueError, match="not a readable torch file"):
-        load_checkpoint(str(garbage))
+    with pytest.raises(ValueError, match="garbage.pt: not a readable torch file"):
+        load(str(garbage))
     state_only = tmp_path / "state_only.pt"
     torch.save(_model(0).state_dict(), state_only)  # weights without the checkpoint envelope
     with pytest.raises(ValueError, match="not an InstanceFCN checkpoint.*save_checkpoint"):
-        load_checkpoint(f"file://{state_only}")
+        load(f"file://{state_only}")
     with pytest.raises(FileNotFoundError, match="no such file"):
-        load_checkpoint(str(tmp_path / "absent.pt"))
+        load(str(tmp_path / "absent.pt"))
 
 
 def test_baseline_checkpoint_is_refused_by_name(tmp_path) -> None:
@@ -101,14 +106,6 @@ def test_header_refuses_what_the_pipeline_cannot_run(tmp_path) -> None:
     from ifcn.baseline import FCNBaseline, save_baseline
     from ifcn.checkpoint_header import checkpoint_header
 
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a torch file at all")
-    with pytest.raises(ValueError, match="garbage.pt: not a readable torch file"):
-        checkpoint_header(str(garbage))
-    state_only = tmp_path / "state_only.pt"
-    torch.save(_model(0).state_dict(), state_only)
-    with pytest.raises(ValueError, match="not an InstanceFCN checkpoint.*save_checkpoint"):
-        checkpoint_header(str(state_only))
     baseline = tmp_path / "baseline.pt"
     save_baseline(FCNBaseline(ModelConfig(backbone="vgg16_narrow")), str(baseline))
     with pytest.raises(ValueError, match="holds a 'fcn-baseline' model"):
