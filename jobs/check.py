@@ -1,4 +1,4 @@
-"""Checks a job's output tables file by file against their Delta log; --repair drops damaged shards.
+"""Checks a job's output table file by file against its Delta log; --repair drops damaged files.
 
     python -m jobs.check s3://bucket/out/run1
     python -m jobs.check s3://bucket/out/run1 --repair
@@ -15,15 +15,16 @@ import pyarrow as pa
 
 from jobs._cli import Parser, storage_options
 from pipeline.check import check_output, repair_output
+from pipeline.config import SegmentError
 from pipeline.table import delta_storage_options
 
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="jobs.check", description=__doc__.split("\n")[0])
-    p.add_argument("output", help="the job's --output (holds masks/ and images/ Delta tables)")
+    p.add_argument("output", help="the job's --output (holds the segments/ Delta table)")
     p.add_argument("--repair", action="store_true",
-                   help="remove every file of each damaged file's shard (one commit per table, images first) "
-                        "so the next run re-processes those images")
+                   help="remove every damaged file (one commit, under the output's lease) so the next run "
+                        "re-processes those images")
     p.add_argument("--storage-options", type=storage_options,
                    help="JSON dict for fsspec, as jobs.segment takes it (e.g. '{\"endpoint_url\": ...}'); "
                         "the AWS_* environment is used too")
@@ -34,26 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     from deltalake.exceptions import DeltaError
 
     try:
-        checks = check_output(args.output, options)
-        damaged = [d for c in checks for d in c.damaged]
-        for d in damaged:
-            print(f"{d.table} {d.path}: {d.reason} (shard {d.shard_id or 'unknown'})")
-        shards = sorted({d.shard_id for d in damaged if d.shard_id is not None})
-        print(", ".join(f"{c.table}: {c.files} files at version {c.version}" for c in checks)
-              + (f"; {len(damaged)} damaged, in shards {', '.join(shards) or '(unknown)'}" if damaged
-                 else "; all match the log"))
-        if not damaged:
+        check = check_output(args.output, options)
+        for d in check.damaged:
+            ids = f" ({', '.join(d.image_ids[:3])}{', ...' if len(d.image_ids) > 3 else ''})" if d.image_ids else ""
+            print(f"{d.path}: {d.reason}{ids}")
+        print(f"{check.files} files, {check.images} images at version {check.version}"
+              + (f"; {len(check.damaged)} damaged" if check.damaged else "; all match the log, every row whole"))
+        if not check.damaged:
             return 0
         if not args.repair:
-            print("run again with --repair to remove those shards' rows (the next run then re-processes them)")
+            print("run again with --repair to remove those files (the next run then re-processes their images)")
             return 1
-        for r in repair_output(args.output, damaged, options):
-            print(f"removed {len(r.paths)} file{'s' * (len(r.paths) != 1)} from {r.table} (version {r.version}): "
-                  f"{', '.join(r.paths)}")
-        print(f"repaired: the next run re-processes shards {', '.join(shards) or '(none)'}; "
-              f"older versions still list the removed files")
+        removal = repair_output(args.output, check.damaged, args.storage_options)
+        print(f"removed {len(removal.paths)} file{'s' * (len(removal.paths) != 1)} (version {removal.version}): "
+              f"{', '.join(removal.paths)}")
+        print("repaired: the next run re-processes their images; older versions still list the removed files")
         return 0
-    except (OSError, ValueError, DeltaError, pa.ArrowException) as e:
+    except (OSError, ValueError, DeltaError, pa.ArrowException, SegmentError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"jobs.check: error: {msg if args.output in msg else f'{args.output}: {msg}'}", file=sys.stderr)
         return 2

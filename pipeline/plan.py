@@ -8,8 +8,12 @@ vanished from the bucket keep their rows unless --prune deletes them. A run firs
 `_runs/<run_id>/listing.parquet`; a run that was interrupted before it went through its listing
 is continued by the next one from that snapshot, whatever the bucket did meanwhile.
 
+Replacing rows is never a separate step: the plan records which data file holds the old row of
+each image it re-processes (and, with --prune, of each vanished one); the commit that adds an
+image's new row also swaps that file for a rewrite without the old row (pipeline/table.py).
+
 Settings that define the results (checkpoint digest, inference settings, decode limits) are the
-masks table's description; a run with different ones is refused with one line.
+table's description; a run with different ones is refused with one line.
 """
 from __future__ import annotations
 
@@ -34,14 +38,13 @@ from ifcn.io import put_atomic
 from .config import SegmentConfig, SegmentError
 from .errors import RETRY
 from .lease import Lease
-from .schema import FORMAT, IMAGES_SCHEMA
+from .schema import FORMAT
 from .sink import OutputStore, parquet_bytes
 from .sources import Listing, Span, list_inputs
-from .table import STATE_COLUMNS, OutputTables
+from .table import FILE_COLUMN, OLD_LAYOUT_MARKERS, STATE_COLUMNS, OutputTables, TableDamagedError
 
 RUNS_DIR = "_runs"
-FINAL = ("ok", "error")
-OLD_LAYOUT_FILE = "_job.json"  # the fingerprint every output of the marker layout (format /1) has  # statuses a re-run does not redo (unless the object changed)
+FINAL = ("ok", "error")  # statuses a re-run does not redo (unless the object changed)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Plan:
     changed: list[str]  # image ids re-processed because their object changed (rows replaced)
     retry: list[str]  # image ids of 'retry' rows (redone)
     vanished: list[str]  # image ids with rows whose key is no longer listed (kept unless --prune)
+    holders: dict[str, str]  # image id -> data file holding the row this run replaces (changed, retry, pruned)
     store: OutputStore
     tables: OutputTables
     settings: dict[str, Any]  # what defines the results (stored with the tables)
@@ -88,14 +92,13 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run", guard: Callable[[]
         tables = OutputTables(config.output, so, guard)
         previous = tables.settings()
         last = tables.last_run()
-        old_layout = previous is None and store.fs.exists(store.path(OLD_LAYOUT_FILE))
+        old_layout = [] if previous is not None else [m for m in OLD_LAYOUT_MARKERS if store.fs.exists(store.path(m))]
     except Exception as e:
         raise SegmentError(f"--output {config.output}: cannot read it ({type(e).__name__}: {one_line(e)}); "
-                           f"check the URL, credentials and --storage-options; an output of the previous "
-                           f"(non-Delta) layout cannot be read: use a new --output") from None
+                           f"check the URL, credentials and --storage-options") from None
     if old_layout:
-        raise SegmentError(f"--output {config.output} holds results of the previous (non-Delta) layout "
-                           f"({OLD_LAYOUT_FILE}); use a new --output, or delete it to start over")
+        raise SegmentError(f"--output {config.output} holds results of an older layout ({', '.join(old_layout)}); "
+                           f"use a new --output, or delete it to start over")
     overwrite = False
     if previous is not None:
         diffs = job_differences(previous, settings)
@@ -116,15 +119,21 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run", guard: Callable[[]
     if listing is None:
         listing = list_inputs(config.input, so, skipped)
     return _classified(Plan(run_id, listing, listing_path, resumes, dict(sorted(skipped.items())), listing, [], {},
-                            [], [], [], store, tables, settings, sha, model_config, overwrite), config)
+                            [], [], [], {}, store, tables, settings, sha, model_config, overwrite), config)
 
 
 def _classified(plan: Plan, config: SegmentConfig) -> Plan:
     """`plan` with pending images, shards and counts from the images table as it is now."""
     listing = plan.listing
     # overwriting: the rows there now are to be replaced, so every listed image is new
-    state = IMAGES_SCHEMA.empty_table().select(STATE_COLUMNS) if plan.overwrite else plan.tables.images_state()
-    state = state.rename_columns(["image_id", "done_status", "done_etag", "done_size"])
+    try:
+        state = plan.tables.images_state(with_files=True)
+    except TableDamagedError as e:
+        raise SegmentError(str(e)) from None
+    if plan.overwrite:
+        state = state.slice(0, 0)
+    files = state.column(FILE_COLUMN)
+    state = state.select(STATE_COLUMNS).rename_columns(["image_id", "done_status", "done_etag", "done_size"])
     table = listing.to_table().append_column("i", pa.array(np.arange(len(listing)), pa.int64()))
     j = table.join(state, "image_id", join_type="left outer")
     status = j.column("done_status")
@@ -137,20 +146,26 @@ def _classified(plan: Plan, config: SegmentConfig) -> Plan:
     todo = pc.or_(pc.or_(new, retry), changed)
     pending = listing.take(pa.array(np.sort(j.column("i").filter(todo).to_numpy()), pa.int64()))
     ids = lambda mask: j.column("image_id").filter(mask).to_pylist()  # noqa: E731
-    vanished = state.column("image_id").filter(pc.invert(pc.is_in(state.column("image_id"), listing.image_ids)))
+    gone = pc.invert(pc.is_in(state.column("image_id"), listing.image_ids))
+    vanished = state.column("image_id").filter(gone)
+    replaced = pc.is_in(state.column("image_id"), pa.concat_arrays(
+        [pa.array(ids(changed), pa.string()), pa.array(ids(retry), pa.string()),
+         *([vanished.combine_chunks().cast(pa.string())] if config.prune else [])]))
+    holders = dict(zip(state.column("image_id").filter(replaced).to_pylist(), files.filter(replaced).to_pylist()))
     counts = {"listed": len(listing), "done": int(pc.sum(pc.and_(final, same)).as_py() or 0),
               "new": int(pc.sum(new).as_py() or 0), "changed": int(pc.sum(changed).as_py() or 0),
               "to_retry": int(pc.sum(retry).as_py() or 0), "vanished": len(vanished)}
     return dataclasses.replace(plan, pending=pending, shards=pending.spans(config.shard_size), counts=counts,
-                               changed=ids(changed), retry=ids(retry), vanished=vanished.to_pylist())
+                               changed=ids(changed), retry=ids(retry), vanished=vanished.to_pylist(), holders=holders)
 
 
 def prepare(config: SegmentConfig, lease: Lease | None = None, run_id: str | None = None,
             record: Callable[[Plan], dict[str, Any]] | None = None, log: Callable[[str], None] = lambda _: None) -> Plan:
-    """Takes `lease` (if given), then preflight (`make_plan`; every commit checks the lease), rolls forward a
-    group a killed run left between its two commits, re-reads the images table, snapshots the
-    listing, and removes the old rows of images it will re-process. `record(plan)` is the run's
-    record for the commits this makes."""
+    """Takes `lease` (if given), then preflight (`make_plan`; every commit checks the lease), takes
+    the table's next fencing generation in one commit (creating the table, or with other settings
+    and --overwrite replacing it by an empty version), re-reads the table and snapshots the
+    listing. Nothing else is written: old rows leave in the commits that replace them.
+    `record(plan)` is the run's record for the commits this makes."""
     if lease is not None:  # before listing and hashing: a second run is refused at once, whatever the input
         lease.acquire()
         if lease.took_over:
@@ -158,22 +173,13 @@ def prepare(config: SegmentConfig, lease: Lease | None = None, run_id: str | Non
     plan = make_plan(config, run_id or new_run_id(), lease.check if lease is not None else None)
     record = record or (lambda p: {"run_id": p.run_id, "started_at": now_utc(), "exit": "running"})
     try:
+        plan.tables.fence(record(plan), plan.settings, overwrite=plan.overwrite)
         if plan.overwrite:
-            plan.tables.overwrite(record(plan), plan.settings)
             log("replaced the output's rows (other settings) with an empty table version; the old rows stay "
                 "readable by version")
-        rolled = plan.tables.roll_forward(record(plan), plan.settings)
-        if rolled:
-            log(f"rolled forward {rolled} shard(s) whose images commit a killed run did not make")
         plan = _classified(plan, config)  # another run may have committed before we held the lease
         if plan.resumes is None:
             put_atomic(plan.store.fs, plan.store.path(plan.listing_path), parquet_bytes(plan.listing.to_table(), None))
-        replaced = plan.changed + (plan.vanished if config.prune else [])
-        if replaced or plan.retry:
-            plan.tables.delete_images(replaced, ("images", "masks"), record(plan))
-            plan.tables.delete_images(plan.retry, ("images",), record(plan))
-        if config.prune and plan.vanished:
-            log(f"pruned the rows of {len(plan.vanished)} image(s) no longer listed")
         plan.store.remove_tmp()  # fragments of a killed run
     except SegmentError:
         raise

@@ -4,8 +4,9 @@ decides when shards commit.
     plan (pipeline/plan.py: pending images from the listing and the images table)
         ─> read_images (CPU tasks) ─> InferenceActor pool (GPU or CPU actors)
         ─> encode_and_stage (CPU tasks: RLE strings, rows, a staged Parquet fragment per shard)
-        ─> driver: fragment paths + image ids only ─> publish_shard (Ray tasks: one data file per table)
-        ─> driver: group commits to the Delta tables (pipeline/table.py)
+        ─> driver: fragment paths + image ids only ─> publish_shard (Ray tasks: one data file per shard)
+        ─> driver: group commits to the Delta table (pipeline/table.py), each swapping the old
+           files of the images it replaces for rewrites without them (rewrite_file, Ray tasks)
 
 Why the driver decides and workers write: Ray Data streams rows in no guaranteed order, so a
 shard's images arrive in several batches. Workers stage each batch's rows as fragments and send
@@ -45,9 +46,9 @@ from .config import IncompleteRunError, SegmentConfig, SegmentError
 from .errors import RETRY
 from .lease import Lease
 from .plan import Plan, new_run_id, now_utc, prepare, skipped_note
-from .sink import Fragment, publish_shard
+from .sink import Fragment, publish_shard, rewrite_file
 from .sources import Listing, Shard, Span, read_images
-from .table import OutputTables
+from .table import OutputTables, Replacements
 
 READ_BATCH = 4  # images per read call: small, so decoded pixels stream to the actors early
 ENCODE_BATCH = 16  # images per encoding call: compressing 1000 masks' runs takes a few ms per image
@@ -227,6 +228,9 @@ class InlinePublisher:
         done, self.done = self.done, []
         return done
 
+    def rewrite(self, drops: dict[str, list[str]]) -> list[tuple[str, dict[str, Any] | None]]:
+        return [rewrite_file(*self.args, path, ids, self.run_id) for path, ids in drops.items()]
+
 
 class RayPublisher:
     """Publishes each complete shard in a Ray task, many at a time, off the driver."""
@@ -238,7 +242,20 @@ class RayPublisher:
         self.run_id = run_id
         self.task = ray.remote(num_cpus=PUBLISH_CPUS, max_retries=PUBLISH_RETRIES,
                                retry_exceptions=True)(publish_shard)
+        self.rewrite_task = ray.remote(num_cpus=PUBLISH_CPUS, max_retries=PUBLISH_RETRIES,
+                                       retry_exceptions=True)(rewrite_file)
         self.in_flight: dict[Any, str] = {}  # ObjectRef -> shard_id
+
+    def rewrite(self, drops: dict[str, list[str]]) -> list[tuple[str, dict[str, Any] | None]]:
+        """Old data files rewritten without the images `drops` names (path -> ids), in Ray tasks."""
+        import ray
+
+        refs = [self.rewrite_task.remote(*self.args, path, ids, self.run_id) for path, ids in drops.items()]
+        try:
+            return ray.get(refs)
+        except Exception as e:
+            raise IncompleteRunError(f"rewriting {len(refs)} data file(s) without replaced images failed after "
+                                     f"{PUBLISH_RETRIES} retries ({one_line(e)}); re-run the same command") from None
 
     def submit(self, shard: Shard, fragments: list[Fragment]) -> None:
         ref = self.task.remote(*self.args, shard, fragments, self.run_id)
@@ -267,16 +284,20 @@ COUNTS = ("shards", "num_images", "num_ok", "num_error", "num_retry", "num_propo
 
 
 class GroupCommitter:
-    """Commits published shards to the tables in groups (by count and time), each group with the
-    app transaction (run_id, n) and the run's record; `finish` records the run's end."""
+    """Commits published shards to the table in groups (by count and time), each group as one
+    commit with the app transaction (run_id, n) and the run's record; the old rows of the images a
+    group re-processes (and, in the first commit, of pruned images) leave in that commit.
+    `finish` records the run's end."""
 
-    def __init__(self, tables: OutputTables, run_id: str, record: dict[str, Any], settings: dict[str, Any],
+    def __init__(self, tables: OutputTables, run_id: str, record: dict[str, Any], replacements: Replacements,
                  log: Callable[[str], None], max_shards: int = 64, max_wait_s: float = 2.0) -> None:
-        self.tables, self.run_id, self.record, self.settings, self.log = tables, run_id, record, settings, log
+        self.tables, self.run_id, self.record, self.log = tables, run_id, record, log
+        self.replacements = replacements
         self.max_shards, self.max_wait_s = max_shards, max_wait_s
+        self.rewriter: InlinePublisher | RayPublisher | None = None  # set where files are written
         self.waiting: list[dict[str, Any]] = []
         self.since = 0.0
-        self.version = 0  # groups committed (the app transaction's version)
+        self.version = 0  # commits made (the app transaction's version)
         self.counts = dict.fromkeys(COUNTS, 0)
 
     def add(self, results: list[dict[str, Any]]) -> None:
@@ -294,22 +315,36 @@ class GroupCommitter:
         self.since = time.monotonic()
 
     def _commit(self, group: list[dict[str, Any]]) -> None:
-        self.counts["shards"] += len(group)
-        for key in COUNTS[1:]:
-            self.counts[key] += sum(r[key] for r in group)
+        drops = self.replacements.take([i for r in group for i in r["image_ids"]])
+        swaps = self.rewriter.rewrite(drops) if drops else []
+        counts = {k: self.counts[k] + (len(group) if k == "shards" else sum(r[k] for r in group)) for k in COUNTS}
         self.version += 1
-        self.tables.commit_group(self.run_id, self.version, group, self.current(), self.settings)
-        self.log(f"committed {len(group)} shard(s) ({sum(r['num_images'] for r in group)} images) as group "
-                 f"{self.version}; {self.counts['num_images']} images this run")
+        self.tables.commit_group(self.run_id, self.version, [r["file"] for r in group], swaps,
+                                 {**self.record, "counts": counts})
+        self.replacements.swapped(drops, swaps)
+        self.counts = counts
+        replaced = sum(len(ids) for ids in drops.values())
+        if group:
+            self.log(f"committed {len(group)} shard(s) ({sum(r['num_images'] for r in group)} images) as commit "
+                     f"{self.version}; {self.counts['num_images']} images this run"
+                     + (f"; {replaced} old row(s) replaced" if replaced else ""))
+        else:
+            self.log(f"pruned {replaced} row(s) of images no longer listed")
 
     def current(self, **end: Any) -> dict[str, Any]:
         return {**self.record, "counts": dict(self.counts), **end}
 
+    def prune(self) -> None:
+        """Commits the prune no group carried (a run with nothing else to commit)."""
+        self.flush()
+        if self.replacements.pending_prune():
+            self._commit([])
+
     def finish(self, **end: Any) -> None:
-        """Commits what waits, then the run's end record (complete or not, exit reason)."""
+        """Commits what waits, then the run's end record."""
         self.flush()
         self.version += 1
-        self.tables.record(self.run_id, self.version, self.current(**end), self.settings)
+        self.tables.record(self.run_id, self.version, self.current(**end))
 
 
 class ShardCollector:
@@ -400,8 +435,10 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
         f"{c['to_retry']} to retry, {c['vanished']} vanished; {len(plan.pending)} to run in {len(plan.shards)} "
         f"shards of {config.shard_size}" + (f" (continuing run {plan.resumes}'s listing)" if plan.resumes else "")
         + skipped_note(plan.skipped))
-    committer = GroupCommitter(plan.tables, run_id, run_record(plan, config, started_at), plan.settings, log,
+    replacements = Replacements(plan.holders, plan.vanished if config.prune else [])
+    committer = GroupCommitter(plan.tables, run_id, run_record(plan, config, started_at), replacements, log,
                                config.commit_shards, config.commit_every_s)
+    committer.rewriter = InlinePublisher(config.output, config.storage_options, run_id)  # until Ray runs the job
     try:
         run_s, res = _process(plan, config, committer, log)
     except BaseException as e:
@@ -411,10 +448,14 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
         except Exception:
             pass
         raise
-    state = plan.tables.images_state(["status", "num_proposals", "run_id", "error"])
+    committer.prune()
+    state = plan.tables.images_state(["image_id", "status", "num_proposals", "run_id", "error"])
     status = state.column("status")
+    # a 'retry' row whose key vanished is not retried (the plan counts it as vanished): it does not fail the run
+    listed_retry = pc.and_(pc.equal(status, RETRY), pc.is_in(state.column("image_id"), plan.listing.image_ids))
     totals = {"images": state.num_rows, "images_ok": _count(status, "ok"), "images_error": _count(status, "error"),
-              "images_retry": _count(status, RETRY), "proposals": int(pc.sum(state.column("num_proposals")).as_py() or 0)}
+              "images_retry": int(pc.sum(listed_retry).as_py() or 0),
+              "proposals": int(pc.sum(state.column("num_proposals")).as_py() or 0)}
     error_rate = totals["images_error"] / max(1, totals["images"])
     exit_reason = "done"
     if totals["images_retry"]:
@@ -435,7 +476,7 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
                "error_rate": round(error_rate, 4), "complete": exit_reason == "done"}
     plan.store.remove_tmp()
     if totals["images_retry"]:
-        mine = state.filter(pc.equal(status, RETRY))
+        mine = state.filter(listed_retry)
         first = mine.column("error")[0].as_py()
         raise IncompleteRunError(f"{totals['images_retry']} image(s) failed with transient errors (e.g. {first}); "
                                  f"they are committed as 'retry' rows, the rest is committed; re-run the same "
@@ -465,8 +506,9 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
     if res.actors * res.gpus_per_actor > cluster.get("GPU", 0):
         log(f"warning: {res.actors} actors x {res.gpus_per_actor} GPU need more than the cluster has now "
             f"({cluster.get('GPU', 0)} GPU, {cluster.get('CPU', 0)} CPU); they wait for an autoscaler")
-    collector = ShardCollector(plan.shards, plan.pending, RayPublisher(config.output, config.storage_options,
-                                                                       plan.run_id), log)
+    publisher = RayPublisher(config.output, config.storage_options, plan.run_id)
+    committer.rewriter = publisher  # old files are rewritten off the driver too
+    collector = ShardCollector(plan.shards, plan.pending, publisher, log)
     run_start = time.perf_counter()
     inputs = input_dataset(plan)
     with spread_actors(res, node_cpus, log) as placement:

@@ -5,10 +5,11 @@ Who writes what (no table bytes pass through the driver):
        fragment `_tmp/stage/<run>/<shard>/<uuid>.parquet` and hand the driver only
        (shard_id, path, image_ids)  -- `StageWriter`;
     2. once fragments hold every image of a shard, the driver starts a publish task (a Ray task,
-       many in parallel) that concatenates them and writes one data file per Delta table
-       (`masks/part-<shard>-<run>-<uuid>.parquet`, `images/...`) and returns their add-action
-       facts  -- `publish_shard`;
-    3. the driver commits groups of published shards to the two tables (pipeline/table.py).
+       many in parallel) that concatenates them and writes the shard's data file
+       (`segments/part-<shard>-<run>-<uuid>.parquet`) and returns its add-action facts
+       -- `publish_shard`; old files holding images a group replaces are rewritten without
+       them in the same kind of task -- `rewrite_file`;
+    3. the driver commits groups of published shards to the table (pipeline/table.py).
 A file that no commit adds is invisible to Delta readers, so a publish task that dies after its
 writes and runs again just leaves an unreferenced file (for `vacuum`).
 
@@ -31,7 +32,7 @@ import pyarrow.parquet as pq
 from ifcn.io import filesystem, put_atomic
 
 from .errors import RETRY, storage_call
-from .schema import PARQUET_COMPRESSION, REDUCED_SCHEMA, reduced_to_tables
+from .schema import PARQUET_COMPRESSION, REDUCED_SCHEMA, reduced_to_segments
 from .sources import Shard
 
 TMP_DIR = "_tmp"
@@ -107,8 +108,8 @@ class StageWriter:
 
 def publish_shard(output: str, storage_options: dict[str, Any] | None, shard: Shard,
                   fragments: list[Fragment], run_id: str) -> dict[str, Any]:
-    """A complete shard's fragments -> one data file per table; returns their add-action facts
-    and the shard's counts (what the driver commits and sums).
+    """A complete shard's fragments -> its data file; returns the add-action facts and the
+    shard's counts and image ids (what the driver commits and sums).
 
     Runs as a Ray task (retried if its worker dies; a retry writes new files, and the old ones are
     never committed). Transient storage failures are retried with backoff here (`storage_call`),
@@ -127,19 +128,29 @@ def _publish(store: OutputStore, shard: Shard, fragments: list[Fragment], run_id
         parts.append(table.filter(keep))
     reduced = pa.concat_tables(parts) if parts else REDUCED_SCHEMA.empty_table()
     versions = {it.image_id: (it.etag, it.size) for it in shard.items}
-    images, masks = reduced_to_tables(reduced, run_id, versions)
-    got = images.column("image_id").to_pylist()
+    segments = reduced_to_segments(reduced, run_id, versions)
+    got = segments.column("image_id").to_pylist()
     want = sorted(versions)
     if got != want:  # a lost or duplicated image would be silently wrong output: refuse to publish
         raise RuntimeError(f"shard {shard.shard_id}: got images {got[:5]}..., expected {want[:5]}... "
                            f"({len(got)} vs {len(want)}); not publishing it")
-    files = {name: write_data_file(store.fs, store.root, name, table, shard.shard_id, run_id)
-             for name, table in (("masks", masks), ("images", images))}
-    status = images.column("status").to_pylist()
+    file = write_data_file(store.fs, store.root, segments, shard.shard_id, run_id)
+    status = segments.column("status").to_pylist()
     for frag in fragments:  # best effort: the run's end removes all of _tmp/ anyway
         _remove_quietly(store.fs, frag.path)
-    return {"shard_id": shard.shard_id, **files, "num_images": images.num_rows, "num_ok": status.count("ok"),
-            "num_error": status.count("error"), "num_retry": status.count(RETRY), "num_proposals": masks.num_rows}
+    return {"shard_id": shard.shard_id, "file": file, "image_ids": got, "num_images": segments.num_rows,
+            "num_ok": status.count("ok"), "num_error": status.count("error"), "num_retry": status.count(RETRY),
+            "num_proposals": int(pc.sum(segments.column("num_proposals")).as_py() or 0)}
+
+
+def rewrite_file(output: str, storage_options: dict[str, Any] | None, path: str, drop: list[str],
+                 run_id: str) -> tuple[str, dict[str, Any] | None]:
+    """The table's data file `path` rewritten without the images `drop` (a Ray task, like
+    publish_shard): (path, the new file's add facts or None when no row is left)."""
+    from .table import rewrite
+
+    store = OutputStore(output, storage_options)
+    return path, storage_call(lambda: rewrite(store.fs, store.root, path, drop, run_id))
 
 
 def parquet_bytes(table: pa.Table, row_group_size: int | None, compression: str = PARQUET_COMPRESSION) -> bytes:

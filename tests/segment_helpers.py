@@ -63,19 +63,33 @@ def delta_options(url: str) -> dict[str, str] | None:
     return {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1"}
 
 
+MASK_COLUMNS = ["image_id", "uri", "rank", "score", "bbox", "area", "rle", "height", "width", "scale", "shard_id",
+                "run_id"]
+
+
 def read_table(output: str | Path, name: str, bookkeeping: bool = False) -> pd.DataFrame:
-    """A whole output table as deltalake's own reader sees it (not the pipeline's read_output),
-    sorted; without `bookkeeping`, the columns that name the run and shard (they differ between
-    two runs with equal results) are dropped."""
+    """A view of the output table as deltalake's own reader sees it (not the pipeline's
+    read_output), sorted: "images" (one row per image, no proposals) or "masks" (one row per
+    proposal, flattened here with pandas, independently of pipeline.schema.masks_view); without
+    `bookkeeping`, the columns that name the run and shard (they differ between two runs with
+    equal results) are dropped."""
     from deltalake import DeltaTable
 
     url = str(output).rstrip("/")
     url = url if "://" in url else os.path.abspath(url)
-    table = DeltaTable(f"{url}/{name}", storage_options=delta_options(url)).to_pyarrow_dataset().to_table()
+    df = DeltaTable(f"{url}/segments", storage_options=delta_options(url)).to_pyarrow_dataset().to_table().to_pandas()
+    if name == "images":
+        df = df.drop(columns=["proposals"]).sort_values("image_id")
+    else:
+        assert name == "masks", name
+        flat = df.explode("proposals").dropna(subset=["proposals"])
+        props = pd.DataFrame(flat["proposals"].tolist(), index=flat.index)
+        df = pd.concat([flat.drop(columns=["proposals"]), props], axis=1)[MASK_COLUMNS]
+        df = df.astype({"rank": "int32", "area": "int64", "scale": "int32", "score": "float32"})
+        df = df.sort_values(["image_id", "rank"])
     if not bookkeeping:
-        table = table.drop_columns(["shard_id", "run_id"])
-    keys = ["image_id", "rank"] if name == "masks" else ["image_id"]
-    return table.to_pandas().sort_values(keys).reset_index(drop=True)
+        df = df.drop(columns=["shard_id", "run_id"])
+    return df.reset_index(drop=True)
 
 
 def cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProcess:
