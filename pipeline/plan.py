@@ -102,11 +102,13 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run", guard: Callable[[]
     overwrite = False
     if previous is not None:
         diffs = job_differences(previous, settings)
+        if diffs and not tables.file_sizes():  # a run killed before its first rows: nothing to replace
+            diffs, overwrite = [], True
         if diffs and not config.overwrite:
             raise SegmentError(f"--output {config.output} holds results of different settings ({'; '.join(diffs)}); "
                                f"use a new --output, or --overwrite to replace them (the old rows stay readable "
                                f"by table version)")
-        overwrite = bool(diffs)
+        overwrite = overwrite or bool(diffs)
     skipped: dict[str, int] = {}
     listing, resumes, listing_path = None, None, f"{RUNS_DIR}/{run_id}/listing.parquet"
     if last is not None and not last.get("finished_listing") and last.get("listing") \
@@ -174,7 +176,7 @@ def prepare(config: SegmentConfig, lease: Lease | None = None, run_id: str | Non
     record = record or (lambda p: {"run_id": p.run_id, "started_at": now_utc(), "exit": "running"})
     try:
         plan.tables.fence(record(plan), plan.settings, overwrite=plan.overwrite)
-        if plan.overwrite:
+        if plan.overwrite and config.overwrite:
             log("replaced the output's rows (other settings) with an empty table version; the old rows stay "
                 "readable by version")
         plan = _classified(plan, config)  # another run may have committed before we held the lease
@@ -201,7 +203,7 @@ def describe_plan(plan: Plan, config: SegmentConfig) -> str:
              f"backbone {plan.model_config.get('backbone')}",
              f"inference: {json.dumps(config.inference.to_dict(), sort_keys=True)}",
              *(["--overwrite: the output's rows (other settings) would be replaced in a new table version"]
-               if plan.overwrite else []),
+               if plan.overwrite and config.overwrite else []),
              "dry run: nothing written, no workers started"]
     return "\n".join(lines)
 

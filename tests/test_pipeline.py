@@ -23,7 +23,7 @@ from ifcn.image import decode_image, read_bytes
 from pipeline.infer import InferenceActor
 from pipeline.reduce import encode_batch
 from pipeline.run import Resources, prepare, resolve_resources, run_segment, spread_actors
-from pipeline.schema import IMAGES_RESULT_COLUMNS, IMAGES_SCHEMA, MASKS_SCHEMA
+from pipeline.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
 from pipeline.sources import read_images
 from segment_helpers import INFERENCE, cli, inference_flags, read_table, write_checkpoint, write_images
 
@@ -160,69 +160,70 @@ def test_files_schema_layout_and_history(first_run: dict, inputs: dict) -> None:
 
     out = first_run["output"]
     run_id = first_run["summary"]["run_id"]
-    for name, schema in (("masks", MASKS_SCHEMA), ("images", IMAGES_SCHEMA)):
-        dt = DeltaTable(str(out / name))
-        files = sorted(u.rsplit("/", 1)[-1] for u in dt.file_uris())
-        # one data file per shard of the run, named part-<shard>-<run>-<uuid>.parquet
-        assert [f.rsplit("-", 1)[0] for f in files] == [f"part-00000{i}-{run_id}" for i in range(3)]
-        assert sorted(p.name for p in (out / name).glob("*.parquet")) == files  # nothing uncommitted
-        stats = {a["path"]: a for a in pa.table(dt.get_add_actions(flatten=True)).to_pylist()}
-        for f in files:
-            meta = pq.ParquetFile(out / name / f).metadata
-            assert pq.read_schema(out / name / f).remove_metadata() == schema
-            assert meta.row_group(0).column(0).compression == "ZSTD"
-            assert meta.row_group(0).column(0).statistics.has_min_max  # image_id stats: readers can prune
-            table = pq.read_table(out / name / f)
-            # the add action's stats are the file's: one shard of one run, its row count, its ids
-            assert stats[f]["num_records"] == table.num_rows
-            assert stats[f]["min.shard_id"] == stats[f]["max.shard_id"] == f.split("-")[1]
-            assert stats[f]["min.run_id"] == stats[f]["max.run_id"] == run_id
-            if table.num_rows:
-                assert stats[f]["min.image_id"] == min(table.column("image_id").to_pylist())
-            keys = list(zip(*(table.column(k).to_pylist() for k in (["image_id", "rank"] if name == "masks"
-                                                                    else ["image_id"]))))
-            assert keys == sorted(keys)
-        # the run's record is in the commit metadata, masks commit first, then images
-        ops = [c.get("ifcn.run", {}).get("run_id") for c in dt.history()]
-        assert set(ops) == {run_id}
-    images_history = DeltaTable(str(out / "images")).history()
-    record = images_history[0]["ifcn.run"]  # the newest commit: the run's end
+    dt = DeltaTable(str(out / "segments"))
+    files = sorted(u.rsplit("/", 1)[-1] for u in dt.file_uris())
+    # one data file per shard of the run, named part-<shard>-<run>-<uuid>.parquet
+    assert [f.rsplit("-", 1)[0] for f in files] == [f"part-00000{i}-{run_id}" for i in range(3)]
+    assert sorted(p.name for p in (out / "segments").glob("*.parquet")) == files  # nothing uncommitted
+    stats = {a["path"]: a for a in pa.table(dt.get_add_actions(flatten=True)).to_pylist()}
+    for f in files:
+        meta = pq.ParquetFile(out / "segments" / f).metadata
+        assert pq.read_schema(out / "segments" / f).remove_metadata() == SEGMENTS_SCHEMA
+        assert meta.row_group(0).column(0).compression == "ZSTD"
+        assert meta.row_group(0).column(0).statistics.has_min_max  # image_id stats: readers can prune
+        table = pq.read_table(out / "segments" / f)
+        # the add action's stats are the file's: one shard of one run, its row count, its ids
+        assert stats[f]["num_records"] == table.num_rows
+        assert stats[f]["min.shard_id"] == stats[f]["max.shard_id"] == f.split("-")[1]
+        assert stats[f]["min.run_id"] == stats[f]["max.run_id"] == run_id
+        assert stats[f]["min.image_id"] == min(table.column("image_id").to_pylist())
+        ids = table.column("image_id").to_pylist()
+        assert ids == sorted(ids)
+        for row in table.to_pylist():  # proposals nested, best first
+            assert [p["rank"] for p in row["proposals"]] == list(range(row["num_proposals"]))
+    # the run's record is in every commit's metadata: fence, the groups, the end
+    history = dt.history()
+    assert {c.get("ifcn.run", {}).get("run_id") for c in history} == {run_id}
+    assert history[-1]["operation"] == "CREATE TABLE" and dt.transaction_version("ifcn.lease") == 1
+    record = history[0]["ifcn.run"]  # the newest commit: the run's end
     assert record["checkpoint_sha256"] == ifcn.checkpoint_digest(inputs["checkpoint"])
     assert set(record["versions"]) >= {"ifcn", "torch", "ray", "pyarrow", "deltalake"}
     assert record["totals"]["images"] == len(NAMES) + 1 and record["counts"]["num_images"] == len(NAMES) + 1
     assert record["config"]["inference"]["scales"] == list(INFERENCE["scales"])
     assert (record["complete"], record["exit"]) == (False, "16.7% error rows, over --max-error-rate 0.1")
-    assert "ifcn.group" in DeltaTable(str(out / "masks")).history(1)[0]
     listing = pq.read_table(out / "_runs" / run_id / "listing.parquet")
     assert sorted(listing.column("image_id").to_pylist()) == sorted([*NAMES, CORRUPT])
     assert set(listing.column_names) == {"image_id", "uri", "etag", "size"}
     assert not (out / "_tmp").exists()  # a finished run leaves no temp folder, not even an empty one
-    for gone in ("_commits", "_SUCCESS", "_job.json", "_manifest.json"):
+    for gone in ("_commits", "_SUCCESS", "_job.json", "_manifest.json", "masks", "images"):
         assert not (out / gone).exists()
 
 
 def test_readers_duckdb_polars_ray_pycocotools(first_run: dict) -> None:
+    """Every reader sees the one table; flat rows come from unnesting `proposals` (DuckDB's
+    unnest, polars' explode) and equal deltalake's own rows."""
     import polars as pl
     import ray.data
     from deltalake import DeltaTable
 
     out = first_run["output"]
     masks = read_table(out, "masks")
-    data = DeltaTable(str(out / "masks")).to_pyarrow_dataset()  # noqa: F841 (DuckDB finds it by name)
-    counts = duckdb.sql("select image_id, count(*) n, max(score) top from data group by image_id "
+    data = DeltaTable(str(out / "segments")).to_pyarrow_dataset()  # noqa: F841 (DuckDB finds it by name)
+    flat = duckdb.sql("select image_id, status, unnest(proposals, recursive := true) from data")  # noqa: F841
+    counts = duckdb.sql("select image_id, count(*) n, max(score) top from flat group by image_id "
                         "order by image_id").fetchall()
     expect = masks.groupby("image_id").agg(n=("rank", "size"), top=("score", "max")).sort_index()
     assert [(i, n) for i, n, _ in counts] == list(zip(expect.index, expect.n))
     np.testing.assert_array_equal([t for *_, t in counts], expect.top.to_numpy())
-    best = duckdb.sql("select image_id, score from data where rank = 0 order by image_id").fetchall()
+    best = duckdb.sql("select image_id, score from flat where rank = 0 order by image_id").fetchall()
     assert [s for _, s in best] == [t for *_, t in counts]  # rank 0 is the top score
-    images = DeltaTable(str(out / "images")).to_pyarrow_dataset()  # noqa: F841
-    joined = duckdb.sql("select count(*) from data m join images i using (image_id) where i.status = 'ok'").fetchall()
-    assert joined == [(len(masks),)]
-    polars = pl.read_delta(str(out / "masks")).to_pandas().sort_values(["image_id", "rank"]).reset_index(drop=True)
-    pd.testing.assert_frame_equal(polars.drop(columns=["shard_id", "run_id"]), masks, check_dtype=False)
-    rds = ray.data.read_delta(str(out / "masks"))
-    assert rds.count() == len(masks)
+    assert duckdb.sql("select count(*) from flat where status = 'ok'").fetchall() == [(len(masks),)]
+    polars = (pl.read_delta(str(out / "segments")).explode("proposals").unnest("proposals")
+              .drop_nulls("rank").to_pandas().sort_values(["image_id", "rank"]).reset_index(drop=True))
+    pd.testing.assert_frame_equal(polars[masks.columns], masks, check_dtype=False)
+    rds = ray.data.read_delta(str(out / "segments"))
+    assert rds.count() == len(NAMES) + 1
+    assert sum(len(r["proposals"]) for r in rds.iter_rows()) == len(masks)
     for row in masks.itertuples():
         rle = {"size": [int(row.height), int(row.width)], "counts": row.rle.encode()}
         decoded = mask_utils.decode(rle)  # (H, W) uint8
@@ -296,26 +297,25 @@ def test_read_output_and_delta_readers_see_committed_files_only(first_run: dict,
     assert read_output(str(first_run["output"]), "images").num_rows == len(NAMES) + 1
     out = tmp_path / "out"
     shutil.copytree(first_run["output"], out)
-    for name in ("masks", "images"):
-        committed = sorted((out / name).glob("part-*.parquet"))[0]
-        shutil.copy(committed, out / name / "part-000009-stray-0.parquet")
-    glob = duckdb.sql(f"select count(*) from read_parquet('{out}/masks/*.parquet')").fetchall()[0][0]
-    assert glob > full.num_rows  # what a plain glob sees: the uncommitted file too
+    committed = sorted((out / "segments").glob("part-*.parquet"))[0]
+    shutil.copy(committed, out / "segments" / "part-000009-stray-0.parquet")
+    glob = duckdb.sql(f"select count(*) from read_parquet('{out}/segments/*.parquet')").fetchall()[0][0]
+    assert glob > len(NAMES) + 1  # what a plain glob sees: the uncommitted file too
     masks = read_output(f"file://{out}", "masks", ["image_id", "rank"])
     assert masks.num_rows == full.num_rows
-    assert DeltaTable(str(out / "masks")).to_pyarrow_dataset().count_rows() == full.num_rows
-    assert pl.read_delta(str(out / "masks")).height == full.num_rows
-    assert ray.data.read_delta(str(out / "masks")).count() == full.num_rows
-    data = DeltaTable(str(out / "images")).to_pyarrow_dataset()
+    assert DeltaTable(str(out / "segments")).to_pyarrow_dataset().count_rows() == len(NAMES) + 1
+    assert pl.read_delta(str(out / "segments")).height == len(NAMES) + 1
+    assert ray.data.read_delta(str(out / "segments")).count() == len(NAMES) + 1
+    data = DeltaTable(str(out / "segments")).to_pyarrow_dataset()
     assert duckdb.from_arrow(data).count("*").fetchall() == [(len(NAMES) + 1,)]
     images = read_output(str(out), "images")
     assert images.schema == IMAGES_SCHEMA and images.num_rows == len(NAMES) + 1
     one = sorted(set(masks.column("image_id").to_pylist()))[0]
     rds = read_output(str(out), "masks", ["image_id", "score"], pads.field("image_id") == one, ray=True)
     assert sorted(rds.to_pandas().score) == sorted(full.filter(pads.field("image_id") == one)["score"].to_pylist())
-    # time travel: the first commit of the images table held the first group only
-    first = read_output(str(out), "images", version=0)
-    assert 0 < first.num_rows <= len(NAMES) + 1
+    # time travel: the table's first commit (the run's fence) held no row, the second one group
+    assert read_output(str(out), "images", version=0).num_rows == 0
+    assert 0 < read_output(str(out), "images", version=1).num_rows <= len(NAMES) + 1
     with pytest.raises(FileNotFoundError, match="not a jobs.segment output"):
         read_output(str(tmp_path / "nothing"))
 
@@ -341,7 +341,7 @@ def test_overwrite_replaces_rows_of_other_settings_in_a_new_version(first_run: d
     out = tmp_path / "out"
     shutil.copytree(first_run["output"], out)
     before = read_table(out, "masks")
-    version = DeltaTable(str(out / "images")).version()
+    version = DeltaTable(str(out / "segments")).version()
     with pytest.raises(SegmentError, match=r"max_proposals: 20 before, 3 now\); use a new --output, or --overwrite"):
         run_segment(_config(inputs, out, max_proposals=3))
     summary = run_segment(_config(inputs, out, max_proposals=3, overwrite=True))
@@ -360,8 +360,14 @@ def test_an_output_of_the_previous_layout_is_refused_in_one_line(inputs: dict, t
     out = tmp_path / "out"
     (out / "_commits").mkdir(parents=True)
     (out / "_job.json").write_text("{}")
-    with pytest.raises(SegmentError, match=r"previous \(non-Delta\) layout \(_job.json\); use a new --output"):
+    with pytest.raises(SegmentError, match=r"older layout \(_job.json, _commits\); use a new --output"):
         prepare(_config(inputs, out))
+    for marker in ("masks/_delta_log", "images/_delta_log", "_SUCCESS", "_manifest.json"):  # any one of them
+        other = tmp_path / marker.replace("/", "_")
+        (other / marker).parent.mkdir(parents=True, exist_ok=True)
+        (other / marker).mkdir() if marker.endswith("_log") else (other / marker).write_text("{}")
+        with pytest.raises(SegmentError, match=f"older layout \\({marker}\\)"):
+            prepare(_config(inputs, other))
 
 
 def test_actors_refuse_a_checkpoint_that_changed_after_planning(inputs: dict) -> None:
