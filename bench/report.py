@@ -35,9 +35,9 @@ REASONS = ("not a JPEG/PNG (got b'<htm'); recorded as error row", "truncated fil
 
 
 def synthetic_output(root: Path, images: int, seed: int = 0, run_id: str = "20261129T000000-synth0") -> str:
-    """root/in/*.png and root/out/{masks,images} Delta tables like a complete jobs.segment run."""
+    """root/in/*.png and root/out/segments, a Delta table like a complete jobs.segment run's."""
     from ifcn.io import filesystem
-    from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+    from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, PROPOSAL_TYPE, SEGMENTS_SCHEMA
     from pipeline.table import OutputTables, write_data_file
 
     rng = np.random.default_rng(seed)
@@ -50,6 +50,7 @@ def synthetic_output(root: Path, images: int, seed: int = 0, run_id: str = "2026
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     record = {"run_id": run_id, "started_at": started, "settings": settings, "complete": False, "exit": "running",
               "counts": {"num_images": 0}, "skipped_keys": {".txt": 3, "": 1}}
+    tables.fence(record, settings)
     rles = [mask_utils.encode(_rect(rng))["counts"].decode() for _ in range(64)]  # reused: encoding is not measured
     png = io.BytesIO()
     Image.fromarray(np.kron(rng.integers(0, 256, (H // 16, W // 16, 3)), np.ones((16, 16, 1))).astype(np.uint8)).save(
@@ -86,15 +87,18 @@ def synthetic_output(root: Path, images: int, seed: int = 0, run_id: str = "2026
                                                                               "postprocess_ms")},
             "etag": pa.array([None] * len(ids), pa.string()), "size": pa.array([None] * len(ids), pa.int64()),
             "shard_id": [shard] * len(ids), "run_id": [run_id] * len(ids)}).cast(IMAGES_SCHEMA)
-        group.append({"masks": write_data_file(fs, path, "masks", masks, shard, run_id),
-                      "images": write_data_file(fs, path, "images", imgs, shard, run_id)})
+        offsets = pa.array(np.r_[0, np.cumsum(counts)], pa.int32())
+        nested = pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays(
+            [masks.column(f.name).combine_chunks().cast(f.type) for f in PROPOSAL_TYPE], fields=list(PROPOSAL_TYPE)))
+        segments = imgs.append_column("proposals", nested).select(SEGMENTS_SCHEMA.names).cast(SEGMENTS_SCHEMA)
+        group.append(write_data_file(fs, path, segments, shard, run_id))
         done += len(ids)
         if len(group) == GROUP or lo + SHARD >= images:
             version += 1
             record = {**record, "counts": {"num_images": done}}
-            tables.commit_group(run_id, version, group, record, settings)
+            tables.commit_group(run_id, version, group, [], record)
             group = []
-    tables.record(run_id, version + 1, {**record, "complete": True, "exit": "done"}, settings)
+    tables.record(run_id, version + 1, {**record, "complete": True, "exit": "done"})
     return out
 
 

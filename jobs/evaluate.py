@@ -3,7 +3,7 @@
 Run a checkpoint over the annotation file's images:
     python -m jobs.evaluate --annotations file:///data/coco/annotations/instances_val2014.json \\
         --checkpoint s3://bucket/ifcn.pt --images s3://bucket/coco/val2014 --limit 5000 --iou-protocol deepmask
-or score existing proposals (a COCO results JSON, or a pipeline output folder with masks/):
+or score existing proposals (a COCO results JSON, or a pipeline output folder (with segments/)):
     python -m jobs.evaluate --annotations ann.json --predictions s3://bucket/out/run1
 Prints a table and writes the numbers as JSON (--out, or next to the predictions).
 """
@@ -87,13 +87,13 @@ def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ..
 
 
 def is_output_folder(url: str, storage_options: dict | None = None) -> bool:
-    """True for a pipeline output (a folder with masks/), False for a results file."""
+    """True for a pipeline output (a folder with segments/), False for a results file."""
     fs, path = filesystem(url, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"{url}: no such file or folder (give a COCO results JSON or a pipeline output)")
     if fs.isdir(path):
-        if not fs.exists(join(path, "masks")):
-            raise FileNotFoundError(f"{url}: a folder without masks/ (expected a pipeline output folder)")
+        if not fs.exists(join(path, "segments")):
+            raise FileNotFoundError(f"{url}: a folder without segments/ (expected a jobs.segment output folder)")
         return True
     return False
 
@@ -186,7 +186,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", help="model.pt of jobs.train (any --model: instancefcn, deepmask, fcn-baseline) "
                    "to run over the annotations' images")
     p.add_argument("--images", help="root URL that the annotations' file_names are relative to (with --checkpoint)")
-    p.add_argument("--predictions", help="COCO results JSON, or a pipeline output folder with masks/")
+    p.add_argument("--predictions", help="COCO results JSON, or a pipeline output folder (with segments/)")
     p.add_argument("--scales", type=scales, help="comma-separated short sides, e.g. 119,178,267,400,600,900 (with --checkpoint)")
     p.add_argument("--max-proposals", type=int, help="keep at most N proposals per image")
     p.add_argument("--nms", choices=NMS_MODES, help="with --checkpoint: NMS by box IoU (default, the paper's) "

@@ -108,3 +108,18 @@ def cli_env() -> dict[str, str]:
 def inference_flags() -> list[str]:
     return ["--scales", ",".join(map(str, INFERENCE["scales"])), "--max-proposals", str(INFERENCE["max_proposals"]),
             "--windows-per-scale", str(INFERENCE["windows_per_scale"])]
+
+
+def nest(images: list[dict], masks: list[dict]) -> "pa.Table":
+    """SEGMENTS_SCHEMA rows from hand-made image rows and flat mask rows (one per proposal):
+    each image's proposals nested in rank order, as the pipeline stores them."""
+    import pyarrow as pa
+
+    from pipeline.schema import PROPOSAL_TYPE, SEGMENTS_SCHEMA
+
+    rows = []
+    for image in images:
+        mine = sorted((m for m in masks if m["image_id"] == image["image_id"]), key=lambda m: m["rank"])
+        rows.append({**dict.fromkeys(SEGMENTS_SCHEMA.names), **image,
+                     "proposals": [{k: m[k] for k in PROPOSAL_TYPE.names} for m in mine]})
+    return pa.Table.from_pylist(rows, schema=SEGMENTS_SCHEMA)

@@ -18,6 +18,7 @@ from ifcn.evaluate import (IOU_PROTOCOLS, RESULT_COLUMNS, STATS_INDEX, average_r
                            load_results_json, predictions_to_results, rank_filter, recall_from_eval, results_from_masks)
 from pipeline import read_output
 from pipeline.schema import MASKS_SCHEMA
+from segment_helpers import nest
 
 H = W = 200
 
@@ -204,8 +205,8 @@ def test_predictions_to_results_and_json_loader(tmp_path):
 
 
 def write_masks(root, res_by_name: dict[str, list[dict]], uncommitted: tuple[str, ...] = ()) -> None:
-    """`<root>/masks/`: jobs.segment's Delta table (written by deltalake's own writer), one file per
-    name; the names in `uncommitted` get a data file in the table folder that no commit added."""
+    """`<root>/segments/`: jobs.segment's Delta table (written by deltalake's own writer), one file
+    per name; the names in `uncommitted` get a data file in the table folder that no commit added."""
     from deltalake import write_deltalake
 
     for n, (name, rs) in enumerate(res_by_name.items()):
@@ -219,8 +220,11 @@ def write_masks(root, res_by_name: dict[str, list[dict]], uncommitted: tuple[str
             "height": [H] * len(rs), "width": [W] * len(rs), "scale": [600] * len(rs),
             "shard_id": [f"{n:06d}"] * len(rs), "run_id": ["r1"] * len(rs),
         }
-        table = pa.table(rows, schema=MASKS_SCHEMA)
-        part = root / "masks"
+        flat = pa.table(rows, schema=MASKS_SCHEMA).to_pylist()
+        image = {"image_id": name, "uri": f"s3://bucket/in/{name}", "width": W, "height": H, "status": "ok",
+                 "num_proposals": len(rs), "shard_id": f"{n:06d}", "run_id": "r1"}
+        table = nest([image], flat)
+        part = root / "segments"
         part.mkdir(parents=True, exist_ok=True)
         if name in uncommitted:
             pq.write_table(table, part / f"part-{n}.parquet", compression="zstd")
@@ -328,7 +332,7 @@ def test_job_missing_files_are_one_line(tmp_path, capsys):
     assert main(["--annotations", ann, "--predictions", str(tmp_path / "emptydir")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("jobs.evaluate: error: ") for line in err)
-    assert "nope.json: no such file" in err[0] and "without masks/" in err[2]
+    assert "nope.json: no such file" in err[0] and "without segments/" in err[2]
 
 
 @pytest.mark.slow

@@ -95,8 +95,8 @@ def test_sigkill_of_an_actor_and_a_read_task_mid_run(job: dict, tmp_path: Path) 
     deadline = time.monotonic() + 240
     try:
         while proc.poll() is None and time.monotonic() < deadline and len(killed) < 2:
-            log = out / "images" / "_delta_log"
-            committed = log.exists() and any(log.glob("*.json"))
+            log = out / "segments" / "_delta_log"
+            committed = log.exists() and len(list(log.glob("*.json"))) >= 2  # the fence, then a group
             for pid, title in _titles(proc.pid).items():
                 if "read" not in killed and title.startswith("ray::MapBatches(read_images)"):
                     os.kill(pid, signal.SIGKILL)  # a read task's worker, while it runs the task
@@ -133,7 +133,8 @@ def test_s3_outage_mid_run_loses_nothing(job: dict, s3_server, s3_bucket: str) -
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline:
             fs.invalidate_cache()
-            if fs.exists(f"{out}/images/_delta_log") and fs.ls(f"{out}/images/_delta_log"):
+            log = f"{out}/segments/_delta_log"
+            if fs.exists(log) and len([p for p in fs.ls(log) if p.endswith(".json")]) >= 2:  # fence, then a group
                 break
             time.sleep(0.1)
         assert proc.poll() is None, "the job ended before its first commit"

@@ -427,7 +427,7 @@ def test_prepare_refuses_before_touching_the_output(tmp_path: Path) -> None:
 
     write_images(tmp_path / "images", ["a.png"])
     out = tmp_path / "out"
-    in_flight = out / "masks" / "part-000000.parquet"
+    in_flight = out / "segments" / "part-000000.parquet"
     in_flight.parent.mkdir(parents=True)
     in_flight.write_bytes(b"being written by the first run")
     _foreign(out, age_s=1)

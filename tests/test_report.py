@@ -55,10 +55,10 @@ def open_page(path: Path, shot: Path) -> dict:
 
 def table_counts(out: Path) -> dict[str, int]:
     """The page's headline numbers, computed from the tables with deltalake + pyarrow only."""
-    images = DeltaTable(str(out / "images")).to_pyarrow_table(columns=["status", "run_id"])
+    images = DeltaTable(str(out / "segments")).to_pyarrow_table(columns=["status", "run_id", "proposals"])
     status = Counter(images.column("status").to_pylist())
-    masks = DeltaTable(str(out / "masks")).to_pyarrow_table(columns=["image_id"])
-    counts = {"images.total": images.num_rows, "images.proposals": masks.num_rows,
+    proposals = sum(len(p) for p in images.column("proposals").to_pylist())
+    counts = {"images.total": images.num_rows, "images.proposals": proposals,
               **{f"images.{s}": status.get(s, 0) for s in ("ok", "error", "retry")}, "hist.per_image.n": status["ok"]}
     for run, n in Counter(images.column("run_id").to_pylist()).items():
         counts[f"run.{run}.rows"] = n
@@ -79,7 +79,7 @@ def test_report_of_a_large_synthetic_output_matches_its_tables(tmp_path: Path) -
     assert int(facts["counts"][f"{run}.images"]) == expected["images.total"]
     assert facts["counts"]["skipped..txt"] == "3" and facts["counts"]["skipped.none"] == "1"
     # errors grouped by reason with the URI taken out, most frequent first, counted from the table
-    bad = DeltaTable(str(out / "images")).to_pyarrow_table(columns=["status", "error"])
+    bad = DeltaTable(str(out / "segments")).to_pyarrow_table(columns=["status", "error"])
     bad = bad.filter(pc.not_equal(bad.column("status"), "ok"))
     reasons = Counter((s, re.sub(r"^image \S+: ", "", e)) for s, e in zip(*(bad.column(c).to_pylist()
                                                                             for c in ("status", "error"))))

@@ -1,9 +1,8 @@
 """A job SIGKILLed mid-run, then re-run, ends with exactly the rows of an uninterrupted run: no
 row lost, none duplicated, no image with rows of two runs, nothing uncommitted visible to readers.
-Kills come from outside (the whole process group, when the images table has a first commit) and
-from the driver's own test hook at each step of a group commit (before the masks commit, between
-the masks and images commits, after both); tests/test_table.py repeats the hook kills without
-Ray on local files and on the S3 endpoint."""
+Kills come from outside (the whole process group, once the table has a first group commit) and
+from the driver's own test hook before and after a group commit; tests/test_table.py repeats the
+hook kills before and after every commit without Ray, on local files and on the S3 endpoint."""
 from __future__ import annotations
 
 import os
@@ -84,30 +83,29 @@ def _assert_like_reference(out: Path, reference: Path) -> None:
 
 def test_killed_job_resumes_to_the_uninterrupted_result(job: dict, tmp_path: Path) -> None:
     resumed = tmp_path / "resumed"
-    log = resumed / "images" / "_delta_log"
+    log = resumed / "segments" / "_delta_log"
     args = _args(job["images"], resumed, job["checkpoint"])
-    _run_killed(args, cli_env(), until=lambda: log.exists() and any(log.glob("*.json")))
+    # version 0 is the run's fence (no rows); version 1 its first group
+    _run_killed(args, cli_env(), until=lambda: log.exists() and len(list(log.glob("*.json"))) >= 2)
     # Only the driver commits, and it is dead: what the table holds now is what the re-run finds.
     done = read_table(resumed, "images")
     assert 1 <= len(done) < NUM_IMAGES + 1
     r = cli(*args, "--max-error-rate", "0.5")
     assert r.returncode == 0, r.stderr[-3000:]
     already = int(re.search(r"(\d+) images were already done", r.stdout).group(1))
-    rolled = "rolled forward" in r.stderr  # the kill landed between a group's masks and images commits
-    assert already > len(done) if rolled else already == len(done)
+    assert already == len(done)  # nothing to roll forward: every commit is whole
     _assert_like_reference(resumed, job["reference"])
 
 
 def test_driver_killed_at_each_commit_step_resumes_to_the_uninterrupted_result(job: dict, tmp_path: Path) -> None:
-    """Between the masks and images commits of group 1, then after both commits of the next run's
-    group 1 (after it rolled the first forward): the last run finishes. (A kill before the masks
-    commit leaves nothing to find; tests/test_table.py has it, on local files and S3.)"""
+    """Right after the first group commit, then right before the next run's first group commit:
+    the last run finishes with the uninterrupted rows. (tests/test_table.py kills before and after
+    every commit, on local files and S3.)"""
     out = tmp_path / "out"
     args = _args(job["images"], out, job["checkpoint"])
-    for step in ("between:1", "after_both:1"):
+    for step in ("after_group:1", "before_group:1"):
         assert _run_killed(args, {**cli_env(), KILL_ENV: step}) == -signal.SIGKILL, step
-        if step == "between:1":
-            assert len(read_table(out, "masks")) > 0 and not (out / "images" / "_delta_log").exists()
+        assert len(read_table(out, "masks")) > 0
     r = cli(*args, "--max-error-rate", "0.5")
     assert r.returncode == 0, r.stderr[-3000:]
     _assert_like_reference(out, job["reference"])

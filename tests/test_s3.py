@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -83,8 +84,10 @@ def read_table(url: str, storage_options: dict | None = None):
 
 def check_against_predictor(bucket: str, files: dict[str, bytes], model: ifcn.InstanceFCN, out: str,
                             storage_options: dict | None = None) -> None:
-    images = read_table(f"{out}/images", storage_options).to_pylist()
-    masks = read_table(f"{out}/masks", storage_options).to_pandas()
+    segments = read_table(f"{out}/segments", storage_options)
+    images = segments.drop_columns(["proposals"]).to_pylist()
+    masks = segments.to_pandas().explode("proposals").dropna(subset=["proposals"])
+    masks = masks.drop(columns=["proposals"]).join(pd.DataFrame(masks.proposals.tolist(), index=masks.index))
     assert sorted(r["image_id"] for r in images) == sorted(files)  # exactly one row per input
     by_id = {r["image_id"]: r for r in images}
     bad = by_id["broken.jpg"]
@@ -202,7 +205,7 @@ def test_segment_cli_reads_and_writes_s3(s3_server, s3_bucket):
     assert record["complete"] and record["exit"] == "done"
 
     # Re-running the same command resumes: every image is done, no data file is rewritten.
-    data = lambda: {p: fs.info(p)["LastModified"] for p in fs.find(out.removeprefix("s3://") + "/masks")  # noqa: E731
+    data = lambda: {p: fs.info(p)["LastModified"] for p in fs.find(out.removeprefix("s3://") + "/segments")  # noqa: E731
                     if p.endswith(".parquet") and "_delta_log" not in p}
     before = data()
     r = run_cli(args, dict(os.environ))

@@ -12,7 +12,7 @@ from pycocotools import mask as mask_utils
 
 from ifcn.viz import draw_proposals
 from jobs.show import load_proposals, main
-from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+from segment_helpers import nest
 
 H, W = 96, 128
 UNCOMMITTED = "00002"  # data files written, never committed: what a crash before the commit leaves
@@ -55,13 +55,12 @@ def fake_output(root, input_url: str | None = None) -> dict[str, np.ndarray]:
                    "read_ms": 1.0, "decode_ms": 1.0, "infer_ms": 1.0, "postprocess_ms": 1.0,
                    "etag": None, "size": None, "shard_id": shard, "run_id": "r1"}
                   for name in sorted(n for n, s in shards.items() if s == shard) for bad in [name == "bad.jpg"]]
-        for table, rows, schema in (("masks", masks, MASKS_SCHEMA), ("images", images, IMAGES_SCHEMA)):
-            data = pa.Table.from_pylist(rows, schema=schema)
-            folder = root / "out" / table
-            if shard == UNCOMMITTED:  # a data file in the table folder that no commit added (a crash)
-                pq.write_table(data, folder / f"part-{shard}-r2-0.parquet", compression="zstd")
-            else:
-                write_deltalake(str(folder), data, mode="append")
+        data = nest(images, masks)
+        folder = root / "out" / "segments"
+        if shard == UNCOMMITTED:  # a data file in the table folder that no commit added (a crash)
+            pq.write_table(data, folder / f"part-{shard}-r2-0.parquet", compression="zstd")
+        else:
+            write_deltalake(str(folder), data, mode="append")
     return pixels
 
 

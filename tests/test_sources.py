@@ -12,7 +12,7 @@ import pytest
 from ifcn import InferenceConfig
 from pipeline.config import SegmentConfig, SegmentError
 from ifcn.image import MAX_PIXELS, MIN_SIDE
-from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, REDUCED_SCHEMA, reduced_to_tables
+from pipeline.schema import MASKS_SCHEMA, REDUCED_SCHEMA, SEGMENTS_SCHEMA, masks_view, reduced_to_segments
 from pipeline.sources import (InputItem, Listing, image_from_row, list_inputs, listing_digest, make_shards,
                               read_images)
 from segment_helpers import write_images
@@ -167,21 +167,26 @@ def _prop(rank: int, score: float) -> dict:
     return {"rank": rank, "score": score, "bbox": [1.0, 2.0, 3.0, 4.0], "area": 12, "rle": f"r{rank}", "scale": 64}
 
 
-def test_reduced_rows_explode_into_sorted_tables() -> None:
+def test_reduced_rows_become_sorted_segments_and_the_masks_view() -> None:
     reduced = _reduced([
         {"image_id": "b", "proposals": [_prop(0, 0.9), _prop(1, 0.5)]},
         {"image_id": "a", "proposals": [_prop(0, 0.7)]},
         {"image_id": "c", "status": "error", "error": "bad", "width": None, "height": None, "proposals": []},
     ])
-    images, masks = reduced_to_tables(reduced)
-    assert images.schema == IMAGES_SCHEMA and masks.schema == MASKS_SCHEMA
-    assert images.column("image_id").to_pylist() == ["a", "b", "c"]
+    segments = reduced_to_segments(reduced, "r1", {"a": ("e1", 10)})
+    masks = masks_view(segments)
+    assert segments.schema == SEGMENTS_SCHEMA and masks.schema == MASKS_SCHEMA
+    assert segments.column("image_id").to_pylist() == ["a", "b", "c"]
+    assert segments.column("etag").to_pylist() == ["e1", None, None] and set(segments.column("run_id").to_pylist()) \
+        == {"r1"}
     assert [(r["image_id"], r["rank"], r["rle"]) for r in masks.to_pylist()] == [("a", 0, "r0"), ("b", 0, "r0"),
                                                                                    ("b", 1, "r1")]
     assert masks.column("bbox").to_pylist()[0] == [1.0, 2.0, 3.0, 4.0]
     assert masks.column("height").to_pylist() == [20, 20, 20]
-    empty_images, empty_masks = reduced_to_tables(_reduced([{"image_id": "c", "status": "error", "proposals": []}]))
-    assert empty_images.num_rows == 1 and empty_masks.num_rows == 0 and empty_masks.schema == MASKS_SCHEMA
+    empty = masks_view(reduced_to_segments(_reduced([{"image_id": "c", "status": "error", "proposals": []}])))
+    assert empty.num_rows == 0 and empty.schema == MASKS_SCHEMA
+    assert masks_view(segments, ["rle", "image_id"]).to_pydict() == {"rle": ["r0", "r0", "r1"],
+                                                                     "image_id": ["a", "b", "b"]}
 
 
 def test_publish_refuses_a_shard_with_missing_images(tmp_path: Path) -> None:
@@ -193,18 +198,19 @@ def test_publish_refuses_a_shard_with_missing_images(tmp_path: Path) -> None:
     meta = StageWriter(out, None, "r1")(_reduced([{"image_id": "a", "proposals": []}])).to_pylist()[0]
     with pytest.raises(RuntimeError, match="not publishing"):
         publish_shard(out, None, shard, [Fragment(meta["path"], ("a",))], "r1")
-    assert not (tmp_path / "out" / "masks").exists()
+    assert not (tmp_path / "out" / "segments").exists()
     meta = StageWriter(out, None, "r1")(_reduced([{"image_id": "a", "proposals": [_prop(0, 0.5)]},
                                                   {"image_id": "b", "proposals": []}])).to_pylist()[0]
     result = publish_shard(out, None, shard, [Fragment(meta["path"], ("a", "b"))], "r1")
     assert (result["num_images"], result["num_ok"], result["num_proposals"]) == (2, 2, 1)
-    images = pq.read_table(tmp_path / "out" / "images" / result["images"]["path"])
-    assert result["images"]["path"].startswith("part-000000-r1-")
+    images = pq.read_table(tmp_path / "out" / "segments" / result["file"]["path"])
+    assert result["file"]["path"].startswith("part-000000-r1-") and result["image_ids"] == ["a", "b"]
     assert images.column("etag").to_pylist() == ["e1", "e2"] and images.column("size").to_pylist() == [10, 20]
     assert set(images.column("run_id").to_pylist()) == {"r1"}
-    stats = json.loads(result["masks"]["stats"])
-    assert stats["numRecords"] == 1 and stats["minValues"]["image_id"] == stats["maxValues"]["image_id"] == "a"
-    assert result["masks"]["size"] == (tmp_path / "out" / "masks" / result["masks"]["path"]).stat().st_size
+    assert [len(p) for p in images.column("proposals").to_pylist()] == [1, 0]
+    stats = json.loads(result["file"]["stats"])
+    assert stats["numRecords"] == 2 and (stats["minValues"]["image_id"], stats["maxValues"]["image_id"]) == ("a", "b")
+    assert result["file"]["size"] == (tmp_path / "out" / "segments" / result["file"]["path"]).stat().st_size
 
 
 def test_local_listing_records_each_objects_version(tree: Path) -> None:
