@@ -86,7 +86,7 @@ def check_against_predictor(bucket: str, files: dict[str, bytes], model: ifcn.In
                             storage_options: dict | None = None) -> None:
     segments = read_table(f"{out}/segments", storage_options)
     images = segments.drop_columns(["proposals"]).to_pylist()
-    masks = segments.to_pandas().explode("proposals").dropna(subset=["proposals"])
+    masks = segments.to_pandas().explode("proposals").dropna(subset=["proposals"]).reset_index(drop=True)
     masks = masks.drop(columns=["proposals"]).join(pd.DataFrame(masks.proposals.tolist(), index=masks.index))
     assert sorted(r["image_id"] for r in images) == sorted(files)  # exactly one row per input
     by_id = {r["image_id"]: r for r in images}
