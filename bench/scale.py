@@ -15,13 +15,13 @@ list: puts N empty .jpg keys under s3://<bucket>/images/ on a real S3 endpoint (
       (ListObjectsV2 pages into Arrow arrays); prints each one's peak memory (tracemalloc's peak
       of Python objects plus pyarrow's allocations, after a warm-up listing loaded the S3
       client and its models), per key.
-table: commits the shards of an N-image run (shards of 128: 78k shards at 10M images) to a masks
-      and an images Delta table on a real S3 endpoint (moto's server on loopback), --group shards
-      per commit (masks commit, then images commit, each with an app transaction and the run
+table: commits the shards of an N-image run (shards of 128: 78k shards at 10M images) to the
+      segments Delta table on a real S3 endpoint (moto's server on loopback), --group shards per
+      commit (one commit each, with the run's app transaction, its fencing generation and its
       record), the log checkpointed every --checkpoint-every versions; the add actions carry
       realistic sizes and stats, and only the first and last shards' files are uploaded (real
       Parquet whose stats match). Prints shards/s committed, how the rate moves as the log grows,
-      and the time a fresh process takes to open the finished tables (targets: >= 100 shards/s,
+      and the time a fresh process takes to open the finished table (targets: >= 100 shards/s,
       open < 10 s).
 run:  runs `python -m jobs.segment` on N small generated PNGs with checkpoints/narrow_synth.pt,
       samples the driver process's RSS every 0.5 s, and prints the mean RSS of the first and
@@ -174,53 +174,37 @@ def bench_run(images: int, workdir: Path) -> None:
 # ---------------------------------------------------------------------------- table: Delta commits at scale
 
 S3_DELTA_OPTIONS = {"AWS_ALLOW_HTTP": "true", "conditional_put": "etag", "AWS_REGION": "us-east-1"}
-MASK_BYTES_PER_ROW = 60  # what the template shard's zstd masks file takes per proposal (measured below)
 STATS_STRING_PREFIX = 32  # delta-rs keeps this many characters of a string's min/max
 
 
-def _table_schemas():
-    """The DELTA_LAYOUT columns: pipeline/schema.py's, plus shard_id and run_id in both tables and the
-    object's version (etag, size) in images."""
+def _shard_table(shard: int, per_shard: int, proposals: int, run_id: str):
+    """One shard's rows of the segments table as the job writes them (random but well-formed values;
+    proposals nested)."""
     import pyarrow as pa
 
     sys.path.insert(0, str(REPO))  # the package, not bench/pipeline.py beside this script
-    from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+    from pipeline.schema import PROPOSAL_TYPE, SEGMENTS_SCHEMA
 
-    extra = [pa.field("shard_id", pa.string()), pa.field("run_id", pa.string())]
-    return (pa.schema([*MASKS_SCHEMA, *extra]),
-            pa.schema([*IMAGES_SCHEMA, *extra, pa.field("etag", pa.string()), pa.field("size", pa.int64())]))
-
-
-def _shard_tables(shard: int, per_shard: int, proposals: int, run_id: str):
-    """(masks, images) rows of one shard as the job writes them (random but well-formed values)."""
-    import pyarrow as pa
-
-    masks_schema, images_schema = _table_schemas()
     rng = np.random.default_rng(shard)
     ids = [f"images/{shard:06d}/{i:04d}.jpg" for i in range(per_shard)]
-    uris = [f"s3://bucket/{x}" for x in ids]
     n = per_shard * proposals
     alphabet = np.frombuffer(b"0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmno", np.uint8)
     rle = alphabet[rng.integers(0, len(alphabet), (n, 80))].view("S80").ravel().astype(str)
-    image_of = np.repeat(np.arange(per_shard), proposals)
     score = np.sort(rng.random((per_shard, proposals)).astype(np.float32), axis=1)[:, ::-1].ravel()
-    masks = pa.table({
-        "image_id": pa.array(ids).take(image_of), "uri": pa.array(uris).take(image_of),
-        "rank": np.tile(np.arange(proposals, dtype=np.int32), per_shard), "score": score,
-        "bbox": pa.FixedSizeListArray.from_arrays(rng.random(4 * n).astype(np.float32) * 400, 4),
-        "area": rng.integers(50, 60000, n), "rle": rle,
-        "height": np.full(n, 480, np.int32), "width": np.full(n, 640, np.int32),
-        "scale": rng.choice(np.array([267, 400, 600], np.int32), n),
-        "shard_id": [f"{shard:06d}"] * n, "run_id": [run_id] * n}, schema=masks_schema)
+    columns = {"rank": np.tile(np.arange(proposals, dtype=np.int32), per_shard), "score": score,
+               "bbox": pa.array(list(rng.random((n, 4)).astype(np.float32) * 400), pa.list_(pa.float32())),
+               "area": rng.integers(50, 60000, n), "rle": rle,
+               "scale": rng.choice(np.array([267, 400, 600], np.int32), n)}
+    nested = pa.ListArray.from_arrays(pa.array(np.arange(0, n + 1, proposals), pa.int32()), pa.StructArray.from_arrays(
+        [pa.array(columns[f.name]).cast(f.type) for f in PROPOSAL_TYPE], fields=list(PROPOSAL_TYPE)))
     f32 = lambda: rng.random(per_shard).astype(np.float32) * 100  # noqa: E731
-    images = pa.table({
-        "image_id": ids, "uri": uris, "width": np.full(per_shard, 640, np.int32),
+    return pa.table({
+        "image_id": ids, "uri": [f"s3://bucket/{x}" for x in ids], "width": np.full(per_shard, 640, np.int32),
         "height": np.full(per_shard, 480, np.int32), "status": ["ok"] * per_shard, "error": [None] * per_shard,
         "num_proposals": np.full(per_shard, proposals, np.int32), "read_ms": f32(), "decode_ms": f32(),
-        "infer_ms": f32(), "postprocess_ms": f32(), "shard_id": [f"{shard:06d}"] * per_shard,
-        "run_id": [run_id] * per_shard, "etag": [f'"{i:032x}"' for i in range(per_shard)],
-        "size": rng.integers(50_000, 400_000, per_shard)}, schema=images_schema)
-    return masks, images
+        "infer_ms": f32(), "postprocess_ms": f32(), "etag": [f'"{i:032x}"' for i in range(per_shard)],
+        "size": rng.integers(50_000, 400_000, per_shard), "shard_id": [f"{shard:06d}"] * per_shard,
+        "run_id": [run_id] * per_shard, "proposals": nested}, schema=SEGMENTS_SCHEMA)
 
 
 def _stats(t) -> dict:
@@ -258,7 +242,7 @@ from deltalake import DeltaTable, QueryBuilder
 import pyarrow as pa, pyarrow.compute as pc
 opts, out, app_id, shard, with_dataset = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1"
 res = {"import_s": time.perf_counter() - t0}
-for name in ("masks", "images"):
+for name in ("segments",):
     t0 = time.perf_counter()
     dt = DeltaTable(f"{out}/{name}", storage_options=opts)
     opened = time.perf_counter()
@@ -298,30 +282,30 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.mkdir("bench")
         out = "s3://bench/out"
-        # the pipeline's own commit code: masks then images per group, app transaction, run record, checkpoints
+        # the pipeline's own commit code: one commit per group, app transaction, fencing, run record, checkpoints
         tables = OutputTables(out, checkpoint_every=checkpoint_every)
         record, settings = {"run_id": run_id, "exit": "running"}, {"bench": True}
+        tables.fence(record, settings)
         # Real files for the first and the last shard (what the open-time query reads); every other
         # shard's add action copies their stats with its own ids and the measured size per row.
-        real, templates = {}, {}
+        real, template = {}, None
         for shard in sorted({0, shards - 1}):
             per = min(shard_size, images - shard * shard_size)
-            for name, t in zip(("masks", "images"), _shard_tables(shard, per, proposals, run_id)):
-                path = f"part-{shard:06d}-{run_id}-{uuid.uuid4()}.parquet"
-                with fs.open(f"bench/out/{name}/{path}", "wb") as f:
-                    pq.write_table(t, f, compression="zstd")
-                real[name, shard] = {"path": path, "size": fs.size(f"bench/out/{name}/{path}"),
-                                     "modification_time": int(time.time() * 1000), "stats": json.dumps(_stats(t))}
-                templates.setdefault(name, (_stats(t), real[name, shard]["size"] / t.num_rows))
-        print(f"template shard: masks file {real['masks', 0]['size'] / 2**20:.1f} MiB ({shard_size * proposals} rows), "
-              f"images file {real['images', 0]['size'] / 2**10:.1f} KiB; stats JSON "
-              f"{len(real['masks', 0]['stats'])} + {len(real['images', 0]['stats'])} bytes")
+            t = _shard_table(shard, per, proposals, run_id)
+            path = f"part-{shard:06d}-{run_id}-{uuid.uuid4()}.parquet"
+            with fs.open(f"bench/out/segments/{path}", "wb") as f:
+                pq.write_table(t, f, compression="zstd")
+            real[shard] = {"path": path, "size": fs.size(f"bench/out/segments/{path}"),
+                           "modification_time": int(time.time() * 1000), "stats": json.dumps(_stats(t))}
+            template = template or (_stats(t), real[shard]["size"] / t.num_rows)
+        print(f"template shard: file {real[0]['size'] / 2**20:.1f} MiB ({shard_size} images, "
+              f"{shard_size * proposals} proposals); stats JSON {len(real[0]['stats'])} bytes")
 
-        def adds(name: str, shard: int) -> dict:
+        def adds(shard: int) -> dict:
             """The add-action facts a publish task returns (pipeline.table.write_data_file)."""
-            if (name, shard) in real:
-                return real[name, shard]
-            stats, per_row = templates[name]
+            if shard in real:
+                return real[shard]
+            stats, per_row = template
             return {"path": f"part-{shard:06d}-{run_id}-{uuid.uuid4()}.parquet",
                     "size": int(per_row * stats["numRecords"]), "modification_time": int(time.time() * 1000),
                     "stats": _shard_stats(stats, shard, shard_size)}
@@ -337,17 +321,17 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
         for version, lo in enumerate(range(0, shards, group)):
             t0 = time.perf_counter()
             ids = range(lo, min(shards, lo + group))
-            group_results = [{"masks": adds("masks", s), "images": adds("images", s)} for s in ids]
+            group_results = [adds(s) for s in ids]
             t1 = time.perf_counter()
-            tables.commit_group(app_id, version + 1, group_results, record, settings)
+            tables.commit_group(app_id, version + 1, group_results, [], record)
             t2 = time.perf_counter()
             build_s, commit_s, done, groups = build_s + t1 - t0, commit_s + t2 - t1, done + len(ids), groups + 1
             if done * 20 // shards > (done - len(ids)) * 20 // shards:  # every 5%
                 now = cpu()
-                print(f"  {done:6d}/{shards} shards, table version {tables.open('masks').version()}: "
+                print(f"  {done:6d}/{shards} shards, table version {tables.open().version()}: "
                       f"{done / commit_s:.0f} shards/s so far, {(done - last[0]) / (commit_s - last[1]):.0f} since "
                       f"the last line ({(done - last[0]) / (now - cpu_last):.0f} per CPU-second; "
-                      f"{(t2 - t1) * 1000:.0f} ms for this group's two commits)", flush=True)
+                      f"{(t2 - t1) * 1000:.0f} ms for this group's commit)", flush=True)
                 last, cpu_last = (done, commit_s), now
         wall, cpu_s = time.perf_counter() - t_start, cpu() - cpu0
         print(f"committed {shards} shards ({images} images, shard size {shard_size}) in {groups} groups of "
@@ -361,7 +345,7 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
         if child.returncode != 0:
             raise SystemExit(f"opening the table failed: {child.stderr[-2000:]}")
         res = json.loads(child.stdout)
-        for name in ("masks", "images"):
+        for name in ("segments",):
             r = res[name]
             total = r["open_s"] + r["file_list_s"] + r["query_s"]
             print(f"open {name}: version {r['version']}, {r['files']} files, {r['rows_in_log']} rows by the log, "
@@ -382,7 +366,7 @@ def main() -> None:
     p.add_argument("--shard-size", type=int, default=128, help="table: images per shard (the job's default)")
     p.add_argument("--group", type=int, default=256, help="table: shards per commit")
     p.add_argument("--checkpoint-every", type=int, default=100, help="table: versions between log checkpoints")
-    p.add_argument("--proposals", type=int, default=1000, help="table: masks rows per image")
+    p.add_argument("--proposals", type=int, default=1000, help="table: proposals per image")
     p.add_argument("--pyarrow-dataset", action="store_true",
                    help="table: also time DeltaTable.to_pyarrow_dataset() on the finished tables (minutes at 10M)")
     args = p.parse_args()

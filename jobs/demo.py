@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   {describe(summary)}")
 
     print(f"\ndone in {time.perf_counter() - began:.0f}s. Query the tables, e.g.:\n"
-          f"   .venv/bin/python -c \"import duckdb, deltalake; m = deltalake.DeltaTable('{out}/segments/masks')"
-          f".to_pyarrow_dataset(); duckdb.sql('SELECT image_id, count(*) AS n, max(score) AS best "
-          f"FROM m GROUP BY 1 ORDER BY 1').show()\"\n"
+          f"   .venv/bin/python -c \"import duckdb, deltalake; t = deltalake.DeltaTable('{out}/segments/segments')"
+          f".to_pyarrow_dataset(); duckdb.sql('SELECT image_id, num_proposals, proposals[1].score AS best "
+          f"FROM t ORDER BY 1').show()\"\n"
           f"   .venv/bin/python -m jobs.show {out}/segments --history\n"
           f"   .venv/bin/python -m jobs.show --output {out}/segments --image 000005.png --out top.png")
     return 0

@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
                argument_default=argparse.SUPPRESS)
     p.add_argument("--input", required=True, help="prefix URL/path listed recursively for images, "
                    "or a manifest: .txt (one URI per line) or .parquet (a `uri` column)")
-    p.add_argument("--output", required=True, help="folder URL for the Delta tables masks/ and images/")
+    p.add_argument("--output", required=True, help="folder URL for the Delta table segments/ (one row per image, proposals nested)")
     p.add_argument("--checkpoint", required=True, help="InstanceFCN checkpoint URL (ifcn.save_checkpoint)")
     p.add_argument("--storage-options", type=storage_options, help="fsspec options as JSON (AWS_* env also works)")
     p.add_argument("--scales", type=scales, help="inference short sides, comma-separated (default: the paper's 6)")
@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
           f"run {s['run_id']}; output: {s['output']}")
     if s["error_rate"] > config.max_error_rate:
         print(f"error: {s['images_error']} of {s['images']} images ({s['error_rate']:.1%}) are error rows, over "
-              f"--max-error-rate {config.max_error_rate}; see SELECT uri, error FROM "
-              f"delta_scan('{s['output'].rstrip('/')}/images') WHERE status = 'error'", file=sys.stderr)
+              f"--max-error-rate {config.max_error_rate}; list them with python -m jobs.report "
+              f"{s['output']} (\"What went wrong\"), or read_output('{s['output']}', 'images', "
+              f"filter=pyarrow.dataset.field('status') == 'error')", file=sys.stderr)
         return 3
     return 0
 

@@ -60,7 +60,7 @@ class LeaseLostError(SegmentError):
     """This run's fencing generation is not the table's: another run holds the output now."""
 
 
-class TableDamagedError(SegmentError):
+class TableDamagedError(SegmentError, OSError):
     """A data file the log names is missing, of another size, or does not hold what the log says."""
 
 

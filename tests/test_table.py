@@ -17,6 +17,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
+from pipeline.check import check_output
 from pipeline.run import GroupCommitter, InlinePublisher, ShardCollector
 from pipeline.schema import REDUCED_SCHEMA
 from pipeline.sink import StageWriter
@@ -160,6 +161,7 @@ def test_kill_before_and_after_every_commit_then_rerun_gives_the_uninterrupted_r
         assert _child(out, "r3", None, ids=redo, salt=1, prune=[i for i in prune if i in set(df.image_id)]) == 0
         _assert_every_version_whole(out)
         assert _facts(_table(out)) == want, step
+        assert check_output(out, delta_options(out)).damaged == (), step
 
 
 def test_replaced_images_leave_in_the_commit_that_adds_them(tmp_path: Path) -> None:
@@ -191,6 +193,7 @@ def test_overwrite_is_one_commit_and_killed_either_side_reruns_clean(tmp_path: P
         _assert_every_version_whole(out)
         assert _child(out, "new2", None, ids=IDS[:4], salt=2, overwrite=True) == 0
         assert _facts(_table(out)) == _facts(_table(reference)), step
+        assert check_output(out).damaged == ()
         assert len(_table(out, 2)) == 4  # the killed run's rows, by version
 
 
