@@ -32,6 +32,7 @@ import torch
 from ifcn import InferenceConfig, Predictor, Proposals, load_checkpoint
 
 from .errors import RETRY, classify
+from .hooks import pause_point
 from .sources import image_from_row
 
 # Columns the stage passes through unchanged (the read stage's, minus the pixels).
@@ -126,6 +127,7 @@ class InferenceActor:
         self._device_thread = ThreadPoolExecutor(1, "ifcn-device", initializer=_enter_stream, initargs=(self._stream,))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        pause_point("actor_batch")
         rows = batch.select(["status", "error", "pixels", "height", "width", "uri"]).to_pylist()
         n = len(rows)
         infer_ms: list[float | None] = [None] * n

@@ -30,6 +30,7 @@ import importlib.metadata
 import math
 import platform
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -283,6 +284,48 @@ class RayPublisher:
 COUNTS = ("shards", "num_images", "num_ok", "num_error", "num_retry", "num_proposals")
 
 
+class CommitTicker:
+    """Commits finished publishes while no batch arrives: a stage that stalls (a slow GPU, a held
+    actor) must not hold shards that are already written out of the table, where a kill would lose
+    them. Every `every_s` a thread does what a new batch does, under the one lock both share; an
+    error it meets (a lost lease) is raised in the driver's loop."""
+
+    def __init__(self, collector: ShardCollector, committer: GroupCommitter, every_s: float = 0.5) -> None:
+        self.collector, self.committer, self.every_s = collector, committer, every_s
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="ifcn-commit-ticker", daemon=True)
+
+    def step(self, batch: pa.Table | None = None) -> None:
+        with self.lock:
+            if self.error is not None:
+                raise self.error
+            if batch is None:
+                self.collector.collect()
+            else:
+                self.collector.add(batch)
+            self.committer.add(self.collector.take())
+
+    def _loop(self) -> None:
+        while not self.stop.wait(self.every_s):
+            try:
+                self.step()
+            except BaseException as e:  # noqa: BLE001 - handed to the driver's loop
+                self.error = self.error or e
+                return
+
+    def __enter__(self) -> CommitTicker:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        if exc[0] is None and self.error is not None:
+            raise self.error
+
+
 class GroupCommitter:
     """Commits published shards to the table in groups (by count and time), each group as one
     commit with the app transaction (run_id, n) and the run's record; the old rows of the images a
@@ -511,11 +554,10 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
     collector = ShardCollector(plan.shards, plan.pending, publisher, log)
     run_start = time.perf_counter()
     inputs = input_dataset(plan)
-    with spread_actors(res, node_cpus, log) as placement:
+    with spread_actors(res, node_cpus, log) as placement, CommitTicker(collector, committer) as ticker:
         for batch in build_dataset(inputs, plan, config, res, placement).iter_batches(batch_format="pyarrow",
                                                                                      batch_size=None):
-            collector.add(batch)
-            committer.add(collector.take())
+            ticker.step(batch)
     collector.collect(wait=True)
     committer.add(collector.take())
     committer.flush()

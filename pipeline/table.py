@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 import uuid
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ import pyarrow.dataset as ds
 
 from .config import SegmentError
 from .errors import STORAGE_ATTEMPTS, STORAGE_BACKOFF_S
+from .hooks import KILL_ENV, kill_point  # noqa: F401  (KILL_ENV: tests import it from here)
 from .schema import IMAGES_SCHEMA, SEGMENTS_ROW_GROUP_ROWS, SEGMENTS_SCHEMA, VIEWS, masks_view
 
 TABLE = "segments"
@@ -53,7 +53,6 @@ CHECKPOINT_EVERY = 100  # versions between Delta checkpoints: opening the table 
 STATS_COLUMNS = frozenset({"image_id", "shard_id", "run_id", "status", "height", "width", "num_proposals", "size"})
 STATE_COLUMNS = ("image_id", "status", "etag", "size")  # what planning compares a listing with
 FILE_COLUMN = "__filename"  # pyarrow's scan field: the data file a row came from
-KILL_ENV = "IFCN_TEST_KILL_AT"  # tests: "<step>:<n>" SIGKILLs the process at the n-th time it reaches step
 
 
 class LeaseLostError(SegmentError):
@@ -134,20 +133,6 @@ def rewrite(fs, root: str, path: str, drop: Sequence[str], run_id: str) -> dict[
         return None
     shard = path.split("-")[1] if path.startswith("part-") else "rewrite"
     return write_data_file(fs, root, kept, shard, run_id)
-
-
-def kill_point(step: str) -> None:
-    """Test hook: SIGKILL this process the n-th time it reaches `step` (KILL_ENV="<step>:<n>")."""
-    spec = os.environ.get(KILL_ENV, "")
-    at, _, n = spec.partition(":")
-    if at != step:
-        return
-    _KILL_COUNTS[step] = _KILL_COUNTS.get(step, 0) + 1
-    if _KILL_COUNTS[step] == int(n or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_KILL_COUNTS: dict[str, int] = {}
 
 
 def _damaged(uri: str, path: str, what: str) -> TableDamagedError:

@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 
 from fixtures_infra import BIN, RayHead, TcpProxy, _kill_tree, add_worker_node
+from pipeline.hooks import PAUSE_ENV
 from pipeline.schema import IMAGES_RESULT_COLUMNS
 from segment_helpers import REPO, cli, cli_env, inference_flags, read_table, write_checkpoint, write_images
 
@@ -86,26 +87,29 @@ def _titles(pid: int) -> dict[int, str]:
 
 
 def test_sigkill_of_an_actor_and_a_read_task_mid_run(job: dict, tmp_path: Path) -> None:
-    out = tmp_path / "out"
+    """The actor is held at its third image until it has been killed: the kill lands mid-task
+    whatever the machine's speed (its task holds the whole read block, so nothing of it was
+    delivered yet); the restarted actor finds the gate open and redoes the block."""
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    env = {**cli_env(), PAUSE_ENV: f"actor_batch:3:{gate}"}
     proc = subprocess.Popen([sys.executable, "-m", "jobs.segment",
                              *_args(str(job["images"]), str(out), job["checkpoint"])],
-                            cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     killed: dict[str, int] = {}
     deadline = time.monotonic() + 240
     try:
         while proc.poll() is None and time.monotonic() < deadline and len(killed) < 2:
-            log = out / "segments" / "_delta_log"
-            committed = log.exists() and len(list(log.glob("*.json"))) >= 2  # the fence, then a group
             for pid, title in _titles(proc.pid).items():
                 if "read" not in killed and title.startswith("ray::MapBatches(read_images)"):
                     os.kill(pid, signal.SIGKILL)  # a read task's worker, while it runs the task
                     killed["read"] = pid
-                elif "actor" not in killed and committed and "InferAndEncodeActor" in title \
+                elif "actor" not in killed and "InferAndEncodeActor" in title \
                         and title.startswith("ray::MapWorker"):
-                    os.kill(pid, signal.SIGKILL)  # the only inference actor, after a first commit
+                    os.kill(pid, signal.SIGKILL)  # the only inference actor, mid-task (held at its 3rd image)
                     killed["actor"] = pid
             time.sleep(0.005)
+        gate.touch()  # the restarted actor (or, if a kill was missed, this one) goes on
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
