@@ -241,7 +241,10 @@ def sample_ids(ids: list[str], n: int) -> list[str]:
 def _masks_of(output: str, image_ids: list[str], columns: list[str],
               storage_options: dict[str, Any] | None) -> pa.Table:
     from . import read_output
+    from .schema import VIEWS
 
+    if not image_ids:  # an output with no proposals (every image failed): an empty filter would not bind
+        return VIEWS["masks"].empty_table().select(columns)
     return read_output(output, "masks", columns, storage_options=storage_options, image_ids=image_ids)
 
 

@@ -128,3 +128,28 @@ def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert len(err) == 1 and "not a jobs.segment output" in err[0]
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--samples", "-1"])
+
+
+def all_error_output(root: Path) -> Path:
+    """An output where every image failed (no proposals anywhere), written with deltalake's own writer."""
+    from deltalake import write_deltalake
+    from segment_helpers import nest
+
+    reasons = ["not an image file; recorded as error row", "image has 2000000000 pixels, over --max-pixels"]
+    images = [{"image_id": f"x{i}.jpg", "uri": f"file:///in/x{i}.jpg", "status": "error",
+               "error": f"image x{i}.jpg: {reasons[i % 2]}", "num_proposals": 0, "shard_id": "00000",
+               "run_id": "r1"} for i in range(5)]
+    write_deltalake(str(root / "out" / "segments"), nest(images, []), mode="append")
+    return root / "out"
+
+
+def test_report_of_an_all_error_output_lists_the_reasons(tmp_path: Path) -> None:
+    out = all_error_output(tmp_path)
+    html = tmp_path / "r.html"
+    assert main([str(out), "--html", str(html)]) == 0
+    facts = open_page(html, tmp_path / "shot.png")
+    assert (facts["counts"]["images.total"], facts["counts"]["images.ok"], facts["counts"]["images.error"]) == \
+        ("5", "0", "5")
+    # grouped by reason with the URI prefix taken out, most frequent first
+    assert facts["errors"] == [["error", "3", "not an image file; recorded as error row"],
+                               ["error", "2", "image has 2000000000 pixels, over --max-pixels"]]
