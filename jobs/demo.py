@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from jobs._cli import Parser
+from jobs._cli import make_parser
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "narrow_synth.pt"
 # Inference scales for the 256 px synthetic images: objects of 56-128 px reach the 81-114 px
@@ -23,7 +23,7 @@ TRAIN_STEPS = 2000  # the shipped model's schedule: ~7.5 min on 2 cores, lr drop
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
+    p = make_parser("ifcn-demo", __doc__)
     p.add_argument("--output", default="demo_out", help="folder for the bucket, tables, AR and pictures")
     p.add_argument("--num-images", type=int, default=32, help="images in the synthetic bucket")
     p.add_argument("--train-minutes", type=float, default=0.0,

@@ -68,7 +68,7 @@ def table_counts(out: Path) -> dict[str, int]:
 def test_report_of_a_large_synthetic_output_matches_its_tables(tmp_path: Path) -> None:
     out = Path(bench_report().synthetic_output(tmp_path, 1500, seed=3))
     html = tmp_path / "page" / "report.html"
-    assert main([str(out), "--html", str(html), "--samples", "12"]) == 0
+    assert main(["--output", str(out), "--html", str(html), "--samples", "12"]) == 0
     assert html.stat().st_size < MAX_PAGE_BYTES
     facts = open_page(html, tmp_path / "shot.png")
     expected = table_counts(out)
@@ -111,7 +111,7 @@ def test_report_recall_against_hand_counted_annotations(tmp_path: Path) -> None:
     ann = tmp_path / "gt.json"
     ann.write_text(json.dumps(gt))
     html = tmp_path / "r.html"
-    assert main([str(out), "--html", str(html), "--annotations", str(ann)]) == 0
+    assert main(["--output", str(out), "--html", str(html), "--annotations", str(ann)]) == 0
     counts = open_page(html, tmp_path / "shot.png")["counts"]
     # medium gts (1500, 1600 px) both found; small ones (560 found, 900 missed) half; no large gt
     assert {k: counts[k] for k in counts if k.startswith("ar.")} == {
@@ -123,11 +123,11 @@ def test_report_recall_against_hand_counted_annotations(tmp_path: Path) -> None:
 
 
 def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main([str(tmp_path / "nothing")]) == 2
+    assert main(["--output", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a jobs.segment output" in err[0]
     with pytest.raises(SystemExit):
-        main([str(tmp_path), "--samples", "-1"])
+        main(["--output", str(tmp_path), "--samples", "-1"])
 
 
 def all_error_output(root: Path) -> Path:
@@ -146,7 +146,7 @@ def all_error_output(root: Path) -> Path:
 def test_report_of_an_all_error_output_lists_the_reasons(tmp_path: Path) -> None:
     out = all_error_output(tmp_path)
     html = tmp_path / "r.html"
-    assert main([str(out), "--html", str(html)]) == 0
+    assert main(["--output", str(out), "--html", str(html)]) == 0
     facts = open_page(html, tmp_path / "shot.png")
     assert (facts["counts"]["images.total"], facts["counts"]["images.ok"], facts["counts"]["images.error"]) == \
         ("5", "0", "5")
