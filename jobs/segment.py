@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_plan(make_plan(config), config))
             return 0
         summary = run_segment(config)
+    except KeyboardInterrupt:  # Ctrl-C: the lease is released on the way out (run_segment's finally)
+        print("interrupted; committed rows are kept, re-run the same command to resume", file=sys.stderr)
+        return 130
     except IncompleteRunError as e:  # mid-run: what was committed stays committed
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -46,6 +46,7 @@ from .config import IncompleteRunError, SegmentConfig, SegmentError
 from .errors import RETRY
 from .lease import Lease
 from .plan import Plan, new_run_id, now_utc, prepare, skipped_note
+from .progress import status_lines
 from .sink import Fragment, publish_shard, rewrite_file
 from .sources import Listing, Shard, Span, read_images
 from .table import OutputTables, Replacements
@@ -440,7 +441,8 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
                                config.commit_shards, config.commit_every_s)
     committer.rewriter = InlinePublisher(config.output, config.storage_options, run_id)  # until Ray runs the job
     try:
-        run_s, res = _process(plan, config, committer, log)
+        with status_lines(lambda: committer.counts["num_images"], len(plan.pending), log):
+            run_s, res = _process(plan, config, committer, log)
     except BaseException as e:
         try:  # best effort: the run's record says how it ended (a kill leaves it "running")
             if committer.version or committer.waiting:
@@ -495,8 +497,9 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
         return 0.0, Resources(0, 0.0, 0.0, False, 0)  # nothing to run: no actors
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    from .ray_init import init_ray
+
+    init_ray()
     cluster = ray.cluster_resources()
     node_cpus = [c for n in ray.nodes() if n.get("Alive") and (c := n["Resources"].get("CPU", 0.0)) > 0]
     res = resolve_resources(config, cluster, node_cpus)
