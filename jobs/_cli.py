@@ -11,7 +11,6 @@ import argparse
 import json
 import re
 import sys
-import warnings
 from typing import Any, Iterable, NoReturn
 
 
@@ -130,25 +129,7 @@ def warn_scales(requested: tuple[int, ...], trained: Iterable[int] | None, log: 
 
 
 def trained_scales(url: str, storage_options: dict[str, Any] | None = None) -> list[int] | None:
-    """The short sides a jobs.train checkpoint was trained at, read from its pickle header only (the
-    zip's central directory and data.pkl: no tensor, no torch); None when it does not say."""
-    import zipfile
+    """The short sides a jobs.train checkpoint was trained at (its header only); None when it does not say."""
+    from pipeline.report import peek_checkpoint
 
-    from ifcn.checkpoint_header import _HeaderUnpickler
-    from ifcn.io import open_url
-
-    try:
-        with open_url(url, "rb", storage_options) as f, zipfile.ZipFile(f) as z:
-            name = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
-            with z.open(name) as pkl:
-                header = _HeaderUnpickler(pkl).load()
-        scales_ = (header.get("extra") or {}).get("train_config", {}).get("scales")
-    except Exception:  # the job itself reports an unreadable checkpoint, naming the flag
-        return None
-    return [int(s) for s in scales_] if scales_ else None
-
-
-def quiet_warnings() -> None:
-    """Warnings a user cannot act on (library deprecations inside Ray and friends) stay out of job output."""
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
+    return (peek_checkpoint(url, storage_options) or {}).get("trained_scales")

@@ -503,6 +503,7 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
     cluster = ray.cluster_resources()
     node_cpus = [c for n in ray.nodes() if n.get("Alive") and (c := n["Resources"].get("CPU", 0.0)) > 0]
     res = resolve_resources(config, cluster, node_cpus)
+    committer.record["resources"] = resources_record(res, cluster, node_cpus)
     log(f"inference: {res.actors} actor(s), {res.gpus_per_actor} GPU each, batch size {res.batch_size}, "
         f"{config.inference.nms} NMS in the actors; RLE strings in "
         f"{'the actors' if res.postprocess_in_actor else 'CPU tasks'}")
@@ -526,6 +527,13 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
         raise IncompleteRunError(f"shards {collector.missing()[:10]} did not receive all their images; "
                                  f"re-run the same command to finish them")
     return time.perf_counter() - run_start, res
+
+
+def resources_record(res: Resources, cluster: dict[str, float], node_cpus: list[float]) -> dict[str, Any]:
+    """What the run's record says about where it ran (the report's 'Runs' table)."""
+    return {"actors": res.actors, "gpus_per_actor": res.gpus_per_actor, "cpus_per_actor": res.cpus_per_actor,
+            "batch_size": res.batch_size, "postprocess": "actor" if res.postprocess_in_actor else "tasks",
+            "nodes": len(node_cpus), "cluster_cpus": cluster.get("CPU", 0.0), "cluster_gpus": cluster.get("GPU", 0.0)}
 
 
 def versions() -> dict[str, str]:
