@@ -1,7 +1,7 @@
 """The whole flow on one machine with no setup: synthetic bucket -> model -> Ray job -> AR -> pictures.
 
-    python -m jobs.demo --output demo_out            # uses the shipped checkpoints/narrow_synth.pt
-    python -m jobs.demo --output demo_out --train-minutes 5   # trains a fresh narrow model first
+    ifcn-demo --output demo_out            # uses the shipped checkpoints/narrow_synth.pt
+    ifcn-demo --output demo_out --train-minutes 5   # trains a fresh narrow model first
 
 Everything runs on local Ray over local files, the same code paths as a cluster run over s3://.
 """
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         config = SegmentConfig.from_options(str(out / "bucket" / "images"), str(out / "segments"), checkpoint,
                                             scales=DEMO_SCALES, max_proposals=args.max_proposals)
         summary = run_segment(config)
+    except KeyboardInterrupt:
+        print("interrupted; committed rows are kept, re-run the same command to resume", file=sys.stderr)
+        return 130
     except SegmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -109,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
           f"   .venv/bin/python -c \"import duckdb, deltalake; t = deltalake.DeltaTable('{out}/segments/segments')"
           f".to_pyarrow_dataset(); duckdb.sql('SELECT image_id, num_proposals, proposals[1].score AS best "
           f"FROM t ORDER BY 1').show()\"\n"
-          f"   .venv/bin/python -m jobs.show {out}/segments --history\n"
-          f"   .venv/bin/python -m jobs.show --output {out}/segments --image 000005.png --out top.png")
+          f"   ifcn-show --output {out}/segments --history        # after: source .venv/bin/activate\n"
+          f"   ifcn-show --output {out}/segments --image 000005.png --out top.png\n"
+          f"   ifcn-export --output {out}/segments --json {out}/results.json   # COCO results JSON")
     return 0
 
 

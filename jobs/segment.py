@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
           f"run {s['run_id']}; output: {s['output']}")
     if s["error_rate"] > config.max_error_rate:
         print(f"error: {s['images_error']} of {s['images']} images ({s['error_rate']:.1%}) are error rows, over "
-              f"--max-error-rate {config.max_error_rate}; list them with python -m jobs.report "
+              f"--max-error-rate {config.max_error_rate}; list them with ifcn-report --output "
               f"{s['output']} (\"What went wrong\"), or read_output('{s['output']}', 'images', "
               f"filter=pyarrow.dataset.field('status') == 'error')", file=sys.stderr)
         return 3

@@ -5,7 +5,7 @@
 
     ds = ray.data.read_images("s3://bucket/images/", mode="RGB", include_paths=True)
     ds = ds.map_batches(InstanceFCNTransform, fn_constructor_kwargs={"checkpoint": "s3://bucket/ifcn.pt"},
-                        batch_size=4, concurrency=2)            # num_gpus=1 per actor on a GPU cluster
+                        batch_size=4, concurrency=2)   # leave CPUs for the reads; num_gpus=1 per actor on GPUs
     ds.write_parquet("s3://bucket/proposals/")                  # or .iter_rows(), .to_pandas(), ...
 
 Each actor loads the checkpoint once and keeps the model for every batch (a callable class, so
