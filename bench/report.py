@@ -122,7 +122,7 @@ def main() -> int:
 
     html = root / "report.html"
     t1 = time.perf_counter()
-    rc = report([out, "--html", str(html)])
+    rc = report(["--output", out, "--html", str(html)])
     report_s = time.perf_counter() - t1
     print(json.dumps({"images": args.images, "build_s": round(build_s, 1), "report_s": round(report_s, 2),
                       "page_mb": round(html.stat().st_size / 1e6, 3), "rc": rc}))

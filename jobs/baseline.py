@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import sys
-from jobs._cli import Parser, scales, storage_options
+from jobs._cli import make_parser, scales, storage_options
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m jobs.baseline", description=__doc__.splitlines()[0])
+    p = make_parser("ifcn-baseline", __doc__)
     p.add_argument("--checkpoint", required=True, help="model.pt written by jobs.train (e.g. --model fcn-baseline)")
     p.add_argument("--images", required=True)
     p.add_argument("--annotations", required=True)

@@ -1,8 +1,8 @@
 """Checks a job's output table file by file against its Delta log; --repair drops damaged files.
 
-    python -m jobs.check s3://bucket/out/run1
-    python -m jobs.check s3://bucket/out/run1 --repair
-    python -m jobs.check s3://bucket/out/run1 --storage-options '{"endpoint_url": "http://127.0.0.1:9000"}'
+    ifcn-check --output s3://bucket/out/run1
+    ifcn-check --output s3://bucket/out/run1 --repair
+    ifcn-check --output s3://bucket/out/run1 --storage-options '{"endpoint_url": "http://127.0.0.1:9000"}'
 
 Exit status: 0 clean (or repaired), 1 damaged files found and not repaired, 2 bad input.
 """
@@ -13,15 +13,15 @@ import sys
 
 import pyarrow as pa
 
-from jobs._cli import Parser, storage_options
+from jobs._cli import add_output, make_parser, output_of, storage_options
 from pipeline.check import check_output, repair_output
 from pipeline.config import SegmentError
 from pipeline.table import delta_storage_options
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="jobs.check", description=__doc__.split("\n")[0])
-    p.add_argument("output", help="the job's --output (holds the segments/ Delta table)")
+    p = make_parser("ifcn-check", __doc__)
+    add_output(p, "the segment job's --output (holds the segments/ Delta table)")
     p.add_argument("--repair", action="store_true",
                    help="remove every damaged file (one commit, under the output's lease) so the next run "
                         "re-processes those images")
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="JSON dict for fsspec, as jobs.segment takes it (e.g. '{\"endpoint_url\": ...}'); "
                         "the AWS_* environment is used too")
     args = p.parse_args(argv)
+    args.output = output_of(p, args)
     options = delta_storage_options(args.output, args.storage_options) or None
     # delta-rs logs retries and region look-ups to stderr (WARN); errors reach the user as one line below
     os.environ.setdefault("RUST_LOG", "error")

@@ -1,7 +1,7 @@
 """The whole flow on one machine with no setup: synthetic bucket -> model -> Ray job -> AR -> pictures.
 
-    python -m jobs.demo --output demo_out            # uses the shipped checkpoints/narrow_synth.pt
-    python -m jobs.demo --output demo_out --train-minutes 5   # trains a fresh narrow model first
+    ifcn-demo --output demo_out            # uses the shipped checkpoints/narrow_synth.pt
+    ifcn-demo --output demo_out --train-minutes 5   # trains a fresh narrow model first
 
 Everything runs on local Ray over local files, the same code paths as a cluster run over s3://.
 """
@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from jobs._cli import Parser
+from jobs._cli import make_parser
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "narrow_synth.pt"
 # Inference scales for the 256 px synthetic images: objects of 56-128 px reach the 81-114 px
@@ -23,7 +23,7 @@ TRAIN_STEPS = 2000  # the shipped model's schedule: ~7.5 min on 2 cores, lr drop
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
+    p = make_parser("ifcn-demo", __doc__)
     p.add_argument("--output", default="demo_out", help="folder for the bucket, tables, AR and pictures")
     p.add_argument("--num-images", type=int, default=32, help="images in the synthetic bucket")
     p.add_argument("--train-minutes", type=float, default=0.0,
@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         config = SegmentConfig.from_options(str(out / "bucket" / "images"), str(out / "segments"), checkpoint,
                                             scales=DEMO_SCALES, max_proposals=args.max_proposals)
         summary = run_segment(config)
+    except KeyboardInterrupt:
+        print("interrupted; committed rows are kept, re-run the same command to resume", file=sys.stderr)
+        return 130
     except SegmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -109,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
           f"   .venv/bin/python -c \"import duckdb, deltalake; t = deltalake.DeltaTable('{out}/segments/segments')"
           f".to_pyarrow_dataset(); duckdb.sql('SELECT image_id, num_proposals, proposals[1].score AS best "
           f"FROM t ORDER BY 1').show()\"\n"
-          f"   .venv/bin/python -m jobs.show {out}/segments --history\n"
-          f"   .venv/bin/python -m jobs.show --output {out}/segments --image 000005.png --out top.png")
+          f"   ifcn-show --output {out}/segments --history        # after: source .venv/bin/activate\n"
+          f"   ifcn-show --output {out}/segments --image 000005.png --out top.png\n"
+          f"   ifcn-export --output {out}/segments --json {out}/results.json   # COCO results JSON")
     return 0
 
 

@@ -22,7 +22,7 @@ from ifcn.evaluate import (IOU_LABELS, IOU_PROTOCOLS, average_recall, format_tab
 from ifcn.config import NMS_MODES
 from ifcn.image import ImageError, decode_image
 from ifcn.io import filesystem, join, open_url, write_bytes
-from jobs._cli import Parser, scales, storage_options
+from jobs._cli import make_parser, scales, storage_options
 
 
 class Progress:
@@ -181,7 +181,7 @@ def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(prog="jobs.evaluate", description=__doc__.split("\n")[0])
+    p = make_parser("ifcn-evaluate", __doc__)
     p.add_argument("--annotations", required=True, help="COCO instances JSON (any fsspec URL)")
     p.add_argument("--checkpoint", help="model.pt of jobs.train (any --model: instancefcn, deepmask, fcn-baseline) "
                    "to run over the annotations' images")

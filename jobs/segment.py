@@ -1,6 +1,6 @@
 """Segments every image of a prefix or manifest into InstanceFCN proposals (Delta Lake tables), on Ray.
 
-    python -m jobs.segment --input s3://bucket/images/ --output s3://bucket/out/ --checkpoint s3://bucket/ifcn.pt
+    ifcn-segment --input s3://bucket/images/ --output s3://bucket/out/ --checkpoint s3://bucket/ifcn.pt
     ray job submit --working-dir . -- python -m jobs.segment --input ... --output ... --checkpoint ...
 
 Re-running the same command resumes, and over a bucket that changed processes only what changed:
@@ -12,19 +12,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ifcn.config import NMS_MODES
-from jobs._cli import Parser, scales, storage_options
+from dataclasses import MISSING, fields
+
+from ifcn.config import NMS_MODES, InferenceConfig
+from jobs._cli import in_flags, make_parser, scales, show_defaults, storage_options, trained_scales, warn_scales
+from pipeline.config import SegmentConfig
 
 
 def parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m jobs.segment", description=__doc__.splitlines()[0],
-               argument_default=argparse.SUPPRESS)
+    p = make_parser("ifcn-segment", __doc__, argument_default=argparse.SUPPRESS)
     p.add_argument("--input", required=True, help="prefix URL/path listed recursively for images, "
                    "or a manifest: .txt (one URI per line) or .parquet (a `uri` column)")
     p.add_argument("--output", required=True, help="folder URL for the Delta table segments/ (one row per image, proposals nested)")
     p.add_argument("--checkpoint", required=True, help="InstanceFCN checkpoint URL (ifcn.save_checkpoint)")
     p.add_argument("--storage-options", type=storage_options, help="fsspec options as JSON (AWS_* env also works)")
-    p.add_argument("--scales", type=scales, help="inference short sides, comma-separated (default: the paper's 6)")
+    p.add_argument("--scales", type=scales, help="inference short sides in px, comma-separated; a checkpoint works best "
+                   "at the scales it was trained at (a warning says when these differ); the paper's six")
     p.add_argument("--max-proposals", type=int, help="proposals kept per image after NMS")
     p.add_argument("--windows-per-scale", type=int, help="top windows by objectness assembled per scale")
     p.add_argument("--nms", choices=NMS_MODES, help="NMS by IoU of the masks' tight boxes (default, the "
@@ -53,32 +56,48 @@ def parser() -> argparse.ArgumentParser:
                    "to retry, shards to run, skipped keys) and exit: nothing is written, no workers start")
     p.add_argument("--amp", choices=("auto", "bf16", "none"), help="bf16 autocast on CUDA (default auto = bf16 on "
                    "CUDA; CPU always runs fp32)")
+    show_defaults(p, LIBRARY_DEFAULTS)
     return p
 
 
+# What an unset flag means: the library's defaults (only flags a user sets are forwarded).
+LIBRARY_DEFAULTS = {f.name: f.default for cls in (SegmentConfig, InferenceConfig) for f in fields(cls)
+                    if f.default is not MISSING and f.default is not None}
+FIELDS = [f.name for cls in (SegmentConfig, InferenceConfig) for f in fields(cls)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = vars(parser().parse_args(argv))
+    p = parser()
+    args = vars(p.parse_args(argv))
+    try:  # flag values the library refuses: one line naming the flag, exit 2, before Ray or torch start
+        InferenceConfig(**{k: v for k, v in args.items() if k in InferenceConfig.__dataclass_fields__})
+    except ValueError as e:
+        p.error(in_flags(str(e), FIELDS))
     # Imported after parsing so --help and flag errors are instant (no torch/ray import).
     import ray.exceptions
     from deltalake.exceptions import DeltaError
 
     from ifcn.image import one_line
-    from pipeline.config import IncompleteRunError, SegmentConfig, SegmentError
+    from pipeline.config import IncompleteRunError, SegmentError
     from pipeline.plan import describe_plan, make_plan
     from pipeline.run import run_segment
 
     dry_run = args.pop("dry_run", False)
     try:
         config = SegmentConfig.from_options(**args)
+        warn_scales(config.inference.scales, trained_scales(config.checkpoint, config.storage_options))
         if dry_run:
             print(describe_plan(make_plan(config), config))
             return 0
         summary = run_segment(config)
+    except KeyboardInterrupt:  # Ctrl-C: the lease is released on the way out (run_segment's finally)
+        print("interrupted; committed rows are kept, re-run the same command to resume", file=sys.stderr)
+        return 130
     except IncompleteRunError as e:  # mid-run: what was committed stays committed
         print(f"error: {e}", file=sys.stderr)
         return 1
     except SegmentError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {in_flags(str(e), FIELDS)}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError, DeltaError, ray.exceptions.RayError) as e:
         # Mid-run failures (storage, Ray, table commits): committed rows stay, so re-running resumes.
@@ -95,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
           f"run {s['run_id']}; output: {s['output']}")
     if s["error_rate"] > config.max_error_rate:
         print(f"error: {s['images_error']} of {s['images']} images ({s['error_rate']:.1%}) are error rows, over "
-              f"--max-error-rate {config.max_error_rate}; list them with python -m jobs.report "
+              f"--max-error-rate {config.max_error_rate}; list them with ifcn-report --output "
               f"{s['output']} (\"What went wrong\"), or read_output('{s['output']}', 'images', "
               f"filter=pyarrow.dataset.field('status') == 'error')", file=sys.stderr)
         return 3

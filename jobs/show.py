@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from ifcn.viz import draw_proposals, save_png
 from ifcn.image import ImageError, decode_image, read_bytes  # decode exactly as the pipeline did (EXIF, alpha)
-from jobs._cli import Parser, storage_options
+from jobs._cli import add_output, make_parser, output_of, storage_options
 from pipeline import read_output
 
 MASK_COLUMNS = ["image_id", "uri", "rank", "score", "bbox", "rle", "height", "width"]
@@ -94,18 +94,15 @@ def show(output: str, image_id: str, out: str, top: int = 20, storage_options: d
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="jobs.show", description=__doc__.split("\n")[0])
-    p.add_argument("output_url", nargs="?", help="pipeline output folder (same as --output)")
-    p.add_argument("--output", help="pipeline output folder (with the Delta tables masks/ and images/)")
+    p = make_parser("ifcn-show", __doc__)
+    add_output(p, "the segment job's --output folder (holding the segments/ table)")
     p.add_argument("--history", action="store_true", help="list the output's runs, one line each, and exit")
     p.add_argument("--image", help="image_id as in the tables (e.g. a/000012.jpg)")
     p.add_argument("--out", help="PNG to write (any fsspec URL)")
     p.add_argument("--top", type=int, default=20, help="how many of the best proposals to draw")
     p.add_argument("--storage-options", type=storage_options, help="JSON dict for fsspec, e.g. '{\"anon\": true}'")
     args = p.parse_args(argv)
-    output = args.output or args.output_url
-    if not output:
-        p.error("the output folder is required (--output URL)")
+    output = output_of(p, args)
     if args.top < 0:
         p.error("--top must be >= 0")
     if not args.history and not (args.image and args.out):

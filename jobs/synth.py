@@ -9,11 +9,11 @@ import sys
 from dataclasses import replace
 
 from ifcn.data.synth import SynthConfig, write_synthetic_dataset
-from jobs._cli import Parser, storage_options
+from jobs._cli import make_parser, storage_options
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m jobs.synth", description=__doc__.splitlines()[0])
+    p = make_parser("ifcn-synth", __doc__)
     p.add_argument("--output", required=True, help="folder URL (local, file://, s3://...)")
     p.add_argument("--num-images", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)

@@ -1,4 +1,4 @@
-"""Trains InstanceFCN (or DeepMask, or the one-map FCN baseline: --model) with Ray Train on a COCO-format dataset.
+r"""Trains InstanceFCN (or DeepMask, or the one-map FCN baseline: --model) with Ray Train on a COCO-format dataset.
 
     python -m jobs.train --images file:///data/train/images --annotations file:///data/train/annotations.json \
         --output file:///runs/small --max-minutes 10                     # preset "small": a CPU, 10 minutes
@@ -18,7 +18,7 @@ import sys
 
 from ifcn.config import BACKBONES
 from ifcn.train.config import AMP, MODELS, PRESETS, TrainConfig
-from jobs._cli import Parser, storage_options
+from jobs._cli import make_parser, scales, show_defaults, storage_options
 
 # flag dest -> TrainConfig field, where the names differ
 _RENAMED = {"no_flip": "flip"}
@@ -27,7 +27,7 @@ _RENAMED = {"no_flip": "flip"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig("", "", "")
     presets = "; ".join(f"{name}: {', '.join(f'{k} {v}' for k, v in values.items())}" for name, values in PRESETS.items())
-    p = Parser(prog="python -m jobs.train", description=__doc__.splitlines()[0])
+    p = make_parser("ifcn-train", __doc__)
     p.add_argument("--images", required=True, help="folder URL holding the COCO file_name entries")
     p.add_argument("--annotations", required=True, help="COCO instances JSON URL")
     p.add_argument("--output", required=True, help="folder URL for checkpoints, model.pt and the loss curve")
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-step", type=int, help="iteration where lr drops 10x (default: the preset's)")
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--windows-per-image", type=int)
-    p.add_argument("--scales", type=int, nargs="+", help="training short sides (default: the preset's)")
+    p.add_argument("--scales", type=scales, help="training short sides in px, comma-separated (default: the preset's)")
     p.add_argument("--max-size", type=int, help=f"cap on the resized long side (default {d.max_size}, inference's)")
     p.add_argument("--no-flip", action="store_false", default=None, help="disable horizontal flip augmentation")
     p.add_argument("--vgg16-weights", help="ImageNet VGG-16 state dict URL (torchvision layout)")
@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--storage-options", type=storage_options, help="fsspec storage options as JSON")
+    show_defaults(p, {a.dest: getattr(d, a.dest) for a in p._actions if a.default is None and hasattr(d, a.dest)
+                      and not isinstance(getattr(d, a.dest), bool)})
     args = p.parse_args(argv)
     for name in ("num_workers", "cpus_per_worker", "steps", "lr_step", "max_steps", "prefetch", "val_every",
                  "val_max_images", "checkpoint_every", "log_every"):

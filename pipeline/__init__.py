@@ -1,6 +1,7 @@
 """Distributed InstanceFCN batch job on Ray Data: sources, stages, sinks.
 
-`pipeline.read_output(url)` reads a job's committed results (pipeline/output.py)."""
+`pipeline.read_output(url)` reads a job's committed results (pipeline/output.py);
+`pipeline.InstanceFCNTransform` is the model step as a Ray Data map_batches transform (pipeline/transform.py)."""
 from __future__ import annotations
 
 from typing import Any
@@ -11,3 +12,11 @@ def read_output(*args: Any, **kwargs: Any):
     from .output import read_output as read
 
     return read(*args, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "InstanceFCNTransform":  # torch is imported on first use only
+        from .transform import InstanceFCNTransform
+
+        return InstanceFCNTransform
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

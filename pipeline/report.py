@@ -39,9 +39,9 @@ EXAMPLES_PER_REASON = 3  # URIs shown for each error reason
 class ReportConfig:
     """What the page samples; defaults keep a 10M-image report near a minute and the page < 5 MB."""
 
-    samples: int = 24  # gallery images
-    top: int = 10  # proposals drawn on each gallery image
-    thumb_px: int = 320  # gallery thumbnails' long side
+    samples: int = 6  # gallery images: a few, large enough to read
+    top: int = 5  # proposals drawn on each gallery image
+    thumb_px: int = 480  # gallery thumbnails' long side
     stats_images: int = 2000  # images whose proposals feed the score / area histograms
     bins: int = 20
     max_error_reasons: int = 20
@@ -61,6 +61,8 @@ def collect(output: str, storage_options: dict[str, Any] | None = None, annotati
     facts["errors"] = error_groups(bad, config.max_error_reasons)
     commits = history(table)
     facts["runs"] = runs(commits, rows_per_run(table))
+    for r in facts["runs"]:
+        r["checkpoint_info"] = peek_checkpoint(r.get("checkpoint"), storage_options)
     facts["skipped_keys"] = _skipped(commits)
     facts["throughput"] = throughput(commits)
     ok = images.filter(pc.equal(images.column("status"), "ok"))
@@ -73,9 +75,13 @@ def collect(output: str, storage_options: dict[str, Any] | None = None, annotati
     facts["proposal_sample_images"] = len(stats_ids)
     facts["scores"] = histogram(masks.column("score").to_numpy(zero_copy_only=False), config.bins, lo=0.0, hi=1.0)
     facts["area_by_scale"] = area_by_scale(masks, config.bins)
-    facts["gallery"] = gallery(output, ordered[:config.samples], config, storage_options)
+    gt = None
     if annotations:
-        facts["recall"] = recall(output, annotations, storage_options)
+        from ifcn.evaluate import load_gt
+
+        gt = load_gt(annotations, storage_options)
+        facts["recall"] = kept_only(recall(output, gt, storage_options), kept_proposals(facts["runs"]))
+    facts["gallery"] = gallery(output, ordered[:config.samples], config, storage_options, gt)
     return facts
 
 
@@ -178,6 +184,8 @@ def runs(commits: list[dict[str, Any]], per_run: Counter) -> list[dict[str, Any]
         span_s = (c["timestamp"] - started) / 1000
         ended = "running or killed (no end record)" if rec.get("exit") == "running" else rec.get("exit")
         out.append({"run_id": rid, "started": started, "settings": rec.get("settings"), "images": processed,
+                    "checkpoint": rec.get("checkpoint"), "checkpoint_sha256": rec.get("checkpoint_sha256"),
+                    "versions": rec.get("versions") or {}, "resources": rec.get("resources") or {},
                     "images_per_s": round(processed / span_s, 3) if span_s > 0 else None,
                     "complete": bool(rec.get("complete")), "ended": ended, "rows_in_table": per_run.get(rid, 0),
                     "planned": rec.get("planned") or {}})
@@ -193,14 +201,40 @@ def _skipped(commits: list[dict[str, Any]]) -> dict[str, int]:
 
 
 def throughput(commits: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Images processed over time, per run: [{run_id, t_s (since the run started), images}]."""
-    points = []
+    """Images committed over time, per run: [{run_id, t_s (since the run started), images}] for each
+    commit that added images (the run's start and end records add none)."""
+    points, last = [], {}
     for c in commits:
         rec = c["record"]
         t0 = _epoch_ms(rec.get("started_at")) or c["timestamp"]
-        points.append({"run_id": rec["run_id"], "t_s": max(0.0, (c["timestamp"] - t0) / 1000),
-                       "images": int((rec.get("counts") or {}).get("num_images", 0))})
+        n = int((rec.get("counts") or {}).get("num_images", 0))
+        if n == 0 or last.get(rec["run_id"]) == n:
+            continue
+        last[rec["run_id"]] = n
+        points.append({"run_id": rec["run_id"], "t_s": max(0.0, (c["timestamp"] - t0) / 1000), "images": n})
     return points
+
+
+def kept_proposals(runs_: list[dict[str, Any]]) -> int | None:
+    """Proposals kept per image by the latest run (its max_proposals setting), or None if unrecorded."""
+    for r in reversed(runs_):
+        kept = ((r.get("settings") or {}).get("inference") or {}).get("max_proposals")
+        if kept:
+            return int(kept)
+    return None
+
+
+def kept_only(r: dict[str, Any], kept: int | None) -> dict[str, Any]:
+    """AR@k only for the k a run with `kept` proposals per image can have: AR@1000 of a run capped at 100
+    is AR@100 again, so it is dropped (sized AR@1000 becomes @100, the same number)."""
+    if not kept:
+        return r
+    ar = {}
+    for name, v in r["ar"].items():
+        k = int(name.split("@")[1])
+        label = name if k <= kept else f"{name.split('@')[0]}@{kept}"
+        ar.setdefault(label, v)
+    return {**r, "ar": ar, "kept": kept, "dets": min(kept, r["dets"])}
 
 
 def histogram(values: np.ndarray, bins: int, lo: float | None = None, hi: float | None = None,
@@ -212,10 +246,10 @@ def histogram(values: np.ndarray, bins: int, lo: float | None = None, hi: float 
         return {"edges": [], "counts": [], "n": 0, "mean": None, "median": None}
     lo = float(values.min()) if lo is None else lo
     hi = float(values.max()) if hi is None else hi
-    if integer:
+    if integer:  # bins of whole numbers, each centred on the values it holds (one value: one bar at it)
         width = max(1, int(np.ceil((hi - lo + 1) / bins)))
-        edges = np.arange(lo, hi + width + 1, width, dtype=np.float64)[: bins + 1]
-        edges[-1] = max(edges[-1], hi + 1)
+        edges = np.arange(lo - 0.5, hi + 0.5 + width, width, dtype=np.float64)
+        edges = edges[: int(np.searchsorted(edges, hi + 0.5)) + 1]
     else:
         edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
     counts, edges = np.histogram(values, edges)
@@ -241,16 +275,21 @@ def sample_ids(ids: list[str], n: int) -> list[str]:
 def _masks_of(output: str, image_ids: list[str], columns: list[str],
               storage_options: dict[str, Any] | None) -> pa.Table:
     from . import read_output
+    from .schema import VIEWS
 
+    if not image_ids:  # an output with no proposals (every image failed): an empty filter would not bind
+        return VIEWS["masks"].empty_table().select(columns)
     return read_output(output, "masks", columns, storage_options=storage_options, image_ids=image_ids)
 
 
 def gallery(output: str, image_ids: list[str], config: ReportConfig,
-            storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Sampled images with their top proposals drawn (ifcn.viz, as jobs.show draws them), as inline
-    JPEG thumbnails: [{image_id, uri, proposals, drawn, jpeg_b64 | error}]."""
-    from ifcn.viz import draw_proposals
-    from PIL import Image
+            storage_options: dict[str, Any] | None, gt: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Sampled images with their top proposals drawn (numbered labels that do not collide; ground
+    truth outlined when `gt` is given), as inline JPEG thumbnails:
+    [{image_id, uri, proposals, drawn, scores, truth, jpeg_b64 | error}]."""
+    from .report_plots import gallery_picture
+
+    truth_of = _truth_masks(gt)
 
     masks = _masks_of(output, image_ids, ["image_id", "uri", "rank", "score", "bbox", "rle", "height", "width"],
                       storage_options)
@@ -263,17 +302,19 @@ def gallery(output: str, image_ids: list[str], config: ReportConfig,
         if not rows:
             continue
         uri = rows[0]["uri"]
-        entry = {"image_id": image_id, "uri": uri, "proposals": len(rows), "drawn": min(config.top, len(rows))}
         proposals = [{"rank": r["rank"], "score": r["score"], "bbox": r["bbox"],
-                      "rle": {"size": [r["height"], r["width"]], "counts": r["rle"]}} for r in rows]
+                      "rle": {"size": [r["height"], r["width"]], "counts": r["rle"]}} for r in rows][:config.top]
+        entry = {"image_id": image_id, "uri": uri, "proposals": len(rows), "drawn": len(proposals),
+                 "scores": [float(p["score"]) for p in proposals], "truth": None}
         try:
             pixels = decode_image(read_bytes(uri, storage_options), uri)
-            picture = draw_proposals(pixels, proposals, top=config.top)
+            truth = truth_of(image_id, uri, pixels.shape[:2]) if truth_of else None
+            entry["truth"] = None if truth is None else len(truth)
+            picture = gallery_picture(pixels, proposals, config.thumb_px, truth)
         except Exception as e:  # a vanished or replaced image: say so on the page, keep the report
             entry["error"] = f"{type(e).__name__}: {one_line(e)}"
             out.append(entry)
             continue
-        picture.thumbnail((config.thumb_px, config.thumb_px), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         picture.save(buf, format="JPEG", quality=82)
         entry["jpeg_b64"] = base64.b64encode(buf.getvalue()).decode("ascii")
@@ -281,17 +322,68 @@ def gallery(output: str, image_ids: list[str], config: ReportConfig,
     return out
 
 
-def recall(output: str, annotations: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+def recall(output: str, gt: dict[str, Any], storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """AR@10/100/1000 overall and by size (COCO's IoU 0.50:0.05:0.95, class-agnostic) and recall
-    against IoU at 1000 proposals, from the masks table and a COCO annotations file."""
-    from ifcn.evaluate import IOU_LABELS, RESULT_COLUMNS, coco_eval, load_gt, recall_from_eval, results_from_masks
+    against IoU at each of COCOeval's proposal counts, from the masks view and COCO annotations `gt`."""
+    from ifcn.evaluate import IOU_LABELS, RESULT_COLUMNS, coco_eval, recall_from_eval, results_from_masks
     from . import read_output
 
-    gt = load_gt(annotations, storage_options)
     results = results_from_masks(read_output(output, "masks", list(RESULT_COLUMNS), storage_options=storage_options),
                                  gt)
     ev = coco_eval(gt, results)
     p = ev.params
-    curve = ev.eval["recall"][:, 0, p.areaRngLbl.index("all"), p.maxDets.index(max(p.maxDets))]  # (T,)
+    curves = {int(m): [float(r) for r in ev.eval["recall"][:, 0, p.areaRngLbl.index("all"), i]]  # (T,) each
+              for i, m in enumerate(p.maxDets)}
     return {"ar": recall_from_eval(ev), "protocol": IOU_LABELS["coco"], "images": len(gt["images"]),
-            "iou": [float(t) for t in p.iouThrs], "recall": [float(r) for r in curve]}
+            "iou": [float(t) for t in p.iouThrs], "curves": curves, "dets": max(curves)}
+
+
+def peek_checkpoint(url: str | None, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A checkpoint's kind, model config and training scales from its pickle header alone (the zip's
+    central directory and data.pkl are read: no tensor, no torch), or None if it cannot be read."""
+    import zipfile
+
+    from ifcn.checkpoint_header import _HeaderUnpickler, checkpoint_kind
+    from ifcn.io import open_url
+
+    if not url:
+        return None
+    try:
+        with open_url(url, "rb", storage_options) as f, zipfile.ZipFile(f) as z:
+            name = next(n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            with z.open(name) as pkl:
+                header = _HeaderUnpickler(pkl).load()
+        train = (header.get("extra") or {}).get("train_config") or {}
+        return {"kind": checkpoint_kind(header), "backbone": (header.get("config") or {}).get("backbone"),
+                "trained_scales": [int(v) for v in train.get("scales") or []] or None,
+                "step": (header.get("extra") or {}).get("step")}
+    except Exception:  # moved or unreadable: the report says "unknown"
+        return None
+
+
+def _truth_masks(gt: dict[str, Any] | None):
+    """(image_id, uri, (H, W)) -> the ground-truth masks of that image in `gt` (None if it is not there)."""
+    if not gt:
+        return None
+    from pycocotools import mask as mask_utils
+
+    from ifcn.evaluate import FileNameMatcher
+
+    match = FileNameMatcher(gt["images"])
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for a in gt.get("annotations", []):
+        by_image[a["image_id"]].append(a)
+
+    def masks(image_id: str, uri: str, shape: tuple[int, int]) -> list[np.ndarray] | None:
+        coco_id = match(image_id, uri)
+        if coco_id is None:
+            return None
+        out = []
+        for a in by_image.get(coco_id, []):
+            seg = a["segmentation"]
+            rles = mask_utils.frPyObjects(seg, *shape) if isinstance(seg, list) or isinstance(seg.get("counts"), list) \
+                else seg
+            out.append(mask_utils.decode(mask_utils.merge(rles) if isinstance(rles, list) else rles).astype(bool))
+        return out
+
+    return masks

@@ -47,6 +47,7 @@ from .config import IncompleteRunError, SegmentConfig, SegmentError
 from .errors import RETRY
 from .lease import Lease
 from .plan import Plan, new_run_id, now_utc, prepare, skipped_note
+from .progress import status_lines
 from .sink import Fragment, publish_shard, rewrite_file
 from .sources import Listing, Shard, Span, read_images
 from .table import OutputTables, Replacements
@@ -483,7 +484,8 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
                                config.commit_shards, config.commit_every_s)
     committer.rewriter = InlinePublisher(config.output, config.storage_options, run_id)  # until Ray runs the job
     try:
-        run_s, res = _process(plan, config, committer, log)
+        with status_lines(lambda: committer.counts["num_images"], len(plan.pending), log):
+            run_s, res = _process(plan, config, committer, log)
     except BaseException as e:
         try:  # best effort: the run's record says how it ended (a kill leaves it "running")
             if committer.version or committer.waiting:
@@ -538,11 +540,13 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
         return 0.0, Resources(0, 0.0, 0.0, False, 0)  # nothing to run: no actors
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    from .ray_init import init_ray
+
+    init_ray()
     cluster = ray.cluster_resources()
     node_cpus = [c for n in ray.nodes() if n.get("Alive") and (c := n["Resources"].get("CPU", 0.0)) > 0]
     res = resolve_resources(config, cluster, node_cpus)
+    committer.record["resources"] = resources_record(res, cluster, node_cpus)
     log(f"inference: {res.actors} actor(s), {res.gpus_per_actor} GPU each, batch size {res.batch_size}, "
         f"{config.inference.nms} NMS in the actors; RLE strings in "
         f"{'the actors' if res.postprocess_in_actor else 'CPU tasks'}")
@@ -565,6 +569,13 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
         raise IncompleteRunError(f"shards {collector.missing()[:10]} did not receive all their images; "
                                  f"re-run the same command to finish them")
     return time.perf_counter() - run_start, res
+
+
+def resources_record(res: Resources, cluster: dict[str, float], node_cpus: list[float]) -> dict[str, Any]:
+    """What the run's record says about where it ran (the report's 'Runs' table)."""
+    return {"actors": res.actors, "gpus_per_actor": res.gpus_per_actor, "cpus_per_actor": res.cpus_per_actor,
+            "batch_size": res.batch_size, "postprocess": "actor" if res.postprocess_in_actor else "tasks",
+            "nodes": len(node_cpus), "cluster_cpus": cluster.get("CPU", 0.0), "cluster_gpus": cluster.get("GPU", 0.0)}
 
 
 def versions() -> dict[str, str]:

@@ -138,7 +138,7 @@ def rewrite(fs, root: str, path: str, drop: Sequence[str], run_id: str) -> dict[
 def _damaged(uri: str, path: str, what: str) -> TableDamagedError:
     output = uri.rsplit("/", 1)[0]
     return TableDamagedError(f"{uri}: data file {path} {what}; nothing was read from it. Run "
-                             f"`python -m jobs.check {output} --repair` (it drops that file's images, "
+                             f"`python -m jobs.check --output {output} --repair` (it drops that file's images, "
                              f"which the next run then redoes)")
 
 

@@ -145,9 +145,9 @@ def test_repair_waits_for_no_run_and_is_fenced(out: str) -> None:
 
 
 @pytest.mark.parametrize("args, words", [
-    (["{tmp}/nothing"], "is not a Delta table"),
-    (["s3://"], "names no bucket"),
-    (["{tmp}/out", "--storage-options", "[1]"], "must be a JSON object"),
+    (["--output", "{tmp}/nothing"], "is not a Delta table"),
+    (["--output", "s3://"], "names no bucket"),
+    (["--output", "{tmp}/out", "--storage-options", "[1]"], "must be a JSON object"),
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], words: str) -> None:
     (tmp_path / "nothing").mkdir()

@@ -484,7 +484,7 @@ def test_cli_wrong_flag(inputs: dict, tmp_path: Path) -> None:
     _assert_one_line_error(r, "--scales", "64,big")
     r = cli("--input", str(inputs["images"]), "--output", str(tmp_path / "o"), "--checkpoint", inputs["checkpoint"],
             "--nms-iou", "1.5")
-    _assert_one_line_error(r, "nms_iou")
+    _assert_one_line_error(r, "--nms-iou 1.5")  # the flag, not the library field (InferenceConfig.nms_iou)
     assert not (tmp_path / "o").exists()
 
 

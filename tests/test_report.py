@@ -11,6 +11,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
 import pytest
 from deltalake import DeltaTable
@@ -29,7 +30,8 @@ PAGE_FACTS = """({
   images: Array.from(document.querySelectorAll('#gallery img')).map(i => [i.complete, i.naturalWidth]),
   external: Array.from(document.querySelectorAll('[src],[href]')).map(e => e.getAttribute('src') || e.getAttribute('href'))
              .filter(u => !u.startsWith('data:')),
-  ready: document.body.dataset.ready
+  ready: document.body.dataset.ready,
+  axes: Array.from(document.querySelectorAll('svg text')).map(t => t.textContent.trim()).filter(t => t)
 })"""
 
 
@@ -68,7 +70,7 @@ def table_counts(out: Path) -> dict[str, int]:
 def test_report_of_a_large_synthetic_output_matches_its_tables(tmp_path: Path) -> None:
     out = Path(bench_report().synthetic_output(tmp_path, 1500, seed=3))
     html = tmp_path / "page" / "report.html"
-    assert main([str(out), "--html", str(html), "--samples", "12"]) == 0
+    assert main(["--output", str(out), "--html", str(html), "--samples", "12"]) == 0
     assert html.stat().st_size < MAX_PAGE_BYTES
     facts = open_page(html, tmp_path / "shot.png")
     expected = table_counts(out)
@@ -87,6 +89,11 @@ def test_report_of_a_large_synthetic_output_matches_its_tables(tmp_path: Path) -
     assert shown == dict(reasons)
     assert [int(n) for _, n, _ in facts["errors"]] == sorted(reasons.values(), reverse=True)
     # the gallery: 12 drawn thumbnails, every one decoded by the browser
+    # plots are drawn with axis labels and ticks (matplotlib SVG text), the proposals' histogram included
+    for label in ("proposals kept per image", "images", "objectness score (probability)", "proposals",
+                  "log10 of mask area (px)", "seconds since the run started (s)", "images committed"):
+        assert label in facts["axes"], (label, facts["axes"][:40])
+    assert sum(t.replace(".", "").isdigit() for t in facts["axes"]) > 20  # tick labels
     assert facts["counts"]["gallery.images"] == "12"
     assert len(facts["images"]) == 12 and all(ok and w > 0 for ok, w in facts["images"])
 
@@ -111,20 +118,83 @@ def test_report_recall_against_hand_counted_annotations(tmp_path: Path) -> None:
     ann = tmp_path / "gt.json"
     ann.write_text(json.dumps(gt))
     html = tmp_path / "r.html"
-    assert main([str(out), "--html", str(html), "--annotations", str(ann)]) == 0
+    assert main(["--output", str(out), "--html", str(html), "--annotations", str(ann)]) == 0
     counts = open_page(html, tmp_path / "shot.png")["counts"]
     # medium gts (1500, 1600 px) both found; small ones (560 found, 900 missed) half; no large gt
     assert {k: counts[k] for k in counts if k.startswith("ar.")} == {
         "ar.AR@10": "75.0", "ar.AR@100": "75.0", "ar.AR@1000": "75.0", "ar.AR_small@1000": "50.0",
         "ar.AR_medium@1000": "100.0", "ar.AR_large@1000": "n/a"}
+    # the gallery outlines the ground truth of each drawn image: 3 objects on a/one.png, 1 on two.png
+    assert (counts["truth.a/one.png"], counts["truth.two.png"]) == ("3", "1")
     # late.png (data files no commit added) is not counted; bad.jpg is an error row
     assert (counts["images.total"], counts["images.ok"], counts["images.error"], counts["images.proposals"]) == \
         ("3", "2", "1", "4")
 
 
 def test_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main([str(tmp_path / "nothing")]) == 2
+    assert main(["--output", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not a jobs.segment output" in err[0]
     with pytest.raises(SystemExit):
-        main([str(tmp_path), "--samples", "-1"])
+        main(["--output", str(tmp_path), "--samples", "-1"])
+
+
+def all_error_output(root: Path) -> Path:
+    """An output where every image failed (no proposals anywhere), written with deltalake's own writer."""
+    from deltalake import write_deltalake
+    from segment_helpers import nest
+
+    reasons = ["not an image file; recorded as error row", "image has 2000000000 pixels, over --max-pixels"]
+    images = [{"image_id": f"x{i}.jpg", "uri": f"file:///in/x{i}.jpg", "status": "error",
+               "error": f"image x{i}.jpg: {reasons[i % 2]}", "num_proposals": 0, "shard_id": "00000",
+               "run_id": "r1"} for i in range(5)]
+    write_deltalake(str(root / "out" / "segments"), nest(images, []), mode="append")
+    return root / "out"
+
+
+def test_report_of_an_all_error_output_lists_the_reasons(tmp_path: Path) -> None:
+    out = all_error_output(tmp_path)
+    html = tmp_path / "r.html"
+    assert main(["--output", str(out), "--html", str(html)]) == 0
+    facts = open_page(html, tmp_path / "shot.png")
+    assert (facts["counts"]["images.total"], facts["counts"]["images.ok"], facts["counts"]["images.error"]) == \
+        ("5", "0", "5")
+    # grouped by reason with the URI prefix taken out, most frequent first
+    assert facts["errors"] == [["error", "3", "not an image file; recorded as error row"],
+                               ["error", "2", "image has 2000000000 pixels, over --max-pixels"]]
+
+
+def test_proposals_per_image_is_a_real_histogram() -> None:
+    from pipeline.report import histogram
+
+    one = histogram(np.full(32, 100), 20, integer=True)  # every image capped at 100: one bar, centred on 100
+    assert (one["edges"], one["counts"]) == ([99.5, 100.5], [32])
+    h = histogram(np.array([0, 1, 1, 2, 39]), 20, integer=True)  # bins of 2 whole numbers: [-0.5, 1.5), ...
+    assert h["edges"][:3] == [-0.5, 1.5, 3.5] and h["edges"][-1] == 39.5 and sum(h["counts"]) == 5
+    assert h["counts"][0] == 3 and h["counts"][-1] == 1
+
+
+def test_ar_is_shown_only_for_the_proposals_a_run_kept() -> None:
+    from pipeline.report import kept_only
+
+    r = {"ar": {"AR@10": 0.5, "AR@100": 0.7, "AR@1000": 0.7, "AR_small@1000": 0.2, "AR_medium@1000": 0.8,
+                "AR_large@1000": -1.0}, "dets": 1000}
+    assert kept_only(r, 100)["ar"] == {"AR@10": 0.5, "AR@100": 0.7, "AR_small@100": 0.2, "AR_medium@100": 0.8,
+                                       "AR_large@100": -1.0}
+    assert kept_only(r, 1000)["ar"] == r["ar"] and kept_only(r, None) == r
+
+
+def test_gallery_labels_do_not_overlap() -> None:
+    """Ten proposals sharing one corner: every placed label box is disjoint from every other."""
+    from pipeline.report_plots import _free_spot
+
+    placed: list[tuple[float, float, float, float]] = []
+    for _ in range(10):
+        spot = _free_spot([(10, 10), (10, 30), (60, 10), (10, 60), (60, 60), (35, 35)], 12, 14, (100, 80), placed)
+        if spot is not None:
+            placed.append((*spot, spot[0] + 12, spot[1] + 14))
+    assert len(placed) == 6  # one per candidate place, the rest left to the caption
+    for i, a in enumerate(placed):
+        assert 0 <= a[0] and a[2] <= 100 and 0 <= a[1] and a[3] <= 80
+        for b in placed[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
