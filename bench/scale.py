@@ -3,18 +3,23 @@
     python bench/scale.py plan --entries 1000000      # --dry-run on a generated 1M-entry manifest
     python bench/scale.py run --images 2000           # the job on N generated images, narrow model
     python bench/scale.py list --keys 50000           # listing an S3 prefix: memory per key
+    python bench/scale.py synthlist --keys 10000000   # listing 10M keys behind 200 ms LIST pages
     python bench/scale.py table --images 10000000 --group 256 --checkpoint-every 100   # Delta commits at scale
     python bench/scale.py plan run                     # plan and run
 
 plan: writes a Parquet manifest of N URIs (no images: --dry-run reads none) and times
       `python -m jobs.segment --dry-run` on it in a child process; prints its wall time and
-      peak RSS (targets: < 60 s, < 1 GB).
+      peak RSS (targets at 10M entries: <= 30 s, <= 1.5 GB).
 list: puts N empty .jpg keys under s3://<bucket>/images/ on a real S3 endpoint (moto's server on
       loopback) and lists the prefix in child processes, once as the listing did before
       (`fs.find`, which builds and caches an info dict per key) and once with `list_inputs`
       (ListObjectsV2 pages into Arrow arrays); prints each one's peak memory (tracemalloc's peak
       of Python objects plus pyarrow's allocations, after a warm-up listing loaded the S3
       client and its models), per key.
+synthlist: a loopback S3 endpoint in this process (`ListingServer`: ListObjectsV2 over N generated
+      keys, each page after --page-delay-ms) listed by `list_inputs` in a child process; prints
+      keys/s (target >= 100,000 at 200 ms per page of 1000), LIST requests, the CPU seconds of
+      the client and the endpoint, and the client's peak RSS.
 table: commits the shards of an N-image run (shards of 128: 78k shards at 10M images) to the
       segments Delta table on a real S3 endpoint (moto's server on loopback), --group shards per
       commit (one commit each, with the run's app transaction, its fencing generation and its

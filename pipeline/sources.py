@@ -105,13 +105,13 @@ class Listing:
     def from_table(cls, table: pa.Table, url: str = "") -> "Listing":
         """A table of COLUMNS (any order of rows) -> the sorted, unique listing."""
         table = sorted_unique(table, url)
-        return cls(*(table.column(c).combine_chunks() for c in cls.COLUMNS))
+        return cls(*(whole(table.column(c)) for c in cls.COLUMNS))
 
     @classmethod
     def of_uris(cls, uris: pa.Array, url: str = "") -> "Listing":
         """A manifest's URIs (any order) -> the listing whose image_id is the URI: one sorted array
         serves both columns."""
-        ids = sorted_unique(pa.table({"image_id": uris}), url).column("image_id").combine_chunks()
+        ids = whole(sorted_unique(pa.table({"image_id": uris}), url).column("image_id"))
         return cls(ids, ids)
 
     def to_table(self) -> pa.Table:
@@ -152,6 +152,11 @@ class Listing:
             h.update((b"," if a > start else b"") + _json_pairs(self.image_ids[a:b], self.uris[a:b]))
         h.update(b"]")
         return h.hexdigest()
+
+
+def whole(column: pa.ChunkedArray) -> pa.Array:
+    """One array of a column: its only chunk as it is (`combine_chunks` copies even that)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def sorted_unique(table: pa.Table, url: str = "") -> pa.Table:
@@ -308,7 +313,7 @@ def _read_manifest(url: str, storage_options: dict[str, Any] | None) -> Listing:
             if "uri" not in names:
                 raise SegmentError(f"--input {url}: parquet manifest has no 'uri' column (columns: {names})")
             uris = pq.read_table(f, columns=["uri"]).column("uri")
-        uris = (uris.chunk(0) if uris.num_chunks == 1 else uris.combine_chunks()).cast(pa.string())
+        uris = whole(uris).cast(pa.string())
         if uris.null_count or not pc.all(pc.not_equal(uris, "")).as_py():
             uris = uris.filter(pc.and_(pc.is_valid(uris), pc.not_equal(uris, "")))
         relative = pc.invert(pc.match_substring(uris, "://"))
