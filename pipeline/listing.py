@@ -181,7 +181,9 @@ class S3Lister:
         await self.fs.set_session()
         pages: list[tuple[str, list[pa.Array | None]]] = []  # (first key, the page's image rows)
         running: set[asyncio.Task] = set()
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency)) as http:
+        connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=_ssl(self.fs))
+        async with aiohttp.ClientSession(connector=connector, trust_env=True) as http:  # trust_env: HTTPS_PROXY
+            # RequestPayer (requester-pays buckets) and credentials ride in the presigned URL's query
             async def fetch(after: str) -> Page:
                 params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.page_size, "EncodingType": "url",
                           **({"StartAfter": after} if after else {}), **getattr(self.fs, "req_kw", {})}
@@ -244,6 +246,20 @@ class S3Lister:
         pages.sort(key=lambda p: p[0])
         tasks.clear()  # the closures here form cycles: nothing of the pages may wait for the gc
         return _join([cols for _, cols in pages])
+
+
+def _ssl(fs):
+    """TLS as the S3 client verifies it: client_kwargs' `verify` (False, or a CA bundle path),
+    else AWS_CA_BUNDLE, else aiohttp's default (the system's CAs)."""
+    import os
+    import ssl
+
+    verify = (getattr(fs, "client_kwargs", None) or {}).get("verify", os.environ.get("AWS_CA_BUNDLE"))
+    if verify is False:
+        return False
+    if isinstance(verify, str) and verify:
+        return ssl.create_default_context(cafile=verify)
+    return True
 
 
 def _join(pages: list[list[pa.Array | None]]) -> Columns:
