@@ -3,18 +3,23 @@
     python bench/scale.py plan --entries 1000000      # --dry-run on a generated 1M-entry manifest
     python bench/scale.py run --images 2000           # the job on N generated images, narrow model
     python bench/scale.py list --keys 50000           # listing an S3 prefix: memory per key
+    python bench/scale.py synthlist --keys 10000000   # listing 10M keys behind 200 ms LIST pages
     python bench/scale.py table --images 10000000 --group 256 --checkpoint-every 100   # Delta commits at scale
     python bench/scale.py plan run                     # plan and run
 
 plan: writes a Parquet manifest of N URIs (no images: --dry-run reads none) and times
       `python -m jobs.segment --dry-run` on it in a child process; prints its wall time and
-      peak RSS (targets: < 60 s, < 1 GB).
+      peak RSS (targets at 10M entries: <= 30 s, <= 1.5 GB).
 list: puts N empty .jpg keys under s3://<bucket>/images/ on a real S3 endpoint (moto's server on
       loopback) and lists the prefix in child processes, once as the listing did before
       (`fs.find`, which builds and caches an info dict per key) and once with `list_inputs`
       (ListObjectsV2 pages into Arrow arrays); prints each one's peak memory (tracemalloc's peak
       of Python objects plus pyarrow's allocations, after a warm-up listing loaded the S3
       client and its models), per key.
+synthlist: a loopback S3 endpoint in this process (`ListingServer`: ListObjectsV2 over N generated
+      keys, each page after --page-delay-ms) listed by `list_inputs` in a child process; prints
+      keys/s (target >= 100,000 at 200 ms per page of 1000), LIST requests, the CPU seconds of
+      the client and the endpoint, and the client's peak RSS.
 table: commits the shards of an N-image run (shards of 128: 78k shards at 10M images) to the
       segments Delta table on a real S3 endpoint (moto's server on loopback), --group shards per
       commit (one commit each, with the run's app transaction, its fencing generation and its
@@ -88,16 +93,20 @@ def bench_plan(entries: int, workdir: Path) -> None:
     import pyarrow.parquet as pq
 
     manifest = workdir / "manifest.parquet"
-    uris = pa.array([f"s3://bucket/images/{i // 1000:04d}/{i:08d}.jpg" for i in range(entries)])
+    import pyarrow.compute as pc
+
+    i = pa.array(np.arange(entries))  # s3://bucket/images/{i // 1000:04d}/{i:08d}.jpg, built in Arrow
+    pad = lambda a, w: pc.utf8_lpad(pc.cast(a, pa.string()), w, "0")  # noqa: E731
+    uris = pc.binary_join_element_wise("s3://bucket/images/", pad(pc.divide(i, 1000), 4), "/", pad(i, 8), ".jpg", "")
     pq.write_table(pa.table({"uri": uris}), manifest)
-    del uris
+    del uris, i
     cmd = [sys.executable, "-m", "jobs.segment", "--input", str(manifest), "--output", str(workdir / "out"),
            "--checkpoint", str(CHECKPOINT), "--dry-run"]
     stdout, wall, samples = _run_sampled(cmd, 0.1, {})
     peak = max(r for _, r in samples) if samples else 0
     print(stdout.strip())
-    print(f"plan {entries} manifest entries: {wall:.1f} s (target < 60), driver peak RSS {peak / 2**20:.0f} MiB "
-          f"(target < 1024; sampled every 0.1 s)")
+    print(f"plan {entries} manifest entries: {wall:.1f} s (target <= 30 s at 10M), driver peak RSS "
+          f"{peak / 2**20:.0f} MiB (target <= 1536 MiB at 10M; sampled every 0.1 s); load average {os.getloadavg()[0]:.1f}")
 
 
 LIST_CHILD = """
@@ -144,6 +153,167 @@ def bench_list(keys: int, workdir: Path) -> None:
             n, wall, grew = out.stdout.split()
             print(f"list {how:11s}: {int(n)} keys in {float(wall):.1f} s (traced), peak {int(grew) / 2**20:.1f} MiB "
                   f"of Python objects + Arrow buffers ({int(grew) / max(1, int(n)):.0f} bytes per key)")
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------- listing: a synthetic S3 endpoint
+
+class SyntheticKeys:
+    """N keys `images/{i // 1000:04d}/{i:08d}.jpg` (sorted as S3 sorts them), built on demand: a
+    sequence `bisect` can search, so a page is found without holding N strings."""
+
+    def __init__(self, n: int, prefix: str = "images/") -> None:
+        self.n, self.prefix = n, prefix
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> str:
+        return f"{self.prefix}{i // 1000:04d}/{i:08d}.jpg"
+
+    def index_after(self, key: str) -> int:
+        """The first i with self[i] > key."""
+        import bisect
+
+        return bisect.bisect_right(self, key)
+
+    def index_from(self, key: str) -> int:
+        import bisect
+
+        return bisect.bisect_left(self, key)
+
+
+class ListingServer:
+    """A loopback S3 endpoint that answers ListObjectsV2 (prefix, delimiter, start-after,
+    continuation-token, max-keys) over `SyntheticKeys` in bucket `bucket`, each page after
+    `delay_s` (what S3 takes for a page: ~50-200 ms), one thread per connection. HEAD of the bucket
+    answers 200 and of any key 404 (so s3fs sees `bucket/images` as a prefix). `pages` counts the
+    LIST requests answered."""
+
+    def __init__(self, keys: SyntheticKeys, delay_s: float, bucket: str = "bucket") -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as S3
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _send(self, code: int, body: bytes = b"") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def do_HEAD(self) -> None:
+                path = self.path.split("?")[0].strip("/")
+                self._send(200 if path == bucket else 404)
+
+            def do_GET(self) -> None:
+                from urllib.parse import parse_qs, urlsplit
+
+                url = urlsplit(self.path)
+                q = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+                if url.path.strip("/") != bucket or q.get("list-type") != "2":
+                    return self._send(404, b"<Error><Code>NoSuchKey</Code></Error>")
+                time.sleep(delay_s)
+                self._send(200, server.page(q))
+
+        self.keys, self.pages = keys, 0
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def page(self, q: dict[str, str]) -> bytes:
+        from xml.sax.saxutils import escape
+
+        self.pages += 1
+        prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")
+        max_keys = min(1000, int(q.get("max-keys", 1000)))
+        keys = self.keys
+        start = max(keys.index_from(prefix), keys.index_after(q.get("start-after", "")))
+        if q.get("continuation-token"):
+            start = max(start, int(q["continuation-token"]))
+        contents, prefixes, i = [], [], start
+        while i < len(keys) and len(contents) + len(prefixes) < max_keys:
+            key = keys[i]
+            if not key.startswith(prefix):
+                i = len(keys)
+                break
+            cut = key.find(delimiter, len(prefix)) if delimiter else -1
+            if cut >= 0:  # a common prefix: skip every key below it
+                common = key[:cut + len(delimiter)]
+                prefixes.append(common)
+                i = keys.index_from(common + "\U0010ffff")
+                continue
+            contents.append(key)
+            i += 1
+        truncated = i < len(keys) and keys[i].startswith(prefix)
+        body = ["<?xml version=\"1.0\" encoding=\"UTF-8\"?>",
+                "<ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">",
+                f"<Name>bucket</Name><Prefix>{escape(prefix)}</Prefix><MaxKeys>{max_keys}</MaxKeys>",
+                f"<KeyCount>{len(contents) + len(prefixes)}</KeyCount>",
+                f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"]
+        if truncated:
+            body.append(f"<NextContinuationToken>{i}</NextContinuationToken>")
+        body += [f"<Contents><Key>{escape(k)}</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
+                 f"<ETag>&quot;{hash(k) & 0xffffffffffffffff:032x}&quot;</ETag><Size>{len(k) * 1000}</Size>"
+                 f"<StorageClass>STANDARD</StorageClass></Contents>" for k in contents]
+        body += [f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>" for p in prefixes]
+        body.append("</ListBucketResult>")
+        return "".join(body).encode()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+SYNTH_CHILD = """
+import json, sys, time
+import psutil, pyarrow as pa
+from pipeline.sources import list_inputs
+t0 = time.perf_counter()
+cpu0 = sum(psutil.Process().cpu_times()[:2])
+skipped = {}
+listing = list_inputs(sys.argv[1], skipped=skipped)
+wall = time.perf_counter() - t0
+print(json.dumps({"n": len(listing), "wall": wall, "cpu": sum(psutil.Process().cpu_times()[:2]) - cpu0,
+                  "rss": psutil.Process().memory_info().rss, "first": listing.image_ids[0].as_py(),
+                  "last": listing.image_ids[-1].as_py()}))
+"""
+
+
+def bench_synthetic_list(keys: int, delay_s: float) -> None:
+    """Lists `keys` synthetic keys behind `delay_s` per page with `list_inputs` in a child process."""
+    server = ListingServer(SyntheticKeys(keys), delay_s)
+    try:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ENDPOINT_URL": server.endpoint,
+               "AWS_ENDPOINT_URL_S3": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        samples: list[tuple[float, int]] = []
+        server_cpu = sum(psutil.Process().cpu_times()[:2])
+        proc = subprocess.Popen([sys.executable, "-c", SYNTH_CHILD, "s3://bucket/images/"], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        sampler = _sample_rss(proc, 0.2, samples)
+        stdout, stderr = proc.communicate()
+        sampler.join()
+        server_cpu = sum(psutil.Process().cpu_times()[:2]) - server_cpu
+        if proc.returncode != 0:
+            raise SystemExit(f"listing the synthetic endpoint failed: {stderr[-2000:]}")
+        r = json.loads(stdout)
+        if r["n"] != keys:
+            raise SystemExit(f"listed {r['n']} keys of {keys}")
+        peak = max((s for _, s in samples), default=r["rss"])
+        print(f"list {keys} synthetic keys, {delay_s * 1000:.0f} ms per page of 1000: {r['wall']:.1f} s -> "
+              f"{keys / r['wall']:,.0f} keys/s (target >= 100,000); {server.pages} LIST requests; client "
+              f"{r['cpu']:.1f} CPU-s, endpoint {server_cpu:.1f} CPU-s; peak RSS {peak / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f}")
     finally:
         server.stop()
 
@@ -359,9 +529,10 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("plan", "list", "run", "table"))
+    p.add_argument("what", nargs="+", choices=("plan", "list", "synthlist", "run", "table"))
     p.add_argument("--entries", type=int, default=1_000_000, help="manifest entries to plan")
-    p.add_argument("--keys", type=int, default=50_000, help="S3 keys to list")
+    p.add_argument("--keys", type=int, default=50_000, help="S3 keys to list (list: in moto; synthlist: synthetic)")
+    p.add_argument("--page-delay-ms", type=float, default=200.0, help="synthlist: the endpoint's delay per LIST page")
     p.add_argument("--images", type=int, help="images for the long run (default 2000) or the table (default 10M)")
     p.add_argument("--shard-size", type=int, default=128, help="table: images per shard (the job's default)")
     p.add_argument("--group", type=int, default=256, help="table: shards per commit")
@@ -375,6 +546,8 @@ def main() -> None:
             bench_plan(args.entries, Path(tmp))
         if "list" in args.what:
             bench_list(args.keys, Path(tmp))
+        if "synthlist" in args.what:
+            bench_synthetic_list(args.keys, args.page_delay_ms / 1000)
         if "run" in args.what:
             bench_run(args.images or 2000, Path(tmp))
         if "table" in args.what:

@@ -22,7 +22,8 @@ from pipeline.config import SegmentConfig
 def parser() -> argparse.ArgumentParser:
     p = make_parser("ifcn-segment", __doc__, argument_default=argparse.SUPPRESS)
     p.add_argument("--input", required=True, help="prefix URL/path listed recursively for images, "
-                   "or a manifest: .txt (one URI per line) or .parquet (a `uri` column)")
+                   "a manifest: .txt (one URI per line) or .parquet (a `uri` column), or an S3 Inventory "
+                   "manifest.json (its CSV, ORC or Parquet files: key, size, ETag)")
     p.add_argument("--output", required=True, help="folder URL for the Delta table segments/ (one row per image, proposals nested)")
     p.add_argument("--checkpoint", required=True, help="InstanceFCN checkpoint URL (ifcn.save_checkpoint)")
     p.add_argument("--storage-options", type=storage_options, help="fsspec options as JSON (AWS_* env also works)")

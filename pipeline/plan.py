@@ -25,7 +25,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -125,40 +124,43 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run", guard: Callable[[]
 
 
 def _classified(plan: Plan, config: SegmentConfig) -> Plan:
-    """`plan` with pending images, shards and counts from the images table as it is now."""
+    """`plan` with pending images, shards and counts from the images table as it is now.
+
+    Columnar and join-free: each listed id is looked up in the table's ids (`index_in`: a hash
+    table over the table's rows, not the listing's), so the driver holds the listing, the state
+    and a few flat arrays (one int32 and some booleans per listed image), never a joined copy."""
     listing = plan.listing
-    # overwriting: the rows there now are to be replaced, so every listed image is new
     try:
         state = plan.tables.images_state(with_files=True)
     except TableDamagedError as e:
         raise SegmentError(str(e)) from None
-    if plan.overwrite:
+    if plan.overwrite:  # the rows there now are to be replaced, so every listed image is new
         state = state.slice(0, 0)
-    files = state.column(FILE_COLUMN)
-    state = state.select(STATE_COLUMNS).rename_columns(["image_id", "done_status", "done_etag", "done_size"])
-    table = listing.to_table().append_column("i", pa.array(np.arange(len(listing)), pa.int64()))
-    j = table.join(state, "image_id", join_type="left outer")
-    status = j.column("done_status")
-    same = pc.and_(pc.equal(pc.fill_null(j.column("etag"), ""), pc.fill_null(j.column("done_etag"), "")),
-                   pc.equal(pc.fill_null(j.column("size"), -1), pc.fill_null(j.column("done_size"), -1)))
-    new = pc.is_null(status)
+    state_ids = state.column("image_id").combine_chunks()
+    pos = pc.index_in(listing.image_ids, value_set=state_ids)  # (listed,) int32, null: not in the table
+    status = state.column("status").combine_chunks().take(pos)
+    same = pc.and_(
+        pc.equal(pc.fill_null(listing.etags, ""), pc.fill_null(state.column("etag").combine_chunks().take(pos), "")),
+        pc.equal(pc.fill_null(listing.sizes, -1), pc.fill_null(state.column("size").combine_chunks().take(pos), -1)))
+    new = pc.is_null(pos)
     retry = pc.fill_null(pc.equal(status, RETRY), False)
     final = pc.fill_null(pc.is_in(status, pa.array(FINAL)), False)
     changed = pc.and_(final, pc.invert(same))
     todo = pc.or_(pc.or_(new, retry), changed)
-    pending = listing.take(pa.array(np.sort(j.column("i").filter(todo).to_numpy()), pa.int64()))
-    ids = lambda mask: j.column("image_id").filter(mask).to_pylist()  # noqa: E731
-    gone = pc.invert(pc.is_in(state.column("image_id"), listing.image_ids))
-    vanished = state.column("image_id").filter(gone)
-    replaced = pc.is_in(state.column("image_id"), pa.concat_arrays(
-        [pa.array(ids(changed), pa.string()), pa.array(ids(retry), pa.string()),
-         *([vanished.combine_chunks().cast(pa.string())] if config.prune else [])]))
-    holders = dict(zip(state.column("image_id").filter(replaced).to_pylist(), files.filter(replaced).to_pylist()))
+    pending = listing if pc.all(todo).as_py() else listing.take(pc.indices_nonzero(todo))  # all: no copy
+    ids = lambda mask: listing.image_ids.filter(mask)  # noqa: E731
+    gone = pc.invert(pc.is_in(state_ids, value_set=listing.image_ids)) if len(state_ids) else pa.array([], pa.bool_())
+    vanished = state_ids.filter(gone)
+    replaced = pc.is_in(state_ids, value_set=pa.concat_arrays(
+        [ids(changed), ids(retry), *([vanished.cast(pa.string())] if config.prune else [])]))
+    files = state.column(FILE_COLUMN).combine_chunks()
+    holders = dict(zip(state_ids.filter(replaced).to_pylist(), files.filter(replaced).to_pylist()))
     counts = {"listed": len(listing), "done": int(pc.sum(pc.and_(final, same)).as_py() or 0),
               "new": int(pc.sum(new).as_py() or 0), "changed": int(pc.sum(changed).as_py() or 0),
               "to_retry": int(pc.sum(retry).as_py() or 0), "vanished": len(vanished)}
     return dataclasses.replace(plan, pending=pending, shards=pending.spans(config.shard_size), counts=counts,
-                               changed=ids(changed), retry=ids(retry), vanished=vanished.to_pylist(), holders=holders)
+                               changed=ids(changed).to_pylist(), retry=ids(retry).to_pylist(),
+                               vanished=vanished.to_pylist(), holders=holders)
 
 
 def prepare(config: SegmentConfig, lease: Lease | None = None, run_id: str | None = None,

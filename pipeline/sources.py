@@ -1,7 +1,8 @@
 """Inputs -> a sorted listing -> fixed shards with stable ids.
 
-An input is either a prefix (listed recursively for image files) or a manifest: a `.txt` file of
-URIs (one per line, `#` comments and blank lines skipped) or a `.parquet` file with a `uri` column.
+An input is a prefix (listed recursively for image files, pipeline/listing.py), a manifest: a
+`.txt` file of URIs (one per line, `#` comments and blank lines skipped) or a `.parquet` file with
+a `uri` column, or an S3 Inventory `manifest.json` (pipeline/inventory.py).
 The listing is sorted by image_id and cut into shards of `shard_size`; shard `i` holds items
 [i * shard_size, (i + 1) * shard_size), so the same inputs and shard size always give the same
 shards, which is what lets a re-run skip committed shards.
@@ -13,7 +14,6 @@ items (`Listing.shard`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import posixpath
 import sys
@@ -30,14 +30,14 @@ from ifcn.io import filesystem, open_url
 
 from .config import SegmentError, digest
 from .errors import RETRY, classify, with_retries
+from .inventory import is_inventory, read_inventory
+from .listing import IMAGE_EXTENSIONS, is_image_path, list_prefix, version
 from ifcn.image import ImageError, decode_image, one_line, read_bytes
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 MANIFEST_EXTENSIONS = (".txt", ".parquet")
 READ_ATTEMPTS = 5  # a storage failure is retried 4 times, 0.5 + 1 + 2 + 4 s apart (beyond s3fs's own retries)
 READ_BACKOFF_S = 0.5
 DIGEST_CHUNK = 65_536  # rows turned into Python strings at a time (digests, iteration)
-LIST_CHUNK = 100_000  # keys of a prefix gathered as Python strings before they become Arrow arrays
 _NEEDS_ESCAPE = r'[^ -~]|["\\]'  # what json.dumps escapes (ensure_ascii): outside printable ASCII, " and \
 
 
@@ -104,14 +104,15 @@ class Listing:
     @classmethod
     def from_table(cls, table: pa.Table, url: str = "") -> "Listing":
         """A table of COLUMNS (any order of rows) -> the sorted, unique listing."""
-        table = table.take(pc.sort_indices(table, [("image_id", "ascending")]))
-        ids = table.column("image_id").combine_chunks()
-        if len(ids) > 1:
-            keep = pa.concat_arrays([pa.array([True]), pc.not_equal(ids[1:], ids[:-1])])
-            if not pc.all(keep).as_py():
-                table = table.filter(keep)
-                print(f"note: {len(ids) - table.num_rows} duplicate URIs in {url} were listed once", file=sys.stderr)
-        return cls(*(table.column(c).combine_chunks() for c in cls.COLUMNS))
+        table = sorted_unique(table, url)
+        return cls(*(whole(table.column(c)) for c in cls.COLUMNS))
+
+    @classmethod
+    def of_uris(cls, uris: pa.Array, url: str = "") -> "Listing":
+        """A manifest's URIs (any order) -> the listing whose image_id is the URI: one sorted array
+        serves both columns."""
+        ids = whole(sorted_unique(pa.table({"image_id": uris}), url).column("image_id"))
+        return cls(ids, ids)
 
     def to_table(self) -> pa.Table:
         return pa.table(dict(zip(self.COLUMNS, (self.image_ids, self.uris, self.etags, self.sizes))))
@@ -153,8 +154,25 @@ class Listing:
         return h.hexdigest()
 
 
-def is_image_path(path: str) -> bool:
-    return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+def whole(column: pa.ChunkedArray) -> pa.Array:
+    """One array of a column: its only chunk as it is (`combine_chunks` copies even that)."""
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def sorted_unique(table: pa.Table, url: str = "") -> pa.Table:
+    """`table` sorted by image_id, each image_id once (a note naming `url` says how many repeats
+    were dropped). Rows already strictly increasing, as most manifests are, are kept as they
+    are: no copy of a 10M-row listing."""
+    ids = table.column("image_id")
+    if len(ids) < 2 or pc.all(pc.greater(ids[1:], ids[:-1])).as_py():
+        return table
+    table = table.take(pc.sort_indices(table, [("image_id", "ascending")]))
+    ids = table.column("image_id").combine_chunks()
+    keep = pa.concat_arrays([pa.array([True]), pc.not_equal(ids[1:], ids[:-1])])
+    if not pc.all(keep).as_py():
+        table = table.filter(keep)
+        print(f"note: {len(ids) - table.num_rows} duplicate URIs in {url} were listed once", file=sys.stderr)
+    return table
 
 
 def _json_pairs(ids: pa.Array, uris: pa.Array) -> bytes:
@@ -181,18 +199,21 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None,
     try:
         fs, path = filesystem(url, storage_options)
         path = path.rstrip("/") or path
-        if fs.isfile(path):
+        if is_inventory(url):
+            ids, uris, etags, sizes = read_inventory(url, storage_options, skipped)
+            listing = Listing.build(ids, uris, url, etags, sizes)
+        elif fs.isfile(path):
             if path.lower().endswith(MANIFEST_EXTENSIONS):
                 listing = _read_manifest(url, storage_options)
             elif is_image_path(path):
-                etag, size = _version(fs.info(path))
+                etag, size = version(fs.info(path))
                 listing = Listing.build([posixpath.basename(path)], [fs.unstrip_protocol(path)], url, [etag], [size])
             else:
                 raise SegmentError(f"--input {url}: a file that is neither a manifest "
                                    f"({', '.join(MANIFEST_EXTENSIONS)}) nor an image; "
                                    f"pass a prefix, a manifest or an image")
         elif fs.isdir(path):
-            ids, uris, etags, sizes = _list_prefix(fs, path, skipped)
+            ids, uris, etags, sizes = list_prefix(fs, path, skipped)
             listing = Listing.build(ids, uris, url, etags, sizes)
         else:
             raise SegmentError(f"--input {url}: no such file or prefix; check the URL (and credentials / "
@@ -206,66 +227,6 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None,
         raise SegmentError(f"--input {url}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
                            f"any case); point it at the folder or manifest that holds them")
     return listing
-
-
-def _version(info: dict[str, Any]) -> tuple[str | None, int | None]:
-    """(etag, size) of an object from its listing entry: the S3/GCS ETag, else the local mtime."""
-    etag = info.get("ETag") or info.get("etag")
-    if etag is None and info.get("mtime") is not None:
-        etag = f"mtime:{int(float(info['mtime']) * 1e9)}"
-    size = info.get("size", info.get("Size"))
-    return (str(etag).strip('"') if etag is not None else None), (int(size) if size is not None else None)
-
-
-def _list_prefix(fs, path: str, skipped: dict[str, int] | None) -> tuple[pa.Array, ...]:
-    """(image_ids, uris, etags, sizes) of the image keys below `path`, gathered LIST_CHUNK keys at
-    a time into Arrow arrays: the listing ends as four columns, not the Python info dict per key
-    that `fs.find` keeps (and caches) for a whole bucket (331 vs 1218 bytes per key at peak for
-    20k keys: bench/scale.py list)."""
-    types = (pa.string(), pa.string(), pa.string(), pa.int64())
-    chunks: list[list[pa.Array]] = [[] for _ in types]
-    rows: list[list] = [[] for _ in types]
-
-    def flush() -> None:
-        for chunk, values, t in zip(chunks, rows, types):
-            chunk.append(pa.array(values, t))
-            values.clear()
-
-    for p, info in _keys_below(fs, path):
-        if is_image_path(p):
-            for values, v in zip(rows, (posixpath.relpath(p, path), fs.unstrip_protocol(p), *_version(info))):
-                values.append(v)
-            if len(rows[0]) == LIST_CHUNK:
-                flush()
-        elif skipped is not None:
-            ext = posixpath.splitext(p)[1].lower()
-            skipped[ext] = skipped.get(ext, 0) + 1
-    flush()
-    return tuple(pa.concat_arrays(c) for c in chunks)
-
-
-def _keys_below(fs, path: str, page_size: int = 1000):
-    """(path without protocol, listing entry) of every file below `path`. On S3, one ListObjectsV2 page at a time (each
-    page retried on transient failures), so memory holds a page, not the bucket; elsewhere
-    `fs.find` (fine for local disks; GCS and Azure prefixes still list in one go, see the README's
-    Known limits)."""
-    if not hasattr(fs, "_call_s3"):
-        yield from fs.find(path, withdirs=False, detail=True).items()
-        return
-    from fsspec.asyn import sync
-
-    bucket, key, _ = fs.split_path(path)
-    request = {"Bucket": bucket, "Prefix": f"{key.rstrip('/')}/" if key else "", "MaxKeys": page_size,
-               **getattr(fs, "req_kw", {})}
-    while True:
-        page = with_retries(lambda: sync(fs.loop, fs._call_s3, "list_objects_v2", **request),
-                            READ_ATTEMPTS, READ_BACKOFF_S)
-        for obj in page.get("Contents", ()):
-            if not obj["Key"].endswith("/"):  # "folder/" placeholder objects are not files
-                yield f"{bucket}/{obj['Key']}", obj
-        if not page.get("IsTruncated"):
-            return
-        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def make_shards(items: list[InputItem] | Listing, shard_size: int) -> list[Shard]:
@@ -343,23 +304,27 @@ def _read_with_retries(uri: str, storage_options: dict[str, Any] | None) -> byte
 
 
 def _read_manifest(url: str, storage_options: dict[str, Any] | None) -> Listing:
-    """URIs of a manifest; image_id is the full URI (relative local paths made absolute)."""
-    with open_url(url, "rb", storage_options) as f:
-        data = f.read()
+    """URIs of a manifest; image_id is the full URI (relative local paths made absolute). A
+    Parquet manifest's `uri` column is read alone, and copied only where rows must go (nulls,
+    empty strings, relative paths, disorder): 10M URIs cost ~2x their bytes at peak."""
     if url.lower().endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data), columns=None)
-        if "uri" not in table.column_names:
-            raise SegmentError(f"--input {url}: parquet manifest has no 'uri' column (columns: {table.column_names})")
-        uris = table.column("uri").cast(pa.string()).combine_chunks()
-        del table, data
-        uris = uris.filter(pc.and_(pc.is_valid(uris), pc.not_equal(uris, "")))
+        with open_url(url, "rb", storage_options) as f:
+            names = pq.ParquetFile(f).schema_arrow.names
+            if "uri" not in names:
+                raise SegmentError(f"--input {url}: parquet manifest has no 'uri' column (columns: {names})")
+            uris = pq.read_table(f, columns=["uri"]).column("uri")
+        uris = whole(uris).cast(pa.string())
+        if uris.null_count or not pc.all(pc.not_equal(uris, "")).as_py():
+            uris = uris.filter(pc.and_(pc.is_valid(uris), pc.not_equal(uris, "")))
         relative = pc.invert(pc.match_substring(uris, "://"))
         if pc.any(relative).as_py():  # rare in bucket manifests: canonicalise those few in Python
             uris = pa.array([_canonical_uri(u) for u in uris.to_pylist()], pa.string())
     else:
+        with open_url(url, "rb", storage_options) as f:
+            data = f.read()
         lines = (line.strip() for line in data.decode("utf-8").splitlines())
         uris = pa.array([_canonical_uri(line) for line in lines if line and not line.startswith("#")], pa.string())
-    return Listing.build(uris, uris, url)
+    return Listing.of_uris(uris, url)
 
 
 def _canonical_uri(uri: str) -> str:

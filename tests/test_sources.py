@@ -40,10 +40,10 @@ def test_prefix_listing_recursive_case_insensitive_sorted(tree: Path) -> None:
 def test_prefix_listing_is_the_same_when_gathered_in_small_chunks(tree: Path, monkeypatch, capsys) -> None:
     """8 images gathered 3 at a time (chunks of 3, 3, 2) list exactly as in one chunk, each key once
     (Listing.build would hide a key gathered twice, but say so on stderr)."""
-    import pipeline.sources as sources
+    import pipeline.listing as listing
 
     whole = [(it.image_id, it.uri) for it in list_inputs(str(tree))]
-    monkeypatch.setattr(sources, "LIST_CHUNK", 3)
+    monkeypatch.setattr(listing, "LIST_CHUNK", 3)
     skipped: dict[str, int] = {}
     assert [(it.image_id, it.uri) for it in list_inputs(str(tree), skipped=skipped)] == whole
     assert len(whole) == 8 and skipped == {".txt": 1, ".svg": 1}
