@@ -27,6 +27,7 @@ from .boxes import search_steps, tight_boxes
 from .config import InferenceConfig
 from .containers import Proposals, WindowBatch
 from .nms import IOU_BLOCK, box_nms, box_overlap, first_kept, greedy_keep
+from .opcount import stage
 from .paste import paste_flat
 from .runs import flat_runs
 
@@ -67,22 +68,25 @@ def postprocess_batch(batch: WindowBatch, config: InferenceConfig, m: int, strid
     hw = batch.image_hw[:, None, :].expand(b, c, 2).reshape(-1, 2)
     steps = search_steps(batch.min_factor, stride)
     flat = [t.reshape(b * c, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor)]
-    boxes = torch.cat([tight_boxes(flat[0][lo:lo + WINDOW_BLOCK], flat[1][lo:lo + WINDOW_BLOCK],
-                                   flat[2][lo:lo + WINDOW_BLOCK], hw[lo:lo + WINDOW_BLOCK], m, stride,
-                                   config.mask_threshold, steps, dtype)
-                       for lo in range(0, b * c, WINDOW_BLOCK)]).reshape(b, c, 4)
-    live = batch.valid & (batch.scores >= config.min_score)
-    # score order, ties in candidate order (as the reference's stable argsort); the rest at the end
-    order = torch.argsort(torch.where(live, -batch.scores.double(), torch.inf), dim=1, stable=True)
-    boxes = boxes.gather(1, order[..., None].expand(b, c, 4))
-    alive = live.gather(1, order) & (boxes[..., 2] > boxes[..., 0])  # empty masks take no part
-    if config.nms == "mask":
-        pos, real = mask_nms(batch, order, boxes, alive, config, m, stride, dtype, pixel_budget)
-    else:
-        pos, real = box_nms(boxes, alive, config.nms_iou, config.max_proposals)  # (B, K)
-    idx = order.gather(1, pos)
-    kept_boxes = torch.where(real[..., None], boxes.gather(1, pos[..., None].expand(*pos.shape, 4)), 0)
-    return _finish(batch, idx, real, kept_boxes, m, stride, config.mask_threshold, dtype, pixel_budget)
+    with stage("tight_boxes"):
+        boxes = torch.cat([tight_boxes(flat[0][lo:lo + WINDOW_BLOCK], flat[1][lo:lo + WINDOW_BLOCK],
+                                       flat[2][lo:lo + WINDOW_BLOCK], hw[lo:lo + WINDOW_BLOCK], m, stride,
+                                       config.mask_threshold, steps, dtype)
+                           for lo in range(0, b * c, WINDOW_BLOCK)]).reshape(b, c, 4)
+    with stage("nms"):
+        live = batch.valid & (batch.scores >= config.min_score)
+        # score order, ties in candidate order (as the reference's stable argsort); the rest at the end
+        order = torch.argsort(torch.where(live, -batch.scores.double(), torch.inf), dim=1, stable=True)
+        boxes = boxes.gather(1, order[..., None].expand(b, c, 4))
+        alive = live.gather(1, order) & (boxes[..., 2] > boxes[..., 0])  # empty masks take no part
+        if config.nms == "mask":
+            pos, real = mask_nms(batch, order, boxes, alive, config, m, stride, dtype, pixel_budget)
+        else:
+            pos, real = box_nms(boxes, alive, config.nms_iou, config.max_proposals)  # (B, K)
+        idx = order.gather(1, pos)
+        kept_boxes = torch.where(real[..., None], boxes.gather(1, pos[..., None].expand(*pos.shape, 4)), 0)
+    with stage("paste_runs"):
+        return _finish(batch, idx, real, kept_boxes, m, stride, config.mask_threshold, dtype, pixel_budget)
 
 
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

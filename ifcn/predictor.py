@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .config import InferenceConfig
 from .containers import Candidates, Groups, Proposals, WindowBatch
 from .model import InstanceFCN
+from .opcount import stage
 from .assembling import BACKGROUND_LOGIT, assemble
 from .postprocessing import postprocess_batch
 from .proposals import encode, postprocess_numpy
@@ -193,7 +194,9 @@ class Predictor:
 
     def proposals(self, images: list[np.ndarray]) -> list[Proposals]:
         """images: (H, W, 3) uint8 RGB each -> each image's proposals, best first (compact form)."""
-        return self.postprocess_batch(self.windows(images), [image.shape[:2] for image in images])
+        with stage("windows"):  # upload, forwards and assembling (opcount's bytes by stage)
+            batch = self.windows(images)
+        return self.postprocess_batch(batch, [image.shape[:2] for image in images])
 
     def candidates(self, image: np.ndarray) -> Candidates:
         """image: (H, W, 3) uint8 RGB -> top windows of every scale, on the host."""
