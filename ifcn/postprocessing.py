@@ -26,7 +26,7 @@ import torch
 from .boxes import search_steps, tight_boxes
 from .config import InferenceConfig
 from .containers import Proposals, WindowBatch
-from .nms import IOU_BLOCK, box_nms, box_overlap, first_kept, greedy_keep
+from .nms import IOU_BLOCK, box_nms_rounds, box_overlap, first_kept, greedy_keep
 from .opcount import stage
 from .paste import paste_flat
 from .runs import flat_runs
@@ -65,28 +65,42 @@ def postprocess_batch(batch: WindowBatch, config: InferenceConfig, m: int, strid
         return [Proposals.empty(s) for s in batch.image_sizes]
     if pixel_budget is None:
         pixel_budget = _budget(PIXEL_BUDGET, batch.scores.device)
-    hw = batch.image_hw[:, None, :].expand(b, c, 2).reshape(-1, 2)
-    steps = search_steps(batch.min_factor, stride)
-    flat = [t.reshape(b * c, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor)]
-    with stage("tight_boxes"):
-        boxes = torch.cat([tight_boxes(flat[0][lo:lo + WINDOW_BLOCK], flat[1][lo:lo + WINDOW_BLOCK],
-                                       flat[2][lo:lo + WINDOW_BLOCK], hw[lo:lo + WINDOW_BLOCK], m, stride,
-                                       config.mask_threshold, steps, dtype)
-                           for lo in range(0, b * c, WINDOW_BLOCK)]).reshape(b, c, 4)
-    with stage("nms"):
-        live = batch.valid & (batch.scores >= config.min_score)
-        # score order, ties in candidate order (as the reference's stable argsort); the rest at the end
-        order = torch.argsort(torch.where(live, -batch.scores.double(), torch.inf), dim=1, stable=True)
-        boxes = boxes.gather(1, order[..., None].expand(b, c, 4))
-        alive = live.gather(1, order) & (boxes[..., 2] > boxes[..., 0])  # empty masks take no part
-        if config.nms == "mask":
+    live = batch.valid & (batch.scores >= config.min_score)
+    # score order, ties in candidate order (as the reference's stable argsort); the rest at the end
+    order = torch.argsort(torch.where(live, -batch.scores.double(), torch.inf), dim=1, stable=True)
+    live = live.gather(1, order)  # (B, C) in score order
+    if config.nms == "mask":
+        with stage("tight_boxes"):
+            boxes = _tight_boxes_at(batch, order, config, m, stride, dtype)
+        with stage("nms"):
+            alive = live & (boxes[..., 2] > boxes[..., 0])  # empty masks take no part
             pos, real = mask_nms(batch, order, boxes, alive, config, m, stride, dtype, pixel_budget)
-        else:
-            pos, real = box_nms(boxes, alive, config.nms_iou, config.max_proposals)  # (B, K)
-        idx = order.gather(1, pos)
-        kept_boxes = torch.where(real[..., None], boxes.gather(1, pos[..., None].expand(*pos.shape, 4)), 0)
+            kept_boxes = torch.where(real[..., None], _take(boxes, pos), 0)
+    else:
+        def fetch(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Tight boxes (B, R, 4) of score positions [lo, hi) and which are alive (B, R)."""
+            with stage("tight_boxes"):
+                rb = _tight_boxes_at(batch, order[:, lo:hi], config, m, stride, dtype)
+            return rb, live[:, lo:hi] & (rb[..., 2] > rb[..., 0])  # empty masks take no part
+
+        with stage("nms"):
+            pos, real, kept_boxes = box_nms_rounds(fetch, (b, c), config.nms_iou, config.max_proposals, dtype,
+                                                   limit=live.sum(1))
+    idx = order.gather(1, pos)
     with stage("paste_runs"):
         return _finish(batch, idx, real, kept_boxes, m, stride, config.mask_threshold, dtype, pixel_budget)
+
+
+def _tight_boxes_at(batch: WindowBatch, idx: torch.Tensor, config: InferenceConfig, m: int, stride: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """(B, R, 4) long tight boxes of the windows idx (B, R), WINDOW_BLOCK windows a call."""
+    b, r = idx.shape
+    steps = search_steps(batch.min_factor, stride)
+    probs, cells, factor = (_take(t, idx).reshape(b * r, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor))
+    hw = batch.image_hw[:, None, :].expand(b, r, 2).reshape(-1, 2)
+    return torch.cat([tight_boxes(probs[lo:lo + WINDOW_BLOCK], cells[lo:lo + WINDOW_BLOCK], factor[lo:lo + WINDOW_BLOCK],
+                                  hw[lo:lo + WINDOW_BLOCK], m, stride, config.mask_threshold, steps, dtype)
+                      for lo in range(0, b * r, WINDOW_BLOCK)]).reshape(b, r, 4)
 
 
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
