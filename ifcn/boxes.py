@@ -133,7 +133,7 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     s_lo, s_hi = pick(lo), pick(hi)  # (2, 2, n)
     a_lo, a_hi = pick(on_lo), pick(on_hi)  # (2, 2, n, 2m)
     coef = [pick(t) for t in (x0, x1, y0, y1)] + [s.squeeze(2).expand(2, *s.shape[:2], s.shape[-1])]
-    side = torch.tensor([False, True], device=dev)[:, None, None, None]
+    side = torch.arange(2, device=dev).bool()[:, None, None, None]  # [False, True], made on the device
     # search for the first pixel in (lo, hi - 1] where `on != side`, given it holds at hi - 1, not at lo
     need = torch.where(side, a_lo & ~a_hi, ~a_lo & a_hi)
     below = s_lo[..., None].expand_as(need).clone()

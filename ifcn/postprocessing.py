@@ -30,6 +30,7 @@ from .nms import IOU_BLOCK, box_nms_rounds, box_overlap, first_kept, greedy_keep
 from .opcount import stage
 from .paste import paste_flat
 from .runs import flat_runs
+from .upload import upload
 
 # Kept-mask pixels pasted per step (per batch), by device type: bounds the flat buffers (~100 bytes
 # per pixel at the peak) whatever the images; a batch beyond it pastes in several steps. 480x640
@@ -337,10 +338,8 @@ def _round_widths(n_alive: np.ndarray, done: np.ndarray, count: np.ndarray, cap:
 
 
 def _upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A small host array on the device without waiting for it: a copy from pageable memory would
-    synchronise the stream, one from pinned memory is queued like a kernel."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+    """A small host array on the device without waiting for it (ifcn.upload)."""
+    return upload(a, device)
 
 
 def _exclusive_cumsum(t: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from .opcount import stage
 from .assembling import BACKGROUND_LOGIT, assemble
 from .postprocessing import postprocess_batch
 from .proposals import encode, postprocess_numpy
+from .upload import upload
 from .transforms import images_to_tensor, normalize, resize, scaled_size
 
 # Input pixels per forward: 16 images of 480x640 at the paper's largest scale (900 x 1200 px), whose
@@ -209,10 +210,7 @@ class Predictor:
 
 def _to_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
     """A small host table on the device; on CUDA from pinned memory without waiting for the queue."""
-    t = torch.from_numpy(table)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t if device.type == "cpu" else t.to(device)
+    return upload(table, device)
 
 
 def _inputs(bases: dict[tuple[int, int], tuple[torch.Tensor, list[int]]], members: list[int],
