@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import InferenceConfig
+from .floors import require
 from .containers import Candidates, Groups, Proposals, WindowBatch
 from .model import InstanceFCN
 from .opcount import stage
@@ -29,6 +30,8 @@ from .postprocessing import postprocess_batch
 from .proposals import encode, postprocess_numpy
 from .upload import upload
 from .transforms import images_to_tensor, normalize, resize, scaled_size
+
+require("torch")  # the APIs used need torch >= FLOORS["torch"]: say so in one line, not deep in a job
 
 # Input pixels per forward: 16 images of 480x640 at the paper's largest scale (900 x 1200 px), whose
 # VGG-16 activations take ~7 GB in bf16; larger groups run in several forwards of even size.
