@@ -138,7 +138,7 @@ def box_nms_rounds(fetch: Fetch, shape: tuple[int, int], iou_threshold: float, m
         seen[:, lo:hi] = rb
         room = k - kept.sum(1, keepdim=True)  # (B, 1)
         if lo:
-            kpos, kreal = first_kept(kept[:, :lo], k)  # (B, K') kept so far
+            kpos, kreal = first_kept(kept[:, :lo], max(1, int(count.max())))  # (B, K') kept so far (host count)
             kb = torch.where(kreal[..., None], seen.gather(1, kpos[..., None].expand(*kpos.shape, 4)), 0)
             ra = ra & ~suppression(rb, iou_threshold, kb, dtype).any(-1)  # zero boxes suppress nothing
         keep, host = greedy_keep_read(suppression(rb, iou_threshold, dtype=dtype), ra,
