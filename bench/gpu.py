@@ -259,11 +259,16 @@ def op_counts(settings: Settings, report: Callable[[str], None]) -> list[dict[st
             rows.append({"heads": heads, "nms": nms, "batch": batch, "kernel_ops_per_image": c.kernel_ops / batch,
                          "syncs_per_batch": c.syncs, "sync_ops": c.sync_ops, "host_reads": c.host_reads,
                          "target_at_16": f"<= {ops} / <= {syncs}", "proposals": float(np.mean([len(p) for p in out])),
-                         "seconds": time.perf_counter() - t0, "top_ops": counter.by_op.most_common(5)})
+                         "seconds": time.perf_counter() - t0, "top_ops": counter.by_op.most_common(5),
+                         "postprocess_gb_per_image": sum(v for k, v in counter.bytes_by_stage.items()
+                                                         if k != "windows") / batch / 1e9,
+                         "gb_per_image_by_stage": {k: v / batch / 1e9 for k, v in counter.bytes_by_stage.items()}})
             r = rows[-1]
             report(f"  {heads:10s} {nms:4s} batch {batch:2d}: {r['kernel_ops_per_image']:8.0f} kernel ops / image, "
                    f"{c.syncs:6d} syncs / batch ({c.sync_ops} ops + {c.host_reads} host reads); target at batch 16 "
-                   f"{r['target_at_16']}; {r['proposals']:.0f} proposals; counted in {r['seconds']:.0f} s")
+                   f"{r['target_at_16']}; {r['proposals']:.0f} proposals; postprocess writes "
+                   f"{r['postprocess_gb_per_image']:.2f} GB / image (target box <= 1, mask <= 4); "
+                   f"counted in {r['seconds']:.0f} s")
     return rows
 
 

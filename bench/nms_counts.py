@@ -4,8 +4,10 @@ heads (torch.manual_seed(0)). CPU is enough: the counts are deterministic and th
 
     python bench/nms_counts.py                                   # batches 2 and 4, 250 windows per scale
     python bench/nms_counts.py --batches 4 --windows 1000 --max-proposals 1000 --nms mask   # paper's defaults
+    python bench/nms_counts.py --batches 2 --windows 1000 --max-proposals 1000 --heads structured
 
-Prints one line per (nms, batch): kernel ops / image, syncs / batch (sync ops + host reads), seconds.
+Prints one line per (nms, batch): kernel ops / image, syncs / batch (sync ops + host reads), bytes written
+per image by the postprocess (every stage but the forward's "windows") and by stage, seconds.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ifcn import InferenceConfig, InstanceFCN, ModelConfig, Predictor  # noqa: E402
 from ifcn.opcount import OpCounter  # noqa: E402
 
+GB = 1e9
+
 
 def count(model: InstanceFCN, nms: str, batch: int, windows: int, max_proposals: int) -> dict:
     rng = np.random.default_rng(0)
@@ -34,7 +38,13 @@ def count(model: InstanceFCN, nms: str, batch: int, windows: int, max_proposals:
     c = counter.counts
     return {"nms": nms, "batch": batch, "ops_per_image": c.kernel_ops / batch, "syncs": c.syncs,
             "sync_ops": c.sync_ops, "host_reads": c.host_reads, "kept": [len(p) for p in out],
-            "seconds": time.perf_counter() - t0, "by_op": counter.by_op}
+            "seconds": time.perf_counter() - t0, "by_op": counter.by_op, "bytes_by_op": counter.bytes_by_op,
+            "bytes_by_stage": dict(counter.bytes_by_stage), "post_bytes": post_bytes(counter) / batch}
+
+
+def post_bytes(counter: OpCounter) -> int:
+    """Bytes the postprocess writes: every stage but the forward's ("windows")."""
+    return sum(v for k, v in counter.bytes_by_stage.items() if k != "windows")
 
 
 def main() -> None:
@@ -43,20 +53,29 @@ def main() -> None:
     ap.add_argument("--nms", nargs="+", default=["box", "mask"])
     ap.add_argument("--windows", type=int, default=250, help="windows per scale")
     ap.add_argument("--max-proposals", type=int, default=250)
+    ap.add_argument("--heads", choices=("random", "structured"), default="random",
+                    help="structured: louder score/objectness heads (tests' `model`): masks with structure")
     ap.add_argument("--top", type=int, default=0, help="also print the N most counted ops and every sync")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = InstanceFCN(ModelConfig("vgg16_narrow")).eval()
+    if args.heads == "structured":  # as tests/conftest.py's `model`
+        torch.nn.init.normal_(model.score_head[-1].weight, std=0.5)
+        torch.nn.init.normal_(model.objectness_head[-1].weight, std=0.5)
     for nms in args.nms:
         for b in args.batches:
             r = count(model, nms, b, args.windows, args.max_proposals)
             print(f"{r['nms']:4s} batch {r['batch']:2d}: {r['ops_per_image']:8.0f} kernel ops / image, "
                   f"{r['syncs']:4d} syncs / batch ({r['sync_ops']} + {r['host_reads']}), kept {r['kept']}, "
                   f"{r['seconds']:.0f} s", flush=True)
+            stages = ", ".join(f"{k} {v / b / GB:.3f}" for k, v in sorted(r["bytes_by_stage"].items()))
+            print(f"     postprocess writes {r['post_bytes'] / GB:.3f} GB / image (by stage, GB / image: {stages})",
+                  flush=True)
             if args.top:
                 ops = r["by_op"]
                 print("   ", ", ".join(f"{n} {v}" for n, v in ops.most_common(args.top)))
                 print("   ", ", ".join(f"{n} {v}" for n, v in ops.items() if n.startswith(("sync:", "read:"))))
+                print("    GB / image:", ", ".join(f"{n} {v / b / GB:.3f}" for n, v in r["bytes_by_op"].most_common(args.top)))
 
 
 if __name__ == "__main__":

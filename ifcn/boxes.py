@@ -99,25 +99,28 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     # Rows (y-segments, x-probes): x-blend at the probes, Q[r, k] = P[r, j_k] (1 - t_k) + P[r, j1_k] t_k
     tx = pt[1][:, None, :]  # (n, 1, 2m)
     q = p[:, :, pj] * (1.0 - tx) + p[:, :, pj1] * tx  # (n, m, 2m)
-    zero = torch.zeros_like(q)
-    # Columns (x-segments, y-probes): P at the probe's rows i0, i1 and the segment's cells j, j1
+    q1 = q[:, seg1]
+    # Columns (x-segments, y-probes): P at the probe's rows i0, i1; the y weight s at the probe
     rows0, rows1 = p[:, pj, :], p[:, pj1, :]  # (n, 2m, m): [k, j]
-    col = [t.transpose(1, 2) for t in (rows0[:, :, seg], rows0[:, :, seg1], rows1[:, :, seg], rows1[:, :, seg1])]
-    # One form for both axes: v(t) = (X0 (1-t) + X1 t) (1-s) + (Y0 (1-t) + Y1 t) s; rows have s = 0
-    x0 = torch.stack([q, col[0]])  # (2, n, m, 2m)
-    x1 = torch.stack([q[:, seg1], col[1]])
-    y0 = torch.stack([zero, col[2]])
-    y1 = torch.stack([zero, col[3]])
-    s = torch.stack([torch.zeros_like(pt[0]), pt[0]])[:, :, None, :]  # (2, n, 1, 2m)
+    sy = pt[0][:, :, None]  # (n, 2m, 1)
     ok = (hi > lo)[..., None] & probe_ok.flip(0)[:, :, None, :]  # (2, n, m, 2m): segment and probe exist
+
+    def on(t: torch.Tensor) -> torch.Tensor:
+        """(2, n, m) weights at one end of every segment -> (2, n, m, 2m) bool: that end's pixel on each
+        probe of the other axis is on. The reference's float ops, each axis on its own (no zero terms):
+        rows blend Q along y; columns blend P along x at the segment end (every cell row), then along y."""
+        ty = t[0][..., None]  # (n, m, 1)
+        rows = q * (1.0 - ty) + q1 * ty  # (n, m, 2m)
+        tx_ = t[1][:, None, :]  # (n, 1, m)
+        qx = p * (1.0 - tx_) + p[:, :, seg1] * tx_  # (n, m cell rows, m segments)
+        cols = qx[:, pj, :] * (1.0 - sy) + qx[:, pj1, :] * sy  # (n, 2m, m): [probe, segment]
+        return torch.stack([rows > threshold, (cols > threshold).transpose(1, 2)])
 
     def value(t: torch.Tensor, x0, x1, y0, y1, s) -> torch.Tensor:
         return (x0 * (1.0 - t) + x1 * t) * (1.0 - s) + (y0 * (1.0 - t) + y1 * t) * s
 
-    t_lo = _weight(lo, c0[..., None], f[..., None], m, stride).to(dtype)[..., None]  # (2, n, m, 1)
-    t_hi = _weight(hi - 1, c0[..., None], f[..., None], m, stride).to(dtype)[..., None]
-    on_lo = ok & (value(t_lo, x0, x1, y0, y1, s) > threshold)
-    on_hi = ok & (value(t_hi, x0, x1, y0, y1, s) > threshold)
+    on_lo = ok & on(_weight(lo, c0[..., None], f[..., None], m, stride).to(dtype))
+    on_hi = ok & on(_weight(hi - 1, c0[..., None], f[..., None], m, stride).to(dtype))
     seg_on = (on_lo | on_hi).any(-1)  # (2, n, m)
     found = seg_on.any(-1)  # (2, n)
     first = seg_on.to(torch.int8).argmax(-1)  # first segment with a pixel on
@@ -132,8 +135,16 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
 
     s_lo, s_hi = pick(lo), pick(hi)  # (2, 2, n)
     a_lo, a_hi = pick(on_lo), pick(on_hi)  # (2, 2, n, 2m)
-    coef = [pick(t) for t in (x0, x1, y0, y1)] + [s.squeeze(2).expand(2, *s.shape[:2], s.shape[-1])]
-    side = torch.tensor([False, True], device=dev)[:, None, None, None]
+    # the searched segment's blend terms per side, axis and probe (2 sides, 2 axes, n, 2m): rows Q at
+    # segments a, a + 1 (s = 0); columns P at the probe's rows i0, i1 and cells a, a + 1, s its y weight
+    ar = torch.arange(n, device=dev)
+    a_r, a_c = at[:, 0, :, 0], at[:, 1, :, 0]  # (2 sides, n)
+    r0t, r1t = rows0.transpose(1, 2), rows1.transpose(1, 2)  # (n, m, 2m): [cell, probe]
+    zeros = torch.zeros_like(q[ar, a_r])
+    coef = [torch.stack([q[ar, a_r], r0t[ar, a_c]], 1), torch.stack([q1[ar, a_r], r0t[ar, seg1[a_c]]], 1),
+            torch.stack([zeros, r1t[ar, a_c]], 1), torch.stack([zeros, r1t[ar, seg1[a_c]]], 1),
+            torch.stack([zeros, pt[0].expand(2, *pt[0].shape)], 1)]
+    side = torch.arange(2, device=dev).bool()[:, None, None, None]  # [False, True], made on the device
     # search for the first pixel in (lo, hi - 1] where `on != side`, given it holds at hi - 1, not at lo
     need = torch.where(side, a_lo & ~a_hi, ~a_lo & a_hi)
     below = s_lo[..., None].expand_as(need).clone()

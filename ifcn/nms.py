@@ -1,15 +1,19 @@
 """Greedy NMS, side by side: the numpy reference (`GreedyMaskNMS`, `mask_nms`: box or mask IoU, one
 mask at a time in score order) and greedy box NMS for every image of a batch at once (torch).
 
-Every window of a batch sits in one padded (B, N) layout in score order; the (B, N, N) matrix
-of "j (earlier) suppresses i" comes from box IoUs in row blocks of a fixed element budget, and the
-greedy rule's kept set is its fixed point: `kept = alive & ~any(suppress & kept)`, reached after as
-many sweeps as the longest chain of suppressions. The host checks convergence only after rounds
-of sweeps that double in length, so a batch costs a handful of syncs, none per window or image.
+Every window of a batch sits in one padded (B, N) layout in score order. Box NMS goes in rounds of
+positions (`box_nms_rounds`): a round's (B, R, K) "a kept box suppresses it" and (B, R, R) "an
+earlier one in the round suppresses it" come from box IoUs in row blocks of a fixed element budget,
+and the greedy rule's kept set within the round is its fixed point: `kept = alive & ~any(suppress &
+kept)`, reached after as many sweeps as the longest chain of suppressions. Rounds stop once every
+image has max_keep kept, so the (B, N, N) matrix is never built: its bytes, not its launches, were
+what a GPU waited for. The host checks convergence only after sweeps that double in length, with
+each round's kept counts in the same read: a few syncs a batch, none per window or image.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Union
 
 import numpy as np
@@ -22,29 +26,36 @@ from .config import NMS_MODES
 # memory at any batch (a batch of 16 with the paper's 6000 windows each: 5 blocks on a GPU).
 IOU_BLOCK = {"cuda": 1 << 27, "cpu": 1 << 24}
 FIRST_SWEEPS = 8  # sweeps before the first convergence check; each later round doubles
+# Box NMS: positions of the score order the first round takes, as a multiple of max_keep (plus 16);
+# later rounds take what the keep rate so far says is needed, times this margin.
+FIRST_ROUND = 1.25
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(..., n, 4), (..., k, 4) boxes (x0, y0, x1, y1) -> (..., n, k) float64 IoU, the reference's
-    float ops: inter / max(area_a + area_b - inter, 1)."""
-    a, b = a.double(), b.double()
-    lo = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
-    hi = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
-    wh = (hi - lo).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
+def box_iou(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(..., n, 4), (..., k, 4) boxes (x0, y0, x1, y1) -> (..., n, k) IoU in `dtype`, the reference's
+    float ops: inter / max(area_a + area_b - inter, 1) (float64: the reference's; float32: within
+    rounding of the threshold). Integer boxes keep every term but the division exact in float32."""
+    a, b = a.to(dtype), b.to(dtype)
+    w = (torch.minimum(a[..., :, None, 2], b[..., None, :, 2]) - torch.maximum(a[..., :, None, 0], b[..., None, :, 0]))
+    h = (torch.minimum(a[..., :, None, 3], b[..., None, :, 3]) - torch.maximum(a[..., :, None, 1], b[..., None, :, 1]))
+    inter = w.clamp_(min=0) * h.clamp_(min=0)
     area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter).clamp(min=1.0)
+    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter).clamp_(min=1.0)
 
 
-def suppression(boxes: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """boxes: (B, N, 4) in score order -> (B, N, N) bool, [b, i, j] = j < i and IoU > threshold."""
+def suppression(boxes: torch.Tensor, iou_threshold: float, others: torch.Tensor | None = None,
+                dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """boxes: (B, N, 4) in score order -> (B, N, N) bool, [b, i, j] = j < i and IoU > threshold; with
+    `others` (B, K, 4): (B, N, K) bool, IoU > threshold against those (any order). Rows in blocks
+    of IOU_BLOCK elements."""
     batch, n = boxes.shape[:2]
-    out = torch.empty((batch, n, n), dtype=torch.bool, device=boxes.device)
-    rows = max(1, IOU_BLOCK.get(boxes.device.type, IOU_BLOCK["cuda"]) // max(1, batch * n))
+    cols = boxes if others is None else others
+    out = torch.empty((batch, n, cols.shape[1]), dtype=torch.bool, device=boxes.device)
+    rows = max(1, IOU_BLOCK.get(boxes.device.type, IOU_BLOCK["cuda"]) // max(1, batch * cols.shape[1]))
     for lo in range(0, n, rows):
-        out[:, lo:lo + rows] = box_iou(boxes[:, lo:lo + rows], boxes) > iou_threshold
-    return out.tril_(diagonal=-1)
+        out[:, lo:lo + rows] = box_iou(boxes[:, lo:lo + rows], cols, dtype) > iou_threshold
+    return out if others is not None else out.tril_(diagonal=-1)
 
 
 def greedy_keep(suppress: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
@@ -52,14 +63,22 @@ def greedy_keep(suppress: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
 
     suppress: (..., n, n) bool, [i, j] = earlier item j would suppress i (only j < i is read);
     alive: (..., n) bool. Returns (..., n) bool: i kept iff alive and no kept j < i suppresses it."""
+    return greedy_keep_read(suppress, alive, lambda kept: kept.new_zeros(0))[0]
+
+
+def greedy_keep_read(suppress: torch.Tensor, alive: torch.Tensor, read: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> tuple[torch.Tensor, np.ndarray]:
+    """greedy_keep, and `read(kept)` (a 1-d tensor) brought to the host by the same read as the
+    last convergence check: one host sync per round of sweeps, none more for the caller's question."""
     suppress = torch.tril(suppress, diagonal=-1) & alive[..., None, :]
     kept = alive.clone()
     sweeps = FIRST_SWEEPS
     while True:
         for _ in range(sweeps):
             prev, kept = kept, alive & ~(suppress & kept[..., None, :]).any(-1)
-        if not bool((prev != kept).any()):  # one host sync per round
-            return kept
+        host = torch.cat([(prev != kept).any().reshape(1).long(), read(kept).long()]).numpy(force=True)
+        if not host[0]:  # one host sync per round
+            return kept, host[1:]
         sweeps *= 2
 
 
@@ -73,13 +92,71 @@ def first_kept(kept: torch.Tensor, max_keep: int) -> tuple[torch.Tensor, torch.T
     return torch.where(top.values > 0, n - top.values, 0), top.values > 0
 
 
-def box_nms(boxes: torch.Tensor, alive: torch.Tensor, iou_threshold: float, max_keep: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy NMS on tight boxes in score order, every image at once.
+def box_nms(boxes: torch.Tensor, alive: torch.Tensor, iou_threshold: float, max_keep: int,
+            dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS on tight boxes in score order, every image at once (box_nms_rounds).
 
     boxes: (B, N, 4) long (x0, y0, x1, y1); alive: (B, N) bool. Returns (B, K) positions of the kept
     items, best first, and (B, K) bool which are real (K = min(max_keep, N))."""
-    return first_kept(greedy_keep(suppression(boxes, iou_threshold), alive), max_keep)
+    pos, real, _ = box_nms_rounds(lambda lo, hi: (boxes[:, lo:hi], alive[:, lo:hi]), alive.shape, iou_threshold,
+                                  max_keep, dtype)
+    return pos, real
+
+
+Fetch = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def box_nms_rounds(fetch: Fetch, shape: tuple[int, int], iou_threshold: float, max_keep: int,
+                   dtype: torch.dtype = torch.float64, limit: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy box NMS of every image at once, in rounds over the pairs that can matter.
+
+    A round takes the next positions [lo, hi) of the score order (all images alike) from `fetch`
+    (-> their (B, R, 4) long boxes and (B, R) bool alive), drops those a kept box suppresses
+    ((B, R, K) against the kept so far) and runs the greedy rule within the round ((B, R, R)).
+    Rounds stop once every image has max_keep kept or has no position below `limit` (B,) left
+    (None: N), so later positions are never compared, nor fetched (their tight boxes never
+    computed). The first round takes FIRST_ROUND x max_keep positions, later ones what the keep rate
+    so far says the images still need. IoU in `dtype` (float64: the reference's decisions exactly).
+    shape: (B, N). Returns (B, K) positions of the kept items, best first, (B, K) bool which are
+    real (K = min(max_keep, N)) and (B, K, 4) their boxes (zero where not real). One host read a
+    round, shared with the greedy rule's convergence check."""
+    b, n = shape
+    k = min(max_keep, n)
+    kept, seen = None, None
+    count = np.zeros(b, dtype=np.int64)  # kept per image (host)
+    ends = np.full(b, n, dtype=np.int64)  # positions that may be alive per image (host, after round 1)
+    lo, width = 0, min(n, int(math.ceil(FIRST_ROUND * k)) + 16)
+    while True:
+        hi = lo + width
+        rb, ra = fetch(lo, hi)  # (B, R, 4), (B, R)
+        if kept is None:
+            dev = rb.device
+            kept = torch.zeros((b, n), dtype=torch.bool, device=dev)
+            seen = torch.zeros((b, n, 4), dtype=torch.long, device=dev)  # boxes of the positions done
+            ends_t = torch.full((b,), n, dtype=torch.long, device=dev) if limit is None else limit.long()
+        seen[:, lo:hi] = rb
+        room = k - kept.sum(1, keepdim=True)  # (B, 1)
+        if lo:
+            kpos, kreal = first_kept(kept[:, :lo], max(1, int(count.max())))  # (B, K') kept so far (host count)
+            kb = torch.where(kreal[..., None], seen.gather(1, kpos[..., None].expand(*kpos.shape, 4)), 0)
+            ra = ra & ~suppression(rb, iou_threshold, kb, dtype).any(-1)  # zero boxes suppress nothing
+        keep, host = greedy_keep_read(suppression(rb, iou_threshold, dtype=dtype), ra,
+                                      lambda kp: torch.cat([kp.sum(1), ends_t]) if not lo else kp.sum(1))
+        keep &= torch.cumsum(keep, 1) <= room  # the kept list stops at max_keep
+        kept[:, lo:hi] = keep
+        if not lo:
+            ends = host[b:]
+        count = np.minimum(count + host[:b], k)
+        lo = hi
+        todo = (count < k) & (ends > lo)  # images that may still keep more
+        if not todo.any():
+            break
+        # the rest at the keep rate seen so far, with a margin (any width gives the same result)
+        rate = max(float((count[todo] / lo).min()), 0.05)
+        width = min(int(ends[todo].max()) - lo, int(math.ceil(float((k - count[todo]).max()) / rate * FIRST_ROUND)) + 16)
+    pos, real = first_kept(kept, max_keep)
+    return pos, real, torch.where(real[..., None], seen.gather(1, pos[..., None].expand(*pos.shape, 4)), 0)
 
 
 def box_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -120,10 +120,11 @@ def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, b
 
     probs: (n, m, m); cells: (n, 2) long; factor: (n, 2) float64; boxes: (n, 4) long (x0, y0, x1, y1),
     inside their images; totals: the sums of the boxes' areas, heights and widths (host ints).
-    Returns (values (T,) bool, owner (T,) long window of each pixel, row (T,), col (T,) long pixel
-    within its box); window i's pixels start at the cumulative sum of the areas before it, column
-    by column. The reference's float ops: each box column blends the m rows along x (once per
-    column), then each pixel blends two of those along y, in `dtype`."""
+    Returns (values (T,) bool, owner (T,) window of each pixel, row (T,), col (T,) pixel within its
+    box; owner, row, col int32, int64 only past 2^31 pixels); window i's pixels start at the
+    cumulative sum of the areas before it, column by column. The reference's float ops: each box
+    column blends the m rows along x (once per column), then each pixel blends two of those along
+    y, in `dtype`."""
     total, rows_total, cols_total = totals
     dev = probs.device
     n = len(boxes)
@@ -143,14 +144,17 @@ def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, b
     cown, cstart, i0x, i1x, tx = axis(w, boxes[:, 0], 1, cols_total)
     _, rstart, i0y, i1y, ty = axis(h, boxes[:, 1], 0, rows_total)
     q = p[cown, :, i0x] * (1.0 - tx[:, None]) + p[cown, :, i1x] * tx[:, None]  # (cols, m): along x first
-    area = h * w
-    owner = torch.repeat_interleave(ar, area, output_size=total)
-    local = torch.arange(total, device=dev) - (torch.cumsum(area, 0) - area)[owner]
-    hh = h[owner]
-    col = local // hh
-    row = local - col * hh
-    qrow = (cstart[owner] + col) * m  # this pixel's column of q
-    r = rstart[owner] + row  # this pixel's row geometry
+    # Per pixel only int32 indices (int64 past 2^31) and one gather of each per-column quantity: the
+    # pixels are the bulk of the bytes the paste writes.
+    ix = torch.int32 if max(total, cols_total * m, rows_total) < 2 ** 31 - 1 else torch.long
+    height = h[cown]  # (cols,) each column's box height
+    cfirst = (torch.cumsum(height, 0) - height).to(ix)  # (cols,) its first pixel
+    cols = torch.arange(cols_total, device=dev, dtype=ix)
+    at = torch.repeat_interleave(cols, height.to(ix), output_size=total)  # (T,) each pixel's column
+    row = torch.arange(total, device=dev, dtype=ix) - cfirst[at]  # (T,) pixel within its box column
+    r = rstart[cown].to(ix)[at] + row  # this pixel's row geometry
+    qb = (cols * m)[at]  # this pixel's column of q
     t = ty[r]
     flat = q.reshape(-1)
-    return flat[qrow + i0y[r]] * (1.0 - t) + flat[qrow + i1y[r]] * t > threshold, owner, row, col
+    values = flat[qb + i0y.to(ix)[r]] * (1.0 - t) + flat[qb + i1y.to(ix)[r]] * t > threshold
+    return values, cown.to(ix)[at], row, (cols - cstart.to(ix)[cown])[at]

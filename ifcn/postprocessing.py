@@ -26,9 +26,11 @@ import torch
 from .boxes import search_steps, tight_boxes
 from .config import InferenceConfig
 from .containers import Proposals, WindowBatch
-from .nms import IOU_BLOCK, box_nms, box_overlap, first_kept, greedy_keep
+from .nms import IOU_BLOCK, box_nms_rounds, box_overlap, first_kept, greedy_keep
+from .opcount import stage
 from .paste import paste_flat
 from .runs import flat_runs
+from .upload import upload
 
 # Kept-mask pixels pasted per step (per batch), by device type: bounds the flat buffers (~100 bytes
 # per pixel at the peak) whatever the images; a batch beyond it pastes in several steps. 480x640
@@ -64,25 +66,42 @@ def postprocess_batch(batch: WindowBatch, config: InferenceConfig, m: int, strid
         return [Proposals.empty(s) for s in batch.image_sizes]
     if pixel_budget is None:
         pixel_budget = _budget(PIXEL_BUDGET, batch.scores.device)
-    hw = batch.image_hw[:, None, :].expand(b, c, 2).reshape(-1, 2)
-    steps = search_steps(batch.min_factor, stride)
-    flat = [t.reshape(b * c, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor)]
-    boxes = torch.cat([tight_boxes(flat[0][lo:lo + WINDOW_BLOCK], flat[1][lo:lo + WINDOW_BLOCK],
-                                   flat[2][lo:lo + WINDOW_BLOCK], hw[lo:lo + WINDOW_BLOCK], m, stride,
-                                   config.mask_threshold, steps, dtype)
-                       for lo in range(0, b * c, WINDOW_BLOCK)]).reshape(b, c, 4)
     live = batch.valid & (batch.scores >= config.min_score)
     # score order, ties in candidate order (as the reference's stable argsort); the rest at the end
     order = torch.argsort(torch.where(live, -batch.scores.double(), torch.inf), dim=1, stable=True)
-    boxes = boxes.gather(1, order[..., None].expand(b, c, 4))
-    alive = live.gather(1, order) & (boxes[..., 2] > boxes[..., 0])  # empty masks take no part
+    live = live.gather(1, order)  # (B, C) in score order
     if config.nms == "mask":
-        pos, real = mask_nms(batch, order, boxes, alive, config, m, stride, dtype, pixel_budget)
+        with stage("tight_boxes"):
+            boxes = _tight_boxes_at(batch, order, config, m, stride, dtype)
+        with stage("nms"):
+            alive = live & (boxes[..., 2] > boxes[..., 0])  # empty masks take no part
+            pos, real = mask_nms(batch, order, boxes, alive, config, m, stride, dtype, pixel_budget)
+            kept_boxes = torch.where(real[..., None], _take(boxes, pos), 0)
     else:
-        pos, real = box_nms(boxes, alive, config.nms_iou, config.max_proposals)  # (B, K)
+        def fetch(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Tight boxes (B, R, 4) of score positions [lo, hi) and which are alive (B, R)."""
+            with stage("tight_boxes"):
+                rb = _tight_boxes_at(batch, order[:, lo:hi], config, m, stride, dtype)
+            return rb, live[:, lo:hi] & (rb[..., 2] > rb[..., 0])  # empty masks take no part
+
+        with stage("nms"):
+            pos, real, kept_boxes = box_nms_rounds(fetch, (b, c), config.nms_iou, config.max_proposals, dtype,
+                                                   limit=live.sum(1))
     idx = order.gather(1, pos)
-    kept_boxes = torch.where(real[..., None], boxes.gather(1, pos[..., None].expand(*pos.shape, 4)), 0)
-    return _finish(batch, idx, real, kept_boxes, m, stride, config.mask_threshold, dtype, pixel_budget)
+    with stage("paste_runs"):
+        return _finish(batch, idx, real, kept_boxes, m, stride, config.mask_threshold, dtype, pixel_budget)
+
+
+def _tight_boxes_at(batch: WindowBatch, idx: torch.Tensor, config: InferenceConfig, m: int, stride: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """(B, R, 4) long tight boxes of the windows idx (B, R), WINDOW_BLOCK windows a call."""
+    b, r = idx.shape
+    steps = search_steps(batch.min_factor, stride)
+    probs, cells, factor = (_take(t, idx).reshape(b * r, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor))
+    hw = batch.image_hw[:, None, :].expand(b, r, 2).reshape(-1, 2)
+    return torch.cat([tight_boxes(probs[lo:lo + WINDOW_BLOCK], cells[lo:lo + WINDOW_BLOCK], factor[lo:lo + WINDOW_BLOCK],
+                                  hw[lo:lo + WINDOW_BLOCK], m, stride, config.mask_threshold, steps, dtype)
+                      for lo in range(0, b * r, WINDOW_BLOCK)]).reshape(b, r, 4)
 
 
 def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -120,8 +139,7 @@ def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: to
     counts, lengths, pixels = [], [], []
     for sl, (values, owner, row, col) in _pasted(probs, cells, factor, boxes_f, head[..., 2:6].reshape(n, 4), m,
                                                  stride, threshold, dtype, pixel_budget):
-        pixels.append(torch.zeros(sl.stop - sl.start, dtype=torch.long, device=values.device
-                                  ).index_add_(0, owner, values.long()))
+        pixels.append(_areas(values, owner, sl.stop - sl.start))
         cnt, ln = flat_runs(values, owner, row, col, boxes_f[sl], hw[sl])
         counts.append(cnt)
         lengths.append(ln)
@@ -138,6 +156,11 @@ def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: to
         out.append(Proposals(tuple(size), h[:, 1].astype(np.float32), xywh.astype(np.float32), tail[rows, 0].astype(np.int64),
                              h[:, 6].astype(np.int32), counts_i.astype(np.uint32), ln.astype(np.int32)))
     return out
+
+
+def _areas(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) long pixels on per window of a flat paste (int32 sums: 4 bytes a pixel, not 8)."""
+    return torch.zeros(n, dtype=torch.int32, device=values.device).index_add_(0, owner, values.to(torch.int32)).long()
 
 
 def _steps(area: np.ndarray, budget: int) -> list[tuple[int, int]]:
@@ -319,10 +342,8 @@ def _round_widths(n_alive: np.ndarray, done: np.ndarray, count: np.ndarray, cap:
 
 
 def _upload(a: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A small host array on the device without waiting for it: a copy from pageable memory would
-    synchronise the stream, one from pinned memory is queued like a kernel."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+    """A small host array on the device without waiting for it (ifcn.upload)."""
+    return upload(a, device)
 
 
 def _exclusive_cumsum(t: torch.Tensor) -> torch.Tensor:
@@ -352,8 +373,7 @@ def _paste_items(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor,
     for sl, (values, owner, _, _) in _pasted(probs, cells, factor, boxes, host_boxes, m, stride, threshold, dtype,
                                              budget):
         parts.append(values)
-        areas.append(torch.zeros(sl.stop - sl.start, dtype=torch.long, device=values.device
-                                 ).index_add_(0, owner, values.long()))
+        areas.append(_areas(values, owner, sl.stop - sl.start))
     return torch.cat(parts), torch.cat(areas)
 
 

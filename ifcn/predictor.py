@@ -21,12 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from .config import InferenceConfig
+from .floors import require
 from .containers import Candidates, Groups, Proposals, WindowBatch
 from .model import InstanceFCN
+from .opcount import stage
 from .assembling import BACKGROUND_LOGIT, assemble
 from .postprocessing import postprocess_batch
 from .proposals import encode, postprocess_numpy
+from .upload import upload
 from .transforms import images_to_tensor, normalize, resize, scaled_size
+
+require("torch")  # the APIs used need torch >= FLOORS["torch"]: say so in one line, not deep in a job
 
 # Input pixels per forward: 16 images of 480x640 at the paper's largest scale (900 x 1200 px), whose
 # VGG-16 activations take ~7 GB in bf16; larger groups run in several forwards of even size.
@@ -193,7 +198,9 @@ class Predictor:
 
     def proposals(self, images: list[np.ndarray]) -> list[Proposals]:
         """images: (H, W, 3) uint8 RGB each -> each image's proposals, best first (compact form)."""
-        return self.postprocess_batch(self.windows(images), [image.shape[:2] for image in images])
+        with stage("windows"):  # upload, forwards and assembling (opcount's bytes by stage)
+            batch = self.windows(images)
+        return self.postprocess_batch(batch, [image.shape[:2] for image in images])
 
     def candidates(self, image: np.ndarray) -> Candidates:
         """image: (H, W, 3) uint8 RGB -> top windows of every scale, on the host."""
@@ -206,10 +213,7 @@ class Predictor:
 
 def _to_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
     """A small host table on the device; on CUDA from pinned memory without waiting for the queue."""
-    t = torch.from_numpy(table)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t if device.type == "cpu" else t.to(device)
+    return upload(table, device)
 
 
 def _inputs(bases: dict[tuple[int, int], tuple[torch.Tensor, list[int]]], members: list[int],

@@ -58,23 +58,27 @@ def flat_runs(values: torch.Tensor, owner: torch.Tensor, row: torch.Tensor, col:
     after those of masks < i. One sync (nonzero: the number of runs). Masks must not be empty."""
     dev = values.device
     n = len(boxes)
-    h = boxes[:, 3] - boxes[:, 1]
+    h, width = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
     height = image_sizes[:, 0]
-    hh, full = h[owner], (h == height)[owner]  # a full-height box's columns follow each other directly
-    pos = (boxes[owner, 0] + col) * height[owner] + boxes[owner, 1] + row  # full-image column-major
+    # Per pixel only bool tests and two int gathers (the pixels are the bulk of the bytes written);
+    # full-image positions only at the run events, after nonzero.
+    full = (h == height)[owner]  # a full-height box's columns follow each other directly
+    last_col = col == (width - 1).to(col.dtype)[owner]
     prev_in = (row > 0) | (full & (col > 0))
     prev = torch.cat([values.new_zeros(1), values[:-1]]) & prev_in
     starts = values != prev  # a run starts at this pixel
-    last_row = row == hh - 1
-    width = boxes[:, 2] - boxes[:, 0]
-    next_out = last_row & ~(full & (col < width[owner] - 1))
-    pixels = image_sizes[:, 0] * image_sizes[:, 1]
-    ends = values & next_out & (pos + 1 < pixels[owner])  # the pixel after it starts a background run
+    last_row = row == (h - 1).to(row.dtype)[owner]
+    # the pixel after it starts a background run, unless the next column continues it (full height)
+    # or it is the image's last pixel (a box ending at the image's bottom-right corner)
+    corner = ((boxes[:, 2] == image_sizes[:, 1]) & (boxes[:, 3] == height))[owner]
+    ends = values & last_row & ~(full & ~last_col) & ~(corner & last_col)
     events = torch.stack([starts, ends], 1).reshape(-1)  # (2T,): per pixel its start, then its end
     e = torch.nonzero(events).reshape(-1)  # in order: by window, then position
     pix, kind = e // 2, e % 2
-    where = pos[pix] + kind
-    who = owner[pix]
+    o = owner[pix].long()
+    pixels = image_sizes[:, 0] * image_sizes[:, 1]
+    where = (boxes[o, 0] + col[pix]) * height[o] + boxes[o, 1] + row[pix] + kind  # full-image column-major
+    who = o
     changes = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, who, torch.ones_like(who))
     lengths = changes + 1
     first = torch.ones_like(who, dtype=torch.bool)

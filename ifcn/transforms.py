@@ -5,6 +5,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .upload import constant, pinned_empty, upload
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -23,14 +25,15 @@ def image_to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> to
         raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
     if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays (e.g. decoded buffers)
         image = image.copy()
-    t = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    t = upload(np.ascontiguousarray(image), device)
     return t.permute(2, 0, 1)[None].float().div_(255.0)  # (1, 3, H, W)
 
 
 def images_to_tensor(images: list[np.ndarray], device: torch.device | str = "cpu"
                      ) -> dict[tuple[int, int], tuple[torch.Tensor, list[int]]]:
     """(H, W, 3) uint8 images -> per distinct (H, W): ((n, 3, H, W) float in [0, 1] on `device`, the
-    images' indices). Same-size images are stacked on the host first: one copy and one cast each."""
+    images' indices). Same-size images are stacked on the host first, into page-locked memory when
+    the device is a GPU: one non-blocking copy and one cast each."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -38,9 +41,9 @@ def images_to_tensor(images: list[np.ndarray], device: torch.device | str = "cpu
         groups.setdefault(tuple(int(v) for v in image.shape[:2]), []).append(i)
     out = {}
     for shape, idx in groups.items():
-        stacked = np.stack([images[i] for i in idx])  # a fresh writeable array, whatever the inputs
-        t = torch.from_numpy(stacked)
-        t = t if torch.device(device).type == "cpu" else t.to(device)
+        stacked = pinned_empty((len(idx), *shape, 3), torch.uint8, device)  # writeable, whatever the inputs
+        np.stack([images[i] for i in idx], out=stacked.numpy())
+        t = upload(stacked, device)
         out[shape] = (t.permute(0, 3, 1, 2).float().div_(255.0), idx)
     return out
 
@@ -54,6 +57,6 @@ def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> ImageNet-normalised, as VGG-16 was trained."""
-    mean = images.new_tensor(IMAGENET_MEAN)[:, None, None]
-    std = images.new_tensor(IMAGENET_STD)[:, None, None]
+    mean = constant(IMAGENET_MEAN, images.device, images.dtype)[:, None, None]  # made once per device
+    std = constant(IMAGENET_STD, images.device, images.dtype)[:, None, None]
     return (images - mean) / std

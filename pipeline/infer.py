@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,10 +31,13 @@ import pyarrow as pa
 import torch
 
 from ifcn import InferenceConfig, Predictor, Proposals, load_checkpoint
+from ifcn.floors import require
 
 from .errors import RETRY, classify
 from .hooks import pause_point
 from .sources import image_from_row
+
+require("ray")  # concurrent calls per actor on real threads (ifcn/floors.py)
 
 # Columns the stage passes through unchanged (the read stage's, minus the pixels).
 PASSTHROUGH = ("image_id", "uri", "shard_id", "width", "height", "read_ms", "decode_ms")
@@ -43,6 +47,25 @@ STATS_DIR_ENV = "IFCN_ACTOR_STATS_DIR"
 # Calls of one GPU actor that Ray Data may run at once: two, so one batch's host work hides behind the
 # next one's device work; more would only queue on the device thread while holding their batches' pixels.
 CONCURRENT_CALLS = 2
+# CUDA errors that leave the process's CUDA context unusable ("sticky"): every later kernel fails too,
+# so only a new process recovers. The actor exits; Ray Data restarts it (its actors have
+# max_restarts=-1) and retries the batch, instead of this actor turning every later image into a retry row.
+STICKY_CUDA_ERRORS = ("illegal memory access", "device-side assert", "unspecified launch failure",
+                      "misaligned address", "illegal instruction", "uncorrectable ECC error", "CUDA error: unknown error")
+EXIT_DEVICE_LOST = 75  # the actor's exit status when its device is lost (EX_TEMPFAIL)
+
+
+def sticky_cuda_error(e: BaseException) -> bool:
+    """An error after which this process's CUDA context is lost (STICKY_CUDA_ERRORS)."""
+    return isinstance(e, RuntimeError) and any(s in str(e) for s in STICKY_CUDA_ERRORS)
+
+
+def _exit_for_restart(e: BaseException) -> None:
+    """Ends the actor's process at once (no cleanup: the CUDA context cannot run any), so Ray restarts it."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"ifcn actor pid {os.getpid()}: the CUDA context is lost ({type(e).__name__}: {first}); exiting with "
+          f"status {EXIT_DEVICE_LOST} so Ray restarts the actor and retries its batch", file=sys.stderr, flush=True)
+    os._exit(EXIT_DEVICE_LOST)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -170,18 +193,22 @@ class InferenceActor:
     def _infer(self, rows: list[dict[str, Any]], images: list[np.ndarray],
                order: list[int]) -> list[tuple[Proposals, float, float] | None]:
         """The batch's device half; if it fails (e.g. CUDA OOM on a huge image), image by image, so only
-        the images that fail again fail (None)."""
+        the images that fail again fail (None). A sticky CUDA error ends the process (Ray restarts it)."""
         if not images:
             return []
         try:
             return self._device_thread.submit(self._device, images).result()
-        except Exception:
+        except Exception as e:
+            if sticky_cuda_error(e):  # no image by image: every one would fail the same way
+                _exit_for_restart(e)
             _release_cuda_memory()
         results: list[tuple[Proposals, float, float] | None] = []
         for i, image in zip(order, images):
             try:
                 results.extend(self._device_thread.submit(self._device, [image]).result())
             except Exception as e:
+                if sticky_cuda_error(e):
+                    _exit_for_restart(e)
                 self._fail(rows[i], e)
                 _release_cuda_memory()
                 results.append(None)

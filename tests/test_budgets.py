@@ -102,3 +102,32 @@ def test_mask_nms_budget(random_model: InstanceFCN, monkeypatch: pytest.MonkeyPa
     at16 = scaled.kernel_ops + 12 * growth
     assert at16 / 16 <= MASK_OPS, (scaled, growth)
     assert scaled.syncs <= MASK_SYNCS, scaled
+
+
+# Bytes the postprocess writes per 480x640 image (ifcn.opcount: every kernel op's outputs, a lower
+# bound on device memory traffic), at batch 2 with 250 windows per scale and 250 kept: measured
+# box 0.76 / 1.06 GB, mask 2.85 / 3.89 GB (random / structured heads), plus ~12%. At the paper's
+# defaults (1000 / 1000) bench/nms_counts.py prints the same counts; the targets there are
+# box <= 1 GB and mask <= 4 GB per image (not met yet: see the notes).
+POST_BYTES = {("box", "random"): 0.85e9, ("box", "structured"): 1.2e9,
+              ("mask", "random"): 3.2e9, ("mask", "structured"): 4.4e9}
+
+
+def _post_bytes(model: InstanceFCN, nms_mode: str) -> tuple[float, dict[str, float]]:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(2)]
+    config = InferenceConfig(nms=nms_mode, windows_per_scale=WINDOWS, max_proposals=WINDOWS)
+    predictor = Predictor(model, config, "cpu", postprocess_on="device")
+    with OpCounter() as counter:
+        predictor.proposals(images)
+    stages = {k: v / 2 for k, v in counter.bytes_by_stage.items()}
+    return sum(v for k, v in stages.items() if k != "windows"), stages
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nms_mode", ["box", "mask"])
+@pytest.mark.parametrize("heads", ["random", "structured"])
+def test_postprocess_bytes_budget(nms_mode: str, heads: str, model: InstanceFCN, random_model: InstanceFCN) -> None:
+    per_image, stages = _post_bytes(random_model if heads == "random" else model, nms_mode)
+    assert stages.get("nms", 0) > 0 and stages.get("paste_runs", 0) > 0 and stages.get("windows", 0) > 0
+    assert per_image <= POST_BYTES[nms_mode, heads], {k: f"{v / 1e9:.3f} GB" for k, v in stages.items()}

@@ -377,3 +377,131 @@ def test_padded_batches_never_window_or_paint_the_padding(model: InstanceFCN) ->
             assert ((centres >= 0) & (centres < torch.tensor([fh, fw]))).all()
         x, y, bw, bh = got.boxes.T
         assert (x >= 0).all() and (y >= 0).all() and (x + bw <= w).all() and (y + bh <= h).all()
+
+
+# ----------------------------------------------------------------------------- no hidden syncs
+
+def test_upload_pins_and_copies_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ifcn.upload to a non-CPU device (here 'meta', which any machine has): the source is pinned
+    first and the copy is non-blocking; to the CPU nothing is copied."""
+    from ifcn import upload as up
+
+    calls = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda t: getattr(t, "_pinned", False))
+
+    def pin(t):
+        calls.append("pin")
+        t._pinned = True
+        return t
+
+    def to(t, *args, **kwargs):
+        calls.append(("to", getattr(t, "_pinned", False), kwargs.get("non_blocking", False)))
+        return real_to(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    out = up.upload(np.arange(6).reshape(2, 3), torch.device("meta"))
+    assert out.device.type == "meta" and out.shape == (2, 3)
+    assert calls == ["pin", ("to", True, True)]
+    calls.clear()
+    host = up.upload(np.arange(3), "cpu")
+    assert calls == [] and host.tolist() == [0, 1, 2]
+    a = up.constant((1.0, 2.0), torch.device("cpu"), torch.float32)
+    assert a is up.constant((1.0, 2.0), torch.device("cpu"), torch.float32)  # made once
+
+
+# The batched inference path (Predictor.windows -> postprocess_batch): host-to-device copies spelled
+# outside ifcn.upload wait for the stream from pageable memory. (assembling's `.to(device=...)` runs
+# only for windows given on another device; containers' from_groups serves the per-image groups API.)
+_HOT_PATH = ("ifcn/predictor.py", "ifcn/postprocessing.py", "ifcn/boxes.py", "ifcn/paste.py", "ifcn/runs.py",
+             "ifcn/nms.py", "ifcn/transforms.py")
+
+
+def _uploads_in(source: str) -> list[str]:
+    """Calls that put host data on a device: torch.tensor/as_tensor(..., device=...), new_tensor(...),
+    .to(<a device>) / .to(device=...) / .cuda()."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+        kw = {k.arg for k in node.keywords}
+        text = ast.unparse(node)
+        if name in ("tensor", "as_tensor") and "device" in kw:
+            found.append(text)
+        elif name in ("new_tensor", "cuda"):
+            found.append(text)
+        elif name == "to" and ("device" in kw or any("dev" in ast.unparse(a) for a in node.args)):
+            found.append(text)
+    return found
+
+
+def test_no_upload_outside_ifcn_upload() -> None:
+    """The inference path puts host data on the device only through ifcn.upload (pinned, non-blocking);
+    moving the model (`model.to(self.device, ...)`, once) is the one exception."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = {p: _uploads_in((root / p).read_text()) for p in _HOT_PATH}
+    found["ifcn/predictor.py"] = [c for c in found["ifcn/predictor.py"] if not c.startswith("model.to(")]
+    assert not any(found.values()), found
+    # the check can fail: what the hot path once held
+    assert _uploads_in("side = torch.tensor([False, True], device=dev)") and _uploads_in("m = x.new_tensor((1, 2))")
+    assert _uploads_in("t = t.to(device)") and not _uploads_in("t = t.to(torch.float64)")
+
+
+# ----------------------------------------------------------------------------- empty masks, float32
+
+def test_device_path_emits_no_empty_masks() -> None:
+    """Windows whose pasted mask is empty (all-zero grids, here the best scored too) give no proposal
+    on the device path either (box and mask NMS, float64 and float32): the numpy reference's proposals
+    exactly, every area > 0 and one proposal per non-empty window when nothing suppresses."""
+    m, factor, size, cells, probs = list(_paste_cases())[0]
+    probs = probs.copy()
+    probs[[0, 3, 5, 9]] = 0.0
+    groups = [(_windows(probs, cells, factor), factor)]
+    nonempty = sum(crop.size > 0 for _, _, crop in paste_masks(probs, cells, factor, size, 8, 0.5))
+    assert 0 < nonempty < len(probs) - 3
+    for nms in ("box", "mask"):
+        config = InferenceConfig(scales=(100,), max_proposals=100, nms=nms, nms_iou=1.0)
+        want = postprocess_numpy(Candidates.from_windows(groups, size, 8), config)
+        for dtype in (torch.float64, torch.float32):
+            got = postprocess_device(groups, size, config, m, 8, dtype)
+            assert len(got.areas) == nonempty and (got.areas > 0).all(), (nms, dtype, got.areas)
+            _assert_same(got, want)
+
+
+def test_float32_within_tolerance_on_realistic_input() -> None:
+    """A 480x640 synthetic scene and the shipped model (checkpoints/narrow_synth.pt) at the paper's
+    scales, 1000 kept: float64 on the device equals the numpy reference exactly; float32 (the GPU
+    default) is held to a stated tolerance: the count within 1%, every float64 proposal has a
+    float32 one of mask IoU >= 0.99, and the areas at equal ranks differ by <= 0.1% of the total
+    (measured here: no difference at all; the issue saw 1-3 pixels per image from rank ~200 on)."""
+    import dataclasses
+    from pathlib import Path
+
+    from pycocotools import mask as mask_utils
+
+    from ifcn import load_checkpoint
+    from ifcn.data.synth import SynthConfig, render_image
+    from ifcn.postprocessing import postprocess_batch
+    from ifcn.proposals import encode
+
+    model = load_checkpoint(str(Path(__file__).resolve().parents[1] / "checkpoints" / "narrow_synth.pt"))
+    image = np.ascontiguousarray(render_image(np.random.default_rng(0), dataclasses.replace(SynthConfig(), size=640))[0][:480])
+    config = InferenceConfig(windows_per_scale=400, max_proposals=1000)
+    batch = Predictor(model, config, "cpu", postprocess_on="device").windows([image])
+    want = postprocess_numpy(batch.candidates(8)[0], config)
+    assert len(want.areas) > 500
+    _assert_same(postprocess_batch(batch, config, 21, 8, torch.float64)[0], want)
+    got = postprocess_batch(batch, config, 21, 8, torch.float32)[0]
+    assert abs(len(got.areas) - len(want.areas)) <= len(want.areas) // 100
+    a, b = encode(want), encode(got)
+    ious = np.asarray(mask_utils.iou([p["rle"] for p in a], [p["rle"] for p in b], [0] * len(b))).reshape(len(a), len(b))
+    assert ious.max(1).min() >= 0.99
+    n = min(len(a), len(b))
+    assert np.abs(got.areas[:n] - want.areas[:n]).sum() <= 0.001 * want.areas.sum()

@@ -85,3 +85,26 @@ def test_cuda_defaults_equal_numpy_reference(tmp_path) -> None:
         assert len(want) > 50
         _assert_same(cpu_torch.postprocess(groups, image.shape[:2]), want)  # precondition: no float32 ties
         _assert_same(cuda.postprocess(_on(groups, "cuda"), image.shape[:2]), want)
+
+
+@pytest.mark.parametrize("nms, budget", [("box", 16), ("mask", 48)])
+def test_cuda_syncs_per_batch_within_budget(model: InstanceFCN, nms: str, budget: int) -> None:
+    """CUDA's sync debug mode warns at every host sync (scalar reads, nonzero, waiting copies, a
+    pageable upload): a batch of 16 480x640 images at the paper's scales stays within the issue's
+    budget (box <= 16, mask <= 48), uploads included. The first call warms up (cudnn, allocator)."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (480, 640, 3), dtype=np.uint8) for _ in range(16)]
+    config = InferenceConfig(nms=nms, windows_per_scale=250, max_proposals=250)
+    predictor = Predictor(model, config, device="cuda")
+    predictor.proposals(images[:2])
+    torch.cuda.synchronize()
+    import warnings
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            predictor.proposals(images)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in seen if "synchroniz" in str(w.message)]
+    assert len(syncs) <= budget, syncs

@@ -67,3 +67,41 @@ def test_counts_add_up_and_methods_are_restored() -> None:
     with OpCounter() as again:  # a second counter starts from zero
         X + 1
     assert again.counts.kernel_ops == 1
+
+
+Y = torch.zeros(1000, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name, fn, expected", [
+    ("an output's bytes", lambda: X + 1, 40),
+    ("views and casts to own dtype write nothing", lambda: X.view(2, 5).t().to(torch.float32), 0),
+    ("a cast writes its new dtype", lambda: X.to(torch.float64), 80),
+    ("a comparison writes bools", lambda: X > 0.5, 10),
+    ("topk writes values and indices", lambda: torch.topk(X, 3), 3 * 4 + 3 * 8),
+    ("index_add_ writes its source, not the target", lambda: Y.index_add_(0, torch.tensor([1, 2]),
+                                                                          torch.ones(2, dtype=torch.float64)),
+     16 + 16),  # ones (2 doubles), then the 2 added (tensor literals are not kernels)
+    ("index_put_ with integers writes what it selects", lambda: Y.index_put_((torch.tensor([3, 4, 5]),),
+                                                                             torch.tensor(1.0, dtype=torch.float64)),
+     24),  # 3 doubles
+    ("a boolean index_put_ writes its True elements",
+     lambda: Y.__setitem__(Y.new_ones(1000).bool() & (torch.arange(1000) < 7), 2.0),
+     8000 + 1000 + 8000 + 1000 + 1000 + 7 * 8),  # ones, bool, arange, <, &, then 7 doubles
+])
+def test_bytes_written(name: str, fn, expected: int) -> None:
+    with OpCounter() as c:
+        fn()
+    assert c.bytes_written == expected, (name, c.bytes_by_op)
+
+
+def test_bytes_by_stage_takes_the_innermost_name() -> None:
+    from ifcn.opcount import stage
+    with OpCounter() as c:
+        X + 1
+        with stage("outer"):
+            X * 2
+            with stage("inner"):
+                X.double()
+            X - 1
+    assert c.bytes_by_stage == {"other": 40, "outer": 80, "inner": 80}
+    assert c.counts.bytes_written == 200 and c.counts.per(2)["bytes_written"] == 100
