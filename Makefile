@@ -2,7 +2,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH := torch>=2.4,<=2.14.1
+TORCH := torch>=2.6,<=2.14.1
 
 $(BIN)/activate: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
