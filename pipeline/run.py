@@ -132,8 +132,8 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
     import ray.data
 
     # the stages import torch: only here, so planning (and --dry-run) never does (~490 MiB of RSS)
-    from .infer import InferenceActor
-    from .reduce import InferAndEncodeActor, encode_and_stage
+    from .infer import InferAndEncodeActor, InferenceActor
+    from .reduce import encode_and_stage
 
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
@@ -145,7 +145,7 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
     actor_kwargs = {"checkpoint": config.checkpoint, "inference": config.inference.to_dict(),
                     "storage_options": config.storage_options, "amp": config.amp,
                     "torch_threads": max(1, int(res.cpus_per_actor)), "compile": config.compile,
-                    "checkpoint_sha256": plan.checkpoint_sha256}
+                    "checkpoint_sha256": plan.checkpoint_sha256, "predictor_factory": config.predictor_factory}
     ds = ds.map_batches(
         InferAndEncodeActor if res.postprocess_in_actor else InferenceActor, batch_format="pyarrow",
         batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=res.actors, **_overlap(res)),
