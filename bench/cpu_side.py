@@ -230,7 +230,8 @@ def role(title: str, is_driver: bool) -> str:
     if is_driver:
         return "driver"
     t = title.lower()
-    for key, name in (("gcs_server", "raylet+gcs"), ("raylet", "raylet+gcs"), ("idle", "idle workers"),
+    for key, name in (("gcs_server", "raylet+gcs"), ("raylet", "raylet+gcs"), ("default_worker.py", "starting workers"),
+                      ("idle", "idle workers"),
                       ("mapworker", "actor"), ("encode", "encode"), ("publish", "publish"), ("rewrite", "publish"),
                       ("write", "publish"), ("read", "read")):
         if key in t:
@@ -269,7 +270,7 @@ class TreeSampler:
             try:
                 with p.oneshot():
                     t = p.cpu_times()
-                    title = " ".join(p.cmdline()[:1]) or p.name()
+                    title = " ".join(p.cmdline()) or p.name()
             except psutil.Error:
                 continue
             total = t.user + t.system
@@ -277,7 +278,7 @@ class TreeSampler:
             self.by_role[name] = self.by_role.get(name, 0.0) + total - self.last.get(p.pid, 0.0)
             self.last[p.pid] = total
             self.pids.add(p.pid)
-            if title.startswith("ray::"):
+            if title.startswith("ray::") or "default_worker.py" in title:
                 self.workers.add(p.pid)
 
     def stop(self) -> None:
@@ -301,8 +302,7 @@ def measure(job: str, images: Path, cpus: int) -> dict[str, Any]:
     result = json.loads(stdout.strip().splitlines()[-1])
     total = usage.ru_utime + usage.ru_stime  # the run's process and every descendant it reaped: all of them
     split = dict(sampler.by_role)
-    split["driver"] = result["driver_cpu_s"]
-    split["unsampled"] = total - sum(split.values())
+    split["not sampled (+/- error)"] = total - sum(split.values())  # ended between samples, or sampling error
     return {"cpu_s": total, "wall_s": result["wall_s"], "split": split, "processes": len(sampler.pids),
             "workers": len(sampler.workers)}
 
