@@ -67,7 +67,8 @@ sys.path.insert(0, str(REPO))
 import ifcn  # noqa: E402
 from ifcn.opcount import OpCounter  # noqa: E402
 from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size  # noqa: E402
-from pipeline.infer import CONCURRENT_CALLS, STATS_DIR_ENV, InferenceActor, unpack_proposals  # noqa: E402
+from pipeline.infer import CONCURRENT_CALLS, STATS_DIR_ENV, InferenceActor  # noqa: E402
+from pipeline.reduce import encode_batch  # noqa: E402
 
 NO_CUDA_LINE = "no CUDA device: CPU equivalents at a small size; these are not GPU figures"
 MATMUL_N = {"cuda": 8192, "cpu": 2048}  # large enough for the peak; 2048 fp32 takes ~0.15 s on 2 cores
@@ -301,10 +302,10 @@ def actor_alone(actor: InferenceActor, batch: pa.Table, budget_s: float, device:
     wall = end - start
     images = actor.stats.images - before[0]
     device_s, forward_s = (actor.stats.device_ms - before[1]) / 1e3, (actor.stats.forward_ms - before[2]) / 1e3
-    blobs = [b for t in tables for b in t.column("proposals").to_pylist()][:ENCODE_SAMPLE]
+    sample = pa.concat_tables(tables).slice(0, ENCODE_SAMPLE)
     t1 = time.perf_counter()
-    proposals = [ifcn.encode(unpack_proposals(b)) for b in blobs]
-    encode_ms = 1e3 * (time.perf_counter() - t1) / len(blobs)
+    proposals = encode_batch(sample).column("proposals").to_pylist()
+    encode_ms = 1e3 * (time.perf_counter() - t1) / sample.num_rows
     return {"images": images, "first_call_s": first_s, "seconds": wall, "images_per_s": images / wall,
             "device_busy": device_s / wall, "forward_ms": 1e3 * forward_s / images,
             "postprocess_ms": 1e3 * (device_s - forward_s) / images, "encode_ms": encode_ms,

@@ -219,22 +219,23 @@ def bench_pipeline(folder: Path, out: Path, checkpoint: str, inference: ifcn.Inf
 def handoff_cost(paths: list[Path], checkpoint: str, inference: ifcn.InferenceConfig) -> dict[str, float]:
     """Size and (de)serialisation time of one image's compact proposals between actor and encoding
     task, and the encoding (COCO RLE strings) itself."""
-    from pipeline.infer import pack_proposals, unpack_proposals
+    import pyarrow as pa
+
+    from pipeline.handoff import encode_column, proposals_column
 
     predictor = ifcn.Predictor(ifcn.load_checkpoint(checkpoint), inference, device="cpu")
     sizes, pack, unpack, encode = [], 0.0, 0.0, 0.0
     for p in paths:
-        proposals = predictor.proposals([decode_image(p.read_bytes(), str(p))])[0]
+        image = decode_image(p.read_bytes(), str(p))
+        proposals = predictor.proposals([image])[0]
         t0 = time.perf_counter()
-        blob = pack_proposals(proposals)
+        column = proposals_column([proposals])  # what the actor hands on: Arrow columns (no unpacking)
         t1 = time.perf_counter()
-        ifcn.encode(unpack_proposals(blob))
+        encode_column(column, [image.shape[0] * image.shape[1]])
         t2 = time.perf_counter()
-        unpack_proposals(blob)
-        unpack += time.perf_counter() - t2
         encode += t2 - t1
         pack += t1 - t0
-        sizes.append(len(blob))
+        sizes.append(pa.table({"proposals": column}).nbytes)
     n = len(paths)
     return {"proposals_mb": float(np.mean(sizes)) / 2**20, "pack_ms": 1e3 * pack / n, "unpack_ms": 1e3 * unpack / n,
             "encode_ms": 1e3 * max(0.0, encode - unpack) / n}

@@ -68,6 +68,10 @@ class SegmentConfig:
     # replaces all its rows (the old ones stay readable by version) and every image is processed.
     overwrite: bool = False
     commit_every_s: float = 2.0
+    # "module:function" that builds each actor's predictor instead of the checkpoint's model (still
+    # planned and fingerprinted from --checkpoint): benchmarks and tests inject a stand-in model here
+    # (bench/cpu_side.py's near-free stub); called as function(InferenceConfig, torch.device).
+    predictor_factory: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("input", "output", "checkpoint"):

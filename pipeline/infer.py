@@ -4,20 +4,20 @@ One actor holds one model on one device; `__init__` loads the checkpoint once, `
 a whole batch of images through the Predictor: batched forwards at every scale, top windows,
 assembling, then paste, binarise, NMS and run lengths, all on the actor's device (on a GPU actor
 the GPU does every per-pixel step). What leaves the actor per image is compact: per proposal
-score, box, area, scale and its uncompressed run lengths (npz bytes). CPU tasks after the pool
-turn those into COCO compressed RLE strings and rows (pipeline/reduce.py); on CPU-only clusters
-pipeline/reduce.InferAndEncodeActor does that inside the actor instead.
+score, box, area, scale and its uncompressed run lengths, as Arrow columns (pipeline/handoff.py).
+CPU tasks after the pool turn those into COCO compressed RLE strings and rows (pipeline/reduce.py);
+on CPU-only clusters InferAndEncodeActor (below) does that inside the actor instead.
 
 Keeping the device busy: a call's device half (`_device`) runs on the actor's one device thread
-(its own CUDA stream), its host halves (rows -> pixels staged in pinned memory before; npz
-packing, table building and, in InferAndEncodeActor, encoding after) on the calling thread. When
+(its own CUDA stream), its host halves (rows -> pixels staged in pinned memory before; column
+building, table building and, in InferAndEncodeActor, encoding after) on the calling thread. When
 Ray Data runs CONCURRENT_CALLS calls of one actor at once, one batch's host work overlaps the
 next batch's device work; with one call at a time (CPU actors, tests) the same code runs in order.
 Resources (num_gpus, pool size, batch size, concurrency) are set in pipeline/run.py, not here.
 """
 from __future__ import annotations
 
-import io
+import importlib
 import json
 import os
 import sys
@@ -34,8 +34,10 @@ from ifcn import InferenceConfig, Predictor, Proposals, load_checkpoint
 from ifcn.floors import require
 
 from .errors import RETRY, classify
+from .handoff import proposals_at, proposals_column
 from .hooks import pause_point
-from .sources import image_from_row
+from .reduce import encode_batch
+from .sink import StageWriter
 
 require("ray")  # concurrent calls per actor on real threads (ifcn/floors.py)
 
@@ -120,14 +122,18 @@ class DeviceClock:
 
 
 class InferenceActor:
-    """map_batches callable: pyarrow batch with `pixels` -> + infer_ms, postprocess_ms, `proposals` (npz bytes)."""
+    """map_batches callable: pyarrow batch with `pixels` -> + infer_ms, postprocess_ms, `proposals` (handoff.HANDOFF_TYPE)."""
 
     def __init__(self, checkpoint: str, inference: dict[str, Any], storage_options: dict[str, Any] | None = None,
                  amp: str = "auto", torch_threads: int | None = None, compile: bool = False,
-                 checkpoint_sha256: str | None = None) -> None:
+                 checkpoint_sha256: str | None = None, predictor_factory: str | None = None) -> None:
         if torch_threads:  # the actor's CPU share; an inherited OMP_NUM_THREADS would oversubscribe
             torch.set_num_threads(torch_threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if predictor_factory:  # SegmentConfig.predictor_factory: a stand-in model (benchmarks, tests)
+            module, _, name = predictor_factory.partition(":")
+            self._start(getattr(importlib.import_module(module), name)(InferenceConfig.from_dict(inference), device))
+            return
         model = load_checkpoint(checkpoint, storage_options, checkpoint_sha256)  # the weights the job planned
         self._start(Predictor(model, InferenceConfig.from_dict(inference), device, amp_dtype(amp, device),
                               compile=compile and device.type == "cuda"))
@@ -151,41 +157,41 @@ class InferenceActor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pause_point("actor_batch")
-        rows = batch.select(["status", "error", "pixels", "height", "width", "uri"]).to_pylist()
+        rows = batch.select(["status", "error", "height", "width", "uri"]).to_pylist()  # small: no pixels
+        pixels = batch.column("pixels").combine_chunks()
         n = len(rows)
         infer_ms: list[float | None] = [None] * n
         post_ms: list[float | None] = [None] * n
-        blobs = [b""] * n
+        results: list[Proposals | None] = [None] * n
         images = {}
         for i, r in enumerate(rows):
             if r["status"] != "ok":
                 continue
             try:
-                images[i] = self._stage(image_from_row(r["pixels"], r["height"], r["width"]))  # (H, W, 3)
+                images[i] = self._stage(pixels_at(pixels, i, r["height"], r["width"]))  # (H, W, 3)
             except Exception as e:
                 self._fail(r, e)
         order = list(images)
         for i, res in zip(order, self._infer(rows, [images[i] for i in order], order)):
             if res is not None:
-                t0 = time.perf_counter()
-                proposals, infer_ms[i], post_ms[i] = res
-                try:
-                    blobs[i] = pack_proposals(proposals)
-                except Exception as e:
-                    self._fail(rows[i], e)
-                post_ms[i] += (time.perf_counter() - t0) * 1e3
+                results[i], infer_ms[i], post_ms[i] = res
+        t0 = time.perf_counter()
+        column = proposals_column(results)  # the batch's proposals as Arrow columns, no per-proposal objects
+        share = (time.perf_counter() - t0) * 1e3 / max(1, len(order))
         out = batch.select(list(PASSTHROUGH))
         out = out.append_column("status", pa.array([r["status"] for r in rows], pa.string()))
         out = out.append_column("error", pa.array([r["error"] for r in rows], pa.string()))
         out = out.append_column("infer_ms", pa.array(infer_ms, pa.float32()))
-        out = out.append_column("postprocess_ms", pa.array(post_ms, pa.float32()))
-        return out.append_column("proposals", pa.array(blobs, pa.large_binary()))
+        out = out.append_column("postprocess_ms", pa.array([m + share if m is not None else None for m in post_ms],
+                                                           pa.float32()))
+        return out.append_column("proposals", column)
 
     def _stage(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> the same pixels in page-locked memory on CUDA (a direct DMA to the device,
-        no bounce through a pageable buffer), unchanged on CPU."""
+        """(H, W, 3) uint8 read-only view of the batch -> the same pixels in page-locked memory on CUDA
+        (a direct DMA to the device, no bounce through a pageable buffer), a writable copy on CPU
+        (torch wants one): either way, the one copy of the pixels in the actor."""
         if self._stream is None:
-            return image
+            return image.copy()
         pinned = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
         pinned.numpy()[...] = image
         return pinned.numpy()
@@ -242,16 +248,20 @@ class InferenceActor:
         row["error"] = f"image {row['uri']}: inference failed ({reason})" + ("; left for a re-run" if transient else "")
 
 
-def pack_proposals(p: Proposals) -> bytes:
-    """Proposals -> npz bytes (no pickle) for the trip to an encoding task."""
-    buf = io.BytesIO()
-    np.savez(buf, **p.to_dict())
-    return buf.getvalue()
+def unpack_proposals(column: pa.Array, i: int, image_size: tuple[int, int]) -> Proposals:
+    """Row i of the actor's `proposals` column as Proposals (tests and benchmarks compare them)."""
+    return Proposals.from_dict({"image_size": np.asarray(image_size), **proposals_at(column, i)})
 
 
-def unpack_proposals(blob: bytes) -> Proposals:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
-        return Proposals.from_dict({k: z[k] for k in z.files})
+def pixels_at(pixels: pa.Array, i: int, height: int, width: int) -> np.ndarray:
+    """Row i of the read stage's `pixels` (binary) column as a read-only (height, width, 3) uint8 view
+    of the Arrow buffer: no copy."""
+    offsets = np.frombuffer(pixels.buffers()[1], np.int64 if pa.types.is_large_binary(pixels.type) else np.int32)
+    start, stop = offsets[pixels.offset + i], offsets[pixels.offset + i + 1]
+    if stop - start != height * width * 3:
+        raise ValueError(f"pixels: {stop - start} bytes for a {height}x{width} RGB image ({height * width * 3} expected)")
+    data = np.frombuffer(pixels.buffers()[2], np.uint8, count=height * width * 3, offset=int(start))
+    return data.reshape(height, width, 3)
 
 
 def _enter_stream(stream: torch.cuda.Stream | None) -> None:
@@ -263,3 +273,18 @@ def _enter_stream(stream: torch.cuda.Stream | None) -> None:
 def _release_cuda_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class InferAndEncodeActor(InferenceActor):
+    """Inference and encoding in one actor, for CPU-only clusters (`--postprocess actor`, the default there).
+
+    With no GPU to keep busy, a separate encoding stage only leaves the actor's core idle while
+    tasks queue; one actor per core doing everything uses every core.
+    """
+
+    def __init__(self, *args: Any, stage: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stage = StageWriter(**stage)  # {"output", "storage_options", "run_id"}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.stage(encode_batch(super().__call__(batch)))

@@ -52,7 +52,9 @@ from .sink import Fragment, publish_shard, rewrite_file
 from .sources import Listing, Shard, Span, read_images
 from .table import OutputTables, Replacements
 
-READ_BATCH = 4  # images per read call: small, so decoded pixels stream to the actors early
+# Images per read task (and input block): 32, so the executor handles ~30 read tasks per thousand images,
+# not 250 (each task costs the driver's executor loop and the raylet ~ms of CPU: bench/cpu_side.py).
+READ_BATCH = 32
 ENCODE_BATCH = 16  # images per encoding call: compressing 1000 masks' runs takes a few ms per image
 ENCODE_CPUS = 1.0  # an encoding task is pure CPU work
 GPU_BATCH = 16  # images per GPU actor call: the H100 forward ran 166 images/s at batch 16, 158 at 8
@@ -134,8 +136,8 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
     import ray.data
 
     # the stages import torch: only here, so planning (and --dry-run) never does (~490 MiB of RSS)
-    from .infer import InferenceActor
-    from .reduce import InferAndEncodeActor, encode_and_stage
+    from .infer import InferAndEncodeActor, InferenceActor
+    from .reduce import encode_and_stage
 
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
@@ -147,7 +149,7 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
     actor_kwargs = {"checkpoint": config.checkpoint, "inference": config.inference.to_dict(),
                     "storage_options": config.storage_options, "amp": config.amp,
                     "torch_threads": max(1, int(res.cpus_per_actor)), "compile": config.compile,
-                    "checkpoint_sha256": plan.checkpoint_sha256}
+                    "checkpoint_sha256": plan.checkpoint_sha256, "predictor_factory": config.predictor_factory}
     ds = ds.map_batches(
         InferAndEncodeActor if res.postprocess_in_actor else InferenceActor, batch_format="pyarrow",
         batch_size=res.batch_size, compute=ray.data.ActorPoolStrategy(size=res.actors, **_overlap(res)),

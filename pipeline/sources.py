@@ -34,6 +34,11 @@ from .inventory import is_inventory, read_inventory
 from .listing import IMAGE_EXTENSIONS, is_image_path, list_prefix, version
 from ifcn.image import ImageError, decode_image, one_line, read_bytes
 
+try:  # the fastest JPEG decoder installed (pyproject pins it); Pillow otherwise
+    import simplejpeg as _simplejpeg
+except ImportError:  # pragma: no cover - depends on the environment
+    _simplejpeg = None
+
 MANIFEST_EXTENSIONS = (".txt", ".parquet")
 READ_ATTEMPTS = 5  # a storage failure is retried 4 times, 0.5 + 1 + 2 + 4 s apart (beyond s3fs's own retries)
 READ_BACKOFF_S = 0.5
@@ -251,9 +256,11 @@ def read_images(batch: pa.Table, storage_options: dict[str, Any] | None, max_pix
 
     Any failure becomes a status with a one-line reason, never an exception: "error" for the
     input's own faults (a final images row), "retry" for storage failures that outlived the
-    retries (pipeline/errors.py: the image's shard is left for a re-run).
+    retries (pipeline/errors.py: the image's shard is left for a re-run). The decoded pixels are
+    copied once, into the `pixels` column's buffer.
     """
-    out: dict[str, list] = {k: [] for k in ("status", "error", "width", "height", "read_ms", "decode_ms", "pixels")}
+    out: dict[str, list] = {k: [] for k in ("status", "error", "width", "height", "read_ms", "decode_ms")}
+    images: list[np.ndarray] = []
     for uri in batch.column("uri").to_pylist():
         t0 = time.perf_counter()
         image, error, status = None, None, "error"
@@ -263,7 +270,7 @@ def read_images(batch: pa.Table, storage_options: dict[str, Any] | None, max_pix
             status, error = data
         else:
             try:
-                image = decode_image(data, uri, max_pixels, min_side)  # (H, W, 3) uint8
+                image = decode(data, uri, max_pixels, min_side)  # (H, W, 3) uint8
             except ImageError as e:
                 error = e.reason
             except Exception as e:  # a decoder bug must not stop the job either
@@ -275,13 +282,50 @@ def read_images(batch: pa.Table, storage_options: dict[str, Any] | None, max_pix
         out["width"].append(image.shape[1] if image is not None else None)
         out["read_ms"].append((t1 - t0) * 1e3)
         out["decode_ms"].append((t2 - t1) * 1e3 if not isinstance(data, tuple) else None)
-        out["pixels"].append(np.ascontiguousarray(image).tobytes() if image is not None else b"")
+        images.append(image if image is not None else np.zeros(0, np.uint8))
     types = {"status": pa.string(), "error": pa.string(), "width": pa.int32(), "height": pa.int32(),
-             "read_ms": pa.float32(), "decode_ms": pa.float32(), "pixels": pa.large_binary()}
+             "read_ms": pa.float32(), "decode_ms": pa.float32()}
     table = batch.select(["image_id", "uri", "shard_id"])
     for name, values in out.items():
         table = table.append_column(pa.field(name, types[name]), pa.array(values, types[name]))
-    return table
+    return table.append_column(pa.field("pixels", pa.large_binary()), pixels_column(images))
+
+
+def pixels_column(images: list[np.ndarray]) -> pa.Array:
+    """Decoded images -> one large_binary array whose values buffer is their bytes back to back
+    (one copy; the actor reads each row back as a view)."""
+    sizes = np.array([im.size for im in images], np.int64)
+    offsets = np.zeros(len(images) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    data = np.concatenate([im.reshape(-1) for im in images]) if images else np.zeros(0, np.uint8)
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(images), [None, pa.py_buffer(offsets),
+                                                                                pa.py_buffer(data)])
+
+
+def decode(data: bytes, uri: str, max_pixels: int, min_side: int) -> np.ndarray:
+    """Encoded bytes -> (H, W, 3) uint8 RGB: JPEGs with simplejpeg (libjpeg-turbo, ~1.5x Pillow) when it
+    is installed and the file needs no EXIF rotation, everything else (and anything simplejpeg
+    cannot decode, and CMYK, whose conversion Pillow owns) with ifcn.image.decode_image, whose checks and messages are the reference."""
+    if _simplejpeg is not None and data[:2] == b"\xff\xd8" and not _exif_rotated(data):
+        try:
+            height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+            if height * width <= max_pixels and min(height, width) >= min_side and colorspace in ("YCbCr", "Gray"):
+                return _simplejpeg.decode_jpeg(data, colorspace="RGB")  # (H, W, 3) uint8, writable
+        except Exception:  # simplejpeg's errors are ValueErrors without the file's name: the reference path names it
+            pass
+    return decode_image(data, uri, max_pixels, min_side)
+
+
+def _exif_rotated(data: bytes) -> bool:
+    """Whether a JPEG carries an EXIF orientation other than 1 (then Pillow's path rotates it)."""
+    if data.find(b"Exif\x00\x00", 0, 65_536) < 0:
+        return False
+    from PIL import Image
+
+    try:
+        return Image.open(io.BytesIO(data)).getexif().get(0x0112, 1) != 1
+    except Exception:
+        return True  # unreadable EXIF: let the reference path decide
 
 
 def image_from_row(pixels: bytes, height: int, width: int) -> np.ndarray:

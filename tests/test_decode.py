@@ -248,3 +248,57 @@ def test_read_bytes_local_paths_and_missing(tmp_path):
     assert read_bytes(p.as_uri()) == b"abc"
     with pytest.raises(ImageError, match=r"missing\.png: no such file"):
         read_bytes(str(tmp_path / "missing.png"))
+
+
+# --- the read stage's decoder (pipeline.sources.decode): simplejpeg for JPEGs, this module otherwise ---------
+
+def _photo(h: int = 120, w: int = 160, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([(xx * 1.3 + yy * 0.7) % 256, (xx * 0.4 + 60) % 256, (yy * 1.1 + 30) % 256], -1)
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("kw", [{"quality": 90}, {"quality": 75, "subsampling": 0}, {"quality": 95, "subsampling": 1},
+                                {"quality": 85, "gray": True}, {"quality": 90, "progressive": True}])
+def test_fast_jpeg_decoder_equals_pillow_within_a_level(kw):
+    """libjpeg-turbo through simplejpeg vs Pillow: the same IDCT and upsampling; at most one level apart."""
+    from pipeline.sources import decode
+
+    im = Image.fromarray(_photo())
+    if kw.pop("gray", False):
+        im = im.convert("L")
+    data = encode(im, "JPEG", **kw)
+    got, want = decode(data, URI, 10**8, 16), decode_image(data, URI, 10**8, 16)
+    assert got.shape == want.shape and got.dtype == np.uint8
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_fast_decoder_is_used_when_installed_and_falls_back_for_exif_and_cmyk(monkeypatch):
+    import pipeline.sources as sources
+
+    simplejpeg = pytest.importorskip("simplejpeg")
+    assert sources._simplejpeg is simplejpeg  # pinned in pyproject: the read stage uses it
+    calls = []
+    monkeypatch.setattr(sources, "decode_image", lambda *a: calls.append(a) or decode_image(*a))
+    sources.decode(encode(Image.fromarray(_photo()), "JPEG"), URI, 10**8, 16)
+    assert calls == []  # a plain JPEG never reaches Pillow
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: only the reference path applies EXIF orientation
+    rotated = encode(Image.fromarray(_photo()), "JPEG", exif=exif.tobytes())
+    assert sources.decode(rotated, URI, 10**8, 16).shape == (160, 120, 3) and len(calls) == 1
+    cmyk = encode(Image.fromarray(_photo()).convert("CMYK"), "JPEG")
+    assert np.array_equal(sources.decode(cmyk, URI, 10**8, 16), decode_image(cmyk, URI, 10**8, 16))
+
+
+@pytest.mark.parametrize("case", ["truncated", "oversized", "small"])
+def test_fast_decoder_errors_are_the_reference_errors(case):
+    from pipeline.sources import decode
+
+    data = encode(Image.fromarray(_photo()), "JPEG")
+    args = {"truncated": (data[:200], 10**8, 16), "oversized": (data, 1000, 16), "small": (data, 10**8, 200)}[case]
+    with pytest.raises(ImageError) as got:
+        decode(args[0], URI, *args[1:])
+    with pytest.raises(ImageError) as want:
+        decode_image(args[0], URI, *args[1:])
+    assert got.value.reason == want.value.reason

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import duckdb
 import numpy as np
@@ -20,6 +21,7 @@ import ifcn
 from deltalake import DeltaTable
 from pipeline.config import SegmentConfig, SegmentError
 from ifcn.image import decode_image, read_bytes
+from pipeline.handoff import proposals_column
 from pipeline.infer import InferenceActor
 from pipeline.reduce import encode_batch
 from pipeline.run import Resources, prepare, resolve_resources, run_segment, spread_actors
@@ -455,10 +457,11 @@ def test_inference_and_postprocess_failures_become_error_rows(inputs: dict) -> N
     inferred = InferenceActor(inputs["checkpoint"], ifcn.InferenceConfig(**INFERENCE).to_dict())(read)
     assert inferred.column("status").to_pylist() == ["ok", "error"]
     assert "inference failed" in inferred.column("error")[1].as_py()
-    blobs = inferred.column("proposals").to_pylist()
     doubled = pa.concat_tables([inferred.slice(0, 1), inferred.slice(0, 1)])
-    doubled = doubled.set_column(doubled.schema.get_field_index("proposals"), "proposals",
-                                 pa.array([blobs[0], b"not npz"], pa.large_binary()))
+    # b's one mask: runs that do not cover its image (a corrupt hand-off)
+    bad = SimpleNamespace(scores=[0.5], boxes=[[0, 0, 1, 1]], areas=[1], scales=[64], counts=[1, 2, 3], lengths=[3])
+    proposals = pa.concat_arrays([inferred.column("proposals").combine_chunks().slice(0, 1), proposals_column([bad])])
+    doubled = doubled.set_column(doubled.schema.get_field_index("proposals"), "proposals", proposals)
     reduced = encode_batch(doubled).to_pylist()
     assert [r["status"] for r in reduced] == ["ok", "error"]
     assert "encoding its masks failed" in reduced[1]["error"] and reduced[1]["proposals"] == []
