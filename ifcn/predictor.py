@@ -29,7 +29,7 @@ from .assembling import BACKGROUND_LOGIT, assemble
 from .postprocessing import postprocess_batch
 from .proposals import encode, postprocess_numpy
 from .upload import upload
-from .transforms import images_to_tensor, normalize, resize, scaled_size
+from .transforms import Stacks, normalize, resize, scaled_size, stack_images, upload_stacks
 
 require("torch")  # the APIs used need torch >= FLOORS["torch"]: say so in one line, not deep in a job
 
@@ -72,7 +72,7 @@ class Predictor:
         return read(maps, windows) if read is not None else assemble(maps, windows, self.model.config.m)
 
     @torch.inference_mode()
-    def windows(self, images: list[np.ndarray]) -> WindowBatch:
+    def windows(self, images: list[np.ndarray], stacks: Stacks | None = None) -> WindowBatch:
         """images: (H, W, 3) uint8 RGB each -> every image's top windows, on the device, in one padded
         batch (indexing it gives an image's per-scale (Windows, (fy, fx)) groups).
 
@@ -80,12 +80,16 @@ class Predictor:
         by objectness wherever they come from, so no window is dropped while a lower-scored one of
         another scale is kept (ties at the cut: any of them). Images whose resized size (padded up
         to `pad_to`) is equal share a forward; padding is set to background before windows are
-        picked, so it yields no window and no mask pixel. No host sync."""
+        picked, so it yields no window and no mask pixel. No host sync. stacks: the images'
+        `transforms.stack_images(images, device)` made beforehand (on a thread other than the one
+        feeding the device: pipeline/infer.py); None: stacked here."""
         cfg, mcfg = self.config, self.model.config
         total = cfg.windows_per_scale * len(cfg.scales)
         b = len(images)
         hw = [tuple(int(v) for v in image.shape[:2]) for image in images]
-        bases = images_to_tensor(images, self.device)  # original size -> ((N, 3, H, W), image indices)
+        if stacks is None:
+            stacks = stack_images(images, self.device)
+        bases = upload_stacks(stacks, self.device)  # original size -> ((N, 3, H, W), image indices)
         sizes = [[scaled_size(h, w, short, cfg.max_size) for h, w in hw] for short in cfg.scales]
         # float32-rounded as the numpy path stores them, so both paste the same pixels
         factors = [[(float(np.float32(s[i][0] / hw[i][0])), float(np.float32(s[i][1] / hw[i][1]))) for s in sizes]

@@ -29,11 +29,20 @@ def image_to_tensor(image: np.ndarray, device: torch.device | str = "cpu") -> to
     return t.permute(2, 0, 1)[None].float().div_(255.0)  # (1, 3, H, W)
 
 
+Stacks = dict[tuple[int, int], tuple[torch.Tensor, list[int]]]
+
+
 def images_to_tensor(images: list[np.ndarray], device: torch.device | str = "cpu"
                      ) -> dict[tuple[int, int], tuple[torch.Tensor, list[int]]]:
     """(H, W, 3) uint8 images -> per distinct (H, W): ((n, 3, H, W) float in [0, 1] on `device`, the
-    images' indices). Same-size images are stacked on the host first, into page-locked memory when
-    the device is a GPU: one non-blocking copy and one cast each."""
+    images' indices): `upload_stacks(stack_images(...))`."""
+    return upload_stacks(stack_images(images, device), device)
+
+
+def stack_images(images: list[np.ndarray], device: torch.device | str = "cpu") -> Stacks:
+    """The host half of images_to_tensor: per distinct (H, W), the images of that size stacked into one
+    (n, H, W, 3) uint8 host tensor (page-locked when `device` is a GPU) and their indices. A caller
+    can run it on its own thread, so the thread that feeds the device only queues the copies."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -43,9 +52,16 @@ def images_to_tensor(images: list[np.ndarray], device: torch.device | str = "cpu
     for shape, idx in groups.items():
         stacked = pinned_empty((len(idx), *shape, 3), torch.uint8, device)  # writeable, whatever the inputs
         np.stack([images[i] for i in idx], out=stacked.numpy())
-        t = upload(stacked, device)
-        out[shape] = (t.permute(0, 3, 1, 2).float().div_(255.0), idx)
+        out[shape] = (stacked, idx)
     return out
+
+
+def upload_stacks(stacks: Stacks, device: torch.device | str = "cpu"
+                  ) -> dict[tuple[int, int], tuple[torch.Tensor, list[int]]]:
+    """The device half: each stack uploaded without waiting (ifcn.upload), then (n, 3, H, W) float in
+    [0, 1] on `device`: one copy and one cast a size."""
+    return {shape: (upload(t, device).permute(0, 3, 1, 2).float().div_(255.0), idx)
+            for shape, (t, idx) in stacks.items()}
 
 
 def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

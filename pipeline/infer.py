@@ -9,8 +9,9 @@ CPU tasks after the pool turn those into COCO compressed RLE strings and rows (p
 on CPU-only clusters InferAndEncodeActor (below) does that inside the actor instead.
 
 Keeping the device busy: a call's device half (`_device`) runs on the actor's one device thread
-(its own CUDA stream), its host halves (rows -> pixels staged in pinned memory before; column
-building, table building and, in InferAndEncodeActor, encoding after) on the calling thread. When
+(its own CUDA stream), its host halves (pixels, viewed in the batch's Arrow buffer, stacked into
+pinned memory before: their one copy in the actor; column building, table building and, in
+InferAndEncodeActor, encoding after) on the calling thread. When
 Ray Data runs CONCURRENT_CALLS calls of one actor at once, one batch's host work overlaps the
 next batch's device work; with one call at a time (CPU actors, tests) the same code runs in order.
 Resources (num_gpus, pool size, batch size, concurrency) are set in pipeline/run.py, not here.
@@ -32,6 +33,7 @@ import torch
 
 from ifcn import InferenceConfig, Predictor, Proposals, load_checkpoint
 from ifcn.floors import require
+from ifcn.transforms import Stacks, stack_images
 
 from .errors import RETRY, classify
 from .handoff import proposals_at, proposals_column
@@ -168,7 +170,7 @@ class InferenceActor:
             if r["status"] != "ok":
                 continue
             try:
-                images[i] = self._stage(pixels_at(pixels, i, r["height"], r["width"]))  # (H, W, 3)
+                images[i] = pixels_at(pixels, i, r["height"], r["width"])  # (H, W, 3) read-only view
             except Exception as e:
                 self._fail(r, e)
         order = list(images)
@@ -186,24 +188,15 @@ class InferenceActor:
                                                            pa.float32()))
         return out.append_column("proposals", column)
 
-    def _stage(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 read-only view of the batch -> the same pixels in page-locked memory on CUDA
-        (a direct DMA to the device, no bounce through a pageable buffer), a writable copy on CPU
-        (torch wants one): either way, the one copy of the pixels in the actor."""
-        if self._stream is None:
-            return image.copy()
-        pinned = torch.empty(image.shape, dtype=torch.uint8, pin_memory=True)
-        pinned.numpy()[...] = image
-        return pinned.numpy()
-
     def _infer(self, rows: list[dict[str, Any]], images: list[np.ndarray],
                order: list[int]) -> list[tuple[Proposals, float, float] | None]:
         """The batch's device half; if it fails (e.g. CUDA OOM on a huge image), image by image, so only
         the images that fail again fail (None). A sticky CUDA error ends the process (Ray restarts it)."""
         if not images:
             return []
-        try:
-            return self._device_thread.submit(self._device, images).result()
+        try:  # stacked (into page-locked memory on CUDA) here: the device thread only queues device work
+            stacks = stack_images(images, self.predictor.device)
+            return self._device_thread.submit(self._device, images, stacks).result()
         except Exception as e:
             if sticky_cuda_error(e):  # no image by image: every one would fail the same way
                 _exit_for_restart(e)
@@ -220,14 +213,14 @@ class InferenceActor:
                 results.append(None)
         return results
 
-    def _device(self, images: list[np.ndarray]) -> list[tuple[Proposals, float, float]]:
+    def _device(self, images: list[np.ndarray], stacks: Stacks | None = None) -> list[tuple[Proposals, float, float]]:
         """Images -> (proposals, forward ms (the image's share of the batch), postprocess ms (its share)),
         on the device thread. The one place that calls the Predictor: forwards, then the postprocess of
         every image in one `Predictor.postprocess_batch` call (one chain of ops for the batch)."""
         p = self.predictor
         clock = DeviceClock(p.device)
         clock.mark()
-        windows = p.windows(images)
+        windows = p.windows(images, stacks)
         clock.mark()
         proposals = p.postprocess_batch(windows, [image.shape[:2] for image in images])
         clock.mark()  # proposals are on the host by now: the device has run every op before this mark

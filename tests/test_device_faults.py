@@ -108,3 +108,25 @@ def test_installed_versions_pass_and_older_ones_fail_in_one_line(monkeypatch: py
         floor = ".".join(map(str, FLOORS[package]))
         assert "\n" not in text and f"{package} {old} is installed" in text and f"pip install '{package}>={floor}'" in text
     assert version_tuple("2.13.0+cpu") == (2, 13) and version_tuple("2.60.0") == (2, 60)
+
+
+def test_images_are_stacked_off_the_device_thread(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The actor stacks a batch's images (into page-locked memory on CUDA) on the calling thread: the
+    device thread only uploads and runs device work (Predictor.windows stacks nothing itself)."""
+    import threading
+
+    import ifcn.predictor as predictor_module
+
+    where = []
+    real = infer.stack_images
+
+    def stack(images, device):
+        where.append(threading.current_thread().name)
+        return real(images, device)
+
+    monkeypatch.setattr(infer, "stack_images", stack)
+    monkeypatch.setattr(predictor_module, "stack_images", lambda *a: pytest.fail("stacked on the device thread"))
+    images = [_image(0, (50, 70)), _image(1, (50, 70)), _image(2, (60, 40))]
+    out = infer.InferenceActor.of(Predictor(model, CONFIG, device="cpu"))(_batch(images))
+    assert out.column("status").to_pylist() == ["ok"] * 3
+    assert where == [threading.current_thread().name] and not where[0].startswith("ifcn-device")
