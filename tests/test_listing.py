@@ -112,3 +112,20 @@ def test_listing_a_missing_bucket_is_one_line(s3_server) -> None:
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     with pytest.raises(listing.ListingError, match="NoSuchBucket"):
         S3Lister(fs).list("no-such-bucket-h22/images")
+
+
+def test_listing_tls_follows_the_s3_clients_settings(tmp_path, monkeypatch) -> None:
+    """verify=False turns checks off, a CA bundle path (client_kwargs or AWS_CA_BUNDLE) is loaded."""
+    import ssl
+    import types
+
+    import certifi
+
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    fs = lambda **kw: types.SimpleNamespace(client_kwargs=kw)  # noqa: E731
+    assert listing._ssl(fs(verify=False)) is False
+    assert listing._ssl(fs()) is True
+    assert isinstance(listing._ssl(fs(verify=certifi.where())), ssl.SSLContext)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    with pytest.raises(FileNotFoundError):  # the bundle named is read, not ignored
+        listing._ssl(fs())
