@@ -23,7 +23,8 @@ UNACTIONABLE = ("The minimum number of concurrent actors",)  # Ray Data: fewer i
 
 
 def quiet_ray_data(tty: bool | None = None) -> None:
-    """Ray Data's INFO console lines to its log file only; progress bars on a terminal."""
+    """Ray Data's INFO console lines (plan, start and end, per-operator progress logs) to its log file
+    only; tqdm progress bars on a terminal."""
     import ray.data
 
     for text in UNACTIONABLE:
@@ -32,10 +33,12 @@ def quiet_ray_data(tty: bool | None = None) -> None:
     tty = sys.stderr.isatty() if tty is None else tty
     ctx.enable_progress_bars = True  # False logs a WARNING; off a terminal the bars' log lines are filtered below
     ctx.enable_operator_progress_bars = True
+    if tty:  # plain tqdm bars on the driver's terminal (Ray's tqdm_ray relays worker bars; the driver has none)
+        ctx.use_ray_tqdm = False
     logger = logging.getLogger("ray.data")
     for handler in logger.handlers:
         if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
-            handler.setLevel(logging.INFO if tty else logging.WARNING)
+            handler.setLevel(logging.WARNING)
 
 
 def init_ray() -> None:
