@@ -2,10 +2,12 @@
 
     init_ray()   # connects to RAY_ADDRESS / a running cluster as ray.init() does, or starts a quiet local Ray
 
-A local Ray starts with no dashboard and no metrics export: the per-process metrics harvester
-(opencensus/OpenTelemetry) is what crashed workers that Ray Data killed at the end of a dataset
-(`SIGSEGV ... RunHarvesterLoop`, `Mutex corrupt ... SIGABRT`), and a one-machine job has nobody
-scraping metrics. Ray's INFO/WARNING start-up lines, Ray Data's per-operator log lines and its minimum-actors UserWarning go to Ray's log files
+A local Ray starts with no dashboard and no metrics export (a one-machine job has nobody scraping
+metrics; the `SIGSEGV ... opencensus ... RunHarvesterLoop` traces came from that exporter thread),
+and keeps idle workers for the job instead of making them exit: the `Mutex corrupt ... SIGABRT`
+traces were Ray workers crashing in their own idle-exit path (INTENDED_SYSTEM_EXIT "idle for a long
+time", then the abort in a background thread), after their tasks were done, so the tables were
+right; neither is this project's code. Ray's INFO/WARNING start-up lines, Ray Data's per-operator log lines and its minimum-actors UserWarning go to Ray's log files
 (/tmp/ray/session_latest/logs), not the terminal; errors still reach the job as exceptions.
 On a terminal Ray Data draws its progress bars; in logs the job prints its own status line
 (pipeline.progress).
@@ -18,12 +20,17 @@ import sys
 import warnings
 
 # Environment for a local Ray (set only where the user has not set it): no metrics export, no usage stats.
-LOCAL_ENV = {"RAY_enable_metrics_collection": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+LOCAL_ENV = {"RAY_enable_metrics_collection": "0", "RAY_USAGE_STATS_ENABLED": "0",
+             # idle workers are not made to exit mid-job: Ray 2.60's idle-exit path aborted with
+             # "Mutex corrupt" in a background thread (seen in session logs of workers that had run only
+             # Ray Data's get_table_block_metadata_schema tasks; metrics export off made no difference)
+             "RAY_idle_worker_killing_time_threshold_ms": "3600000"}
 UNACTIONABLE = ("The minimum number of concurrent actors",)  # Ray Data: fewer input blocks than actors
 
 
 def quiet_ray_data(tty: bool | None = None) -> None:
-    """Ray Data's INFO console lines to its log file only; progress bars on a terminal."""
+    """Ray Data's INFO console lines (plan, start and end, per-operator progress logs) to its log file
+    only; tqdm progress bars on a terminal."""
     import ray.data
 
     for text in UNACTIONABLE:
@@ -32,10 +39,12 @@ def quiet_ray_data(tty: bool | None = None) -> None:
     tty = sys.stderr.isatty() if tty is None else tty
     ctx.enable_progress_bars = True  # False logs a WARNING; off a terminal the bars' log lines are filtered below
     ctx.enable_operator_progress_bars = True
+    if tty:  # plain tqdm bars on the driver's terminal (Ray's tqdm_ray relays worker bars; the driver has none)
+        ctx.use_ray_tqdm = False
     logger = logging.getLogger("ray.data")
     for handler in logger.handlers:
         if not isinstance(handler, logging.FileHandler) and type(handler).__name__ != "SessionFileHandler":
-            handler.setLevel(logging.INFO if tty else logging.WARNING)
+            handler.setLevel(logging.WARNING)
 
 
 def init_ray() -> None:
