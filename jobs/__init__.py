@@ -1,1 +1,1 @@
-"""Thin entry points: python -m jobs.<name>."""
+"""Thin entry points: console scripts ifcn-<name> (pyproject [project.scripts]), or python -m jobs.<name>."""

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Callable
 
 # Environment for a local Ray (set only where the user has not set it): no metrics export, no usage stats.
 LOCAL_ENV = {"RAY_enable_metrics_collection": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -47,17 +48,22 @@ def quiet_ray_data(tty: bool | None = None) -> None:
             handler.setLevel(logging.WARNING)
 
 
-def init_ray() -> None:
-    """ray.init() unless Ray is running; a local Ray (no RAY_ADDRESS) starts quiet (module docstring)."""
+def init_ray(log: Callable[[str], None] | None = None) -> None:
+    """ray.init() unless Ray is running; a local Ray (no RAY_ADDRESS, or RAY_ADDRESS=local) starts quiet
+    (module docstring). Logs one line saying which: Ray's own INFO lines are off."""
     import ray
 
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if ray.is_initialized():
         quiet_ray_data()
         return
     if os.environ.get("RAY_ADDRESS", "local") != "local":  # a cluster keeps its own settings
         ray.init(logging_level=logging.WARNING)
+        log(f"ray: joined the running cluster at {ray.get_runtime_context().gcs_address}")
     else:
         for key, value in LOCAL_ENV.items():
             os.environ.setdefault(key, value)
         ray.init(include_dashboard=False, logging_level=logging.ERROR)
+        log(f"ray: started a local Ray ({ray.cluster_resources().get('CPU', 0):g} CPU, "
+            f"{ray.cluster_resources().get('GPU', 0):g} GPU); its logs: /tmp/ray/session_latest/logs")
     quiet_ray_data()

@@ -544,7 +544,7 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
 
     from .ray_init import init_ray
 
-    init_ray()
+    init_ray(log)
     cluster = ray.cluster_resources()
     node_cpus = [c for n in ray.nodes() if n.get("Alive") and (c := n["Resources"].get("CPU", 0.0)) > 0]
     res = resolve_resources(config, cluster, node_cpus)

@@ -1,7 +1,9 @@
 """Ctrl-C on a running ifcn-segment: one line, exit 130, the lease released, and a re-run finishes
-the job (committed rows kept). SIGINT is sent to the job's process, as a terminal does."""
+the job (committed rows kept). SIGINT is sent to the job's whole process group, as a terminal's
+Ctrl-C does (Ray's local processes included)."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -25,7 +27,7 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_resumes(tmp_path: Path) -> None
     args = ["--input", str(images), "--output", str(out), "--checkpoint", ckpt, "--shard-size", "2",
             *inference_flags()]
     proc = subprocess.Popen([sys.executable, "-m", "jobs.segment", *args], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     # wait for the plan's line (the lease is held from before it), then interrupt mid-run
     deadline = time.monotonic() + 240
     seen = []
@@ -36,7 +38,7 @@ def test_ctrl_c_is_one_line_exit_130_and_a_rerun_resumes(tmp_path: Path) -> None
             break
     assert any(s.startswith("inference:") for s in seen), seen
     time.sleep(2)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # the foreground group, as Ctrl-C
     _, rest = proc.communicate(timeout=120)
     err = "".join(seen) + rest
     assert proc.returncode == 130, err
