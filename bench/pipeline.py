@@ -165,7 +165,7 @@ class ProcessSampler(threading.Thread):
             return "driver (bench + run_segment)"
         if "InferenceActor" in titles:
             return "inference actor"
-        tasks = [name for key, name in (("read_images", "read"), ("reduce_batch", "reduce")) if key in titles]
+        tasks = [name for key, name in (("read_images", "read"), ("encode_and_stage", "encode")) if key in titles]
         if tasks:
             return f"task worker ({'+'.join(tasks)})"
         for key in ("gcs_server", "raylet"):

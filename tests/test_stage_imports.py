@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("pipeline.sources", "pipeline.reduce", "pipeline.handoff", "pipeline.sink", "ifcn.rle")
+STAGES = ("pipeline.sources", "pipeline.encode", "pipeline.handoff", "pipeline.sink", "ifcn.rle")
 
 
 @pytest.mark.parametrize("module", STAGES)
