@@ -68,7 +68,7 @@ import ifcn  # noqa: E402
 from ifcn.opcount import OpCounter  # noqa: E402
 from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size  # noqa: E402
 from pipeline.infer import CONCURRENT_CALLS, STATS_DIR_ENV, InferenceActor  # noqa: E402
-from pipeline.reduce import encode_batch  # noqa: E402
+from pipeline.encode import encode_batch  # noqa: E402
 
 NO_CUDA_LINE = "no CUDA device: CPU equivalents at a small size; these are not GPU figures"
 MATMUL_N = {"cuda": 8192, "cpu": 2048}  # large enough for the peak; 2048 fp32 takes ~0.15 s on 2 cores

@@ -165,7 +165,7 @@ class ProcessSampler(threading.Thread):
             return "driver (bench + run_segment)"
         if "InferenceActor" in titles:
             return "inference actor"
-        tasks = [name for key, name in (("read_images", "read"), ("reduce_batch", "reduce")) if key in titles]
+        tasks = [name for key, name in (("read_images", "read"), ("encode_and_stage", "encode")) if key in titles]
         if tasks:
             return f"task worker ({'+'.join(tasks)})"
         for key in ("gcs_server", "raylet"):
@@ -231,7 +231,7 @@ def handoff_cost(paths: list[Path], checkpoint: str, inference: ifcn.InferenceCo
         t0 = time.perf_counter()
         column = proposals_column([proposals])  # what the actor hands on: Arrow columns (no unpacking)
         t1 = time.perf_counter()
-        encode_column(column, [image.shape[0] * image.shape[1]])
+        encode_column(column, [image.shape[0]], [image.shape[1]])
         t2 = time.perf_counter()
         encode += t2 - t1
         pack += t1 - t0

@@ -5,7 +5,7 @@ a whole batch of images through the Predictor: batched forwards at every scale, 
 assembling, then paste, binarise, NMS and run lengths, all on the actor's device (on a GPU actor
 the GPU does every per-pixel step). What leaves the actor per image is compact: per proposal
 score, box, area, scale and its uncompressed run lengths, as Arrow columns (pipeline/handoff.py).
-CPU tasks after the pool turn those into COCO compressed RLE strings and rows (pipeline/reduce.py);
+CPU tasks after the pool turn those into COCO compressed RLE strings and rows (pipeline/encode.py);
 on CPU-only clusters InferAndEncodeActor (below) does that inside the actor instead.
 
 Keeping the device busy: a call's device half (`_device`) runs on the actor's one device thread
@@ -37,8 +37,8 @@ from ifcn.transforms import Stacks, stack_images
 
 from .errors import RETRY, classify
 from .handoff import proposals_at, proposals_column
+from .encode import encode_batch
 from .hooks import pause_point
-from .reduce import encode_batch
 from .sink import StageWriter
 
 require("ray")  # concurrent calls per actor on real threads (ifcn/floors.py)

@@ -137,7 +137,7 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
 
     # the stages import torch: only here, so planning (and --dry-run) never does (~490 MiB of RSS)
     from .infer import InferAndEncodeActor, InferenceActor
-    from .reduce import encode_and_stage
+    from .encode import encode_and_stage
 
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the

@@ -32,8 +32,10 @@ import pyarrow.parquet as pq
 from ifcn.io import filesystem, put_atomic
 
 from .errors import RETRY, storage_call
-from .schema import PARQUET_COMPRESSION, REDUCED_SCHEMA, reduced_to_segments
+from .parquet_io import parquet_bytes  # noqa: F401  (plan.py imports it from here)
+from .schema import REDUCED_SCHEMA, reduced_to_segments
 from .sources import Shard
+from .table import rewrite, write_data_file
 
 TMP_DIR = "_tmp"
 STAGE_DIR = f"{TMP_DIR}/stage"
@@ -119,8 +121,6 @@ def publish_shard(output: str, storage_options: dict[str, Any] | None, shard: Sh
 
 
 def _publish(store: OutputStore, shard: Shard, fragments: list[Fragment], run_id: str) -> dict[str, Any]:
-    from .table import write_data_file
-
     parts = []
     for frag in fragments:
         table = pq.read_table(io.BytesIO(store.fs.cat_file(frag.path)), schema=REDUCED_SCHEMA)
@@ -147,16 +147,8 @@ def rewrite_file(output: str, storage_options: dict[str, Any] | None, path: str,
                  run_id: str) -> tuple[str, dict[str, Any] | None]:
     """The table's data file `path` rewritten without the images `drop` (a Ray task, like
     publish_shard): (path, the new file's add facts or None when no row is left)."""
-    from .table import rewrite
-
     store = OutputStore(output, storage_options)
     return path, storage_call(lambda: rewrite(store.fs, store.root, path, drop, run_id))
-
-
-def parquet_bytes(table: pa.Table, row_group_size: int | None, compression: str = PARQUET_COMPRESSION) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression=compression, row_group_size=row_group_size, write_statistics=True)
-    return buf.getvalue()
 
 
 def _remove_quietly(fs, path: str) -> None:

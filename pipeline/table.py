@@ -42,6 +42,7 @@ import pyarrow.dataset as ds
 from .config import SegmentError
 from .errors import STORAGE_ATTEMPTS, STORAGE_BACKOFF_S
 from .hooks import KILL_ENV, kill_point  # noqa: F401  (KILL_ENV: tests import it from here)
+from .parquet_io import parquet_bytes
 from .schema import IMAGES_SCHEMA, SEGMENTS_ROW_GROUP_ROWS, SEGMENTS_SCHEMA, VIEWS, masks_view
 
 TABLE = "segments"
@@ -111,8 +112,6 @@ def write_data_file(fs, root: str, table: pa.Table, shard_id: str, run_id: str) 
     """Writes SEGMENTS_SCHEMA rows into the table folder (`root`/segments, no protocol) as
     `part-<shard>-<run>-<uuid>.parquet`; returns the add action's facts (the driver commits them)."""
     from ifcn.io import put_atomic
-
-    from .sink import parquet_bytes
 
     data = parquet_bytes(table, SEGMENTS_ROW_GROUP_ROWS)
     file = f"part-{shard_id}-{run_id}-{uuid.uuid4().hex}.parquet"

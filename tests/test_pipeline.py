@@ -23,7 +23,7 @@ from pipeline.config import SegmentConfig, SegmentError
 from ifcn.image import decode_image, read_bytes
 from pipeline.handoff import proposals_column
 from pipeline.infer import InferenceActor
-from pipeline.reduce import encode_batch
+from pipeline.encode import encode_batch
 from pipeline.run import Resources, prepare, resolve_resources, run_segment, spread_actors
 from pipeline.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
 from pipeline.sources import read_images

@@ -31,11 +31,11 @@ def encode_batch(batch: pa.Table) -> pa.Table:
     t0 = time.perf_counter()
     status = batch.column("status").to_pylist()
     error = batch.column("error").to_pylist()
-    pixels = _pixels(batch)
+    sizes = _sizes(batch)
     try:
-        proposals = encode_column(batch.column("proposals"), pixels)
+        proposals = encode_column(batch.column("proposals"), *sizes)
     except Exception:
-        proposals = _encode_one_by_one(batch, pixels, status, error)
+        proposals = _encode_one_by_one(batch, sizes, status, error)
     ok = np.array([s == "ok" for s in status])
     encode_ms = (time.perf_counter() - t0) * 1e3 / max(1, int(ok.sum()))
     post = batch.column("postprocess_ms").to_numpy(zero_copy_only=False).astype(np.float64)  # NaN for nulls
@@ -47,19 +47,20 @@ def encode_batch(batch: pa.Table) -> pa.Table:
                     schema=REDUCED_SCHEMA)
 
 
-def _pixels(batch: pa.Table) -> np.ndarray:
-    """(B,) height * width of each row (0 where the read stage found no image)."""
+def _sizes(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(B,) heights and (B,) widths of the rows' images (0 where the read stage found none)."""
     h, w = (pc.fill_null(batch.column(c), 0).to_numpy().astype(np.int64) for c in ("height", "width"))
-    return h * w
+    return h, w
 
 
-def _encode_one_by_one(batch: pa.Table, pixels: np.ndarray, status: list[str], error: list[str | None]) -> pa.Array:
+def _encode_one_by_one(batch: pa.Table, sizes: tuple[np.ndarray, np.ndarray], status: list[str],
+                       error: list[str | None]) -> pa.Array:
     """Each image's proposals encoded alone; an image that fails becomes an error row without proposals."""
     column = batch.column("proposals").combine_chunks()
     parts = []
     for i in range(batch.num_rows):
         try:
-            parts.append(encode_column(column[i:i + 1], pixels[i:i + 1]))
+            parts.append(encode_column(column[i:i + 1], sizes[0][i:i + 1], sizes[1][i:i + 1]))
         except Exception as e:
             status[i] = "error"
             error[i] = f"image {batch.column('uri')[i].as_py()}: encoding its masks failed " \
