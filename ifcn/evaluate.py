@@ -171,11 +171,26 @@ def average_recall(gt: dict | str, results: list[dict], iou_protocol: str = "coc
     return out
 
 
+def up_to(ar: dict[str, float], kept: int | None) -> dict[str, float]:
+    """AR@k only for the k that results with at most `kept` proposals per image can have.
+
+    AR@1000 of a run capped at 100 is AR@100 again, so it is dropped, and the sized AR@1000 values
+    are relabelled @100 (the same numbers): nobody reads "AR@1000" off a run that kept 100.
+    """
+    if not kept:
+        return dict(ar)
+    out: dict[str, float] = {}
+    for name, v in ar.items():
+        prefix, k = name.split("@")
+        out.setdefault(name if int(k) <= kept else f"{prefix}@{kept}", v)
+    return out
+
+
 def format_table(ar: dict[str, float], iou_protocol: str = "coco") -> str:
-    """A small text table that says which IoU protocol produced the numbers."""
+    """A small text table that says which IoU protocol produced the numbers (the metrics `ar` has,
+    in its order: see `up_to`)."""
     lines = [f"Class-agnostic mask average recall (%), {IOU_LABELS[iou_protocol]}"]
-    for name in METRICS:
-        v = ar.get(name, -1.0)
+    for name, v in ar.items():
         lines.append(f"  {name:<15} {'n/a (no gt in range)' if v < 0 else f'{100 * v:6.2f}'}")
     return "\n".join(lines)
 

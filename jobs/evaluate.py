@@ -17,9 +17,9 @@ import warnings
 from typing import Any, TextIO
 
 
-from ifcn.evaluate import (IOU_LABELS, IOU_PROTOCOLS, average_recall, format_table, load_gt, load_results_json,
-                           predictions_to_results, rank_filter, results_from_masks, RESULT_COLUMNS)
-from ifcn.config import NMS_MODES
+from ifcn.evaluate import (IOU_LABELS, IOU_PROTOCOLS, RESULT_COLUMNS, average_recall, format_table, load_gt,
+                           load_results_json, predictions_to_results, rank_filter, results_from_masks, up_to)
+from ifcn.config import NMS_MODES, InferenceConfig
 from ifcn.image import ImageError, decode_image
 from ifcn.io import filesystem, join, open_url, write_bytes
 from jobs._cli import make_parser, scales, storage_options
@@ -57,7 +57,6 @@ def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ..
 
     Returns COCO results entries and the evaluated image ids.
     """
-    from ifcn import InferenceConfig
     from ifcn.checkpoint import load_model
 
     overrides: dict[str, Any] = {}
@@ -96,6 +95,15 @@ def is_output_folder(url: str, storage_options: dict | None = None) -> bool:
             raise FileNotFoundError(f"{url}: a folder without segments/ (expected a jobs.segment output folder)")
         return True
     return False
+
+
+def output_max_proposals(url: str, storage_options: dict | None = None) -> int | None:
+    """The proposals per image a jobs.segment output was made with (its table's settings)."""
+    from pipeline.table import OutputTables
+
+    settings = OutputTables(url, storage_options).settings() or {}
+    kept = (settings.get("settings") or {}).get("inference", {}).get("max_proposals")
+    return int(kept) if kept else None
 
 
 def top_per_image(results: list[dict], n: int) -> list[dict]:
@@ -137,7 +145,9 @@ def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: 
         raise ValueError(f"iou_protocol={iou_protocol!r}: choose one of {list(IOU_PROTOCOLS)}")
     gt = load_gt(annotations, storage_options)
     image_ids = None
+    kept = max_proposals  # AR@k is reported for k up to the proposals per image the results can have
     if checkpoint is not None:
+        kept = max_proposals or InferenceConfig().max_proposals
         results, image_ids = predict_images(gt, checkpoint, images, scales, max_proposals, limit, device,
                                             storage_options, progress, nms)
         if save_predictions:
@@ -151,6 +161,8 @@ def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: 
             masks = read_output(predictions, "masks", list(RESULT_COLUMNS), rank_filter(max_proposals),
                                 storage_options)
             results = results_from_masks(masks, gt)
+            kept = min(filter(None, (max_proposals, output_max_proposals(predictions, storage_options))),
+                       default=None)
         else:
             results = load_results_json(predictions, storage_options)
             if max_proposals:
@@ -160,7 +172,8 @@ def evaluate(annotations: str | dict, *, checkpoint: str | None = None, images: 
     evaluated = set(image_ids) if image_ids is not None else {img["id"] for img in gt["images"]}
     predicted = {r["image_id"] for r in results} & evaluated
     report = {
-        "metrics": average_recall(gt, results, iou_protocol, image_ids),
+        "metrics": up_to(average_recall(gt, results, iou_protocol, image_ids), kept),
+        "kept_proposals": kept,
         "iou_protocol": iou_protocol,
         "iou_thresholds": [round(float(t), 4) for t in IOU_PROTOCOLS[iou_protocol]],
         "num_images": len(evaluated),

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from ifcn.evaluate import up_to
 from ifcn.image import decode_image, one_line, read_bytes
 
 STATUSES = ("ok", "error", "retry")
@@ -225,16 +226,10 @@ def kept_proposals(runs_: list[dict[str, Any]]) -> int | None:
 
 
 def kept_only(r: dict[str, Any], kept: int | None) -> dict[str, Any]:
-    """AR@k only for the k a run with `kept` proposals per image can have: AR@1000 of a run capped at 100
-    is AR@100 again, so it is dropped (sized AR@1000 becomes @100, the same number)."""
+    """The recall facts with AR@k only for the k a run with `kept` proposals per image can have."""
     if not kept:
         return r
-    ar = {}
-    for name, v in r["ar"].items():
-        k = int(name.split("@")[1])
-        label = name if k <= kept else f"{name.split('@')[0]}@{kept}"
-        ar.setdefault(label, v)
-    return {**r, "ar": ar, "kept": kept, "dets": min(kept, r["dets"])}
+    return {**r, "ar": up_to(r["ar"], kept), "kept": kept, "dets": min(kept, r["dets"])}
 
 
 def histogram(values: np.ndarray, bins: int, lo: float | None = None, hi: float | None = None,

@@ -297,9 +297,13 @@ def test_job_scores_pipeline_folder_with_max_proposals(tmp_path, capsys):
     out = tmp_path / "nums" / "ar.json"
     assert main(["--annotations", ann, "--predictions", f"file://{tmp_path / 'out'}", "--max-proposals", "10",
                  "--out", str(out)]) == 0
-    # Only the 10 best per image: C's prediction (11th in image 2) is gone even at 100 and 1000.
-    metrics = json.loads(out.read_text())["metrics"]
-    assert metrics["AR@10"] == pytest.approx(0.6) and metrics["AR@1000"] == pytest.approx(0.6)
+    # Only the 10 best per image: C's prediction (11th in image 2) is gone; AR@100/1000 of results capped
+    # at 10 would be AR@10 again, so only @10 is reported (sized ones relabelled @10).
+    report = json.loads(out.read_text())
+    assert report["kept_proposals"] == 10
+    assert list(report["metrics"]) == ["AR@10", "AR_small@10", "AR_medium@10", "AR_large@10"]
+    assert report["metrics"]["AR@10"] == pytest.approx(0.6)
+    assert "AR@100 " not in capsys.readouterr().out  # the printed table follows the metrics
     assert main(["--annotations", ann, "--predictions", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "ar.json").read_text())["metrics"] == pytest.approx(EXPECTED["coco"])
 
@@ -373,7 +377,12 @@ def test_job_runs_a_checkpoint_over_images(tmp_path, capsys):
     assert report["num_images"] == 2 and report["metrics"]["AR@10"] == 1.0
     first_two = [r for r in results if r["image_id"] in (5, 9)]
     assert len(json.loads((tmp_path / "preds.json").read_text())) == len(first_two)
-    assert report["metrics"] == pytest.approx(average_recall(gt, first_two, image_ids=[5, 9]))
+    full = average_recall(gt, first_two, image_ids=[5, 9])
+    assert report["kept_proposals"] == 50  # capped at 50: AR@100 and AR@1000 would be AR@50 again
+    assert report["metrics"] == pytest.approx({"AR@10": full["AR@10"], "AR@50": full["AR@100"],
+                                               "AR_small@50": full["AR_small@1000"],
+                                               "AR_medium@50": full["AR_medium@1000"],
+                                               "AR_large@50": full["AR_large@1000"]})
 
 
 @pytest.mark.slow
@@ -396,3 +405,15 @@ def test_job_reads_and_writes_s3(tmp_path, s3_bucket, capsys):
     assert f"written to {s3_bucket}/run/ar.json" in capsys.readouterr().out
     report = json.loads(fs.cat(f"{s3_bucket}/run/ar.json"))
     assert report["metrics"] == pytest.approx(EXPECTED["coco"])
+
+
+def test_up_to_keeps_the_k_a_capped_run_can_have() -> None:
+    from ifcn.evaluate import up_to
+
+    ar = {"AR@10": 0.5, "AR@100": 0.7, "AR@1000": 0.7, "AR_small@1000": 0.2, "AR_medium@1000": 0.8,
+          "AR_large@1000": -1.0}
+    assert up_to(ar, 100) == {"AR@10": 0.5, "AR@100": 0.7, "AR_small@100": 0.2, "AR_medium@100": 0.8,
+                              "AR_large@100": -1.0}
+    assert up_to(ar, 10) == {"AR@10": 0.5, "AR_small@10": 0.2, "AR_medium@10": 0.8, "AR_large@10": -1.0}
+    assert up_to(ar, 1000) == ar and up_to(ar, None) == ar
+    assert "AR_small@10" in format_table(up_to(ar, 10)) and "AR@100" not in format_table(up_to(ar, 10))
