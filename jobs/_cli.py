@@ -11,7 +11,26 @@ import argparse
 import json
 import re
 import sys
-from typing import Any, Iterable, NoReturn
+import functools
+from typing import Any, Callable, Iterable, NoReturn
+
+
+INTERRUPTED = 130  # what a shell reports for a job ended by SIGINT
+
+
+def interruptible(prog: str, then: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Ctrl-C ends the job with one line (`<prog>: interrupted; <then>`) and exit 130, not a
+    KeyboardInterrupt traceback: `then` tells the user what was kept and how to go on."""
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> int:
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted; {then}", file=sys.stderr)
+                return INTERRUPTED
+        return run
+    return wrap
 
 
 class Parser(argparse.ArgumentParser):

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import sys
-from jobs._cli import make_parser, scales, storage_options
+from jobs._cli import interruptible, make_parser, scales, storage_options
 
 
+@interruptible("ifcn-baseline", "no results file was written; re-run the same command")
 def main(argv: list[str] | None = None) -> int:
     p = make_parser("ifcn-baseline", __doc__)
     p.add_argument("--checkpoint", required=True, help="model.pt written by jobs.train (e.g. --model fcn-baseline)")

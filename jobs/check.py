@@ -13,12 +13,13 @@ import sys
 
 import pyarrow as pa
 
-from jobs._cli import add_output, make_parser, output_of, storage_options
+from jobs._cli import add_output, interruptible, make_parser, output_of, storage_options
 from pipeline.check import check_output, repair_output
 from pipeline.config import SegmentError
 from pipeline.table import delta_storage_options
 
 
+@interruptible("ifcn-check", "a repair is one commit, made whole or not at all; re-run to check")
 def main(argv: list[str] | None = None) -> int:
     p = make_parser("ifcn-check", __doc__)
     add_output(p, "the segment job's --output (holds the segments/ Delta table)")

@@ -22,7 +22,7 @@ from ifcn.evaluate import (IOU_LABELS, IOU_PROTOCOLS, RESULT_COLUMNS, average_re
 from ifcn.config import NMS_MODES, InferenceConfig
 from ifcn.image import ImageError, decode_image
 from ifcn.io import filesystem, join, open_url, write_bytes
-from jobs._cli import make_parser, scales, storage_options
+from jobs._cli import interruptible, make_parser, scales, storage_options
 
 
 class Progress:
@@ -225,6 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@interruptible("ifcn-evaluate", "no numbers were written; re-run the same command")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:

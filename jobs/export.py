@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from jobs._cli import add_output, make_parser, output_of, storage_options
+from jobs._cli import add_output, interruptible, make_parser, output_of, storage_options
 
 
 def images_index(table: Any) -> dict[str, Any]:
@@ -52,6 +52,7 @@ def export(output: str, json_url: str, annotations: str | None = None, max_propo
             "images_json": index_url}
 
 
+@interruptible("ifcn-export", "re-run the same command to write the file again")
 def main(argv: list[str] | None = None) -> int:
     p = make_parser("ifcn-export", __doc__)
     add_output(p, "the segment job's --output folder (holding the segments/ table)")

@@ -13,10 +13,11 @@ import sys
 import pyarrow as pa
 
 from ifcn.image import one_line
-from jobs._cli import add_output, make_parser, output_of, storage_options
+from jobs._cli import add_output, interruptible, make_parser, output_of, storage_options
 from pipeline.report import ReportConfig, describe, write_report
 
 
+@interruptible("ifcn-report", "no page was written; re-run the same command")
 def main(argv: list[str] | None = None) -> int:
     p = make_parser("ifcn-report", __doc__)
     add_output(p, "the segment job's --output URL (holding the segments/ table)")

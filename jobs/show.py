@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from ifcn.viz import draw_proposals, save_png
 from ifcn.image import ImageError, decode_image, read_bytes  # decode exactly as the pipeline did (EXIF, alpha)
-from jobs._cli import add_output, make_parser, output_of, storage_options
+from jobs._cli import add_output, interruptible, make_parser, output_of, storage_options
 from pipeline import read_output
 
 MASK_COLUMNS = ["image_id", "uri", "rank", "score", "bbox", "rle", "height", "width"]
@@ -93,6 +93,7 @@ def show(output: str, image_id: str, out: str, top: int = 20, storage_options: d
             "drawn": min(top, len(proposals)), "out": out}
 
 
+@interruptible("ifcn-show", "pictures already written are kept; re-run the same command")
 def main(argv: list[str] | None = None) -> int:
     p = make_parser("ifcn-show", __doc__)
     add_output(p, "the segment job's --output folder (holding the segments/ table)")

@@ -9,9 +9,10 @@ import sys
 from dataclasses import replace
 
 from ifcn.data.synth import SynthConfig, write_synthetic_dataset
-from jobs._cli import make_parser, storage_options
+from jobs._cli import interruptible, make_parser, storage_options
 
 
+@interruptible("ifcn-synth", "re-run the same command (same seed, same images) to finish the dataset")
 def main(argv: list[str] | None = None) -> int:
     p = make_parser("ifcn-synth", __doc__)
     p.add_argument("--output", required=True, help="folder URL (local, file://, s3://...)")

@@ -18,7 +18,7 @@ import sys
 
 from ifcn.config import BACKBONES
 from ifcn.train.config import AMP, MODELS, PRESETS, TrainConfig
-from jobs._cli import make_parser, scales, show_defaults, storage_options
+from jobs._cli import interruptible, make_parser, scales, show_defaults, storage_options
 
 # flag dest -> TrainConfig field, where the names differ
 _RENAMED = {"no_flip": "flip"}
@@ -91,6 +91,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**given)
 
 
+@interruptible("ifcn-train", "re-running the same command resumes from the last checkpoint (see --checkpoint-every)")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:

@@ -314,3 +314,30 @@ def test_baseline_trains_with_the_same_loop_and_round_trips(tiny_data, tmp_path)
     ifcn.save_checkpoint(ifcn.InstanceFCN(ifcn.ModelConfig(backbone="vgg16_narrow")), str(tmp_path / "ifcn.pt"))
     with pytest.raises(ValueError, match="not an fcn-baseline checkpoint"):
         baseline.load_baseline(str(tmp_path / "ifcn.pt"))
+
+
+def test_cli_ctrl_c_is_one_line_exit_130_and_a_rerun_resumes(tiny_data, tmp_path):
+    """SIGINT to the job's process group (a terminal's Ctrl-C, data processes included): one line, exit
+    130, no traceback; the same command then resumes from the last checkpoint."""
+    import os
+    import signal
+
+    args = ["--images", str(tiny_data / "images"), "--annotations", str(tiny_data / "annotations.json"),
+            "--output", str(tmp_path / "o"), "--backbone", "vgg16_narrow", "--scales", "160", "--steps", "400",
+            "--windows-per-image", "16", "--checkpoint-every", "2", "--log-every", "1", "--data-workers", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.train", *args, "--max-steps", "400"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # interrupt once a checkpoint has been written (steps 2, 4, ... are saved)
+        if line.startswith("step 5/"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("ifcn-train: interrupted; re-running the same command resumes")
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    again = run_cli(*args, "--max-steps", "40")
+    assert again.returncode == 0, again.stderr
+    step = int(re.search(r"resuming from \S+ at step (\d+)", again.stdout).group(1))
+    assert 4 <= step < 40  # from a checkpoint the interrupted run wrote, not from scratch
+    assert "saved" in again.stdout and "at step 40" in again.stdout

@@ -367,6 +367,29 @@ def check_inputs(config: TrainConfig) -> None:
             raise type(e)(f"validation data (--val-images/--val-annotations): {e}") from None
 
 
+def fit_interruptibly(trainer: Any) -> None:
+    """trainer.fit() on a helper thread, so that Ctrl-C raises KeyboardInterrupt in the caller.
+
+    On the main thread Ray Train installs its own SIGINT handler, which aborts the run and exits the
+    process with status 1 and no word; the caller's KeyboardInterrupt instead reaches the job's
+    one-line message and exit 130, and stopping the driver's Ray (or the driver) ends the run.
+    """
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # handed to the caller's thread
+            failure.append(e)
+
+    fitter = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    fitter.start()
+    while fitter.is_alive():
+        fitter.join(0.5)
+    if failure:
+        raise failure[0]
+
+
 def train(config: TrainConfig, log: Log = print) -> str:
     """Trains with Ray Train (TorchTrainer, DDP over config.num_workers workers); returns the model URL.
 
@@ -400,7 +423,7 @@ def train(config: TrainConfig, log: Log = print) -> str:
                                              resources_per_worker={"CPU": config.cpus_per_worker}),
                 run_config=RunConfig(name="instancefcn", storage_path=tmp))
             try:
-                trainer.fit()
+                fit_interruptibly(trainer)
             except Exception as e:  # Ray wraps worker errors with their traceback; keep the last line
                 if type(e).__module__.startswith("ray"):
                     lines = [ln for ln in str(e).splitlines() if ln.strip()]
