@@ -11,7 +11,7 @@ from typing import Any
 
 _LAZY = {
     "checkpoint_digest": "checkpoint", "load_checkpoint": "checkpoint", "load_model": "checkpoint",
-    "save_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint", "load_baseline": "checkpoint", "save_baseline": "checkpoint",
     "BACKBONES": "config", "PAPER_SCALES": "config", "InferenceConfig": "config", "ModelConfig": "config",
     "DeepMask": "deepmask",
     "InstanceFCN": "model", "load_vgg16_weights": "model",

@@ -125,23 +125,3 @@ class BaselinePredictor:
     def predict(self, image: np.ndarray) -> list[dict[str, Any]]:
         """image (H, W, 3) uint8 -> proposals best first (see `predict`)."""
         return predict(self.model, image, self.config)
-
-
-# Shortcuts kept for callers; ifcn.checkpoint loads every kind through the registry (ifcn.models),
-# which imports this module, so these import ifcn.checkpoint when called.
-
-def save_baseline(model: FCNBaseline, url: str, extra: dict | None = None, storage_options: dict | None = None) -> None:
-    from .checkpoint import save_checkpoint
-
-    save_checkpoint(model, url, extra={"model": MODEL_NAME, **(extra or {})}, storage_options=storage_options)
-
-
-def load_baseline(url: str, storage_options: dict | None = None) -> FCNBaseline:
-    """FCNBaseline from a checkpoint written by jobs.train --model fcn-baseline, in eval mode."""
-    from .checkpoint import load_model
-
-    model, spec = load_model(url, storage_options)
-    if spec.kind != MODEL_NAME:
-        raise ValueError(f"checkpoint {url}: not an {MODEL_NAME} checkpoint (it holds a {spec.kind!r} model; load "
-                         f"it with ifcn.checkpoint.load_model, or ifcn.load_checkpoint for InstanceFCN)")
-    return model

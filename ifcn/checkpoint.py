@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import models
+from .baseline import MODEL_NAME as BASELINE, FCNBaseline
 from .config import ModelConfig
 from .checkpoint_header import FORMAT, check_format, checkpoint_kind, not_windowed
 from .io import open_url, write_bytes
@@ -88,3 +89,17 @@ def checkpoint_digest(url: str, storage_options: dict | None = None) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def save_baseline(model: FCNBaseline, url: str, extra: dict | None = None, storage_options: dict | None = None) -> None:
+    """A one-map FCN baseline's checkpoint (what jobs.train --model fcn-baseline writes)."""
+    save_checkpoint(model, url, extra={"model": BASELINE, **(extra or {})}, storage_options=storage_options)
+
+
+def load_baseline(url: str, storage_options: dict | None = None) -> FCNBaseline:
+    """FCNBaseline from a checkpoint written by jobs.train --model fcn-baseline, in eval mode."""
+    model, spec = load_model(url, storage_options)
+    if spec.kind != BASELINE:
+        raise ValueError(f"checkpoint {url}: not an {BASELINE} checkpoint (it holds a {spec.kind!r} model; load "
+                         f"it with ifcn.checkpoint.load_model, or ifcn.load_checkpoint for InstanceFCN)")
+    return model

@@ -78,5 +78,5 @@ def checkpoint_header(url: str, storage_options: dict | None = None) -> tuple[st
 def not_windowed(url: str, kind: str) -> ValueError:
     """The error for a checkpoint whose model ifcn.Predictor does not run (e.g. the FCN baseline)."""
     return ValueError(f"checkpoint {url}: holds a {kind!r} model, not InstanceFCN or another model that "
-                      f"ifcn.Predictor runs ({sorted(WINDOWED_KINDS)}); load it with ifcn.baseline.load_baseline "
+                      f"ifcn.Predictor runs ({sorted(WINDOWED_KINDS)}); load it with ifcn.load_baseline "
                       f"or ifcn.checkpoint.load_model")

@@ -8,7 +8,7 @@ r"""Trains InstanceFCN (or DeepMask, or the one-map FCN baseline: --model) with 
         --val-annotations s3://bucket/coco/instances_val2014.json --val-every 2000 --val-max-images 200
 
 Re-running with the same --output resumes from its last checkpoint. The final model is
-<output>/model.pt (ifcn.load_checkpoint; the baseline: ifcn.baseline.load_baseline), the best
+<output>/model.pt (ifcn.load_checkpoint; the baseline: ifcn.load_baseline), the best
 validated one <output>/best.pt.
 """
 from __future__ import annotations

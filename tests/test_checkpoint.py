@@ -74,7 +74,8 @@ def test_wrong_files_raise_clear_errors(tmp_path, load: str) -> None:
 
 
 def test_baseline_checkpoint_is_refused_by_name(tmp_path) -> None:
-    from ifcn.baseline import FCNBaseline, save_baseline
+    from ifcn.baseline import FCNBaseline
+    from ifcn.checkpoint import save_baseline
 
     url = str(tmp_path / "baseline.pt")
     save_baseline(FCNBaseline(ModelConfig(backbone="vgg16_narrow")), url)
@@ -103,7 +104,8 @@ def test_header_refuses_what_the_pipeline_cannot_run(tmp_path) -> None:
     import pickle
     import zipfile
 
-    from ifcn.baseline import FCNBaseline, save_baseline
+    from ifcn.baseline import FCNBaseline
+    from ifcn.checkpoint import save_baseline
     from ifcn.checkpoint_header import checkpoint_header
 
     baseline = tmp_path / "baseline.pt"

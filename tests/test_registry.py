@@ -14,7 +14,8 @@ from pycocotools import mask as mask_utils
 
 import ifcn
 from ifcn import InstanceFCN, ModelConfig, models
-from ifcn.baseline import BaselinePredictor, FCNBaseline, load_baseline, save_baseline
+from ifcn.baseline import BaselinePredictor, FCNBaseline
+from ifcn.checkpoint import load_baseline, save_baseline
 from ifcn.checkpoint import checkpoint_kind, load_checkpoint, load_model, read_checkpoint, save_checkpoint
 from ifcn.deepmask import DeepMask
 

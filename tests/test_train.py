@@ -308,12 +308,12 @@ def test_baseline_trains_with_the_same_loop_and_round_trips(tiny_data, tmp_path)
     out = train_local(cfg, log=quiet)
     losses = [r["loss"] for r in out["history"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
-    model = baseline.load_baseline(str(tmp_path / "model.pt"))
+    model = ifcn.load_baseline(str(tmp_path / "model.pt"))
     props = baseline.predict(model, np.zeros((64, 64, 3), np.uint8), ifcn.InferenceConfig(scales=(160,)))
     assert all(set(p) == {"score", "rle", "bbox", "area", "scale"} for p in props)
     ifcn.save_checkpoint(ifcn.InstanceFCN(ifcn.ModelConfig(backbone="vgg16_narrow")), str(tmp_path / "ifcn.pt"))
     with pytest.raises(ValueError, match="not an fcn-baseline checkpoint"):
-        baseline.load_baseline(str(tmp_path / "ifcn.pt"))
+        ifcn.load_baseline(str(tmp_path / "ifcn.pt"))
 
 
 def test_cli_ctrl_c_is_one_line_exit_130_and_a_rerun_resumes(tiny_data, tmp_path):
