@@ -54,7 +54,7 @@ def read_checkpoint(url: str, storage_options: dict | None = None, expected_sha2
 def load_model(url: str, storage_options: dict | None = None, expected_sha256: str | None = None
                ) -> tuple[nn.Module, models.ModelSpec]:
     """Any registered model from `url`, built by its kind, in eval mode on CPU, with its spec
-    (spec.predictor runs it over images; see read_checkpoint for the arguments)."""
+    (ifcn.predictor.predictor_for runs it over images; see read_checkpoint for the arguments)."""
     payload = read_checkpoint(url, storage_options, expected_sha256)
     spec = models.for_kind(checkpoint_kind(payload), f"checkpoint {url}")
     return _build(url, payload, spec), spec

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import models
+from .baseline import BaselinePredictor
 from .config import InferenceConfig
 from .floors import require
 from .containers import Candidates, Groups, Proposals, WindowBatch
@@ -263,3 +265,13 @@ def _padded(size: tuple[int, int], pad_to: int) -> tuple[int, int]:
     if not pad_to:
         return size
     return (-(-size[0] // pad_to) * pad_to, -(-size[1] // pad_to) * pad_to)
+
+
+def predictor_for(model: torch.nn.Module, config: InferenceConfig = InferenceConfig(),
+                  device: str | torch.device | None = None) -> Any:
+    """What runs a registered model over images (`.predict(image (H, W, 3) uint8)` -> proposals best
+    first): this module's Predictor for the windowed models (InstanceFCN, DeepMask); connected
+    components of the foreground map for the FCN baseline (CPU)."""
+    if models.get(models.kind_of(model)).windowed:
+        return Predictor(model, config, device=device)
+    return BaselinePredictor(model, config)

@@ -30,13 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     from ifcn import InferenceConfig
     from ifcn.checkpoint import load_model
     from ifcn.data import CocoDataset
+    from ifcn.predictor import predictor_for
     from ifcn.evaluate import predictions_to_results
     from ifcn.io import open_url
 
     try:
         config = InferenceConfig(scales=args.scales) if args.scales else InferenceConfig()
-        model, spec = load_model(args.checkpoint, args.storage_options)
-        predictor = spec.predictor(model, config, None)
+        model, _ = load_model(args.checkpoint, args.storage_options)
+        predictor = predictor_for(model, config)
         ds = CocoDataset(args.images, args.annotations, args.storage_options)
         results = []
         n = len(ds) if args.limit is None else min(args.limit, len(ds))

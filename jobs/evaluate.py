@@ -52,12 +52,13 @@ def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ..
                    storage_options: dict | None = None, progress: bool = True,
                    nms: str | None = None) -> tuple[list[dict], list[int]]:
     """Runs the checkpoint's predictor over the annotation file's images (file order, first `limit`):
-    ifcn.Predictor for InstanceFCN and DeepMask, connected components for the FCN baseline (the
-    registry, ifcn.models, picks it by the checkpoint's kind).
+    ifcn.Predictor for InstanceFCN and DeepMask, connected components for the FCN baseline
+    (ifcn.predictor.predictor_for picks it by the checkpoint's kind).
 
     Returns COCO results entries and the evaluated image ids.
     """
     from ifcn.checkpoint import load_model
+    from ifcn.predictor import predictor_for
 
     overrides: dict[str, Any] = {}
     if scales:
@@ -66,8 +67,8 @@ def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ..
         overrides["max_proposals"] = int(max_proposals)
     if nms:
         overrides["nms"] = nms
-    model, spec = load_model(checkpoint, storage_options)
-    predictor = spec.predictor(model, InferenceConfig(**overrides), device)
+    model, _ = load_model(checkpoint, storage_options)
+    predictor = predictor_for(model, InferenceConfig(**overrides), device)
     todo = gt["images"][:limit] if limit else gt["images"]
     bar = Progress(len(todo), "jobs.evaluate") if progress else None
     results: list[dict] = []

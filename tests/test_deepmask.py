@@ -10,7 +10,8 @@ from pycocotools import mask as mask_utils
 
 from ifcn import InferenceConfig, ModelConfig, Predictor, load_checkpoint
 from ifcn.deepmask import DeepMask, crop_windows
-from ifcn.models import deepmask_loss, head_parameters
+from ifcn.models import head_parameters
+from ifcn.train.loss import deepmask_loss
 from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size
 
 

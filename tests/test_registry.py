@@ -18,6 +18,8 @@ from ifcn.baseline import BaselinePredictor, FCNBaseline
 from ifcn.checkpoint import load_baseline, save_baseline
 from ifcn.checkpoint import checkpoint_kind, load_checkpoint, load_model, read_checkpoint, save_checkpoint
 from ifcn.deepmask import DeepMask
+from ifcn.predictor import predictor_for
+from ifcn.train.loss import loss_for
 
 ROOT = Path(__file__).resolve().parents[1]
 NARROW = ModelConfig(backbone="vgg16_narrow", m=9)
@@ -100,8 +102,7 @@ def test_predictor_is_chosen_by_kind() -> None:
     config = ifcn.InferenceConfig(scales=(64,), max_proposals=3)
     for name, cls in (("instancefcn", ifcn.Predictor), ("deepmask", ifcn.Predictor),
                       ("fcn-baseline", BaselinePredictor)):
-        spec = models.get(name)
-        predictor = spec.predictor(spec.build(NARROW).eval(), config, "cpu")
+        predictor = predictor_for(models.get(name).build(NARROW).eval(), config, "cpu")
         assert isinstance(predictor, cls)
         props = predictor.predict(np.zeros((48, 64, 3), np.uint8))
         assert isinstance(props, list) and len(props) <= 3
@@ -147,7 +148,7 @@ def test_registry_instancefcn_loss_equals_the_training_loss_module() -> None:
     cells = torch.tensor([[1, 1], [3, 4], [5, 6], [0, 2]])
     for positives in (3, 0):
         batch = WindowBatch(cells, (torch.arange(4) < positives).float(), (torch.rand(positives, 7, 7) > 0.4).float())
-        loss, parts = models.instancefcn_loss(model, example, batch, torch.device("cpu"))
+        loss, parts = loss_for("instancefcn")(model, example, batch, torch.device("cpu"))
         scores, objectness = model(image)
         want = (reference_loss(scores, objectness, batch, 7) if positives else
                 F.binary_cross_entropy_with_logits(objectness[0, 0, cells[:, 0], cells[:, 1]], torch.zeros(4)))
@@ -159,12 +160,13 @@ def test_registry_instancefcn_loss_equals_the_training_loss_module() -> None:
 
 
 def test_no_import_circle_between_models_and_training() -> None:
-    """ifcn (registry, checkpoints, baseline) imports no training code, and training imports the
-    registry: either order works (one fresh interpreter each)."""
+    """The registry only names models: importing it (and checkpoints, baseline) loads no training
+    code and no predictor, and training imports the registry: either order works (one fresh
+    interpreter each)."""
     code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
             "import ifcn, ifcn.baseline as b; assert not hasattr(b, 'train'); "
-            "print(sorted(m for m in sys.modules if m.startswith('ifcn.train')))")
-    for first in ("ifcn.models", "ifcn.train.sampling"):
+            "print(sorted(m for m in sys.modules if m.startswith(('ifcn.train', 'ifcn.predictor'))))")
+    for first in ("ifcn.models", "ifcn.checkpoint", "ifcn.train.sampling"):
         out = subprocess.run([sys.executable, "-c", code, first], capture_output=True, text=True, cwd=ROOT,
                              timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ifcn.train.loss import instance_fcn_loss
+from ifcn.train.loss import instancefcn_map_loss
 from ifcn.train.sampling import (IGNORE, NEGATIVE, POSITIVE, Example, WindowBatch, WindowRule, augment,
                                  cell_fractions, mask_targets, sample_example, sample_windows, window_centres,
                                  window_labels)
@@ -193,7 +193,7 @@ def test_loss_matches_slow_reference(seed):
     cells = torch.tensor([[0, 0], [4, 5], [8, 10], [2, 7], [6, 1]])
     targets = (torch.rand(3, m, m, generator=g) > 0.5).float()
     batch = WindowBatch(cells, torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0]), targets)
-    loss, parts = instance_fcn_loss(scores, objectness, batch, m)
+    loss, parts = instancefcn_map_loss(scores, objectness, batch, m)
     torch.testing.assert_close(loss, reference_loss(scores, objectness, batch, m))
     assert parts["objectness"] > 0 and parts["mask"] > 0
 
@@ -202,7 +202,7 @@ def test_loss_without_positives_is_objectness_only_and_differentiable():
     scores = torch.randn(1, 25, 6, 6, requires_grad=True)
     objectness = torch.randn(1, 1, 6, 6, requires_grad=True)
     batch = WindowBatch(torch.tensor([[1, 1], [2, 3]]), torch.zeros(2), torch.zeros(0, 21, 21))
-    loss, parts = instance_fcn_loss(scores, objectness, batch, 21)
+    loss, parts = instancefcn_map_loss(scores, objectness, batch, 21)
     loss.backward()
     assert parts["mask"] == 0.0 and scores.grad is not None
     torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(objectness[0, 0, [1, 2], [1, 3]],

@@ -38,6 +38,7 @@ from ..model import load_vgg16_weights
 from .config import TrainConfig
 from .data import generator as step_generator
 from .data import step_loader
+from .loss import loss_for
 from .sampling import sample_example
 from .validate import Validator, is_better
 
@@ -62,11 +63,11 @@ def step_loss(model: nn.Module, config: TrainConfig, example: Any, generator: to
     spec = models.get(config.model)
     batch = None
     if spec.windowed:
-        mcfg = (model.module if hasattr(model, "module") else model).config
+        mcfg = models.unwrapped(model).config
         batch = sample_example(example, mcfg.m, mcfg.stride, config.windows_per_image, config.positive_fraction,
                                generator)
         batch.cells, batch.labels, batch.targets = (t.to(device) for t in (batch.cells, batch.labels, batch.targets))
-    return spec.loss(model, example, batch, device)
+    return loss_for(config.model)(model, example, batch, device)
 
 
 def load_state(config: TrainConfig) -> dict[str, Any] | None:

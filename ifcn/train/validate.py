@@ -1,7 +1,7 @@
 """Validation while training: AR@100 of the current weights on the first N held-out images.
 
 The images are read and decoded once (the pipeline's decoder, as jobs.evaluate does); each
-validation runs the model's registered predictor (ifcn.models; ifcn.Predictor for InstanceFCN) on a
+validation runs the model's predictor (ifcn.predictor.predictor_for; ifcn.Predictor for InstanceFCN) on a
 copy of the model (eval mode, the training scales) and scores the proposals with
 ifcn.evaluate.average_recall, the same code as jobs.evaluate.
 """
@@ -19,6 +19,7 @@ from .. import models
 from ..config import InferenceConfig
 from ..data.coco import CocoDataset
 from ..evaluate import average_recall, predictions_to_results
+from ..predictor import predictor_for
 
 
 class Validator:
@@ -35,12 +36,12 @@ class Validator:
         self.pixels = [dataset.read_image(i) for i in range(n)]
         self.config = InferenceConfig(scales=tuple(scales))
         self.device = device
-        self.make_predictor = models.get(model).predictor
+        models.get(model)  # a known name, or a one-line error now rather than at the first validation
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         t = time.monotonic()
         # A copy: predictors switch their model to eval mode (and channels_last); the training model stays as is.
-        predictor = self.make_predictor(copy.deepcopy(model), self.config, self.device)
+        predictor = predictor_for(copy.deepcopy(model), self.config, self.device)
         results: list[dict[str, Any]] = []
         with torch.inference_mode():
             for image_id, pixels in zip(self.ids, self.pixels):
