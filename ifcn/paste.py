@@ -158,3 +158,46 @@ def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, b
     flat = q.reshape(-1)
     values = flat[qb + i0y.to(ix)[r]] * (1.0 - t) + flat[qb + i1y.to(ix)[r]] * t > threshold
     return values, cown.to(ix)[at], row, (cols - cstart.to(ix)[cown])[at]
+
+
+def axis_weights(first: torch.Tensor, length: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, size: int, m: int,
+                 stride: int, dtype: torch.dtype, pad: int = 0) -> torch.Tensor:
+    """Bilinear weights of one axis as matrices: (n, 2, size + 2 pad, m), [i, 0, p] holding 1 - t at cell
+    i0 and [i, 1, p] t at cell i1 of box pixel p - pad (first + p - pad in the image), zero rows for
+    the pad rows on each side and past each box's `length`. A matrix product with them is the
+    reference's products exactly: one nonzero term per output (x * 0 is 0 for finite x)."""
+    dev = first.device
+    ar = torch.arange(-pad, size + pad, device=dev)  # (L,)
+    u = cell_coord(first[:, None] + ar, c0[:, None], f[:, None], m, stride)  # (n, L) float64
+    i0 = u.floor()
+    t = (u - i0).to(dtype)
+    i0 = i0.long()
+    inside = (ar >= 0) & (ar < length[:, None])  # (n, L)
+    index = torch.stack([i0, (i0 + 1).clamp(max=m - 1)], 1)  # (n, 2, L)
+    weight = torch.where(inside[:, None], torch.stack([1.0 - t, t], 1), 0)  # (n, 2, L)
+    out = torch.zeros((len(first), 2, len(ar), m), dtype=dtype, device=dev)
+    return out.scatter_(3, index[..., None], weight[..., None])
+
+
+def paste_dense(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
+                shape: tuple[int, int], m: int, stride: int, threshold: float, dtype: torch.dtype = torch.float32,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Binarised pasted masks of windows over their boxes, dense and column-major, for windows of
+    similar box sizes: (n, W, H + 2) bool, box pixel (x, y) of window i at [i, x, y + 1]; row 0, row
+    H + 1 and everything past a box's own width and height False (a zero row above and below every
+    column: a run event is a pixel unlike the one before it; out: where to write it, e.g. a view of a flat buffer).
+
+    probs: (n, m, m); cells: (n, 2) long; factor: (n, 2) float64; boxes: (n, 4) long (x0, y0, x1, y1)
+    inside their images; shape: (W, H) host ints >= every box's width and height. The reference's
+    float ops as two batched matrix products a pass (x first, then y), each with one nonzero term per
+    output: ~13 bytes written a padded pixel in float32 (two products, their sum, the bool), where
+    paste_flat writes ~80 in per-pixel indices and gathers."""
+    n = len(boxes)
+    wp, hp = shape
+    p = probs.to(dtype)
+    wx = axis_weights(boxes[:, 0], boxes[:, 2] - boxes[:, 0], cells[:, 1], factor[:, 1], wp, m, stride, dtype)
+    wy = axis_weights(boxes[:, 1], boxes[:, 3] - boxes[:, 1], cells[:, 0], factor[:, 0], hp, m, stride, dtype, pad=1)
+    qq = torch.bmm(wx.reshape(n, 2 * wp, m), p.transpose(1, 2))  # (n, 2W, m rows): along x first
+    q = qq[:, :wp] + qq[:, wp:]  # (n, W, m)
+    vv = torch.bmm(q, wy.reshape(n, 2 * (hp + 2), m).transpose(1, 2))  # (n, W, 2 (H + 2)): then along y
+    return torch.gt(vv[..., :hp + 2] + vv[..., hp + 2:], threshold, out=out)

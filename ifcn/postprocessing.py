@@ -28,7 +28,7 @@ from .config import InferenceConfig
 from .containers import Proposals, WindowBatch
 from .nms import IOU_BLOCK, box_nms_rounds, box_overlap, first_kept, greedy_keep
 from .opcount import stage
-from .paste import paste_flat
+from .paste import paste_dense, paste_flat
 from .runs import flat_runs
 from .upload import upload
 
@@ -37,6 +37,9 @@ from .upload import upload
 # images keep ~25-30 k pixels per proposal at the paper's defaults (~30 M per image), so a batch of
 # 16 takes four steps on a GPU. Mask NMS pastes its rounds' windows in steps of the same budget.
 PIXEL_BUDGET = {"cuda": 1 << 27, "cpu": 1 << 24}
+# Kept windows are pasted dense (paste.paste_dense) in at most this many blocks of similar box sizes
+# (each ~30 ops), cut where they least pad, over cut points at equal counts of windows.
+DENSE_GROUPS, DENSE_CUT_POINTS = 12, 128
 # Windows whose tight boxes one call computes (~1.5 kB each in float32): bounds that memory.
 WINDOW_BLOCK = 1 << 16
 # Mask NMS: windows per image that one round settles, by device type. A round holds their masks
@@ -127,24 +130,40 @@ def _pasted(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxe
 def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: torch.Tensor, m: int, stride: int,
             threshold: float, dtype: torch.dtype, pixel_budget: int) -> list[Proposals]:
     """Kept windows idx (B, K) (real: (B, K) bool) with tight boxes (B, K, 4) -> Proposals: pastes them
-    flat, `pixel_budget` pixels a step, for their areas and run lengths."""
+    dense in groups of similar box sizes (paste.paste_dense, `pixel_budget` padded pixels a step) for
+    their areas and run lengths."""
     b, k = idx.shape
     scores, scale = _take(batch.scores, idx), _take(batch.scale, idx)
     head = torch.cat([real[..., None].double(), scores[..., None].double(), boxes.double(), scale[..., None].double()], 2)
     head = head.numpy(force=True)  # (B, K, 7): one host read plans the pasting
     n = b * k
-    boxes_f = boxes.reshape(n, 4)
-    probs, cells, factor = (_take(t, idx).reshape(n, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor))
+    host_boxes = head[..., 2:6].reshape(n, 4).astype(np.int64)
+    order, steps = _dense_plan(host_boxes[:, 2] - host_boxes[:, 0], host_boxes[:, 3] - host_boxes[:, 1], pixel_budget)
+    dev = boxes.device
+    pixels = torch.zeros(n, dtype=torch.long, device=dev)
     hw = batch.image_hw[:, None, :].expand(b, k, 2).reshape(n, 2)
-    counts, lengths, pixels = [], [], []
-    for sl, (values, owner, row, col) in _pasted(probs, cells, factor, boxes_f, head[..., 2:6].reshape(n, 4), m,
-                                                 stride, threshold, dtype, pixel_budget):
-        pixels.append(_areas(values, owner, sl.stop - sl.start))
-        cnt, ln = flat_runs(values, owner, row, col, boxes_f[sl], hw[sl])
-        counts.append(cnt)
-        lengths.append(ln)
-    tail = torch.stack([torch.cat(pixels), torch.cat(lengths)], 1).numpy(force=True)  # (n, 2)
-    runs = torch.cat(counts).numpy(force=True)
+    events: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (plan position, full-image position) per event
+    if len(order):
+        at = _upload(order, dev)  # (n',) the pasted windows in plan order
+        flat_idx = idx.reshape(n)[at] + torch.div(at, k, rounding_mode="floor") * batch.scores.shape[1]
+        probs, cells, factor = (t.reshape(-1, *t.shape[2:])[flat_idx] for t in (batch.probs, batch.cells, batch.factor))
+        pb, phw = boxes.reshape(n, 4)[at], hw[at]
+        areas = []
+        for groups in steps:
+            size = sum((hi - lo) * w * (h + 2) for lo, hi, w, h in groups)
+            buffer = torch.empty(size, dtype=torch.bool, device=dev)
+            base = 0
+            for lo, hi, w, h in groups:
+                sl = slice(lo, hi)
+                v = buffer[base:base + (hi - lo) * w * (h + 2)].view(hi - lo, w, h + 2)
+                paste_dense(probs[sl], cells[sl], factor[sl], pb[sl], (w, h), m, stride, threshold, dtype, out=v)
+                areas.append(v.sum((1, 2)))
+                base += v.numel()
+            events.append(_step_events(buffer, groups, pb, phw))
+        pixels.index_copy_(0, at, torch.cat(areas))
+    counts, lengths = _counts(events, at if len(order) else None, n, hw)
+    tail = torch.stack([pixels, lengths], 1).numpy(force=True)  # (n, 2)
+    runs = counts.numpy(force=True)
     runs_at = np.concatenate([[0], np.cumsum(tail[:, 1])])
     out = []
     for i, size in enumerate(batch.image_sizes):
@@ -156,6 +175,109 @@ def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: to
         out.append(Proposals(tuple(size), h[:, 1].astype(np.float32), xywh.astype(np.float32), tail[rows, 0].astype(np.int64),
                              h[:, 6].astype(np.int32), counts_i.astype(np.uint32), ln.astype(np.int32)))
     return out
+
+
+def _dense_plan(w: np.ndarray, h: np.ndarray, budget: int, groups: int = DENSE_GROUPS
+                ) -> tuple[np.ndarray, list[list[tuple[int, int, int, int]]]]:
+    """How paste_dense takes the windows with pixels (host): their order (largest side first) and the
+    steps, each a list of groups (lo, hi, W, H) of consecutive windows in that order pasted as one
+    (hi - lo, W, H + 2) block; a step's blocks within `budget` pixels (a block larger than it alone).
+    The cuts are the `groups` - 1 that least pad, over cut points at equal counts (dynamic programming)."""
+    ids = np.flatnonzero(w * h > 0)
+    ids = ids[np.argsort(-np.maximum(w, h)[ids], kind="stable")]
+    if not len(ids):
+        return ids, []
+    sw, sh = w[ids], h[ids]
+    cuts = np.unique(np.linspace(0, len(ids), min(len(ids), DENSE_CUT_POINTS) + 1).round().astype(np.int64))
+    p = len(cuts)
+    cost = np.full((p, p), np.inf)  # cost[i, j]: windows cuts[i]:cuts[j] as one block
+    for i in range(p - 1):
+        seg = slice(cuts[i], None)
+        mw, mh = np.maximum.accumulate(sw[seg]), np.maximum.accumulate(sh[seg])
+        ends = cuts[i + 1:] - cuts[i]
+        cost[i, i + 1:] = ends * mw[ends - 1] * (mh[ends - 1] + 2)
+    best = np.where(np.arange(p) == 0, 0.0, np.inf)  # best[j]: windows before cuts[j] in g blocks
+    back = []
+    for _ in range(min(groups, p - 1)):
+        total = best[:, None] + cost  # (p, p): the last block from cuts[i] to cuts[j]
+        back.append(np.argmin(total, 0))
+        best = total.min(0)
+    bounds, j = [], p - 1
+    for choice in reversed(back):  # splitting a block never pads more: every block is used
+        bounds.append((int(cuts[choice[j]]), int(cuts[j])))
+        j = choice[j]
+    steps, step, used = [], [], 0
+    for lo, hi in reversed(bounds):
+        width, height = int(sw[lo:hi].max()), int(sh[lo:hi].max())
+        per = width * (height + 2)
+        for a, z in _steps(np.full(hi - lo, per), budget):  # a block over the budget: in several
+            if step and used + (z - a) * per > budget:
+                steps.append(step)
+                step, used = [], 0
+            step.append((lo + a, lo + z, width, height))
+            used += (z - a) * per
+    steps.append(step)
+    return ids, steps
+
+
+def _step_events(buffer: torch.Tensor, groups: list[tuple[int, int, int, int]], boxes: torch.Tensor,
+                 hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run events of one step's dense blocks (buffer: (n_g, W, H + 2) blocks back to back, each column
+    between two zero rows): where a pixel differs from the one before it. Returns the plan position
+    (E,) long of each event's window and its full-image column-major position (E,) long, in plan
+    order. One host sync (nonzero)."""
+    dev = buffer.device
+    e = torch.nonzero(buffer[1:] != buffer[:-1]).reshape(-1) + 1  # (E,) the first pixel after a change
+    table = np.array([[0, 0, 1, 1]] + [[0, lo, w, h + 2] for lo, _, w, h in groups], dtype=np.int64)
+    table[1:, 0] = np.cumsum([(hi - lo) * w * (h + 2) for lo, hi, w, h in groups]) - [
+        (hi - lo) * w * (h + 2) for lo, hi, w, h in groups]
+    t = _upload(table[1:], dev)  # (G, 4): block offset, first plan position, W, H + 2
+    g = torch.searchsorted(t[:, 0].contiguous(), e, right=True) - 1
+    row = t[g]  # (E, 4)
+    local = e - row[:, 0]
+    column = torch.div(local, row[:, 3], rounding_mode="floor")  # window-in-block * W + x
+    y = local - column * row[:, 3] - 1
+    win = torch.div(column, row[:, 2], rounding_mode="floor")
+    x = column - win * row[:, 2]
+    pos = row[:, 1] + win
+    box = boxes[pos]
+    return pos, (box[:, 0] + x) * hw[pos, 0] + box[:, 1] + y
+
+
+def _counts(events: list[tuple[torch.Tensor, torch.Tensor]], at: torch.Tensor | None, n: int, hw: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """COCO counts of every window (n,) from its run events (per step: plan position, full-image
+    position, in plan order; at: (n',) each plan position's window). A full-height box's columns
+    follow each other directly: an event ending one column where the next starts one is no change
+    (both go), and an event at the image's end is none. Returns (counts (E + n + 1,) long: window
+    i's runs, background first, the lengths[i] after those of windows < i, then unused; lengths (n,))."""
+    dev = hw.device
+    pixels = hw[:, 0] * hw[:, 1]
+    if not events or at is None:
+        return pixels.clone(), torch.ones(n, dtype=torch.long, device=dev)
+    pos, where = (torch.cat(t) for t in zip(*events))  # (E,), (E,)
+    who = at[pos]  # (E,) window
+    same_next = torch.cat([(pos[1:] == pos[:-1]) & (where[1:] == where[:-1]), pos.new_zeros(1, dtype=torch.bool)])
+    same_prev = torch.cat([pos.new_zeros(1, dtype=torch.bool), same_next[:-1]])
+    keep = ~(same_next | same_prev) & (where < pixels[who])
+    changes = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, who, keep.long())
+    lengths = changes + 1
+    start = torch.cumsum(lengths, 0) - lengths  # (n,) each window's first count
+    # rank among its window's kept events: plan order keeps a window's events together
+    kept_at = torch.cumsum(keep.long(), 0) - 1  # (E,)
+    plan_changes = changes[at]  # (n',)
+    kept_before = torch.cumsum(plan_changes, 0) - plan_changes  # (n',) kept events of earlier plan windows
+    rank = kept_at - kept_before[pos]
+    key = torch.where(keep, pos * (1 << 40) + where, -1)
+    last = torch.cummax(key, 0).values  # the last kept event so far (its key)
+    prev = torch.cat([last.new_full((1,), -1), last[:-1]])
+    before = torch.where((prev >= 0) & (torch.div(prev, 1 << 40, rounding_mode="floor") == pos), prev % (1 << 40), 0)
+    counts = torch.zeros(len(where) + n + 1, dtype=torch.long, device=dev)
+    dst = torch.where(keep, start[who] + rank, len(where) + n)  # dropped events: the unused last slot
+    counts.index_put_((dst,), where - before)
+    last_pos = torch.zeros(n, dtype=torch.long, device=dev).scatter_reduce(0, who, torch.where(keep, where, 0), "amax")
+    counts.index_put_((start + changes,), pixels - last_pos)
+    return counts, lengths
 
 
 def _areas(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:

@@ -91,3 +91,4 @@ def flat_runs(values: torch.Tensor, owner: torch.Tensor, row: torch.Tensor, col:
     last_pos = torch.zeros(n, dtype=torch.long, device=dev).scatter_reduce(0, who, where, "amax", include_self=False)
     counts[last_at] = pixels - torch.where(changes > 0, last_pos, 0)
     return counts, lengths
+
