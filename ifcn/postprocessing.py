@@ -88,8 +88,9 @@ def postprocess_batch(batch: WindowBatch, config: InferenceConfig, m: int, strid
             return rb, live[:, lo:hi] & (rb[..., 2] > rb[..., 0])  # empty masks take no part
 
         with stage("nms"):
+            coords = torch.int16 if max(max(s) for s in batch.image_sizes) < 2 ** 15 else torch.int64
             pos, real, kept_boxes = box_nms_rounds(fetch, (b, c), config.nms_iou, config.max_proposals, dtype,
-                                                   limit=live.sum(1))
+                                                   limit=live.sum(1), coords=coords)
     idx = order.gather(1, pos)
     with stage("paste_runs"):
         return _finish(batch, idx, real, kept_boxes, m, stride, config.mask_threshold, dtype, pixel_budget)
