@@ -2,7 +2,8 @@
 
     tight boxes of every window (boxes.tight_boxes, from the m x m grids: no pasting)
     NMS of every image at once: box IoU (nms.box_nms) or mask IoU (mask_nms, in rounds)
-    the kept windows pasted flat, their areas and run lengths (paste.paste_flat, runs.flat_runs)
+    the kept windows pasted dense in blocks of similar box sizes, their areas and run lengths
+    (paste.paste_dense; _dense_plan, _step_events, _counts)
 
 One chain of ops per batch: its length does not grow with the number of images, windows or kept
 masks, except one more step per memory budget (`pixel_budget` pixels pasted, IOU_BLOCK pair
@@ -10,7 +11,7 @@ bounds, PAIR_PIXEL_BUDGET intersection pixels) and, for mask NMS, one more round
 windows of the score order that an image needs before it has `max_proposals` kept (or per share of
 STORE_PIXEL_BUDGET box pixels, and one chunk step per such share of kept masks past half of it). Host syncs per
 batch: the NMS convergence checks (a few), one read of the kept boxes (to plan the pasting), one
-per paste step (the number of runs) and two reads of results; mask NMS adds one read of all boxes
+per paste step (the number of run events) and two reads of results; mask NMS adds one read of all boxes
 (to plan its pasting) and three a round (candidate pairs, the greedy rule's check, the kept windows),
 one more a chunk where its kept masks pass half of STORE_PIXEL_BUDGET and are pasted again in chunks.
 float64 gives the numpy reference's proposals exactly; float32 (the default) differs only for
@@ -29,7 +30,6 @@ from .containers import Proposals, WindowBatch
 from .nms import IOU_BLOCK, box_nms_rounds, box_overlap, first_kept, greedy_keep
 from .opcount import stage
 from .paste import paste_dense, paste_flat
-from .runs import flat_runs
 from .upload import upload
 
 # Kept-mask pixels pasted per step (per batch), by device type: bounds the flat buffers (~100 bytes
