@@ -1,7 +1,8 @@
 """Pasting window probabilities back into image pixels and binarising them, side by side:
 
     paste_masks        the numpy reference, window by window (ops' maths, bit for bit in float64)
-    paste_flat         torch: windows over their tight boxes, flat (mask NMS's rounds, the kept masks)
+    paste_flat         torch: windows over their tight boxes, flat (mask NMS's rounds)
+    paste_dense        torch: windows over their tight boxes, dense in blocks of similar sizes (the kept masks)
 
 Pixel p of an axis sits at window cell u = clip(((p + 0.5) * factor - stride * c0) / stride - 0.5,
 0, m-1) and blends cells floor(u) and floor(u) + 1 with weight t = u - floor(u); pixels whose centre
@@ -10,6 +11,9 @@ window's pasted value is that blend along x first, then along y; > threshold is 
 Geometry is float64 everywhere; torch blends in `dtype` (float64 reproduces the reference).
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -161,11 +165,12 @@ def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, b
 
 
 def axis_weights(first: torch.Tensor, length: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, size: int, m: int,
-                 stride: int, dtype: torch.dtype, pad: int = 0) -> torch.Tensor:
+                 stride: int, dtype: torch.dtype, pad: int = 0, split: bool = True) -> torch.Tensor:
     """Bilinear weights of one axis as matrices: (n, 2, size + 2 pad, m), [i, 0, p] holding 1 - t at cell
     i0 and [i, 1, p] t at cell i1 of box pixel p - pad (first + p - pad in the image), zero rows for
     the pad rows on each side and past each box's `length`. A matrix product with them is the
-    reference's products exactly: one nonzero term per output (x * 0 is 0 for finite x)."""
+    reference's products exactly: one nonzero term per output (x * 0 is 0 for finite x). split=False:
+    both in one (n, size + 2 pad, m) matrix (a product then blends in one step, its sum rounded once)."""
     dev = first.device
     ar = torch.arange(-pad, size + pad, device=dev)  # (L,)
     u = cell_coord(first[:, None] + ar, c0[:, None], f[:, None], m, stride)  # (n, L) float64
@@ -175,8 +180,24 @@ def axis_weights(first: torch.Tensor, length: torch.Tensor, c0: torch.Tensor, f:
     inside = (ar >= 0) & (ar < length[:, None])  # (n, L)
     index = torch.stack([i0, (i0 + 1).clamp(max=m - 1)], 1)  # (n, 2, L)
     weight = torch.where(inside[:, None], torch.stack([1.0 - t, t], 1), 0)  # (n, 2, L)
-    out = torch.zeros((len(first), 2, len(ar), m), dtype=dtype, device=dev)
-    return out.scatter_(3, index[..., None], weight[..., None])
+    if split:
+        out = torch.zeros((len(first), 2, len(ar), m), dtype=dtype, device=dev)
+        return out.scatter_(3, index[..., None], weight[..., None])
+    out = torch.zeros((len(first), len(ar), m), dtype=dtype, device=dev)  # i0 == i1 (clamped): t is 0
+    return out.scatter_add_(2, index.transpose(1, 2), weight.transpose(1, 2))
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """float32 matrix products in full float32 on CUDA (TF32 rounds their inputs to 10 bits, which would
+    move pasted values by ~1e-3 and the masks with them): torch's default, held here whatever the
+    caller set (the flag is global; the device thread runs one op at a time)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def paste_dense(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
@@ -185,19 +206,30 @@ def paste_dense(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     """Binarised pasted masks of windows over their boxes, dense and column-major, for windows of
     similar box sizes: (n, W, H + 2) bool, box pixel (x, y) of window i at [i, x, y + 1]; row 0, row
     H + 1 and everything past a box's own width and height False (a zero row above and below every
-    column: a run event is a pixel unlike the one before it; out: where to write it, e.g. a view of a flat buffer).
+    column: a run event is a pixel unlike the one before it); out: where to write it, e.g. a view
+    of a flat buffer.
 
     probs: (n, m, m); cells: (n, 2) long; factor: (n, 2) float64; boxes: (n, 4) long (x0, y0, x1, y1)
-    inside their images; shape: (W, H) host ints >= every box's width and height. The reference's
-    float ops as two batched matrix products a pass (x first, then y), each with one nonzero term per
-    output: ~13 bytes written a padded pixel in float32 (two products, their sum, the bool), where
-    paste_flat writes ~80 in per-pixel indices and gathers."""
+    inside their images; shape: (W, H) host ints >= every box's width and height. A pass (x first,
+    then y) is batched matrix products with the bilinear weights (axis_weights). float64: the
+    reference's float ops exactly, two products a pass (one nonzero term each) and their sum: ~21
+    bytes written a padded pixel. Otherwise one product a pass, each output the sum of two terms
+    rounded once (a fused multiply-add may round the pair once where the reference rounds thrice:
+    pixels within rounding of the threshold may differ, as float32 ones may anyway): ~6 bytes a
+    padded pixel in float32 (the product and the bool), where paste_flat writes ~80."""
     n = len(boxes)
     wp, hp = shape
     p = probs.to(dtype)
-    wx = axis_weights(boxes[:, 0], boxes[:, 2] - boxes[:, 0], cells[:, 1], factor[:, 1], wp, m, stride, dtype)
-    wy = axis_weights(boxes[:, 1], boxes[:, 3] - boxes[:, 1], cells[:, 0], factor[:, 0], hp, m, stride, dtype, pad=1)
-    qq = torch.bmm(wx.reshape(n, 2 * wp, m), p.transpose(1, 2))  # (n, 2W, m rows): along x first
-    q = qq[:, :wp] + qq[:, wp:]  # (n, W, m)
-    vv = torch.bmm(q, wy.reshape(n, 2 * (hp + 2), m).transpose(1, 2))  # (n, W, 2 (H + 2)): then along y
+    exact = dtype == torch.float64
+    wx = axis_weights(boxes[:, 0], boxes[:, 2] - boxes[:, 0], cells[:, 1], factor[:, 1], wp, m, stride, dtype,
+                      split=exact)
+    wy = axis_weights(boxes[:, 1], boxes[:, 3] - boxes[:, 1], cells[:, 0], factor[:, 0], hp, m, stride, dtype, pad=1,
+                      split=exact)
+    with full_precision():
+        if not exact:
+            q = torch.bmm(wx, p.transpose(1, 2))  # (n, W, m rows): along x first
+            return torch.gt(torch.bmm(q, wy.transpose(1, 2)), threshold, out=out)  # then along y
+        qq = torch.bmm(wx.reshape(n, 2 * wp, m), p.transpose(1, 2))  # (n, 2W, m rows): along x first
+        q = qq[:, :wp] + qq[:, wp:]  # (n, W, m)
+        vv = torch.bmm(q, wy.reshape(n, 2 * (hp + 2), m).transpose(1, 2))  # (n, W, 2 (H + 2)): then along y
     return torch.gt(vv[..., :hp + 2] + vv[..., hp + 2:], threshold, out=out)
