@@ -117,9 +117,6 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
         cols = (qx[:, None] * (1.0 - sy) + qx[:, seg1][:, None] * sy).reshape(n, 2 * m, m)  # [probe, segment]
         return torch.stack([rows > threshold, (cols > threshold).transpose(1, 2)])
 
-    def value(t: torch.Tensor, x0, x1, y0, y1, s) -> torch.Tensor:
-        return (x0 * (1.0 - t) + x1 * t) * (1.0 - s) + (y0 * (1.0 - t) + y1 * t) * s
-
     on_lo = ok & on(_weight(lo, c0[..., None], f[..., None], m, stride).to(dtype))
     on_hi = ok & on(_weight(hi - 1, c0[..., None], f[..., None], m, stride).to(dtype))
     seg_on = (on_lo | on_hi).any(-1)  # (2, n, m)
@@ -146,10 +143,11 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
         """(2 sides, n, 2m): P at each probe's cell row `which` (seg or seg1) and column `cell` (2 sides, n)."""
         return pt_[ar, cell][..., which[pj]]
 
-    zeros = torch.zeros_like(q[ar, a_r])
-    coef = [torch.stack([q[ar, a_r], rows_at(a_c, seg)], 1), torch.stack([q1[ar, a_r], rows_at(seg1[a_c], seg)], 1),
-            torch.stack([zeros, rows_at(a_c, seg1)], 1), torch.stack([zeros, rows_at(seg1[a_c], seg1)], 1),
-            torch.stack([zeros, pt[0].expand(2, *pt[0].shape)], 1)]
+    # rows: Q at segments a, a + 1 blended along y (its x blend is in Q); columns: P at the probe's rows
+    # i0 (x0, x1) and i1 (y0, y1), cells a, a + 1, blended along x, then along y with the probe's s
+    xr0, xr1 = q[ar, a_r], q1[ar, a_r]  # (2 sides, n, 2m)
+    x0, x1, y0, y1 = rows_at(a_c, seg), rows_at(seg1[a_c], seg), rows_at(a_c, seg1), rows_at(seg1[a_c], seg1)
+    s1, s = 1.0 - pt[0], pt[0]  # (n, 2m)
     # One search per side, axis and window over "some probe is on" (not one per probe): in a segment
     # each probe's pixels on are a prefix or a suffix, so where no probe is on at the segment's
     # first pixel they are all suffixes (side 0: their union is a suffix), and where none is on at
@@ -163,7 +161,11 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     ce, fe = c0[None], f[None]
     for _ in range(steps):
         mid = (below + above) // 2
-        on_mid = ((value(_weight(mid, ce, fe, m, stride).to(dtype)[..., None], *coef) > threshold) & valid).any(-1)
+        t = _weight(mid, ce, fe, m, stride).to(dtype)[..., None]  # (2 sides, 2 axes, n, 1)
+        tr, tc = t[:, 0], t[:, 1]
+        rows = xr0 * (1.0 - tr) + xr1 * tr  # (2 sides, n, 2m)
+        cols = (x0 * (1.0 - tc) + x1 * tc) * s1 + (y0 * (1.0 - tc) + y1 * tc) * s
+        on_mid = (torch.stack([rows > threshold, cols > threshold], 1) & valid).any(-1)
         flip = on_mid != side
         above, below = torch.where(flip, mid, above), torch.where(flip, below, mid)
     # side 0: lo if some probe is on there, else the search's answer; side 1: hi - 1 likewise, else answer - 1
