@@ -33,6 +33,27 @@ FIRST_SWEEPS = 8  # sweeps before the first convergence check; each later round 
 FIRST_ROUND = 1.25
 
 
+Prepared = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _prepared(boxes: torch.Tensor, coords: torch.dtype) -> Prepared:
+    """(..., n, 4) integer boxes -> their coordinates in `coords` and in the areas' type, and their
+    areas (..., n): what box IoU reads, converted once per matrix, not once per row block."""
+    wide = boxes.to(torch.int32 if coords == torch.int16 else torch.int64)
+    return boxes.to(coords), wide, (wide[..., 2] - wide[..., 0]) * (wide[..., 3] - wide[..., 1])
+
+
+def _iou(a: Prepared, b: Prepared, dtype: torch.dtype) -> torch.Tensor:
+    """box_iou of prepared boxes."""
+    (a, ah, area_a), (b, bh, area_b) = a, b
+    w = (torch.minimum(a[..., :, None, 2], b[..., None, :, 2]) - torch.maximum(a[..., :, None, 0], b[..., None, :, 0]))
+    # heights in the areas' type: w * h promotes without a copy
+    h = (torch.minimum(ah[..., :, None, 3], bh[..., None, :, 3]) - torch.maximum(ah[..., :, None, 1], bh[..., None, :, 1]))
+    inter = w.clamp_(min=0) * h.clamp_(min=0)
+    union = (area_a[..., :, None] + area_b[..., None, :] - inter).clamp_(min=1)
+    return torch.div(inter.to(dtype), union) if dtype != torch.float32 else torch.div(inter, union)
+
+
 def box_iou(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64,
             coords: torch.dtype = torch.int64) -> torch.Tensor:
     """(..., n, 4), (..., k, 4) integer boxes (x0, y0, x1, y1) -> (..., n, k) IoU in `dtype`, the
@@ -40,16 +61,7 @@ def box_iou(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64
     integers (widths in `coords`: int16 where every coordinate is below 2^15, and then areas in
     int32; else int64), the division in `dtype` (float64: the reference's; float32: within
     rounding of the threshold). ~45 bytes written a pair with int16, where float32 terms wrote ~56."""
-    area = torch.int32 if coords == torch.int16 else torch.int64
-    a, b = a.to(coords), b.to(coords)
-    w = (torch.minimum(a[..., :, None, 2], b[..., None, :, 2]) - torch.maximum(a[..., :, None, 0], b[..., None, :, 0]))
-    ah, bh = a.to(area), b.to(area)  # heights in the areas' type: w * h promotes without a copy
-    h = (torch.minimum(ah[..., :, None, 3], bh[..., None, :, 3]) - torch.maximum(ah[..., :, None, 1], bh[..., None, :, 1]))
-    inter = w.clamp_(min=0) * h.clamp_(min=0)
-    area_a = (ah[..., 2] - ah[..., 0]) * (ah[..., 3] - ah[..., 1])
-    area_b = (bh[..., 2] - bh[..., 0]) * (bh[..., 3] - bh[..., 1])
-    union = (area_a[..., :, None] + area_b[..., None, :] - inter).clamp_(min=1)
-    return torch.div(inter.to(dtype), union) if dtype != torch.float32 else torch.div(inter, union)
+    return _iou(_prepared(a, coords), _prepared(b, coords), dtype)
 
 
 def suppression(boxes: torch.Tensor, iou_threshold: float, others: torch.Tensor | None = None,
@@ -59,19 +71,24 @@ def suppression(boxes: torch.Tensor, iou_threshold: float, others: torch.Tensor 
     of IOU_BLOCK elements; without `others` at least TRIANGLE_BLOCKS blocks, each against the columns
     before its end only (the pairs j < i: ~5/8 of the square)."""
     batch, n = boxes.shape[:2]
-    cols = boxes if others is None else others
-    k = cols.shape[1]
+    mine = _prepared(boxes, coords)
+    cols = mine if others is None else _prepared(others, coords)
+    k = cols[0].shape[1]
     rows = max(1, IOU_BLOCK.get(boxes.device.type, IOU_BLOCK["cuda"]) // max(1, batch * k))
+
+    def part(t: Prepared, lo: int, hi: int) -> Prepared:
+        return tuple(x[:, lo:hi] for x in t)  # type: ignore[return-value]
+
     if others is not None:
         out = torch.empty((batch, n, k), dtype=torch.bool, device=boxes.device)
         for lo in range(0, n, rows):
-            out[:, lo:lo + rows] = box_iou(boxes[:, lo:lo + rows], cols, dtype, coords) > iou_threshold
+            out[:, lo:lo + rows] = _iou(part(mine, lo, lo + rows), cols, dtype) > iou_threshold
         return out
     out = torch.zeros((batch, n, n), dtype=torch.bool, device=boxes.device)
     rows = max(1, min(rows, -(-n // TRIANGLE_BLOCKS)))
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
-        out[:, lo:hi, :hi] = box_iou(boxes[:, lo:hi], cols[:, :hi], dtype, coords) > iou_threshold
+        out[:, lo:hi, :hi] = _iou(part(mine, lo, hi), part(cols, 0, hi), dtype) > iou_threshold
     return out.tril_(diagonal=-1)
 
 

@@ -164,27 +164,36 @@ def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, b
     return values, cown.to(ix)[at], row, (cols - cstart.to(ix)[cown])[at]
 
 
-def axis_weights(first: torch.Tensor, length: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, size: int, m: int,
-                 stride: int, dtype: torch.dtype, pad: int = 0, split: bool = True) -> torch.Tensor:
-    """Bilinear weights of one axis as matrices: (n, 2, size + 2 pad, m), [i, 0, p] holding 1 - t at cell
-    i0 and [i, 1, p] t at cell i1 of box pixel p - pad (first + p - pad in the image), zero rows for
-    the pad rows on each side and past each box's `length`. A matrix product with them is the
-    reference's products exactly: one nonzero term per output (x * 0 is 0 for finite x). split=False:
-    both in one (n, size + 2 pad, m) matrix (a product then blends in one step, its sum rounded once)."""
-    dev = first.device
-    ar = torch.arange(-pad, size + pad, device=dev)  # (L,)
-    u = cell_coord(first[:, None] + ar, c0[:, None], f[:, None], m, stride)  # (n, L) float64
+def dense_weights(boxes: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, shape: tuple[int, int], m: int,
+                  stride: int, dtype: torch.dtype, split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear weights of both axes as matrices, in one pass of ops over both: x (n, S, W, m) for box
+    columns 0..W-1, y (n, S, H + 2, m) for box rows -1..H (zero rows at -1, at H and past each
+    box's side). split (S = 2): [:, 0] holds 1 - t at cell i0 and [:, 1] t at cell i1, so a matrix
+    product with either is the reference's product exactly (one nonzero term per output: x * 0 is 0
+    for finite x); else (S = 1) both in one matrix, a product blending in one step."""
+    dev = boxes.device
+    wp, hp = shape
+    n = len(boxes)
+    ar = torch.arange(wp + hp + 2, device=dev)  # (L,): x columns, then y rows from -1
+    is_x = ar < wp
+    rel = torch.where(is_x, ar, ar - (wp + 1))
+    pick = lambda t: torch.where(is_x, t[:, 1:2], t[:, 0:1])  # noqa: E731 (n, 2) (y, x) -> (n, L)
+    start = pick(boxes[:, [1, 0]])
+    side = pick(torch.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1))
+    u = cell_coord(start + rel, pick(cells), pick(factor), m, stride)  # (n, L) float64
     i0 = u.floor()
     t = (u - i0).to(dtype)
     i0 = i0.long()
-    inside = (ar >= 0) & (ar < length[:, None])  # (n, L)
-    index = torch.stack([i0, (i0 + 1).clamp(max=m - 1)], 1)  # (n, 2, L)
-    weight = torch.where(inside[:, None], torch.stack([1.0 - t, t], 1), 0)  # (n, 2, L)
+    inside = (rel >= 0) & (rel < side)  # (n, L)
+    index = torch.stack([i0, (i0 + 1).clamp(max=m - 1)], -1)  # (n, L, 2)
+    weight = torch.where(inside[..., None], torch.stack([1.0 - t, t], -1), 0)  # (n, L, 2)
     if split:
-        out = torch.zeros((len(first), 2, len(ar), m), dtype=dtype, device=dev)
-        return out.scatter_(3, index[..., None], weight[..., None])
-    out = torch.zeros((len(first), len(ar), m), dtype=dtype, device=dev)  # i0 == i1 (clamped): t is 0
-    return out.scatter_add_(2, index.transpose(1, 2), weight.transpose(1, 2))
+        out = torch.zeros((n, 2, len(ar), m), dtype=dtype, device=dev)
+        out.scatter_(3, index.transpose(1, 2)[..., None], weight.transpose(1, 2)[..., None])
+    else:  # i0 == i1 (clamped): t is 0
+        out = torch.zeros((n, 1, len(ar), m), dtype=dtype, device=dev)
+        out[:, 0].scatter_add_(2, index, weight)
+    return out[:, :, :wp], out[:, :, wp:]
 
 
 @contextlib.contextmanager
@@ -211,7 +220,7 @@ def paste_dense(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
 
     probs: (n, m, m); cells: (n, 2) long; factor: (n, 2) float64; boxes: (n, 4) long (x0, y0, x1, y1)
     inside their images; shape: (W, H) host ints >= every box's width and height. A pass (x first,
-    then y) is batched matrix products with the bilinear weights (axis_weights). float64: the
+    then y) is batched matrix products with the bilinear weights (dense_weights). float64: the
     reference's float ops exactly, two products a pass (one nonzero term each) and their sum: ~21
     bytes written a padded pixel. Otherwise one product a pass, each output the sum of two terms
     rounded once (a fused multiply-add may round the pair once where the reference rounds thrice:
@@ -221,14 +230,11 @@ def paste_dense(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     wp, hp = shape
     p = probs.to(dtype)
     exact = dtype == torch.float64
-    wx = axis_weights(boxes[:, 0], boxes[:, 2] - boxes[:, 0], cells[:, 1], factor[:, 1], wp, m, stride, dtype,
-                      split=exact)
-    wy = axis_weights(boxes[:, 1], boxes[:, 3] - boxes[:, 1], cells[:, 0], factor[:, 0], hp, m, stride, dtype, pad=1,
-                      split=exact)
+    wx, wy = dense_weights(boxes, cells, factor, shape, m, stride, dtype, split=exact)  # (n, S, W | H + 2, m)
     with full_precision():
         if not exact:
-            q = torch.bmm(wx, p.transpose(1, 2))  # (n, W, m rows): along x first
-            return torch.gt(torch.bmm(q, wy.transpose(1, 2)), threshold, out=out)  # then along y
+            q = torch.bmm(wx[:, 0], p.transpose(1, 2))  # (n, W, m rows): along x first
+            return torch.gt(torch.bmm(q, wy[:, 0].transpose(1, 2)), threshold, out=out)  # then along y
         qq = torch.bmm(wx.reshape(n, 2 * wp, m), p.transpose(1, 2))  # (n, 2W, m rows): along x first
         q = qq[:, :wp] + qq[:, wp:]  # (n, W, m)
         vv = torch.bmm(q, wy.reshape(n, 2 * (hp + 2), m).transpose(1, 2))  # (n, W, 2 (H + 2)): then along y
