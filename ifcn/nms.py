@@ -47,26 +47,28 @@ def _iou(a: Prepared, b: Prepared, dtype: torch.dtype) -> torch.Tensor:
     """box_iou of prepared boxes."""
     (a, ah, area_a), (b, bh, area_b) = a, b
     w = (torch.minimum(a[..., :, None, 2], b[..., None, :, 2]) - torch.maximum(a[..., :, None, 0], b[..., None, :, 0]))
-    # heights in the areas' type: w * h promotes without a copy
-    h = (torch.minimum(ah[..., :, None, 3], bh[..., None, :, 3]) - torch.maximum(ah[..., :, None, 1], bh[..., None, :, 1]))
-    inter = w.clamp_(min=0) * h.clamp_(min=0)
-    union = (area_a[..., :, None] + area_b[..., None, :] - inter).clamp_(min=1)
+    h = (torch.minimum(a[..., :, None, 3], b[..., None, :, 3]) - torch.maximum(a[..., :, None, 1], b[..., None, :, 1]))
+    inter = w.clamp_(min=0).to(ah.dtype) * h.clamp_(min=0)  # in the areas' type (int16 * int32 promotes)
+    # union >= 1 but for two empty boxes (0 / 0: NaN, never above a threshold, as the reference's 0)
+    union = area_a[..., :, None] + area_b[..., None, :] - inter
     return torch.div(inter.to(dtype), union) if dtype != torch.float32 else torch.div(inter, union)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float64,
             coords: torch.dtype = torch.int64) -> torch.Tensor:
     """(..., n, 4), (..., k, 4) integer boxes (x0, y0, x1, y1) -> (..., n, k) IoU in `dtype`, the
-    reference's ops: inter / max(area_a + area_b - inter, 1), every term but the division exact in
+    reference's ops: inter / max(area_a + area_b - inter, 1) (NaN, not 0, for two empty boxes: the
+    same decision against any threshold), every term but the division exact in
     integers (widths in `coords`: int16 where every coordinate is below 2^15, and then areas in
     int32; else int64), the division in `dtype` (float64: the reference's; float32: within
-    rounding of the threshold). ~45 bytes written a pair with int16, where float32 terms wrote ~56."""
+    rounding of the threshold). ~37 bytes written a pair with int16, where float32 terms wrote ~56."""
     return _iou(_prepared(a, coords), _prepared(b, coords), dtype)
 
 
 def suppression(boxes: torch.Tensor, iou_threshold: float, others: torch.Tensor | None = None,
                 dtype: torch.dtype = torch.float64, coords: torch.dtype = torch.int64) -> torch.Tensor:
-    """boxes: (B, N, 4) in score order -> (B, N, N) bool, [b, i, j] = j < i and IoU > threshold; with
+    """boxes: (B, N, 4) in score order -> (B, N, N) bool, [b, i, j] = IoU > threshold for j < i (the
+    rest unset: greedy_keep reads j < i only, anything above the diagonal of a block); with
     `others` (B, K, 4): (B, N, K) bool, IoU > threshold against those (any order). Rows in blocks
     of IOU_BLOCK elements; without `others` at least TRIANGLE_BLOCKS blocks, each against the columns
     before its end only (the pairs j < i: ~5/8 of the square)."""
@@ -89,7 +91,7 @@ def suppression(boxes: torch.Tensor, iou_threshold: float, others: torch.Tensor 
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
         out[:, lo:hi, :hi] = _iou(part(mine, lo, hi), part(cols, 0, hi), dtype) > iou_threshold
-    return out.tril_(diagonal=-1)
+    return out
 
 
 def greedy_keep(suppress: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
