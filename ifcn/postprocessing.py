@@ -530,34 +530,44 @@ def _intersections(store: torch.Tensor, pixels: torch.Tensor, gb: torch.Tensor, 
 
     store: (S,) bool masks over their boxes, column-major; pixels: (B, R, G) long box-intersection
     pixels of each pair (0: not a candidate); gb: (B, G, 4) boxes and gs: (B, G) store offsets of
-    the columns (round window i is column k + i). One host read (the candidates and their pixels)
-    plans it; the candidates' pixels are then enumerated flat, `budget` a step. Returns (B, R, G) long."""
+    the columns (round window i is column k + i). One host read (the candidates, their pixels and
+    their columns) plans it; each candidate's box intersection is a run of columns, each column one
+    *item* with a store offset per mask, and the items' pixels are enumerated flat, `budget` a step:
+    per pixel only its item, two offsets and the two store bits (~35 bytes written a pixel, int32
+    below 2^31, where dividing each pixel's index into a column and row wrote ~170). Returns (B, R, G) long."""
     b, r, g = pixels.shape
     dev = pixels.device
     flat = pixels.reshape(-1)
-    n, total = (int(v) for v in torch.stack([(flat > 0).sum(), flat.sum()]).numpy(force=True))
+    gi = gb.to(torch.int32 if int(store.numel()) < 2 ** 31 else torch.long)  # boxes inside images
+    cols = (torch.minimum(gi[:, k:, None, 2], gi[:, None, :, 2]) - torch.maximum(gi[:, k:, None, 0], gi[:, None, :, 0]))
+    cols = torch.where(flat.reshape(b, r, g) > 0, cols, 0).reshape(-1)  # (B R G) candidates' columns
+    n, total, items = (int(v) for v in torch.stack([(flat > 0).sum(), flat.sum(), cols.sum()]).numpy(force=True))
+    ix = torch.int32 if max(total, items, int(store.numel())) < 2 ** 31 - 1 else torch.long
     pair = torch.nonzero_static(flat, size=n).reshape(-1)  # (n,) candidates (no sync: n is known)
     img, i, j = pair // (r * g), pair // g % r, pair % g
     mine, other = (gb.reshape(-1, 4)[rows] for rows in (img * g + k + i, img * g + j))  # (n, 4) boxes
     start = gs.reshape(-1)
     origin = torch.maximum(mine[:, :2], other[:, :2])  # (n, 2) the boxes' intersection's first pixel
     height = torch.minimum(mine[:, 3], other[:, 3]) - origin[:, 1]  # (n,)
-    count = flat[pair]
-    cum = torch.cumsum(count, 0)
-    # per pair: first pixel, intersection height, then per mask the store offset of the
-    # intersection's first pixel and its box height (a step of one column)
-    table = torch.stack([cum - count, height, *_origin_offset(mine, start[img * g + k + i], origin),
-                         *_origin_offset(other, start[img * g + j], origin)], 1)  # (n, 6)
-    inter = torch.zeros(n, dtype=torch.long, device=dev)
+    width = cols[pair]
+    # items: each candidate's columns; per item its pixels' first index and, per mask, the store
+    # offset of its first pixel less that index (so a pixel's offset is one add)
+    owner = torch.repeat_interleave(torch.arange(n, device=dev), width, output_size=items)  # (I,)
+    column = torch.arange(items, device=dev) - (torch.cumsum(width, 0) - width)[owner]
+    h = height[owner]
+    end = torch.cumsum(h, 0)  # (I,) one past each item's last pixel
+    first = end - h
+    offs = []
+    for box, at in ((mine, start[img * g + k + i]), (other, start[img * g + j])):
+        base, stride = _origin_offset(box, at, origin)
+        offs.append((base[owner] + column * stride[owner] - first).to(ix))
+    end, hits = end.to(ix), torch.zeros(items, dtype=ix, device=dev)
     for lo in range(0, total, budget):
-        at = torch.arange(lo, min(lo + budget, total), device=dev)  # (T,)
-        at_pair = torch.searchsorted(cum, at, right=True)  # (T,) the pair whose pixels hold `at`
-        row = table[at_pair]  # (T, 6)
-        local = at - row[:, 0]  # pixel within the intersection, column-major
-        dx = local // row[:, 1]
-        dy = local - dx * row[:, 1]
-        hit = store[row[:, 2] + dx * row[:, 3] + dy] & store[row[:, 4] + dx * row[:, 5] + dy]
-        inter.index_add_(0, at_pair, hit.long())
+        at = torch.arange(lo, min(lo + budget, total), device=dev, dtype=ix)  # (T,)
+        item = torch.searchsorted(end, at, right=True, out_int32=ix == torch.int32)  # (T,) the item holding `at`
+        hit = store[offs[0][item] + at] & store[offs[1][item] + at]
+        hits.index_add_(0, item, hit.to(ix))
+    inter = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, owner, hits.long())
     return torch.zeros_like(flat).index_copy_(0, pair, inter).reshape(b, r, g)
 
 
