@@ -26,13 +26,13 @@ import torch
 
 
 def _resized(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, stride: int) -> torch.Tensor:
-    """Resized px from the window's start of pixel(s) p (as paste.paste_flat samples it)."""
+    """Resized px from the window's start of pixel(s) p (as paste.paste_dense samples it)."""
     return (p.double() + 0.5) * f - (c0 * stride).double()
 
 
 def cell_coord(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, m: int, stride: int) -> torch.Tensor:
     """Window cell u (float64, clamped to [0, m-1]) that pixel(s) p sample: floor(u) and floor(u) + 1
-    blend with weight t = u - floor(u) (as paste.paste_flat samples it)."""
+    blend with weight t = u - floor(u) (as paste.paste_dense samples it)."""
     return (_resized(p, c0, f, stride) / stride - 0.5).clamp(0.0, m - 1.0)
 
 

@@ -1,8 +1,7 @@
 """Pasting window probabilities back into image pixels and binarising them, side by side:
 
     paste_masks        the numpy reference, window by window (ops' maths, bit for bit in float64)
-    paste_flat         torch: windows over their tight boxes, flat (mask NMS's rounds)
-    paste_dense        torch: windows over their tight boxes, dense in blocks of similar sizes (the kept masks)
+    paste_dense        torch: windows over their tight boxes, dense in blocks of similar box sizes
 
 Pixel p of an axis sits at window cell u = clip(((p + 0.5) * factor - stride * c0) / stride - 0.5,
 0, m-1) and blends cells floor(u) and floor(u) + 1 with weight t = u - floor(u); pixels whose centre
@@ -117,53 +116,6 @@ def _first_and_end(live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- torch
 
-def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
-               totals: tuple[int, int, int], m: int, stride: int, threshold: float, dtype: torch.dtype = torch.float32
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Binarised pasted masks of windows over their boxes, flat.
-
-    probs: (n, m, m); cells: (n, 2) long; factor: (n, 2) float64; boxes: (n, 4) long (x0, y0, x1, y1),
-    inside their images; totals: the sums of the boxes' areas, heights and widths (host ints).
-    Returns (values (T,) bool, owner (T,) window of each pixel, row (T,), col (T,) pixel within its
-    box; owner, row, col int32, int64 only past 2^31 pixels); window i's pixels start at the
-    cumulative sum of the areas before it, column by column. The reference's float ops: each box
-    column blends the m rows along x (once per column), then each pixel blends two of those along
-    y, in `dtype`."""
-    total, rows_total, cols_total = totals
-    dev = probs.device
-    n = len(boxes)
-    h, w = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
-    p = probs.to(dtype)
-    ar = torch.arange(n, device=dev)
-
-    def axis(length: torch.Tensor, first: torch.Tensor, axis_: int, count: int):
-        """Per box pixel along one axis (boxes' pixels back to back): its window, cell i0, i1, weight t."""
-        owner = torch.repeat_interleave(ar, length, output_size=count)
-        starts = torch.cumsum(length, 0) - length
-        pix = first[owner] + torch.arange(count, device=dev) - starts[owner]
-        u = cell_coord(pix, cells[owner, axis_], factor[owner, axis_], m, stride)
-        i0 = u.floor()
-        return owner, starts, i0.long(), (i0.long() + 1).clamp(max=m - 1), (u - i0).to(dtype)
-
-    cown, cstart, i0x, i1x, tx = axis(w, boxes[:, 0], 1, cols_total)
-    _, rstart, i0y, i1y, ty = axis(h, boxes[:, 1], 0, rows_total)
-    q = p[cown, :, i0x] * (1.0 - tx[:, None]) + p[cown, :, i1x] * tx[:, None]  # (cols, m): along x first
-    # Per pixel only int32 indices (int64 past 2^31) and one gather of each per-column quantity: the
-    # pixels are the bulk of the bytes the paste writes.
-    ix = torch.int32 if max(total, cols_total * m, rows_total) < 2 ** 31 - 1 else torch.long
-    height = h[cown]  # (cols,) each column's box height
-    cfirst = (torch.cumsum(height, 0) - height).to(ix)  # (cols,) its first pixel
-    cols = torch.arange(cols_total, device=dev, dtype=ix)
-    at = torch.repeat_interleave(cols, height.to(ix), output_size=total)  # (T,) each pixel's column
-    row = torch.arange(total, device=dev, dtype=ix) - cfirst[at]  # (T,) pixel within its box column
-    r = rstart[cown].to(ix)[at] + row  # this pixel's row geometry
-    qb = (cols * m)[at]  # this pixel's column of q
-    t = ty[r]
-    flat = q.reshape(-1)
-    values = flat[qb + i0y.to(ix)[r]] * (1.0 - t) + flat[qb + i1y.to(ix)[r]] * t > threshold
-    return values, cown.to(ix)[at], row, (cols - cstart.to(ix)[cown])[at]
-
-
 def dense_weights(boxes: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, shape: tuple[int, int], m: int,
                   stride: int, dtype: torch.dtype, split: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear weights of both axes as matrices, in one pass of ops over both: x (n, S, W, m) for box
@@ -225,7 +177,8 @@ def paste_dense(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     bytes written a padded pixel. Otherwise one product a pass, each output the sum of two terms
     rounded once (a fused multiply-add may round the pair once where the reference rounds thrice:
     pixels within rounding of the threshold may differ, as float32 ones may anyway): ~6 bytes a
-    padded pixel in float32 (the product and the bool), where paste_flat writes ~80."""
+    padded pixel in float32 (the product and the bool), where a flat paste with per-pixel indices
+    wrote ~80."""
     n = len(boxes)
     wp, hp = shape
     p = probs.to(dtype)

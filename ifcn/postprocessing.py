@@ -29,13 +29,14 @@ from .config import InferenceConfig
 from .containers import Proposals, WindowBatch
 from .nms import IOU_BLOCK, box_nms_rounds, box_overlap, first_kept, greedy_keep
 from .opcount import stage
-from .paste import paste_dense, paste_flat
+from .paste import paste_dense
 from .upload import upload
 
-# Kept-mask pixels pasted per step (per batch), by device type: bounds the flat buffers (~100 bytes
-# per pixel at the peak) whatever the images; a batch beyond it pastes in several steps. 480x640
-# images keep ~25-30 k pixels per proposal at the paper's defaults (~30 M per image), so a batch of
-# 16 takes four steps on a GPU. Mask NMS pastes its rounds' windows in steps of the same budget.
+# Kept-mask pixels pasted per step (per batch, padded blocks of paste.paste_dense), by device type:
+# bounds the step's buffers (~20 bytes a padded pixel at the peak) whatever the images; a batch
+# beyond it pastes in several steps. 480x640 images keep ~25-30 k box pixels per proposal at the
+# paper's defaults (~30 M per image, ~45 M padded), so a batch of 16 takes six steps on a GPU.
+# Mask NMS pastes its rounds' windows in steps of the same budget.
 PIXEL_BUDGET = {"cuda": 1 << 27, "cpu": 1 << 24}
 # Kept windows are pasted dense (paste.paste_dense) in at most this many blocks of similar box sizes
 # (each ~30 ops), cut where they least pad, over cut points at equal counts of windows.
@@ -114,20 +115,6 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx.reshape(b, k, *([1] * (t.dim() - 2))).expand(b, k, *t.shape[2:]))
 
 
-def _pasted(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
-            host_boxes: np.ndarray, m: int, stride: int, threshold: float, dtype: torch.dtype, budget: int
-            ) -> Iterator[tuple[slice, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]]:
-    """Windows (n,) pasted flat over their boxes (n, 4) (host_boxes: the same on the host, which
-    plans the steps), `budget` box pixels a step: each step's slice of the windows and
-    paste_flat's (values, owner, row, col), owner counted within the step."""
-    side = (host_boxes[:, 2:] - host_boxes[:, :2]).astype(np.int64)  # (n, 2) width, height
-    area = side[:, 0] * side[:, 1]
-    for lo, hi in _steps(area, budget):
-        sl = slice(lo, hi)
-        totals = (int(area[sl].sum()), int(side[sl, 1].sum()), int(side[sl, 0].sum()))
-        yield sl, paste_flat(probs[sl], cells[sl], factor[sl], boxes[sl], totals, m, stride, threshold, dtype)
-
-
 def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: torch.Tensor, m: int, stride: int,
             threshold: float, dtype: torch.dtype, pixel_budget: int) -> list[Proposals]:
     """Kept windows idx (B, K) (real: (B, K) bool) with tight boxes (B, K, 4) -> Proposals: pastes them
@@ -150,16 +137,8 @@ def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: to
         probs, cells, factor = (t.reshape(-1, *t.shape[2:])[flat_idx] for t in (batch.probs, batch.cells, batch.factor))
         pb, phw = boxes.reshape(n, 4)[at], hw[at]
         areas = []
-        for groups in steps:
-            size = sum((hi - lo) * w * (h + 2) for lo, hi, w, h in groups)
-            buffer = torch.empty(size, dtype=torch.bool, device=dev)
-            base = 0
-            for lo, hi, w, h in groups:
-                sl = slice(lo, hi)
-                v = buffer[base:base + (hi - lo) * w * (h + 2)].view(hi - lo, w, h + 2)
-                paste_dense(probs[sl], cells[sl], factor[sl], pb[sl], (w, h), m, stride, threshold, dtype, out=v)
-                areas.append(v.sum((1, 2)))
-                base += v.numel()
+        for groups, buffer, step_areas in _dense_steps(probs, cells, factor, pb, steps, m, stride, threshold, dtype):
+            areas.append(step_areas)
             events.append(_step_events(buffer, groups, pb, phw))
         pixels.index_copy_(0, at, torch.cat(areas))
     counts, lengths = _counts(events, at if len(order) else None, n, hw)
@@ -219,6 +198,25 @@ def _dense_plan(w: np.ndarray, h: np.ndarray, budget: int, groups: int = DENSE_G
             used += (z - a) * per
     steps.append(step)
     return ids, steps
+
+
+def _dense_steps(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
+                 steps: list[list[tuple[int, int, int, int]]], m: int, stride: int, threshold: float,
+                 dtype: torch.dtype) -> Iterator[tuple[list[tuple[int, int, int, int]], torch.Tensor, torch.Tensor]]:
+    """Windows in plan order (their grids and boxes (n', 4)) pasted dense step by step (_dense_plan's
+    steps): per step its groups, its blocks back to back in one flat bool buffer (each (hi - lo, W,
+    H + 2), paste.paste_dense's layout) and (n_step,) long mask areas."""
+    for groups in steps:
+        buffer = torch.empty(sum((hi - lo) * w * (h + 2) for lo, hi, w, h in groups), dtype=torch.bool,
+                             device=boxes.device)
+        areas, base = [], 0
+        for lo, hi, w, h in groups:
+            v = buffer[base:base + (hi - lo) * w * (h + 2)].view(hi - lo, w, h + 2)
+            paste_dense(probs[lo:hi], cells[lo:hi], factor[lo:hi], boxes[lo:hi], (w, h), m, stride, threshold, dtype,
+                        out=v)
+            areas.append(v.sum((1, 2)))
+            base += v.numel()
+        yield groups, buffer, torch.cat(areas)
 
 
 def _step_events(buffer: torch.Tensor, groups: list[tuple[int, int, int, int]], boxes: torch.Tensor,
@@ -281,11 +279,6 @@ def _counts(events: list[tuple[torch.Tensor, torch.Tensor]], at: torch.Tensor | 
     return counts, lengths
 
 
-def _areas(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    """(n,) long pixels on per window of a flat paste (int32 sums: 4 bytes a pixel, not 8)."""
-    return torch.zeros(n, dtype=torch.int32, device=values.device).index_add_(0, owner, values.to(torch.int32)).long()
-
-
 def _steps(area: np.ndarray, budget: int) -> list[tuple[int, int]]:
     """Consecutive ranges covering all items, whose areas sum within `budget` (an item larger than it
     alone, with the empty items after it)."""
@@ -312,7 +305,8 @@ def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive
 
     order: (B, C) candidate index of each position in score order; boxes: (B, C, 4) long tight boxes
     there; alive: (B, C) bool. Rounds: each takes the next alive windows of every image that still
-    has room (at most MASK_ROUND, `_round_widths`), pastes them flat (`pixel_budget` pixels a step)
+    has room (at most MASK_ROUND, `_round_widths`), pastes them (dense, then their box pixels flat:
+    _paste_items, `pixel_budget` padded pixels a step)
     for exact areas, reads the exact intersections of the pairs whose box/area bound passes (round
     x kept so far, round x earlier in the round), drops the windows a kept mask suppresses and runs
     the greedy rule (nms.greedy_keep) over the rest. Returns (B, K) positions of the kept windows,
@@ -354,10 +348,11 @@ def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive
         rb = torch.where(inside[..., None], _take(boxes, pos), 0)  # (B, R, 4)
         pos_h = lo[:, None] + np.arange(len(ar))
         hb = np.take_along_axis(host, pos_h[..., None], 1) * (np.arange(len(ar)) < width[:, None])[..., None]
-        values, ra = _paste_round(batch, _take(src, pos), rb, hb, m, stride, config.mask_threshold, dtype, pixel_budget)
+        values, ra, roff = _paste_round(batch, _take(src, pos), rb, hb, m, stride, config.mask_threshold, dtype,
+                                        pixel_budget)
         base = len(store)  # kept_px while stored, else 0
         box_area = (rb[..., 2] - rb[..., 0]) * (rb[..., 3] - rb[..., 1])  # (B, R)
-        rstart = base + _exclusive_cumsum(box_area.reshape(-1)).reshape(box_area.shape)  # (B, R)
+        rstart = base + roff  # (B, R)
         kpos, kreal = first_kept(kept, k)  # (B, K) kept so far
         gb = torch.cat([torch.where(kreal[..., None], _take(boxes, kpos), 0), rb], 1)  # (B, G = K + R, 4)
         ga = torch.cat([_take(area, kpos), ra], 1)  # (B, G)
@@ -432,14 +427,14 @@ def _chunked_intersections(batch: WindowBatch, src: torch.Tensor, kpos: torch.Te
     idx = _take(src, kpos)  # (B, K) the kept masks' windows
     grids = [_take(t, idx).reshape(n, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor)]
     kb, khost = gb[:, :k].reshape(n, 4), kept_hb.reshape(n, 4)
-    kb_area = (kb[:, 2] - kb[:, 0]) * (kb[:, 3] - kb[:, 1])  # (n,)
     item = torch.arange(n, device=dev)
     inter = torch.zeros_like(pixels)
     for i, (lo, hi) in enumerate(_steps(_box_pixels(khost), budget)):
-        chunk, _ = _paste_items(*(g[lo:hi] for g in grids), kb[lo:hi], khost[lo:hi], m, stride, threshold, dtype,
-                                pixel_budget)
+        chunk, _, chunk_at = _paste_items(*(g[lo:hi] for g in grids), kb[lo:hi], khost[lo:hi], m, stride, threshold,
+                                          dtype, pixel_budget)
         mine = (item >= lo) & (item < hi)  # (n,) this chunk's kept masks
-        offset = torch.where(mine, len(values) + _exclusive_cumsum(torch.where(mine, kb_area, 0)), 0)
+        offset = torch.zeros(n, dtype=torch.long, device=dev)
+        offset[lo:hi] = len(values) + chunk_at
         gs = torch.cat([offset.reshape(b, k), rstart], 1)  # (B, G) store offsets (others: unused)
         cols = torch.cat([mine.reshape(b, k), torch.full_like(rstart, i == 0, dtype=torch.bool)], 1)  # (B, G)
         inter += _intersections(torch.cat([values, chunk]), pixels * cols[:, None, :], gb, gs, k, pair_budget)
@@ -475,29 +470,53 @@ def _exclusive_cumsum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _paste_round(batch: WindowBatch, idx: torch.Tensor, boxes: torch.Tensor, host_boxes: np.ndarray, m: int,
-                 stride: int, threshold: float, dtype: torch.dtype, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows idx (B, R) of the batch pasted over their boxes (B, R, 4) (empty: nothing), flat in
-    `budget`-pixel steps. Returns (values (T,) bool: each box's pixels column-major, boxes back to
-    back in (B, R) order, as paste_flat lays them, and (B, R) long mask areas)."""
+                 stride: int, threshold: float, dtype: torch.dtype, budget: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Windows idx (B, R) of the batch pasted over their boxes (B, R, 4) (empty: nothing), `budget`
+    padded pixels a step (_paste_items). Returns (values (T,) bool: each box's pixels column-major,
+    boxes back to back, (B, R) long mask areas, (B, R) long each box's offset in values)."""
     b, r = idx.shape
     n = b * r
     probs, cells, factor = (_take(t, idx).reshape(n, *t.shape[2:]) for t in (batch.probs, batch.cells, batch.factor))
-    values, areas = _paste_items(probs, cells, factor, boxes.reshape(n, 4), host_boxes.reshape(n, 4), m, stride,
-                                 threshold, dtype, budget)
-    return values, areas.reshape(b, r)
+    values, areas, offsets = _paste_items(probs, cells, factor, boxes.reshape(n, 4), host_boxes.reshape(n, 4), m,
+                                          stride, threshold, dtype, budget)
+    return values, areas.reshape(b, r), offsets.reshape(b, r)
 
 
 def _paste_items(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
                  host_boxes: np.ndarray, m: int, stride: int, threshold: float, dtype: torch.dtype, budget: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows (n,) (their grids, boxes (n, 4) and the same on the host) pasted flat over their
-    boxes in `budget`-pixel steps: (values (T,) bool, boxes back to back, and (n,) long mask areas)."""
-    parts, areas = [], []
-    for sl, (values, owner, _, _) in _pasted(probs, cells, factor, boxes, host_boxes, m, stride, threshold, dtype,
-                                             budget):
-        parts.append(values)
-        areas.append(_areas(values, owner, sl.stop - sl.start))
-    return torch.cat(parts), torch.cat(areas)
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Windows (n,) (their grids, boxes (n, 4) and the same on the host) pasted over their boxes:
+    dense in blocks of similar sizes (_dense_plan, `budget` padded pixels a step), each box's pixels
+    then taken out of its block column-major (one gather a step, at offsets the host knows: no sync).
+    Returns (values (T,) bool, boxes back to back in the plan's order, (n,) long mask areas, (n,)
+    long each box's offset in values)."""
+    dev = boxes.device
+    n = len(boxes)
+    w, h = host_boxes[:, 2] - host_boxes[:, 0], host_boxes[:, 3] - host_boxes[:, 1]
+    order, steps = _dense_plan(w, h, budget)
+    offsets = np.zeros(n, dtype=np.int64)
+    offsets[order] = np.cumsum(w[order] * h[order]) - w[order] * h[order]
+    areas = torch.zeros(n, dtype=torch.long, device=dev)
+    if not len(order):
+        return torch.zeros(0, dtype=torch.bool, device=dev), areas, _upload(offsets, dev)
+    at = _upload(order, dev)
+    pb = boxes[at]
+    parts, step_areas = [], []
+    for groups, buffer, part_areas in _dense_steps(probs[at], cells[at], factor[at], pb, steps, m, stride, threshold,
+                                                   dtype):
+        inside, base = torch.empty_like(buffer), 0
+        for lo, hi, gw, gh in groups:  # the box pixels of each block: x < w and 1 <= y <= h
+            view = inside[base:base + (hi - lo) * gw * (gh + 2)].view(hi - lo, gw, gh + 2)
+            bw, bh = (pb[lo:hi, 2] - pb[lo:hi, 0])[:, None, None], (pb[lo:hi, 3] - pb[lo:hi, 1])[:, None, None]
+            y = torch.arange(gh + 2, device=dev)
+            torch.logical_and(torch.arange(gw, device=dev)[None, :, None] < bw, (y >= 1) & (y <= bh), out=view)
+            base += view.numel()
+        pixels = int(sum((w[order[lo:hi]] * h[order[lo:hi]]).sum() for lo, hi, _, _ in groups))
+        parts.append(buffer[torch.nonzero_static(inside, size=pixels).reshape(-1)])
+        step_areas.append(part_areas)
+    areas.index_copy_(0, at, torch.cat(step_areas))
+    return torch.cat(parts), areas, _upload(offsets, dev)
 
 
 def _candidate_pixels(rb: torch.Tensor, ra: torch.Tensor, gb: torch.Tensor, ga: torch.Tensor, k: int,
