@@ -545,23 +545,29 @@ def _candidate_pixels(rb: torch.Tensor, ra: torch.Tensor, gb: torch.Tensor, ga: 
 
 def _intersections(store: torch.Tensor, pixels: torch.Tensor, gb: torch.Tensor, gs: torch.Tensor, k: int,
                    budget: int) -> torch.Tensor:
-    """Exact mask intersections of every candidate pair, read from the flat store.
+    """Exact mask intersections of every candidate pair, read from the flat store 32 pixels at a time.
 
     store: (S,) bool masks over their boxes, column-major; pixels: (B, R, G) long box-intersection
     pixels of each pair (0: not a candidate); gb: (B, G, 4) boxes and gs: (B, G) store offsets of
-    the columns (round window i is column k + i). One host read (the candidates, their pixels and
-    their columns) plans it; each candidate's box intersection is a run of columns, each column one
-    *item* with a store offset per mask, and the items' pixels are enumerated flat, `budget` a step:
-    per pixel only its item, two offsets and the two store bits (~35 bytes written a pixel, int32
-    below 2^31, where dividing each pixel's index into a column and row wrote ~170). Returns (B, R, G) long."""
+    the columns (round window i is column k + i). One host read (the candidates, their columns and
+    their words) plans it. Each candidate's box intersection is a run of columns (*items*, with a
+    store offset per mask), each column a run of 32-pixel *words*; the store is packed to bits
+    (`_packed`) and every word of both masks read at any bit offset (`_bits`), ANDed and counted
+    (`_popcount`), `budget` pixels (budget / 32 words) a step: ~10 bytes written a pair pixel, where
+    one bool per pixel wrote ~35 and dividing each pixel's index into a column and row ~170.
+    Returns (B, R, G) long."""
     b, r, g = pixels.shape
     dev = pixels.device
     flat = pixels.reshape(-1)
-    gi = gb.to(torch.int32 if int(store.numel()) < 2 ** 31 else torch.long)  # boxes inside images
-    cols = (torch.minimum(gi[:, k:, None, 2], gi[:, None, :, 2]) - torch.maximum(gi[:, k:, None, 0], gi[:, None, :, 0]))
-    cols = torch.where(flat.reshape(b, r, g) > 0, cols, 0).reshape(-1)  # (B R G) candidates' columns
-    n, total, items = (int(v) for v in torch.stack([(flat > 0).sum(), flat.sum(), cols.sum()]).numpy(force=True))
-    ix = torch.int32 if max(total, items, int(store.numel())) < 2 ** 31 - 1 else torch.long
+    gi = gb.to(torch.int32)  # boxes inside images: coordinates far below 2^31
+
+    def extent(lo: int, hi: int) -> torch.Tensor:  # (B, R, G) overlap of the boxes along x (0, 2) or y (1, 3)
+        return torch.minimum(gi[:, k:, None, hi], gi[:, None, :, hi]) - torch.maximum(gi[:, k:, None, lo], gi[:, None, :, lo])
+
+    cand = flat.reshape(b, r, g) > 0
+    cols = torch.where(cand, extent(0, 2), 0).reshape(-1).long()  # (B R G) candidates' columns
+    words = (cols * torch.div(extent(1, 3).reshape(-1) + 31, 32, rounding_mode="floor"))  # and their words
+    n, items, total = (int(v) for v in torch.stack([cand.sum(), cols.sum(), words.sum()]).numpy(force=True))
     pair = torch.nonzero_static(flat, size=n).reshape(-1)  # (n,) candidates (no sync: n is known)
     img, i, j = pair // (r * g), pair // g % r, pair % g
     mine, other = (gb.reshape(-1, 4)[rows] for rows in (img * g + k + i, img * g + j))  # (n, 4) boxes
@@ -569,25 +575,50 @@ def _intersections(store: torch.Tensor, pixels: torch.Tensor, gb: torch.Tensor, 
     origin = torch.maximum(mine[:, :2], other[:, :2])  # (n, 2) the boxes' intersection's first pixel
     height = torch.minimum(mine[:, 3], other[:, 3]) - origin[:, 1]  # (n,)
     width = cols[pair]
-    # items: each candidate's columns; per item its pixels' first index and, per mask, the store
-    # offset of its first pixel less that index (so a pixel's offset is one add)
+    # items: each candidate's columns; per item its first word's index, its height and, per mask,
+    # the store offset of its first pixel
     owner = torch.repeat_interleave(torch.arange(n, device=dev), width, output_size=items)  # (I,)
     column = torch.arange(items, device=dev) - (torch.cumsum(width, 0) - width)[owner]
     h = height[owner]
-    end = torch.cumsum(h, 0)  # (I,) one past each item's last pixel
-    first = end - h
-    offs = []
-    for box, at in ((mine, start[img * g + k + i]), (other, start[img * g + j])):
-        base, stride = _origin_offset(box, at, origin)
-        offs.append((base[owner] + column * stride[owner] - first).to(ix))
-    end, hits = end.to(ix), torch.zeros(items, dtype=ix, device=dev)
-    for lo in range(0, total, budget):
-        at = torch.arange(lo, min(lo + budget, total), device=dev, dtype=ix)  # (T,)
-        item = torch.searchsorted(end, at, right=True, out_int32=ix == torch.int32)  # (T,) the item holding `at`
-        hit = store[offs[0][item] + at] & store[offs[1][item] + at]
-        hits.index_add_(0, item, hit.to(ix))
-    inter = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, owner, hits.long())
+    nw = torch.div(h + 31, 32, rounding_mode="floor")
+    end = torch.cumsum(nw, 0)  # (I,) one past each item's last word
+    first = end - nw
+    offs = [base[owner] + column * stride[owner] for base, stride in
+            (_origin_offset(box, at, origin) for box, at in ((mine, start[img * g + k + i]), (other, start[img * g + j])))]
+    packed = _packed(store)
+    hits = torch.zeros(items, dtype=torch.long, device=dev)
+    for lo in range(0, total, max(1, budget // 32)):
+        at = torch.arange(lo, min(lo + max(1, budget // 32), total), device=dev)  # (T,) words
+        item = torch.searchsorted(end, at, right=True)  # (T,) the item holding word `at`
+        row = (at - first[item]) * 32  # the word's first pixel in its column
+        live = ((1 << (h[item] - row).clamp(max=32)) - 1)  # its bits inside the column
+        both = _bits(packed, offs[0][item] + row) & _bits(packed, offs[1][item] + row) & live
+        hits.index_add_(0, item, _popcount(both))
+    inter = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, owner, hits)
     return torch.zeros_like(flat).index_copy_(0, pair, inter).reshape(b, r, g)
+
+
+def _packed(store: torch.Tensor) -> torch.Tensor:
+    """(S,) bool -> (S / 32 + 2,) int64 words of 32 bits (bit i of word w: store[32 w + i]), two zero
+    words past the end (so any 32 bits from an offset below S read two words)."""
+    dev = store.device
+    bits = torch.cat([store, store.new_zeros((-len(store)) % 32 + 64)]).view(torch.uint8).reshape(-1, 8)
+    weights = torch.ones(8, dtype=torch.uint8, device=dev) << torch.arange(8, dtype=torch.uint8, device=dev)
+    byte = (bits * weights).sum(-1, dtype=torch.uint8)  # (S / 8,): 8 pixels, first in bit 0
+    return byte.view(torch.int32).long() & 0xFFFFFFFF  # little-endian: 4 bytes, first in the low one
+
+
+def _bits(packed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The 32 store bits from each bit offset (T,) long -> (T,) int64 (bit i: store[offset + i])."""
+    word = offset >> 5
+    both = packed[word] | (packed[word + 1] << 32)  # 64 bits (the sign bit is never kept)
+    return (both >> (offset & 31)) & 0xFFFFFFFF
+
+
+def _popcount(v: torch.Tensor) -> torch.Tensor:
+    """(T,) int64 values below 2^32 -> (T,) long their set bits (a table per byte)."""
+    table = ((torch.arange(256, device=v.device)[:, None] >> torch.arange(8, device=v.device)) & 1).sum(1)
+    return table[v.view(torch.uint8).reshape(-1, 8)[:, :4].long()].sum(1)
 
 
 def _origin_offset(box: torch.Tensor, start: torch.Tensor, origin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -603,10 +634,12 @@ def _kept_pixels(store: torch.Tensor, base: int, keep: torch.Tensor, box_area: t
 
     store: the kept masks (first `base` pixels), then the round's; keep, box_area, rstart: (B, R)
     the round's kept windows, box pixels and store offsets; total: the kept ones' box pixels (host).
-    Returns the new store and (B, R) the kept windows' offsets in it (others: anything)."""
-    lengths = torch.where(keep, box_area, 0).reshape(-1)  # (n,)
-    first = _exclusive_cumsum(lengths)  # (n,) each kept window's offset among the kept pixels
-    n = len(lengths)
-    owner = torch.repeat_interleave(torch.arange(n, device=store.device), lengths, output_size=total)  # (total,)
-    at = rstart.reshape(-1)[owner] + torch.arange(total, device=store.device) - first[owner]
+    Returns the new store and (B, R) the kept windows' offsets in it (others: anything). The round's
+    pixels keep their order (a kept mask per pixel, then one nonzero_static of the host-known size:
+    ~10 bytes written a round pixel, not ~50 for per-pixel offsets)."""
+    order = torch.argsort(rstart.reshape(-1))  # (n,) the round's windows in store order (back to back)
+    lengths, kept = box_area.reshape(-1)[order], keep.reshape(-1)[order]
+    mask = torch.repeat_interleave(kept, lengths, output_size=len(store) - base)  # (round pixels,)
+    at = torch.nonzero_static(mask, size=total).reshape(-1) + base
+    first = torch.zeros_like(lengths).index_copy_(0, order, _exclusive_cumsum(torch.where(kept, lengths, 0)))
     return torch.cat([store[:base], store[at]]), (base + first).reshape(keep.shape)
