@@ -586,15 +586,19 @@ def _intersections(store: torch.Tensor, pixels: torch.Tensor, gb: torch.Tensor, 
     offs = [base[owner] + column * stride[owner] for base, stride in
             (_origin_offset(box, at, origin) for box, at in ((mine, start[img * g + k + i]), (other, start[img * g + j])))]
     packed = _packed(store)
-    hits = torch.zeros(items, dtype=torch.long, device=dev)
+    ix = torch.int32 if max(len(store) + 64, total) < 2 ** 31 else torch.long  # per-word indices
+    end, first, h = end.to(ix), first.to(ix), h.to(ix)
+    offs = [o.to(ix) for o in offs]
+    live_bits = (1 << torch.arange(33, device=dev)) - 1  # (33,): the low k bits set
+    hits = torch.zeros(items, dtype=torch.int32, device=dev)
     for lo in range(0, total, max(1, budget // 32)):
-        at = torch.arange(lo, min(lo + max(1, budget // 32), total), device=dev)  # (T,) words
-        item = torch.searchsorted(end, at, right=True)  # (T,) the item holding word `at`
+        at = torch.arange(lo, min(lo + max(1, budget // 32), total), device=dev, dtype=ix)  # (T,) words
+        item = torch.searchsorted(end, at, right=True, out_int32=ix == torch.int32)  # (T,) the item holding word `at`
         row = (at - first[item]) * 32  # the word's first pixel in its column
-        live = ((1 << (h[item] - row).clamp(max=32)) - 1)  # its bits inside the column
+        live = live_bits[(h[item] - row).clamp(max=32)]  # its bits inside the column
         both = _bits(packed, offs[0][item] + row) & _bits(packed, offs[1][item] + row) & live
         hits.index_add_(0, item, _popcount(both))
-    inter = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, owner, hits)
+    inter = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, owner, hits.long())
     return torch.zeros_like(flat).index_copy_(0, pair, inter).reshape(b, r, g)
 
 
@@ -609,16 +613,23 @@ def _packed(store: torch.Tensor) -> torch.Tensor:
 
 
 def _bits(packed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The 32 store bits from each bit offset (T,) long -> (T,) int64 (bit i: store[offset + i])."""
+    """The 32 store bits from each bit offset (T,) int32 or long -> (T,) int64 (bit i: store[offset + i])."""
     word = offset >> 5
     both = packed[word] | (packed[word + 1] << 32)  # 64 bits (the sign bit is never kept)
     return (both >> (offset & 31)) & 0xFFFFFFFF
 
 
+_POPCOUNT16: dict[torch.device, torch.Tensor] = {}
+
+
 def _popcount(v: torch.Tensor) -> torch.Tensor:
-    """(T,) int64 values below 2^32 -> (T,) long their set bits (a table per byte)."""
-    table = ((torch.arange(256, device=v.device)[:, None] >> torch.arange(8, device=v.device)) & 1).sum(1)
-    return table[v.view(torch.uint8).reshape(-1, 8)[:, :4].long()].sum(1)
+    """(T,) int64 values below 2^32 -> (T,) int32 their set bits: a 16-bit table (64 kB, made once per
+    device) read twice, ~23 bytes written a value where a byte table wrote ~72."""
+    table = _POPCOUNT16.get(v.device)
+    if table is None:
+        ar = torch.arange(1 << 16, device=v.device)
+        table = _POPCOUNT16.setdefault(v.device, ((ar[:, None] >> torch.arange(16, device=v.device)) & 1).sum(1).to(torch.uint8))
+    return (table[v & 0xFFFF] + table[v >> 16]).to(torch.int32)
 
 
 def _origin_offset(box: torch.Tensor, start: torch.Tensor, origin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
