@@ -603,20 +603,20 @@ def _intersections(store: torch.Tensor, pixels: torch.Tensor, gb: torch.Tensor, 
 
 
 def _packed(store: torch.Tensor) -> torch.Tensor:
-    """(S,) bool -> (S / 32 + 2,) int64 words of 32 bits (bit i of word w: store[32 w + i]), two zero
-    words past the end (so any 32 bits from an offset below S read two words)."""
+    """(S,) bool -> (S / 32 + 1,) int64: word w holds store[32 w:32 w + 64] (bit i: store[32 w + i];
+    zeros past the end), so the 32 bits from any offset below S are one read and one shift."""
     dev = store.device
     bits = torch.cat([store, store.new_zeros((-len(store)) % 32 + 64)]).view(torch.uint8).reshape(-1, 8)
     weights = torch.ones(8, dtype=torch.uint8, device=dev) << torch.arange(8, dtype=torch.uint8, device=dev)
     byte = (bits * weights).sum(-1, dtype=torch.uint8)  # (S / 8,): 8 pixels, first in bit 0
-    return byte.view(torch.int32).long() & 0xFFFFFFFF  # little-endian: 4 bytes, first in the low one
+    words = byte.view(torch.int32).long() & 0xFFFFFFFF  # little-endian: 4 bytes, first in the low one
+    return words[:-1] | (words[1:] << 32)  # 64 bits from each word: any 32 from an offset are one read
 
 
-def _bits(packed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    """The 32 store bits from each bit offset (T,) int32 or long -> (T,) int64 (bit i: store[offset + i])."""
-    word = offset >> 5
-    both = packed[word] | (packed[word + 1] << 32)  # 64 bits (the sign bit is never kept)
-    return (both >> (offset & 31)) & 0xFFFFFFFF
+def _bits(pairs: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The store bits from each bit offset (T,) int32 or long -> (T,) int64: bit i is store[offset + i]
+    for i < 32, anything above (pairs: _packed's words, each with the next one above it)."""
+    return pairs[offset >> 5] >> (offset & 31)
 
 
 _POPCOUNT16: dict[torch.device, torch.Tensor] = {}
