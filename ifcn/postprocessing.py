@@ -41,6 +41,9 @@ PIXEL_BUDGET = {"cuda": 1 << 27, "cpu": 1 << 24}
 # Kept windows are pasted dense (paste.paste_dense) in at most this many blocks of similar box sizes
 # (each ~30 ops), cut where they least pad, over cut points at equal counts of windows.
 DENSE_GROUPS, DENSE_CUT_POINTS = 12, 128
+# ... and mask NMS's pastes (each round, each chunk of kept masks) in fewer: they are many (structured
+# heads at the paper's defaults: 4 blocks write 2% more than 12, with ~15% fewer ops a batch).
+MASK_DENSE_GROUPS = 4
 # Windows whose tight boxes one call computes (~1.5 kB each in float32): bounds that memory.
 WINDOW_BLOCK = 1 << 16
 # Mask NMS: windows per image that one round settles, by device type. A round holds their masks
@@ -494,7 +497,7 @@ def _paste_items(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor,
     dev = boxes.device
     n = len(boxes)
     w, h = host_boxes[:, 2] - host_boxes[:, 0], host_boxes[:, 3] - host_boxes[:, 1]
-    order, steps = _dense_plan(w, h, budget)
+    order, steps = _dense_plan(w, h, budget, MASK_DENSE_GROUPS)
     offsets = np.zeros(n, dtype=np.int64)
     offsets[order] = np.cumsum(w[order] * h[order]) - w[order] * h[order]
     areas = torch.zeros(n, dtype=torch.long, device=dev)
