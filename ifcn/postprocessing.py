@@ -33,11 +33,11 @@ from .paste import paste_dense
 from .upload import upload
 
 # Kept-mask pixels pasted per step (per batch, padded blocks of paste.paste_dense), by device type:
-# bounds the step's buffers (~20 bytes a padded pixel at the peak) whatever the images; a batch
-# beyond it pastes in several steps. 480x640 images keep ~25-30 k box pixels per proposal at the
-# paper's defaults (~30 M per image, ~45 M padded), so a batch of 16 takes six steps on a GPU.
-# Mask NMS pastes its rounds' windows in steps of the same budget.
-PIXEL_BUDGET = {"cuda": 1 << 27, "cpu": 1 << 24}
+# bounds the step's buffers (~10 bytes a padded pixel at the peak: 2.7 GB on a GPU) whatever the
+# images; a batch beyond it pastes in several steps (one host sync each). 480x640 images keep ~25-30 k
+# box pixels per proposal at the paper's defaults (~30 M per image, ~45 M padded), so a batch of 16
+# takes three steps on a GPU. Mask NMS pastes its rounds' windows in steps of the same budget.
+PIXEL_BUDGET = {"cuda": 1 << 28, "cpu": 1 << 25}
 # Kept windows are pasted dense (paste.paste_dense) in at most this many blocks of similar box sizes
 # (each ~30 ops), cut where they least pad, over cut points at equal counts of windows.
 DENSE_GROUPS, DENSE_CUT_POINTS = 12, 128
