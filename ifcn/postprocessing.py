@@ -51,7 +51,8 @@ WINDOW_BLOCK = 1 << 16
 # R bounds that memory; windows past the point where an image has max_proposals kept are never
 # pasted. The paper's 6000 windows per image take at most six rounds on a GPU.
 MASK_ROUND = {"cuda": 1024, "cpu": 256}
-# Mask NMS: box-intersection pixels of candidate pairs read per step (~100 bytes each at the peak).
+# Mask NMS: the candidate pairs' intersections read a quarter as many 32-pixel words a step (~75 bytes
+# a budget unit at the peak; a step held as many pixels at ~100 bytes each before they were packed).
 PAIR_PIXEL_BUDGET = {"cuda": 1 << 27, "cpu": 1 << 23}
 # Mask NMS: box pixels (1 byte each) its flat store holds per batch, by device type: 2 GB on a GPU
 # (a batch of 16 480x640 images needs ~1 GB, so it stays on the stored path) and 128 MB on a CPU.
@@ -556,8 +557,8 @@ def _intersections(store: torch.Tensor, pixels: torch.Tensor, gb: torch.Tensor, 
     their words) plans it. Each candidate's box intersection is a run of columns (*items*, with a
     store offset per mask), each column a run of 32-pixel *words*; the store is packed to bits
     (`_packed`) and every word of both masks read at any bit offset (`_bits`), ANDed and counted
-    (`_popcount`), `budget` pixels (budget / 32 words) a step: ~10 bytes written a pair pixel, where
-    one bool per pixel wrote ~35 and dividing each pixel's index into a column and row ~170.
+    (`_popcount`), budget / 4 words a step (~300 bytes a word at the peak): ~10 bytes written a pair
+    pixel, where one bool per pixel wrote ~35 and dividing each pixel's index into a column and row ~170.
     Returns (B, R, G) long."""
     b, r, g = pixels.shape
     dev = pixels.device
@@ -594,8 +595,9 @@ def _intersections(store: torch.Tensor, pixels: torch.Tensor, gb: torch.Tensor, 
     offs = [o.to(ix) for o in offs]
     live_bits = (1 << torch.arange(33, device=dev)) - 1  # (33,): the low k bits set
     hits = torch.zeros(items, dtype=torch.int32, device=dev)
-    for lo in range(0, total, max(1, budget // 32)):
-        at = torch.arange(lo, min(lo + max(1, budget // 32), total), device=dev, dtype=ix)  # (T,) words
+    step = max(1, budget // 4)  # words: ~300 bytes each at the peak, as ~75 a budget pixel (~100 before)
+    for lo in range(0, total, step):
+        at = torch.arange(lo, min(lo + step, total), device=dev, dtype=ix)  # (T,) words
         item = torch.searchsorted(end, at, right=True, out_int32=ix == torch.int32)  # (T,) the item holding word `at`
         row = (at - first[item]) * 32  # the word's first pixel in its column
         live = live_bits[(h[item] - row).clamp(max=32)]  # its bits inside the column
