@@ -629,12 +629,14 @@ _POPCOUNT16: dict[torch.device, torch.Tensor] = {}
 
 def _popcount(v: torch.Tensor) -> torch.Tensor:
     """(T,) int64 values below 2^32 -> (T,) int32 their set bits: a 16-bit table (64 kB, made once per
-    device) read twice, ~23 bytes written a value where a byte table wrote ~72."""
+    device) read at the two low 16-bit halves (a uint16 view, little-endian), ~14 bytes written a
+    value where a byte table wrote ~72."""
     table = _POPCOUNT16.get(v.device)
     if table is None:
         ar = torch.arange(1 << 16, device=v.device)
         table = _POPCOUNT16.setdefault(v.device, ((ar[:, None] >> torch.arange(16, device=v.device)) & 1).sum(1).to(torch.uint8))
-    return (table[v & 0xFFFF] + table[v >> 16]).to(torch.int32)
+    halves = v.view(torch.uint16).reshape(-1, 4)[:, :2].to(torch.int32)  # (T, 2)
+    return table[halves].sum(1, dtype=torch.int32)
 
 
 def _origin_offset(box: torch.Tensor, start: torch.Tensor, origin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
