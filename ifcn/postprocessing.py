@@ -231,10 +231,10 @@ def _step_events(buffer: torch.Tensor, groups: list[tuple[int, int, int, int]], 
     order. One host sync (nonzero)."""
     dev = buffer.device
     e = torch.nonzero(buffer[1:] != buffer[:-1]).reshape(-1) + 1  # (E,) the first pixel after a change
-    table = np.array([[0, 0, 1, 1]] + [[0, lo, w, h + 2] for lo, _, w, h in groups], dtype=np.int64)
-    table[1:, 0] = np.cumsum([(hi - lo) * w * (h + 2) for lo, hi, w, h in groups]) - [
-        (hi - lo) * w * (h + 2) for lo, hi, w, h in groups]
-    t = _upload(table[1:], dev)  # (G, 4): block offset, first plan position, W, H + 2
+    sizes = [(hi - lo) * w * (h + 2) for lo, hi, w, h in groups]
+    table = np.array([[off, lo, w, h + 2] for off, (lo, _, w, h) in zip(np.cumsum([0] + sizes[:-1]), groups)],
+                     dtype=np.int64)
+    t = _upload(table, dev)  # (G, 4): block offset, first plan position, W, H + 2
     g = torch.searchsorted(t[:, 0].contiguous(), e, right=True) - 1
     row = t[g]  # (E, 4)
     local = e - row[:, 0]
@@ -271,7 +271,7 @@ def _counts(events: list[tuple[torch.Tensor, torch.Tensor]], at: torch.Tensor | 
     plan_changes = changes[at]  # (n',)
     kept_before = torch.cumsum(plan_changes, 0) - plan_changes  # (n',) kept events of earlier plan windows
     rank = kept_at - kept_before[pos]
-    key = torch.where(keep, pos * (1 << 40) + where, -1)
+    key = torch.where(keep, pos * (1 << 40) + where, -1)  # (E,) increasing in plan order (images below 2^40 pixels)
     last = torch.cummax(key, 0).values  # the last kept event so far (its key)
     prev = torch.cat([last.new_full((1,), -1), last[:-1]])
     before = torch.where((prev >= 0) & (torch.div(prev, 1 << 40, rounding_mode="floor") == pos), prev % (1 << 40), 0)
@@ -557,7 +557,7 @@ def _intersections(store: torch.Tensor, pixels: torch.Tensor, gb: torch.Tensor, 
     their words) plans it. Each candidate's box intersection is a run of columns (*items*, with a
     store offset per mask), each column a run of 32-pixel *words*; the store is packed to bits
     (`_packed`) and every word of both masks read at any bit offset (`_bits`), ANDed and counted
-    (`_popcount`), budget / 4 words a step (~300 bytes a word at the peak): ~10 bytes written a pair
+    (`_popcount`), budget / 4 words a step (~300 bytes a word at the peak): ~4.5 bytes written a pair
     pixel, where one bool per pixel wrote ~35 and dividing each pixel's index into a column and row ~170.
     Returns (B, R, G) long."""
     b, r, g = pixels.shape
