@@ -106,10 +106,9 @@ def greedy_keep_read(suppress: torch.Tensor, alive: torch.Tensor, read: Callable
                      ) -> tuple[torch.Tensor, np.ndarray]:
     """greedy_keep, and `read(kept)` (a 1-d tensor) brought to the host by the same read as the
     last convergence check: one host sync per round of sweeps, none more for the caller's question."""
-    # as a 0/1 matrix, a sweep's "any kept j suppresses i" is one matrix-vector product: a sweep
-    # writes O(n) bytes, not a (..., n, n) bool
-    # (0/1 in float16: sums are 0 exactly when no term is 1, whatever their rounding; kept is within
-    # alive, so alive's columns need no mask)
+    # As a 0/1 matrix, a sweep's "any kept j suppresses i" is one matrix-vector product: a sweep
+    # writes O(n) bytes, not a (..., n, n) bool. float16: a sum is 0 exactly when no term is 1,
+    # whatever its rounding; kept stays within alive, so alive's columns need no mask.
     weights = torch.tril(suppress, diagonal=-1).to(torch.float16)
     kept = alive.clone()
     sweeps = FIRST_SWEEPS
