@@ -95,7 +95,7 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     probe = torch.cat([lo, hi - 1], -1)
     probe_ok = torch.cat([hi > lo] * 2, -1)
     pt = _weight(probe, c0[..., None], f[..., None], m, stride).to(dtype)  # (2, n, 2m)
-    pj, pj1 = seg.repeat(2), seg1.repeat(2)  # (2m,)
+    pj = seg.repeat(2)  # (2m,) each probe's segment (first pixels, then last pixels)
     # Rows (y-segments, x-probes): x-blend at the probes, Q[r, k] = P[r, j_k] (1 - t_k) + P[r, j1_k] t_k
     # (probes k and k + m share cells j_k, j1_k: the products broadcast P over the two ends, no copies)
     tx = pt[1].reshape(n, 1, 2, m)
