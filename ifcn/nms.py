@@ -181,8 +181,17 @@ def box_nms_rounds(fetch: Fetch, shape: tuple[int, int], iou_threshold: float, m
             kpos, kreal = first_kept(kept[:, :lo], max(1, int(count.max())))  # (B, K') kept so far (host count)
             kb = torch.where(kreal[..., None], seen.gather(1, kpos[..., None].expand(*kpos.shape, 4)), 0)
             ra = ra & ~suppression(rb, iou_threshold, kb, dtype, coords).any(-1)  # zero boxes suppress nothing
-        keep, host = greedy_keep_read(suppression(rb, iou_threshold, dtype=dtype, coords=coords), ra,
-                                      lambda kp: torch.cat([kp.sum(1), ends_t]) if not lo else kp.sum(1))
+            # the round's pairs among the survivors of that check only (first, in order): one host read
+            # of how many, for a square of the survivors instead of the round (~3x fewer pairs: structured
+            # heads keep a fourth of a round)
+            first = torch.argsort((~ra).to(torch.int8), dim=1, stable=True)[:, :max(1, int(ra.sum(1).max()))]
+            sb, sa = rb.gather(1, first[..., None].expand(*first.shape, 4)), ra.gather(1, first)
+            skeep, host = greedy_keep_read(suppression(sb, iou_threshold, dtype=dtype, coords=coords), sa,
+                                           lambda kp: kp.sum(1))
+            keep = torch.zeros_like(ra).scatter_(1, first, skeep)
+        else:
+            keep, host = greedy_keep_read(suppression(rb, iou_threshold, dtype=dtype, coords=coords), ra,
+                                          lambda kp: torch.cat([kp.sum(1), ends_t]))
         keep &= torch.cumsum(keep, 1) <= room  # the kept list stops at max_keep
         kept[:, lo:hi] = keep
         if not lo:
