@@ -135,6 +135,7 @@ def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: to
     pixels = torch.zeros(n, dtype=torch.long, device=dev)
     hw = batch.image_hw[:, None, :].expand(b, k, 2).reshape(n, 2)
     events: list[tuple[torch.Tensor, torch.Tensor]] = []  # per step: (plan position, full-image position) per event
+    ix = torch.int32 if max(h * w for h, w in batch.image_sizes) < 2 ** 31 - 1 else torch.long  # run positions
     if len(order):
         at = _upload(order, dev)  # (n',) the pasted windows in plan order
         flat_idx = idx.reshape(n)[at] + torch.div(at, k, rounding_mode="floor") * batch.scores.shape[1]
@@ -143,7 +144,7 @@ def _finish(batch: WindowBatch, idx: torch.Tensor, real: torch.Tensor, boxes: to
         areas = []
         for groups, buffer, step_areas in _dense_steps(probs, cells, factor, pb, steps, m, stride, threshold, dtype):
             areas.append(step_areas)
-            events.append(_step_events(buffer, groups, pb, phw))
+            events.append(_step_events(buffer, groups, pb, phw, ix))
         pixels.index_copy_(0, at, torch.cat(areas))
     counts, lengths = _counts(events, at if len(order) else None, n, hw)
     tail = torch.stack([pixels, lengths], 1).numpy(force=True)  # (n, 2)
@@ -224,63 +225,69 @@ def _dense_steps(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor,
 
 
 def _step_events(buffer: torch.Tensor, groups: list[tuple[int, int, int, int]], boxes: torch.Tensor,
-                 hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 hw: torch.Tensor, ix: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Run events of one step's dense blocks (buffer: (n_g, W, H + 2) blocks back to back, each column
     between two zero rows): where a pixel differs from the one before it. Returns the plan position
-    (E,) long of each event's window and its full-image column-major position (E,) long, in plan
-    order. One host sync (nonzero)."""
+    (E,) of each event's window and its full-image column-major position (E,), in plan order, in
+    `ix` (int32 where images and the step have fewer than 2^31 pixels: half the bytes of int64).
+    One host sync (nonzero)."""
     dev = buffer.device
-    e = torch.nonzero(buffer[1:] != buffer[:-1]).reshape(-1) + 1  # (E,) the first pixel after a change
+    ix = ix if buffer.numel() < 2 ** 31 - 1 else torch.long
+    e = torch.nonzero(buffer[1:] != buffer[:-1]).reshape(-1).to(ix) + 1  # (E,) the first pixel after a change
     sizes = [(hi - lo) * w * (h + 2) for lo, hi, w, h in groups]
     table = np.array([[off, lo, w, h + 2] for off, (lo, _, w, h) in zip(np.cumsum([0] + sizes[:-1]), groups)],
-                     dtype=np.int64)
-    t = _upload(table, dev)  # (G, 4): block offset, first plan position, W, H + 2
-    g = torch.searchsorted(t[:, 0].contiguous(), e, right=True) - 1
-    row = t[g]  # (E, 4)
-    local = e - row[:, 0]
-    column = torch.div(local, row[:, 3], rounding_mode="floor")  # window-in-block * W + x
-    y = local - column * row[:, 3] - 1
-    win = torch.div(column, row[:, 2], rounding_mode="floor")
-    x = column - win * row[:, 2]
-    pos = row[:, 1] + win
-    box = boxes[pos]
-    return pos, (box[:, 0] + x) * hw[pos, 0] + box[:, 1] + y
+                     dtype=np.int32 if ix == torch.int32 else np.int64).T.copy()
+    offset, first, width, height = _upload(table, dev)  # (G,) each: block offset, first plan position, W, H + 2
+    g = torch.searchsorted(offset, e, right=True, out_int32=ix == torch.int32) - 1
+    local = e - offset[g]
+    step = height[g]
+    column = torch.div(local, step, rounding_mode="floor")  # window-in-block * W + x
+    y = local - column * step - 1
+    w = width[g]
+    win = torch.div(column, w, rounding_mode="floor")
+    pos = first[g] + win
+    corner = boxes[:, :2].to(ix)[pos]  # (E, 2) x0, y0
+    return pos, (corner[:, 0] + column - win * w) * hw[:, 0].to(ix)[pos] + corner[:, 1] + y
 
 
 def _counts(events: list[tuple[torch.Tensor, torch.Tensor]], at: torch.Tensor | None, n: int, hw: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """COCO counts of every window (n,) from its run events (per step: plan position, full-image
-    position, in plan order; at: (n',) each plan position's window). A full-height box's columns
-    follow each other directly: an event ending one column where the next starts one is no change
-    (both go), and an event at the image's end is none. Returns (counts (E + n + 1,) long: window
-    i's runs, background first, the lengths[i] after those of windows < i, then unused; lengths (n,))."""
+    position, in plan order, int32 or long; at: (n',) each plan position's window). A full-height
+    box's columns follow each other directly: an event ending one column where the next starts one
+    is no change (both go), and an event at the image's end is none. Returns (counts (E + n + 1,):
+    window i's runs, background first, the lengths[i] after those of windows < i, then unused;
+    lengths (n,) long)."""
     dev = hw.device
-    pixels = hw[:, 0] * hw[:, 1]
     if not events or at is None:
-        return pixels.clone(), torch.ones(n, dtype=torch.long, device=dev)
+        return hw[:, 0] * hw[:, 1], torch.ones(n, dtype=torch.long, device=dev)
     pos, where = (torch.cat(t) for t in zip(*events))  # (E,), (E,)
-    who = at[pos]  # (E,) window
+    ix = where.dtype
+    pixels = (hw[:, 0] * hw[:, 1]).to(ix)
+    who = at.to(ix)[pos]  # (E,) window
     same_next = torch.cat([(pos[1:] == pos[:-1]) & (where[1:] == where[:-1]), pos.new_zeros(1, dtype=torch.bool)])
     same_prev = torch.cat([pos.new_zeros(1, dtype=torch.bool), same_next[:-1]])
     keep = ~(same_next | same_prev) & (where < pixels[who])
-    changes = torch.zeros(n, dtype=torch.long, device=dev).index_add_(0, who, keep.long())
+    changes = torch.zeros(n, dtype=ix, device=dev).index_add_(0, who, keep.to(ix))
     lengths = changes + 1
-    start = torch.cumsum(lengths, 0) - lengths  # (n,) each window's first count
+    start = torch.cumsum(lengths, 0, dtype=ix) - lengths  # (n,) each window's first count
     # rank among its window's kept events: plan order keeps a window's events together
-    kept_at = torch.cumsum(keep.long(), 0) - 1  # (E,)
+    kept_at = torch.cumsum(keep, 0, dtype=ix) - 1  # (E,)
     plan_changes = changes[at]  # (n',)
-    kept_before = torch.cumsum(plan_changes, 0) - plan_changes  # (n',) kept events of earlier plan windows
+    kept_before = torch.cumsum(plan_changes, 0, dtype=ix) - plan_changes  # (n',) kept events of earlier plan windows
     rank = kept_at - kept_before[pos]
-    key = torch.where(keep, pos * (1 << 40) + where, -1)  # (E,) increasing in plan order (images below 2^40 pixels)
-    last = torch.cummax(key, 0).values  # the last kept event so far (its key)
+    # the previous kept event's position in the same window (0 for the first): the running maximum
+    # of (plan position, position) keys over the kept events, increasing in plan order (images below 2^40 pixels)
+    key = torch.where(keep, (pos.long() << 40) + where, -1)  # (E,)
+    last = torch.cummax(key, 0).values
     prev = torch.cat([last.new_full((1,), -1), last[:-1]])
-    before = torch.where((prev >= 0) & (torch.div(prev, 1 << 40, rounding_mode="floor") == pos), prev % (1 << 40), 0)
-    counts = torch.zeros(len(where) + n + 1, dtype=torch.long, device=dev)
+    before = torch.where((prev >= 0) & ((prev >> 40) == pos), prev & ((1 << 40) - 1), 0).to(ix)
+    counts = torch.zeros(len(where) + n + 1, dtype=ix, device=dev)
     dst = torch.where(keep, start[who] + rank, len(where) + n)  # dropped events: the unused last slot
     counts.index_put_((dst,), where - before)
-    last_pos = torch.zeros(n, dtype=torch.long, device=dev).scatter_reduce(0, who, torch.where(keep, where, 0), "amax")
+    last_pos = torch.zeros(n, dtype=ix, device=dev).scatter_reduce(0, who.long(), torch.where(keep, where, 0), "amax")
     counts.index_put_((start + changes,), pixels - last_pos)
-    return counts, lengths
+    return counts, lengths.long()
 
 
 def _steps(area: np.ndarray, budget: int) -> list[tuple[int, int]]:
