@@ -26,13 +26,13 @@ import torch
 
 
 def _resized(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, stride: int) -> torch.Tensor:
-    """Resized px from the window's start of pixel(s) p (as paste.paste_flat samples it)."""
+    """Resized px from the window's start of pixel(s) p (as paste.paste_dense samples it)."""
     return (p.double() + 0.5) * f - (c0 * stride).double()
 
 
 def cell_coord(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, m: int, stride: int) -> torch.Tensor:
     """Window cell u (float64, clamped to [0, m-1]) that pixel(s) p sample: floor(u) and floor(u) + 1
-    blend with weight t = u - floor(u) (as paste.paste_flat samples it)."""
+    blend with weight t = u - floor(u) (as paste.paste_dense samples it)."""
     return (_resized(p, c0, f, stride) / stride - 0.5).clamp(0.0, m - 1.0)
 
 
@@ -95,14 +95,15 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     probe = torch.cat([lo, hi - 1], -1)
     probe_ok = torch.cat([hi > lo] * 2, -1)
     pt = _weight(probe, c0[..., None], f[..., None], m, stride).to(dtype)  # (2, n, 2m)
-    pj, pj1 = seg.repeat(2), seg1.repeat(2)  # (2m,)
+    pj = seg.repeat(2)  # (2m,) each probe's segment (first pixels, then last pixels)
     # Rows (y-segments, x-probes): x-blend at the probes, Q[r, k] = P[r, j_k] (1 - t_k) + P[r, j1_k] t_k
-    tx = pt[1][:, None, :]  # (n, 1, 2m)
-    q = p[:, :, pj] * (1.0 - tx) + p[:, :, pj1] * tx  # (n, m, 2m)
+    # (probes k and k + m share cells j_k, j1_k: the products broadcast P over the two ends, no copies)
+    tx = pt[1].reshape(n, 1, 2, m)
+    p1 = p[:, :, seg1]  # (n, m, m): P[r, j1]
+    q = (p[:, :, None, :] * (1.0 - tx) + p1[:, :, None, :] * tx).reshape(n, m, 2 * m)  # (n, m, 2m)
     q1 = q[:, seg1]
     # Columns (x-segments, y-probes): P at the probe's rows i0, i1; the y weight s at the probe
-    rows0, rows1 = p[:, pj, :], p[:, pj1, :]  # (n, 2m, m): [k, j]
-    sy = pt[0][:, :, None]  # (n, 2m, 1)
+    sy = pt[0].reshape(n, 2, m, 1)
     ok = (hi > lo)[..., None] & probe_ok.flip(0)[:, :, None, :]  # (2, n, m, 2m): segment and probe exist
 
     def on(t: torch.Tensor) -> torch.Tensor:
@@ -112,12 +113,9 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
         ty = t[0][..., None]  # (n, m, 1)
         rows = q * (1.0 - ty) + q1 * ty  # (n, m, 2m)
         tx_ = t[1][:, None, :]  # (n, 1, m)
-        qx = p * (1.0 - tx_) + p[:, :, seg1] * tx_  # (n, m cell rows, m segments)
-        cols = qx[:, pj, :] * (1.0 - sy) + qx[:, pj1, :] * sy  # (n, 2m, m): [probe, segment]
+        qx = p * (1.0 - tx_) + p1 * tx_  # (n, m cell rows, m segments)
+        cols = (qx[:, None] * (1.0 - sy) + qx[:, seg1][:, None] * sy).reshape(n, 2 * m, m)  # [probe, segment]
         return torch.stack([rows > threshold, (cols > threshold).transpose(1, 2)])
-
-    def value(t: torch.Tensor, x0, x1, y0, y1, s) -> torch.Tensor:
-        return (x0 * (1.0 - t) + x1 * t) * (1.0 - s) + (y0 * (1.0 - t) + y1 * t) * s
 
     on_lo = ok & on(_weight(lo, c0[..., None], f[..., None], m, stride).to(dtype))
     on_hi = ok & on(_weight(hi - 1, c0[..., None], f[..., None], m, stride).to(dtype))
@@ -139,25 +137,40 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     # segments a, a + 1 (s = 0); columns P at the probe's rows i0, i1 and cells a, a + 1, s its y weight
     ar = torch.arange(n, device=dev)
     a_r, a_c = at[:, 0, :, 0], at[:, 1, :, 0]  # (2 sides, n)
-    r0t, r1t = rows0.transpose(1, 2), rows1.transpose(1, 2)  # (n, m, 2m): [cell, probe]
-    zeros = torch.zeros_like(q[ar, a_r])
-    coef = [torch.stack([q[ar, a_r], r0t[ar, a_c]], 1), torch.stack([q1[ar, a_r], r0t[ar, seg1[a_c]]], 1),
-            torch.stack([zeros, r1t[ar, a_c]], 1), torch.stack([zeros, r1t[ar, seg1[a_c]]], 1),
-            torch.stack([zeros, pt[0].expand(2, *pt[0].shape)], 1)]
-    side = torch.arange(2, device=dev).bool()[:, None, None, None]  # [False, True], made on the device
-    # search for the first pixel in (lo, hi - 1] where `on != side`, given it holds at hi - 1, not at lo
-    need = torch.where(side, a_lo & ~a_hi, ~a_lo & a_hi)
-    below = s_lo[..., None].expand_as(need).clone()
-    above = (s_hi - 1)[..., None].expand_as(need).clone()
-    ce, fe = c0[None, :, :, None], f[None, :, :, None]
+    pt_ = p.transpose(1, 2)  # (n, m, m): [cell, row]
+
+    def rows_at(cell: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
+        """(2 sides, n, 2m): P at each probe's cell row `which` (seg or seg1) and column `cell` (2 sides, n)."""
+        return pt_[ar, cell][..., which[pj]]
+
+    # rows: Q at segments a, a + 1 blended along y (its x blend is in Q); columns: P at the probe's rows
+    # i0 (x0, x1) and i1 (y0, y1), cells a, a + 1, blended along x, then along y with the probe's s
+    xr0, xr1 = q[ar, a_r], q1[ar, a_r]  # (2 sides, n, 2m)
+    x0, x1, y0, y1 = rows_at(a_c, seg), rows_at(seg1[a_c], seg), rows_at(a_c, seg1), rows_at(seg1[a_c], seg1)
+    s1, s = 1.0 - pt[0], pt[0]  # (n, 2m)
+    # One search per side, axis and window over "some probe is on" (not one per probe): in a segment
+    # each probe's pixels on are a prefix or a suffix, so where no probe is on at the segment's
+    # first pixel they are all suffixes (side 0: their union is a suffix), and where none is on at
+    # its last all prefixes (side 1: the pixels where none is on are a suffix). The geometry (float64)
+    # is then computed per side, axis and window, not per probe.
+    valid = probe_ok.flip(0)[None]  # (1, 2, n, 2m): the probe exists (a searched segment does)
+    any_lo, any_hi = a_lo.any(-1), a_hi.any(-1)  # (2 sides, 2, n)
+    side = torch.arange(2, device=dev).bool()[:, None, None]  # [False, True], made on the device
+    # search for the first pixel in (lo, hi - 1] where `some on != side`, given it holds at hi - 1, not at lo
+    below, above = s_lo.clone(), s_hi - 1
+    ce, fe = c0[None], f[None]
     for _ in range(steps):
         mid = (below + above) // 2
-        flip = (value(_weight(mid, ce, fe, m, stride).to(dtype), *coef) > threshold) != side
+        t = _weight(mid, ce, fe, m, stride).to(dtype)[..., None]  # (2 sides, 2 axes, n, 1)
+        tr, tc = t[:, 0], t[:, 1]
+        rows = xr0 * (1.0 - tr) + xr1 * tr  # (2 sides, n, 2m)
+        cols = (x0 * (1.0 - tc) + x1 * tc) * s1 + (y0 * (1.0 - tc) + y1 * tc) * s
+        on_mid = (torch.stack([rows > threshold, cols > threshold], 1) & valid).any(-1)
+        flip = on_mid != side
         above, below = torch.where(flip, mid, above), torch.where(flip, below, mid)
-    big = torch.iinfo(torch.long).max
-    # side 0: lo if on there, else the search's answer; side 1: hi - 1 if on there, else answer - 1
-    hit0 = torch.where(a_lo[0], s_lo[0][..., None], torch.where(need[0], above[0], big)).amin(-1)
-    hit1 = torch.where(a_hi[1], (s_hi[1] - 1)[..., None], torch.where(need[1], above[1] - 1, -1)).amax(-1)
+    # side 0: lo if some probe is on there, else the search's answer; side 1: hi - 1 likewise, else answer - 1
+    hit0 = torch.where(any_lo[0], s_lo[0], above[0])
+    hit1 = torch.where(any_hi[1], s_hi[1] - 1, above[1] - 1)
     live = found.all(0)  # (n,): both axes see the same pixels, so one empty means both
     start = torch.where(live, hit0, 0)  # (2, n): (y0, x0)
     end = torch.where(live, hit1 + 1, 0)

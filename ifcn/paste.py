@@ -1,7 +1,7 @@
 """Pasting window probabilities back into image pixels and binarising them, side by side:
 
     paste_masks        the numpy reference, window by window (ops' maths, bit for bit in float64)
-    paste_flat         torch: windows over their tight boxes, flat (mask NMS's rounds, the kept masks)
+    paste_dense        torch: windows over their tight boxes, dense in blocks of similar box sizes
 
 Pixel p of an axis sits at window cell u = clip(((p + 0.5) * factor - stride * c0) / stride - 0.5,
 0, m-1) and blends cells floor(u) and floor(u) + 1 with weight t = u - floor(u); pixels whose centre
@@ -10,6 +10,9 @@ window's pasted value is that blend along x first, then along y; > threshold is 
 Geometry is float64 everywhere; torch blends in `dtype` (float64 reproduces the reference).
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -113,48 +116,79 @@ def _first_and_end(live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- torch
 
-def paste_flat(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
-               totals: tuple[int, int, int], m: int, stride: int, threshold: float, dtype: torch.dtype = torch.float32
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Binarised pasted masks of windows over their boxes, flat.
-
-    probs: (n, m, m); cells: (n, 2) long; factor: (n, 2) float64; boxes: (n, 4) long (x0, y0, x1, y1),
-    inside their images; totals: the sums of the boxes' areas, heights and widths (host ints).
-    Returns (values (T,) bool, owner (T,) window of each pixel, row (T,), col (T,) pixel within its
-    box; owner, row, col int32, int64 only past 2^31 pixels); window i's pixels start at the
-    cumulative sum of the areas before it, column by column. The reference's float ops: each box
-    column blends the m rows along x (once per column), then each pixel blends two of those along
-    y, in `dtype`."""
-    total, rows_total, cols_total = totals
-    dev = probs.device
+def dense_weights(boxes: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, shape: tuple[int, int], m: int,
+                  stride: int, dtype: torch.dtype, split: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear weights of both axes as matrices, in one pass of ops over both: x (n, S, W, m) for box
+    columns 0..W-1, y (n, S, H + 2, m) for box rows -1..H (zero rows at -1, at H and past each
+    box's side). split (S = 2): [:, 0] holds 1 - t at cell i0 and [:, 1] t at cell i1, so a matrix
+    product with either is the reference's product exactly (one nonzero term per output: x * 0 is 0
+    for finite x); else (S = 1) both in one matrix, a product blending in one step."""
+    dev = boxes.device
+    wp, hp = shape
     n = len(boxes)
-    h, w = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
+    ar = torch.arange(wp + hp + 2, device=dev)  # (L,): x columns, then y rows from -1
+    is_x = ar < wp
+    rel = torch.where(is_x, ar, ar - (wp + 1))
+    pick = lambda t: torch.where(is_x, t[:, 1:2], t[:, 0:1])  # noqa: E731 (n, 2) (y, x) -> (n, L)
+    start = pick(boxes[:, [1, 0]])
+    side = pick(torch.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1))
+    u = cell_coord(start + rel, pick(cells), pick(factor), m, stride)  # (n, L) float64
+    i0 = u.floor()
+    t = (u - i0).to(dtype)
+    i0 = i0.long()
+    inside = (rel >= 0) & (rel < side)  # (n, L)
+    index = torch.stack([i0, (i0 + 1).clamp(max=m - 1)], -1)  # (n, L, 2)
+    weight = torch.where(inside[..., None], torch.stack([1.0 - t, t], -1), 0)  # (n, L, 2)
+    if split:
+        out = torch.zeros((n, 2, len(ar), m), dtype=dtype, device=dev)
+        out.scatter_(3, index.transpose(1, 2)[..., None], weight.transpose(1, 2)[..., None])
+    else:  # i0 == i1 (clamped): t is 0
+        out = torch.zeros((n, 1, len(ar), m), dtype=dtype, device=dev)
+        out[:, 0].scatter_add_(2, index, weight)
+    return out[:, :, :wp], out[:, :, wp:]
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """float32 matrix products in full float32 on CUDA (TF32 rounds their inputs to 10 bits, which would
+    move pasted values by ~1e-3 and the masks with them): torch's default, held here whatever the
+    caller set (the flag is global; the device thread runs one op at a time)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def paste_dense(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
+                shape: tuple[int, int], m: int, stride: int, threshold: float, dtype: torch.dtype = torch.float32,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Binarised pasted masks of windows over their boxes, dense and column-major, for windows of
+    similar box sizes: (n, W, H + 2) bool, box pixel (x, y) of window i at [i, x, y + 1]; row 0, row
+    H + 1 and everything past a box's own width and height False (a zero row above and below every
+    column: a run event is a pixel unlike the one before it); out: where to write it, e.g. a view
+    of a flat buffer.
+
+    probs: (n, m, m); cells: (n, 2) long; factor: (n, 2) float64; boxes: (n, 4) long (x0, y0, x1, y1)
+    inside their images; shape: (W, H) host ints >= every box's width and height. A pass (x first,
+    then y) is batched matrix products with the bilinear weights (dense_weights). float64: the
+    reference's float ops exactly, two products a pass (one nonzero term each) and their sum: ~21
+    bytes written a padded pixel. Otherwise one product a pass, each output the sum of two terms
+    rounded once (a fused multiply-add may round the pair once where the reference rounds thrice:
+    pixels within rounding of the threshold may differ, as float32 ones may anyway): ~6 bytes a
+    padded pixel in float32 (the product and the bool), where a flat paste with per-pixel indices
+    wrote ~80."""
+    n = len(boxes)
+    wp, hp = shape
     p = probs.to(dtype)
-    ar = torch.arange(n, device=dev)
-
-    def axis(length: torch.Tensor, first: torch.Tensor, axis_: int, count: int):
-        """Per box pixel along one axis (boxes' pixels back to back): its window, cell i0, i1, weight t."""
-        owner = torch.repeat_interleave(ar, length, output_size=count)
-        starts = torch.cumsum(length, 0) - length
-        pix = first[owner] + torch.arange(count, device=dev) - starts[owner]
-        u = cell_coord(pix, cells[owner, axis_], factor[owner, axis_], m, stride)
-        i0 = u.floor()
-        return owner, starts, i0.long(), (i0.long() + 1).clamp(max=m - 1), (u - i0).to(dtype)
-
-    cown, cstart, i0x, i1x, tx = axis(w, boxes[:, 0], 1, cols_total)
-    _, rstart, i0y, i1y, ty = axis(h, boxes[:, 1], 0, rows_total)
-    q = p[cown, :, i0x] * (1.0 - tx[:, None]) + p[cown, :, i1x] * tx[:, None]  # (cols, m): along x first
-    # Per pixel only int32 indices (int64 past 2^31) and one gather of each per-column quantity: the
-    # pixels are the bulk of the bytes the paste writes.
-    ix = torch.int32 if max(total, cols_total * m, rows_total) < 2 ** 31 - 1 else torch.long
-    height = h[cown]  # (cols,) each column's box height
-    cfirst = (torch.cumsum(height, 0) - height).to(ix)  # (cols,) its first pixel
-    cols = torch.arange(cols_total, device=dev, dtype=ix)
-    at = torch.repeat_interleave(cols, height.to(ix), output_size=total)  # (T,) each pixel's column
-    row = torch.arange(total, device=dev, dtype=ix) - cfirst[at]  # (T,) pixel within its box column
-    r = rstart[cown].to(ix)[at] + row  # this pixel's row geometry
-    qb = (cols * m)[at]  # this pixel's column of q
-    t = ty[r]
-    flat = q.reshape(-1)
-    values = flat[qb + i0y.to(ix)[r]] * (1.0 - t) + flat[qb + i1y.to(ix)[r]] * t > threshold
-    return values, cown.to(ix)[at], row, (cols - cstart.to(ix)[cown])[at]
+    exact = dtype == torch.float64
+    wx, wy = dense_weights(boxes, cells, factor, shape, m, stride, dtype, split=exact)  # (n, S, W | H + 2, m)
+    with full_precision():
+        if not exact:
+            q = torch.bmm(wx[:, 0], p.transpose(1, 2))  # (n, W, m rows): along x first
+            return torch.gt(torch.bmm(q, wy[:, 0].transpose(1, 2)), threshold, out=out)  # then along y
+        qq = torch.bmm(wx.reshape(n, 2 * wp, m), p.transpose(1, 2))  # (n, 2W, m rows): along x first
+        q = qq[:, :wp] + qq[:, wp:]  # (n, W, m)
+        vv = torch.bmm(q, wy.reshape(n, 2 * (hp + 2), m).transpose(1, 2))  # (n, W, 2 (H + 2)): then along y
+    return torch.gt(vv[..., :hp + 2] + vv[..., hp + 2:], threshold, out=out)

@@ -54,12 +54,13 @@ def random_model() -> InstanceFCN:
 def test_box_nms_budget(heads: str, model: InstanceFCN, random_model: InstanceFCN,
                         monkeypatch: pytest.MonkeyPatch) -> None:
     net = random_model if heads == "random" else model
-    with monkeypatch.context() as mp:  # growth apart from paste steps: one step for all (~3 GB)
+    with monkeypatch.context() as mp:  # growth apart from paste steps: one step for all
         mp.setitem(post.PIXEL_BUDGET, "cpu", 1 << 25)
         two, four = _count(net, 2, "box"), _count(net, 4, "box")
     growth = (four.kernel_ops - two.kernel_ops) / 2
     assert growth <= PER_IMAGE and four.syncs <= two.syncs + 1, (two, four)  # +1: a longer NMS chain
-    # batch 16 with 6000 windows each on a GPU: 5 IoU blocks, 2 tight-box calls, 4 paste steps
+    # batch 16 with 6000 windows each on a GPU: 5 IoU blocks, 2 tight-box calls, 4 paste steps (3 on a GPU:
+    # ~45 M padded pixels an image, 2^28 a step; 4 here is the safe side)
     n16, n4 = 16 * 6 * 1000, 4 * 6 * WINDOWS
     rows = -(-6 * WINDOWS // 5)  # IoU rows per block giving 5 blocks
     monkeypatch.setitem(nms.IOU_BLOCK, "cpu", rows * n4)
@@ -88,7 +89,8 @@ def test_mask_nms_budget(random_model: InstanceFCN, monkeypatch: pytest.MonkeyPa
     growth = (four.kernel_ops - two.kernel_ops) / 2
     assert growth <= PER_IMAGE and four.syncs <= two.syncs + 1, (two, four)  # +1: a longer greedy chain
     # batch 16 with 6000 windows each on a GPU: rounds of 1024 windows (here 256 of 1500), 2 tight-box
-    # calls, 4 paste steps a round of 1024 (~30 k pixels a window) and for the kept masks, and the pair steps
+    # calls, 4 paste steps a round of 1024 (~30 k box pixels a window, ~1.5x that padded: 3 on a GPU,
+    # so 4 here is the safe side) and for the kept masks, and the pair steps
     n4 = 4 * 6 * WINDOWS
     gpu_pair_steps = -(-16 * int(PAIR_PIXELS_GPU) // post.PAIR_PIXEL_BUDGET["cuda"])
     monkeypatch.setitem(post.MASK_ROUND, "cpu", post.MASK_ROUND["cuda"] // 4)
@@ -96,7 +98,7 @@ def test_mask_nms_budget(random_model: InstanceFCN, monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(post.PIXEL_BUDGET, "cpu", 4 * 256 * 30_000 // 4)
     monkeypatch.setitem(post.PAIR_PIXEL_BUDGET, "cpu", -(-4 * int(PAIR_PIXELS_HERE) // gpu_pair_steps))
     scaled = _count(random_model, 4, "mask")
-    assert -(-16 * 6000 // (1 << 16)) == 2 and -(-16 * 1024 * 30_000 // post.PIXEL_BUDGET["cuda"]) == 4
+    assert -(-16 * 6000 // (1 << 16)) == 2 and -(-16 * 1024 * 45_000 // post.PIXEL_BUDGET["cuda"]) <= 4
     # the (B, R, K + R) pair bounds fit one IoU block at batch 16 on a GPU, as here
     assert 16 * 1024 * (1000 + 1024) <= nms.IOU_BLOCK["cuda"] and 4 * 256 * (250 + 256) <= nms.IOU_BLOCK["cpu"]
     at16 = scaled.kernel_ops + 12 * growth
@@ -106,11 +108,13 @@ def test_mask_nms_budget(random_model: InstanceFCN, monkeypatch: pytest.MonkeyPa
 
 # Bytes the postprocess writes per 480x640 image (ifcn.opcount: every kernel op's outputs, a lower
 # bound on device memory traffic), at batch 2 with 250 windows per scale and 250 kept: measured
-# box 0.76 / 1.06 GB, mask 2.85 / 3.89 GB (random / structured heads), plus ~12%. At the paper's
-# defaults (1000 / 1000) bench/nms_counts.py prints the same counts; the issue's targets there are
-# box <= 1 GB and mask <= 4 GB per image (not met yet: see the issue's notes).
-POST_BYTES = {("box", "random"): 0.85e9, ("box", "structured"): 1.2e9,
-              ("mask", "random"): 3.2e9, ("mask", "structured"): 4.4e9}
+# box 0.260 / 0.286 GB, mask 0.518 / 0.665 GB (random / structured heads), plus ~10% (issue 24's
+# dense paste, integer box IoU, per-window tight-box searches and bit-packed mask intersections;
+# before them box 0.76 / 1.06, mask 2.85 / 3.89). At the paper's defaults (1000 / 1000)
+# bench/nms_counts.py prints the same counts against the issue's targets, box <= 1 GB and mask
+# <= 4 GB per image (bench/README.md).
+POST_BYTES = {("box", "random"): 0.29e9, ("box", "structured"): 0.32e9,
+              ("mask", "random"): 0.58e9, ("mask", "structured"): 0.74e9}
 
 
 def _post_bytes(model: InstanceFCN, nms_mode: str) -> tuple[float, dict[str, float]]:

@@ -18,8 +18,8 @@ from ifcn.containers import Windows
 from ifcn import Candidates, InferenceConfig, InstanceFCN, Predictor, postprocess_device, postprocess_numpy
 from ifcn.boxes import search_steps, tight_boxes
 from ifcn.nms import box_nms, greedy_keep
-from ifcn.paste import paste_flat, paste_masks
-from ifcn.runs import crop_runs, flat_runs
+from ifcn.paste import paste_dense, paste_masks
+from ifcn.runs import crop_runs
 from test_ops import _crop_cases, _random_masks, _reference_nms, _tight_crop
 
 
@@ -63,7 +63,7 @@ def _boxes(w: Windows, image_size: tuple[int, int], m: int, factor: tuple[float,
 
 @pytest.mark.parametrize("case", range(6))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_tight_boxes_and_paste_match_reference(case: int, dtype: torch.dtype) -> None:
+def test_tight_boxes_match_reference(case: int, dtype: torch.dtype) -> None:
     m, factor, image_size, cells, probs = list(_paste_cases())[case]
     ref = paste_masks(probs, cells, factor, image_size, 8, 0.5)
     w = _windows(probs, cells, factor)
@@ -72,16 +72,24 @@ def test_tight_boxes_and_paste_match_reference(case: int, dtype: torch.dtype) ->
     for i, (top, left, crop) in enumerate(ref):
         want = [left, top, left + crop.shape[1], top + crop.shape[0]] if crop.size else [0, 0, 0, 0]
         assert boxes[i].tolist() == want, f"window {i}"
-    live = torch.nonzero(boxes[:, 2] > boxes[:, 0]).reshape(-1)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    totals = (int(area.sum()), int((boxes[:, 3] - boxes[:, 1]).sum()), int((boxes[:, 2] - boxes[:, 0]).sum()))
-    values, owner, row, col = paste_flat(w.probs, w.cells, w.factor, boxes, totals, m, 8, 0.5, dtype)
-    start = torch.cumsum(area, 0) - area
-    for i in live.tolist():
-        top, left, crop = ref[i]
-        flat = values[int(start[i]):int(start[i] + area[i])].numpy()  # column-major over the box
-        np.testing.assert_array_equal(flat.reshape(crop.shape[1], crop.shape[0]).T, crop, err_msg=f"window {i}")
-        assert (owner[int(start[i])] == i) and row[int(start[i]) + 1 if crop.shape[0] > 1 else 0] == (crop.shape[0] > 1)
+
+
+@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_paste_dense_matches_reference(case: int, dtype: torch.dtype) -> None:
+    """Every window over its tight box in one padded block (larger than every box): the reference's crop
+    at [i, :w, 1:h + 1] (column-major), False everywhere else (the zero rows and the padding)."""
+    m, factor, image_size, cells, probs = list(_paste_cases())[case]
+    ref = paste_masks(probs, cells, factor, image_size, 8, 0.5)
+    w = _windows(probs, cells, factor)
+    boxes = _boxes(w, image_size, m, factor, dtype)
+    width, height = int((boxes[:, 2] - boxes[:, 0]).max()) + 3, int((boxes[:, 3] - boxes[:, 1]).max()) + 2
+    v = paste_dense(w.probs, w.cells, w.factor, boxes, (width, height), m, 8, 0.5, dtype)
+    assert v.shape == (len(cells), width, height + 2) and v.dtype == torch.bool
+    for i, (top, left, crop) in enumerate(ref):
+        want = np.zeros((height + 2, width), bool)
+        want[1:1 + crop.shape[0], :crop.shape[1]] = crop
+        np.testing.assert_array_equal(v[i].numpy().T, want, err_msg=f"window {i}")
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -107,32 +115,38 @@ def test_tight_boxes_of_no_windows() -> None:
     assert _boxes(w.take(torch.zeros(0, dtype=torch.long)), image_size, m, factor).shape == (0, 4)
 
 
-def _flat(crops: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
-    """Crops laid out as runs.paste_flat lays them: column-major, back to back."""
-    values = torch.from_numpy(np.concatenate([c.T.reshape(-1) for c in crops]))
-    owner = torch.cat([torch.full((c.size,), i) for i, c in enumerate(crops)])
-    row = torch.cat([torch.arange(c.shape[0]).repeat(c.shape[1]) for c in crops])
-    col = torch.cat([torch.arange(c.shape[1]).repeat_interleave(c.shape[0]) for c in crops])
-    return values, owner, row, col
-
-
 @pytest.mark.parametrize("case", range(len(_crop_cases())))
-def test_flat_runs_match_reference(case: int) -> None:
-    """Each crop case after a one-pixel mask at (0, 0) and before a full-height one: runs per mask
-    as ops.crop_runs gives them (which tests/test_ops.py checks against pycocotools)."""
+def test_dense_runs_match_reference(case: int) -> None:
+    """Each crop case after a one-pixel mask at (0, 0) and before a full-height one, in paste_dense's
+    layout (one padded block, in a plan order unlike the windows' order, a second block for the
+    full-height one): run events and counts (postprocessing._step_events, _counts) as ops.crop_runs
+    gives them (which tests/test_ops.py checks against pycocotools)."""
+    from ifcn.postprocessing import _counts, _step_events
+
     image_size, top, left, crop = _crop_cases()[case]
     if not crop.any():
         return  # kept masks are never empty
     rows, cols = np.flatnonzero(crop.any(1)), np.flatnonzero(crop.any(0))
     top, left = top + rows[0], left + cols[0]
     crop = crop[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    full = np.ones((image_size[0], 1), bool)
-    full[1:-1] = ~full[1:-1]  # a hole inside (tight: its ends stay on)
+    fw = min(2, image_size[1])  # two columns where the image has them
+    full = np.ones((image_size[0], fw), bool)
+    full[1:-1, 0] = False  # a hole inside one column (tight: its ends stay on)
     crops = [np.ones((1, 1), bool), crop, full]
-    placed = [(0, 0), (top, left), (0, image_size[1] - 1)]
+    placed = [(0, 0), (top, left), (0, image_size[1] - fw)]
+    order = [1, 0, 2]  # plan order: block 0 holds windows 1 and 0, block 1 window 2
+    width, height = max(c.shape[1] for c in crops[:2]) + 1, max(c.shape[0] for c in crops[:2]) + 1
+    blocks = [np.zeros((2, width, height + 2), bool), np.zeros((1, fw, image_size[0] + 2), bool)]
+    for slot, i in enumerate(order):
+        block = blocks[0][slot] if slot < 2 else blocks[1][0]
+        block[:crops[i].shape[1], 1:1 + crops[i].shape[0]] = crops[i].T
+    buffer = torch.from_numpy(np.concatenate([b.reshape(-1) for b in blocks]))
     boxes = torch.tensor([[x, y, x + c.shape[1], y + c.shape[0]] for (y, x), c in zip(placed, crops)])
-    counts, lengths = flat_runs(*_flat(crops), boxes, torch.tensor(image_size).expand(3, 2))
-    got = np.split(counts.numpy(), np.cumsum(lengths.numpy())[:-1])
+    at = torch.tensor(order)
+    hw = torch.tensor(image_size).expand(3, 2)
+    events = _step_events(buffer, [(0, 2, width, height), (2, 3, fw, image_size[0])], boxes[at], hw[at], torch.int32)
+    counts, lengths = _counts([events], at, 3, hw)
+    got = np.split(counts.numpy()[:int(lengths.sum())], np.cumsum(lengths.numpy())[:-1])
     for g, (y, x), c in zip(got, placed, crops):
         np.testing.assert_array_equal(g, crop_runs(y, x, c, image_size))
 
