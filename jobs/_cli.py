@@ -27,10 +27,23 @@ def interruptible(prog: str, then: str) -> Callable[[Callable[..., int]], Callab
             try:
                 return main(*args, **kwargs)
             except KeyboardInterrupt:
+                stop_ray()
                 print(f"{prog}: interrupted; {then}", file=sys.stderr)
                 return INTERRUPTED
         return run
     return wrap
+
+
+def stop_ray() -> None:
+    """Disconnects from Ray (stopping a local one) after Ctrl-C, before the job's last line: Ray's
+    workers got the SIGINT too, and their dying words (e.g. `(pid=...) Exception ignored in:
+    'ray._raylet.call_actor_shutdown'`) would otherwise be relayed after it."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except BaseException:  # a second Ctrl-C, or Ray already half gone: exiting stops it anyway
+            pass
 
 
 class Parser(argparse.ArgumentParser):

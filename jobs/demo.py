@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from jobs._cli import make_parser
+from jobs._cli import make_parser, stop_ray
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "narrow_synth.pt"
 # Inference scales for the 256 px synthetic images: objects of 56-128 px reach the 81-114 px
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                                             scales=DEMO_SCALES, max_proposals=args.max_proposals)
         summary = run_segment(config)
     except KeyboardInterrupt:
+        stop_ray()
         print("interrupted; committed rows are kept, re-run the same command to resume", file=sys.stderr)
         return 130
     except SegmentError as e:

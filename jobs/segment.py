@@ -15,7 +15,8 @@ import sys
 from dataclasses import MISSING, fields
 
 from ifcn.config import NMS_MODES, InferenceConfig
-from jobs._cli import in_flags, make_parser, scales, show_defaults, storage_options, trained_scales, warn_scales
+from jobs._cli import (in_flags, make_parser, scales, show_defaults, stop_ray, storage_options, trained_scales,
+                       warn_scales)
 from pipeline.config import SegmentConfig
 
 
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         summary = run_segment(config)
     except KeyboardInterrupt:  # Ctrl-C: the lease is released on the way out (run_segment's finally)
+        stop_ray()
         print("interrupted; committed rows are kept, re-run the same command to resume", file=sys.stderr)
         return 130
     except IncompleteRunError as e:  # mid-run: what was committed stays committed
