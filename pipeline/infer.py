@@ -35,6 +35,7 @@ from ifcn import InferenceConfig, Predictor, Proposals, load_checkpoint
 from ifcn.floors import require
 from ifcn.transforms import Stacks, stack_images
 
+from .config import CONCURRENT_CALLS  # noqa: F401  (tests and bench/gpu.py import it from here)
 from .errors import RETRY, classify
 from .handoff import proposals_at, proposals_column
 from .encode import encode_batch
@@ -48,9 +49,6 @@ PASSTHROUGH = ("image_id", "uri", "shard_id", "width", "height", "read_ms", "dec
 # Benchmarks (bench/gpu.py) set this to a folder: each actor appends one JSON line per batch to <folder>/<pid>.jsonl
 # (its time, images, CUDA-event device time), so a job's steady rate and device busy share can be read off.
 STATS_DIR_ENV = "IFCN_ACTOR_STATS_DIR"
-# Calls of one GPU actor that Ray Data may run at once: two, so one batch's host work hides behind the
-# next one's device work; more would only queue on the device thread while holding their batches' pixels.
-CONCURRENT_CALLS = 2
 # CUDA errors that leave the process's CUDA context unusable ("sticky"): every later kernel fails too,
 # so only a new process recovers. The actor exits; Ray Data restarts it (its actors have
 # max_restarts=-1) and retries the batch, instead of this actor turning every later image into a retry row.

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 
 from ifcn.image import one_line
 
-from .config import IncompleteRunError, SegmentConfig, SegmentError
+from .config import CONCURRENT_CALLS, IncompleteRunError, SegmentConfig, SegmentError
 from .errors import RETRY
 from .lease import Lease
 from .plan import Plan, new_run_id, now_utc, prepare, skipped_note
@@ -55,7 +55,9 @@ from .table import OutputTables, Replacements
 # Images per read task (and input block): 32, so the executor handles ~30 read tasks per thousand images,
 # not 250 (each task costs the driver's executor loop and the raylet ~ms of CPU: bench/cpu_side.py).
 READ_BATCH = 32
-ENCODE_BATCH = 16  # images per encoding call: compressing 1000 masks' runs takes a few ms per image
+# images per encoding task: 32, so ~31 tasks and fragments per thousand images, not 63 (each task costs the
+# driver's executor loop and the raylet ~ms of CPU; compressing 1000 masks' runs takes ~5 ms per image)
+ENCODE_BATCH = 32
 ENCODE_CPUS = 1.0  # an encoding task is pure CPU work
 GPU_BATCH = 16  # images per GPU actor call: the H100 forward ran 166 images/s at batch 16, 158 at 8
 CPU_BATCH = 4  # images per CPU actor call: one image is already seconds of work
@@ -135,8 +137,8 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
     placement: a scheduling strategy for the inference actors (`spread_actors`), or None."""
     import ray.data
 
-    # the stages import torch: only here, so planning (and --dry-run) never does (~490 MiB of RSS)
-    from .infer import InferAndEncodeActor, InferenceActor
+    # the actor classes by name only (pipeline/actors.py): the driver never imports torch (~490 MiB of RSS)
+    from .actors import InferAndEncodeActor, InferenceActor
     from .encode import encode_and_stage
 
     ds = ds.map_batches(
@@ -168,8 +170,6 @@ def _overlap(res: Resources) -> dict[str, Any]:
     (pipeline/infer.py). CPU actors run one call at a time: their host and device are the same cores."""
     if res.gpus_per_actor <= 0:
         return {}
-    from .infer import CONCURRENT_CALLS
-
     return {"max_concurrent_calls_per_actor": CONCURRENT_CALLS, "enable_true_multi_threading": True}
 
 
