@@ -11,12 +11,14 @@ from typing import Any
 
 
 class _InWorker:
-    """Builds `pipeline.infer.<name>` with the same arguments in the worker and forwards calls to it."""
+    """Builds `pipeline.infer.<target>` with the same arguments in the worker and forwards calls to it."""
+
+    target = ""  # by name, not type(self).__name__: Ray Data may subclass the class it is given
 
     def __init__(self, **kwargs: Any) -> None:
         from . import infer  # the worker's first import of torch
 
-        self.actor = getattr(infer, type(self).__name__)(**kwargs)
+        self.actor = getattr(infer, self.target)(**kwargs)
 
     def __call__(self, batch: Any) -> Any:
         return self.actor(batch)
@@ -25,6 +27,10 @@ class _InWorker:
 class InferenceActor(_InWorker):
     """pipeline.infer.InferenceActor, built in its worker."""
 
+    target = "InferenceActor"
+
 
 class InferAndEncodeActor(_InWorker):
     """pipeline.infer.InferAndEncodeActor, built in its worker."""
+
+    target = "InferAndEncodeActor"

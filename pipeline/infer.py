@@ -158,7 +158,7 @@ class InferenceActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         pause_point("actor_batch")
         rows = batch.select(["status", "error", "height", "width", "uri"]).to_pylist()  # small: no pixels
-        pixels = batch.column("pixels").combine_chunks()
+        pixels = _row_chunks(batch.column("pixels"))  # no combine_chunks: it would copy every image's pixels
         n = len(rows)
         infer_ms: list[float | None] = [None] * n
         post_ms: list[float | None] = [None] * n
@@ -168,7 +168,7 @@ class InferenceActor:
             if r["status"] != "ok":
                 continue
             try:
-                images[i] = pixels_at(pixels, i, r["height"], r["width"])  # (H, W, 3) read-only view
+                images[i] = pixels_at(*pixels[i], r["height"], r["width"])  # (H, W, 3) read-only view
             except Exception as e:
                 self._fail(r, e)
         order = list(images)
@@ -242,6 +242,11 @@ class InferenceActor:
 def unpack_proposals(column: pa.Array, i: int, image_size: tuple[int, int]) -> Proposals:
     """Row i of the actor's `proposals` column as Proposals (tests and benchmarks compare them)."""
     return Proposals.from_dict({"image_size": np.asarray(image_size), **proposals_at(column, i)})
+
+
+def _row_chunks(column: pa.ChunkedArray) -> list[tuple[pa.Array, int]]:
+    """(chunk, index within it) of each row of a chunked column."""
+    return [(chunk, i) for chunk in column.chunks for i in range(len(chunk))]
 
 
 def pixels_at(pixels: pa.Array, i: int, height: int, width: int) -> np.ndarray:

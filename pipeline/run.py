@@ -52,12 +52,19 @@ from .sink import Fragment, publish_shard, rewrite_file
 from .sources import Listing, Shard, Span, read_images
 from .table import OutputTables, Replacements
 
-# Images per read task (and input block): 32, so the executor handles ~30 read tasks per thousand images,
-# not 250 (each task costs the driver's executor loop and the raylet ~ms of CPU: bench/cpu_side.py).
+# Images per read task (input block): READ_BATCH to READ_BLOCK_MAX, as many as still leave BLOCKS_PER_ACTOR
+# blocks per inference actor (`read_block_rows`), so the executor handles ~8 read tasks per thousand
+# images on a GPU node, not 250 (each task costs the driver's executor loop ~2 ms of CPU and the raylet
+# more: bench/cpu_side.py). A read task decodes its block in one call (up to READ_BLOCK_MAX images): its
+# output is then one Arrow chunk, which Ray Data slices into actor batches without a copy (a block of
+# several chunks is combined, i.e. every image's pixels copied, before it is split).
 READ_BATCH = 32
-# images per encoding task: 32, so ~31 tasks and fragments per thousand images, not 63 (each task costs the
-# driver's executor loop and the raylet ~ms of CPU; compressing 1000 masks' runs takes ~5 ms per image)
-ENCODE_BATCH = 32
+READ_BLOCK_MAX = 128
+BLOCKS_PER_ACTOR = 4  # small jobs keep every CPU actor fed
+# Images per encoding task: None = each block the actors emit as it is (~90 480x640 images of 1000
+# proposals, 128 small ones). A batch size that splits those multi-chunk blocks made Ray Data copy
+# them whole (~1.4 MB of runs per image) and cost ~2-3 core-ms per image more (bench/cpu_side.py).
+ENCODE_BATCH = None
 ENCODE_CPUS = 1.0  # an encoding task is pure CPU work
 GPU_BATCH = 16  # images per GPU actor call: the H100 forward ran 166 images/s at batch 16, 158 at 8
 CPU_BATCH = 4  # images per CPU actor call: one image is already seconds of work
@@ -118,14 +125,24 @@ def resolve_resources(config: SegmentConfig, cluster: dict[str, float],
     return Resources(actors, per_actor, cpus_per_actor, in_actor, batch)
 
 
-def input_dataset(plan: Plan):
-    """The pending shards' images (image_id, uri, shard_id) as a Ray Dataset. Built before the
-    actors' placement group: `from_arrow` runs metadata tasks of one whole CPU each, which would
-    never start on 1-CPU nodes whose other half a bundle holds."""
+def read_block_rows(images: int, actors: int) -> int:
+    """Images per input block, i.e. per read task (READ_BATCH above)."""
+    balanced = math.ceil(images / (BLOCKS_PER_ACTOR * max(1, actors)))
+    return max(min(max(balanced, READ_BATCH), READ_BLOCK_MAX), math.ceil(images / MAX_INPUT_BLOCKS))
+
+
+def _pending(plan: Plan) -> int:
+    return sum(len(s) for s in plan.shards)
+
+
+def input_dataset(plan: Plan, actors: int = 1):
+    """The pending shards' images (image_id, uri, shard_id) as a Ray Dataset of `read_block_rows`
+    blocks. Built before the actors' placement group: `from_arrow` runs metadata tasks of one
+    whole CPU each, which would never start on 1-CPU nodes whose other half a bundle holds."""
     import ray.data
 
     rows = pending_rows(plan)
-    per_block = max(READ_BATCH, math.ceil(rows.num_rows / MAX_INPUT_BLOCKS))
+    per_block = read_block_rows(rows.num_rows, actors)
     # Copies (take), not slices of one table: a pickled slice can carry its parent's whole buffers.
     return ray.data.from_arrow([rows.take(pa.array(range(i, min(i + per_block, rows.num_rows)), pa.int64()))
                                 for i in range(0, rows.num_rows, per_block)])
@@ -141,10 +158,11 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
     from .actors import InferAndEncodeActor, InferenceActor
     from .encode import encode_and_stage
 
+    read_rows = min(read_block_rows(_pending(plan), res.actors), READ_BLOCK_MAX)  # a block in one call
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
         # actor stage (it fuses task -> actor stages with equal resources): decoding stays in tasks.
-        read_images, batch_format="pyarrow", batch_size=READ_BATCH, num_cpus=READ_CPUS,
+        read_images, batch_format="pyarrow", batch_size=read_rows, num_cpus=READ_CPUS,
         fn_kwargs={"storage_options": config.storage_options, "max_pixels": config.max_pixels,
                    "min_side": config.min_side})
     stage = {"output": config.output, "storage_options": config.storage_options, "run_id": plan.run_id}
@@ -559,7 +577,7 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
     committer.rewriter = publisher  # old files are rewritten off the driver too
     collector = ShardCollector(plan.shards, plan.pending, publisher, log)
     run_start = time.perf_counter()
-    inputs = input_dataset(plan)
+    inputs = input_dataset(plan, res.actors)
     with spread_actors(res, node_cpus, log) as placement, CommitTicker(collector, committer) as ticker:
         for batch in build_dataset(inputs, plan, config, res, placement).iter_batches(batch_format="pyarrow",
                                                                                      batch_size=None):
