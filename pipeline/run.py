@@ -71,7 +71,8 @@ CPU_BATCH = 4  # images per CPU actor call: one image is already seconds of work
 READ_CPUS = 0.5  # reading is half waiting on storage, so two read tasks share a core
 MIN_ACTOR_CPUS = 0.25  # a CPU actor's smallest logical share (torch still uses its threads)
 MAX_INPUT_BLOCKS = 2000  # listing blocks: enough parallelism, few enough objects for millions of inputs
-PUBLISH_CPUS = 0.25  # a publish task mostly waits on storage; Parquet encoding is a few ms per image
+PUBLISH_CPUS = 0.5  # a publish task waits on storage and encodes Parquet (~1 ms per image); 0.25 let 4 run per free
+# core, and every concurrent task is a worker process Ray starts (~0.5-1 CPU-s each: bench/cpu_side.py)
 PUBLISH_RETRIES = 3  # a publish task whose worker dies or whose storage call fails runs again
 SPREAD_WAIT_S = 60.0  # how long the CPU actors' placement group may take before the job goes without it
 
