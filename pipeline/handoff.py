@@ -37,6 +37,8 @@ def proposals_column(images: Sequence[Any | None]) -> pa.Array:
 
     def cat(name: str, dtype: Any, shape: tuple[int, ...] = ()) -> np.ndarray:
         parts = [np.asarray(getattr(p, name), dtype).reshape(-1, *shape) for p in kept]
+        if len(parts) == 1:  # one image's arrays as they are (Arrow wraps them without a copy)
+            return parts[0]
         return np.concatenate(parts) if parts else np.zeros((0, *shape), dtype)
 
     lengths = cat("lengths", np.int64)  # (P,)
@@ -46,6 +48,12 @@ def proposals_column(images: Sequence[Any | None]) -> pa.Array:
         [pa.array(cat("scores", np.float32)), boxes, pa.array(cat("areas", np.int64)),
          pa.array(cat("scales", np.int32)), runs], fields=list(HANDOFF_PROPOSAL))
     return pa.ListArray.from_arrays(pa.array(_offsets(per_image).astype(np.int32)), struct)
+
+
+def proposals_chunks(images: Sequence[Any | None]) -> pa.ChunkedArray:
+    """`proposals_column` with one chunk per image: no image's runs are copied to make the column
+    (the object store copies them once more anyway; the encoding stage works chunk by chunk)."""
+    return pa.chunked_array([proposals_column([p]) for p in images], HANDOFF_TYPE)
 
 
 def proposals_at(column: pa.Array, i: int) -> dict[str, np.ndarray]:

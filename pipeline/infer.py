@@ -37,7 +37,7 @@ from ifcn.transforms import Stacks, stack_images
 
 from .config import CONCURRENT_CALLS  # noqa: F401  (tests and bench/gpu.py import it from here)
 from .errors import RETRY, classify
-from .handoff import proposals_at, proposals_column
+from .handoff import proposals_at, proposals_chunks
 from .encode import encode_batch
 from .hooks import pause_point
 from .sink import StageWriter
@@ -176,7 +176,7 @@ class InferenceActor:
             if res is not None:
                 results[i], infer_ms[i], post_ms[i] = res
         t0 = time.perf_counter()
-        column = proposals_column(results)  # the batch's proposals as Arrow columns, no per-proposal objects
+        column = proposals_chunks(results)  # the batch's proposals as Arrow columns, no per-proposal objects
         share = (time.perf_counter() - t0) * 1e3 / max(1, len(order))
         out = batch.select(list(PASSTHROUGH))
         out = out.append_column("status", pa.array([r["status"] for r in rows], pa.string()))
