@@ -14,7 +14,7 @@ fingerprints --checkpoint, the actor builds the stub instead of the model). Two 
   plain     the Ray Data way: read_images -> map_batches(actor, same stub) ->
             map_batches(pycocotools encode, one frPyObjects call per image) -> write_parquet
 
-Each run is a fresh process that starts its own local Ray (`ray.init(num_cpus=--cpus)`) and makes
+Each run is a fresh process that starts its own local Ray (`ray.init(num_cpus=--cpus, num_gpus=1)`: a logical GPU, no device) and makes
 itself a child subreaper, so every process the run starts (raylet, GCS, dashboard, workers,
 orphaned workers too) is reaped inside its tree, and the bench reads the run's CPU time (user +
 system) from its rusage when it exits. That came out below the tree sampled with psutil every
@@ -69,7 +69,7 @@ class StubPredictor:
     def __init__(self, device: Any) -> None:
         self.device = device
 
-    def windows(self, images: list[np.ndarray]) -> list[tuple[int, int]]:
+    def windows(self, images: list[np.ndarray], stacks: Any = None) -> list[tuple[int, int]]:
         return [image.shape[:2] for image in images]
 
     def postprocess_batch(self, windows: list[tuple[int, int]], sizes: list[tuple[int, int]]) -> list[Any]:
@@ -164,7 +164,7 @@ def run_project(images: Path, out: Path) -> dict[str, Any]:
                                         postprocess="tasks", actors=1,
                                         predictor_factory="bench.cpu_side:stub_predictor"),
                           log=lambda msg: None)
-    return {"images": summary.get("num_images", summary.get("images"))}
+    return {"images": summary["images"], "images_ok": summary["images_ok"]}
 
 
 class PlainActor:
@@ -205,24 +205,37 @@ def run_plain(images: Path, out: Path) -> dict[str, Any]:
     import ray.data
 
     ds = ray.data.read_images(str(images), include_paths=True, mode="RGB")
-    ds = ds.map_batches(PlainActor, batch_size=16, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+    ds = ds.map_batches(PlainActor, batch_size=16, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+                        num_gpus=1)
     ds = ds.map_batches(plain_encode, batch_size=16, batch_format="numpy")
     ds.write_parquet(str(out))
-    return {"images": None}
+    import pyarrow.parquet as pq
+
+    n = sum(pq.read_metadata(f).num_rows for f in out.glob("*.parquet"))
+    return {"images": n, "images_ok": n}
 
 
 def child(job: str, images: Path, out: Path, cpus: int) -> None:
     _become_subreaper()
     import ray
 
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    # One logical GPU (no device behind it: torch finds no CUDA and the actors run on the CPU) so that the
+    # project resolves its GPU-node layout by itself: a 1-GPU actor that no read task fuses into, encoding
+    # tasks behind it; the plain twin's actor asks for it too.
+    if job == "project":  # the settings run_segment gives a local Ray it starts itself (pipeline/ray_init.py)
+        from pipeline.ray_init import LOCAL_ENV
+
+        for key, value in LOCAL_ENV.items():
+            os.environ.setdefault(key, value)
+    ray.init(num_cpus=cpus, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     t0 = time.perf_counter()
     result = (run_project if job == "project" else run_plain)(images, out)
     wall = time.perf_counter() - t0
     ray.shutdown()
     _reap_all()
     self_cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
-    print(json.dumps({**result, "wall_s": wall, "driver_cpu_s": self_cpu}), flush=True)
+    print(json.dumps({**result, "wall_s": wall, "driver_cpu_s": self_cpu, "driver_torch": "torch" in sys.modules}),
+          flush=True)
 
 
 # --------------------------------------------------------------------------- the bench (parent)
@@ -301,6 +314,10 @@ def measure(job: str, images: Path, cpus: int) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"{job} run failed ({proc.returncode}): {stderr[-3000:]}")
     result = json.loads(stdout.strip().splitlines()[-1])
+    expected = len(list(images.iterdir()))
+    if result["images_ok"] != expected:  # a run that failed its images is fast and meaningless: refuse it
+        raise RuntimeError(f"{job} run over {images}: {result['images_ok']} of {expected} images came out ok "
+                           f"({result['images']} rows); the figures would not measure the job. stderr: {stderr[-2000:]}")
     # The run's process and every descendant it reaped. On the project's 2-core VM this came out below the
     # sampled sum (Ray's processes end in ways that keep part of their time out of it), so the total is the
     # larger of the two; the sampled sum misses only each process's last < SAMPLE_S.
@@ -318,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--cpus", type=int, default=2, help="the local Ray's logical CPUs")
     p.add_argument("--formats", default="jpeg480,png64")
+    p.add_argument("--images-dir", help="keep the generated images here and reuse them (default: a temporary folder)")
     p.add_argument("--child", choices=("project", "plain"), help=argparse.SUPPRESS)
     p.add_argument("--input", help=argparse.SUPPRESS)
     p.add_argument("--output", help=argparse.SUPPRESS)
@@ -331,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         for fmt in args.formats.split(","):
             folders = {}
             for n in sizes:
-                folders[n] = Path(tmp) / f"{fmt}-{n}"
-                make_images(folders[n], fmt, n)
+                folders[n] = Path(args.images_dir or tmp) / f"{fmt}-{n}"
+                if not (folders[n].is_dir() and len(list(folders[n].iterdir())) == n):
+                    make_images(folders[n], fmt, n)
             runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
             for r in range(args.rounds):
                 for n in sizes:
@@ -354,10 +373,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'core-ms/image, marginal':24s}{marg['project']:10.1f}{marg['plain']:10.1f}"
                   f"{marg['project'] / max(marg['plain'], 1e-9):8.2f}")
             roles = sorted({k for job in ("project", "plain") for m in runs[(job, sizes[1])] for k in m["split"]})
+            print(f"  stage split, core-ms/image at {sizes[1]} images (marginal in brackets):")
             for name in roles:
                 vals = [statistics.median(1e3 * m["split"].get(name, 0.0) / sizes[1] for m in runs[(job, sizes[1])])
                         for job in ("project", "plain")]
-                print(f"  {name:22s}{vals[0]:10.1f}{vals[1]:10.1f}")
+                extra = [statistics.median(1e3 * (a["split"].get(name, 0.0) - b["split"].get(name, 0.0))
+                                           / (sizes[1] - sizes[0]) for a, b in zip(runs[(job, sizes[1])],
+                                                                                   runs[(job, sizes[0])]))
+                         for job in ("project", "plain")]
+                print(f"  {name:22s}{vals[0]:10.1f}{vals[1]:10.1f}    ({extra[0]:.1f} vs {extra[1]:.1f})")
+            # driver marginal d core-ms per image at 100 images/s is 100 d ms per s: 10 d % of a core
+            share = [10 * statistics.median(1e3 * (a["split"].get("driver", 0.0) - b["split"].get("driver", 0.0))
+                                            / (sizes[1] - sizes[0]) for a, b in zip(runs[(job, sizes[1])],
+                                                                                     runs[(job, sizes[0])]))
+                     for job in ("project", "plain")]
+            print(f"  {'driver % core/100 im/s':22s}{share[0]:10.1f}{share[1]:10.1f}    (its marginal, x 10)")
             procs = [statistics.median(m["processes"] for m in runs[(job, sizes[1])]) for job in ("project", "plain")]
             print(f"  {'processes (count)':22s}{procs[0]:10.0f}{procs[1]:10.0f}")
             wall = [statistics.median(m["wall_s"] for m in runs[(job, sizes[1])]) for job in ("project", "plain")]

@@ -176,7 +176,6 @@ class ProcessSampler(threading.Thread):
 
 def bench_pipeline(folder: Path, out: Path, checkpoint: str, inference: ifcn.InferenceConfig, cpus: int,
                    actors: int | None, batch_size: int, shard_size: int) -> dict[str, Any]:
-    import pyarrow.dataset as pads
     import ray
 
     from pipeline.config import SegmentConfig
@@ -198,7 +197,9 @@ def bench_pipeline(folder: Path, out: Path, checkpoint: str, inference: ifcn.Inf
     finally:
         sampler.stop()
         ray.shutdown()
-    images = pads.dataset(str(out / "images"), format="parquet").to_table().to_pandas()
+    from pipeline import read_output
+
+    images = read_output(str(out), "images").to_pandas()  # the segments table's images view
     assert (images.status == "ok").all(), images[images.status != "ok"].error.tolist()[:3]
     cpu = {pid: t - cpu_before.get(pid, 0.0) for pid, t in sampler.cpu.items()}
     by_role: dict[str, list[int]] = {}

@@ -30,6 +30,11 @@ class IncompleteRunError(SegmentError):
     the same command; the CLI exits 1 with its one line."""
 
 
+# Calls of one GPU actor that Ray Data may run at once: two, so one batch's host work hides behind the
+# next one's device work; more would only queue on the device thread while holding their batches' pixels.
+CONCURRENT_CALLS = 2
+
+
 @dataclass(frozen=True)
 class SegmentConfig:
     """One run: where to read, where to write, which weights, how to infer and how to spread it."""

@@ -37,6 +37,8 @@ def proposals_column(images: Sequence[Any | None]) -> pa.Array:
 
     def cat(name: str, dtype: Any, shape: tuple[int, ...] = ()) -> np.ndarray:
         parts = [np.asarray(getattr(p, name), dtype).reshape(-1, *shape) for p in kept]
+        if len(parts) == 1:  # one image's arrays as they are (Arrow wraps them without a copy)
+            return parts[0]
         return np.concatenate(parts) if parts else np.zeros((0, *shape), dtype)
 
     lengths = cat("lengths", np.int64)  # (P,)
@@ -46,6 +48,12 @@ def proposals_column(images: Sequence[Any | None]) -> pa.Array:
         [pa.array(cat("scores", np.float32)), boxes, pa.array(cat("areas", np.int64)),
          pa.array(cat("scales", np.int32)), runs], fields=list(HANDOFF_PROPOSAL))
     return pa.ListArray.from_arrays(pa.array(_offsets(per_image).astype(np.int32)), struct)
+
+
+def proposals_chunks(images: Sequence[Any | None]) -> pa.ChunkedArray:
+    """`proposals_column` with one chunk per image: no image's runs are copied to make the column
+    (the object store copies them once more anyway; the encoding stage works chunk by chunk)."""
+    return pa.chunked_array([proposals_column([p]) for p in images], HANDOFF_TYPE)
 
 
 def proposals_at(column: pa.Array, i: int) -> dict[str, np.ndarray]:
@@ -58,17 +66,28 @@ def proposals_at(column: pa.Array, i: int) -> dict[str, np.ndarray]:
             "lengths": pc.list_value_length(fields["runs"]).to_numpy().astype(np.int32)}
 
 
-def encode_column(column: pa.Array | pa.ChunkedArray, heights: np.ndarray, widths: np.ndarray) -> pa.Array:
+def encode_column(column: pa.Array | pa.ChunkedArray, heights: np.ndarray, widths: np.ndarray) -> pa.Array | pa.ChunkedArray:
     """HANDOFF_TYPE lists -> list<schema.PROPOSAL_TYPE> lists (rank, score, bbox, area, rle, scale),
-    the same images and order; every proposal of the column in one pass (strings: one pycocotools
-    call per image).
+    the same images and order; every proposal of a chunk in one pass (strings: one pycocotools
+    call per image). A chunked column is encoded chunk by chunk into a chunked column: combining
+    the chunks would copy every run (~1.4 MB per 480x640 image of 1000 proposals).
 
     heights, widths: (B,) each image's size: every mask's runs must cover its image exactly
     (a ValueError naming the first image whose runs do not)."""
     heights, widths = np.asarray(heights, np.int64), np.asarray(widths, np.int64)
+    if not isinstance(column, pa.ChunkedArray):
+        return _encode_array(column, heights, widths, 0)
+    parts, start = [], 0
+    for chunk in column.chunks:
+        stop = start + len(chunk)
+        parts.append(_encode_array(chunk, heights[start:stop], widths[start:stop], start))
+        start = stop
+    return pa.chunked_array(parts, pa.list_(PROPOSAL_TYPE))
+
+
+def _encode_array(column: pa.Array, heights: np.ndarray, widths: np.ndarray, first: int) -> pa.Array:
+    """encode_column of one array; `first`: the index of its first image in the batch (for errors)."""
     pixels = heights * widths
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks else pa.array([], HANDOFF_TYPE)
     per_image = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)  # (B,)
     flat = pc.list_flatten(column)  # (P,) structs; respects slices
     score, box, area, scale, runs = flat.flatten()
@@ -79,7 +98,7 @@ def encode_column(column: pa.Array | pa.ChunkedArray, heights: np.ndarray, width
     bad = (lengths == 0) | (covered != np.asarray(pixels, np.int64)[owner])
     if bad.any():
         i = int(owner[np.argmax(bad)])
-        raise ValueError(f"image {i} of the batch: a mask's run lengths do not cover its {int(pixels[i])} pixels")
+        raise ValueError(f"image {first + i} of the batch: a mask's run lengths do not cover its {int(pixels[i])} pixels")
     rle = _compress(counts, lengths, owner, heights, widths)
     starts = _offsets(per_image)
     rank = np.arange(len(lengths), dtype=np.int32) - np.repeat(starts[:-1], per_image).astype(np.int32)
@@ -96,12 +115,13 @@ def _compress(counts: np.ndarray, lengths: np.ndarray, owner: np.ndarray, height
     pycocotools' C encoder, one frPyObjects call per image over views of `counts`: measured ~5x
     faster than the all-numpy `ifcn.rle.compress` (which equals it byte for byte, tests/test_rle.py)
     on 1000 masks of a 480x640 image (bench/README.md, CPU side)."""
-    bounds = _offsets(lengths)
+    bounds = _offsets(lengths).tolist()  # Python ints: slicing with them is ~3x faster than with numpy ints
     strings: list[bytes] = []
     for i in np.unique(owner):
-        first, last = np.searchsorted(owner, [i, i + 1])
+        first, last = (int(v) for v in np.searchsorted(owner, [i, i + 1]))
         h, w = int(heights[i]), int(widths[i])
-        objs = [{"counts": counts[a:b], "size": [h, w]} for a, b in zip(bounds[first:last], bounds[first + 1:last + 1])]
+        size = [h, w]  # one list for every mask of the image (pycocotools only reads it)
+        objs = [{"counts": counts[a:b], "size": size} for a, b in zip(bounds[first:last], bounds[first + 1:last + 1])]
         strings.extend(r["counts"] for r in mask_utils.frPyObjects(objs, h, w))
     offsets = _offsets(np.fromiter(map(len, strings), np.int64, len(strings)))
     if offsets[-1] >= 2**31:

@@ -35,8 +35,9 @@ from ifcn import InferenceConfig, Predictor, Proposals, load_checkpoint
 from ifcn.floors import require
 from ifcn.transforms import Stacks, stack_images
 
+from .config import CONCURRENT_CALLS  # noqa: F401  (tests and bench/gpu.py import it from here)
 from .errors import RETRY, classify
-from .handoff import proposals_at, proposals_column
+from .handoff import proposals_at, proposals_chunks
 from .encode import encode_batch
 from .hooks import pause_point
 from .sink import StageWriter
@@ -48,9 +49,6 @@ PASSTHROUGH = ("image_id", "uri", "shard_id", "width", "height", "read_ms", "dec
 # Benchmarks (bench/gpu.py) set this to a folder: each actor appends one JSON line per batch to <folder>/<pid>.jsonl
 # (its time, images, CUDA-event device time), so a job's steady rate and device busy share can be read off.
 STATS_DIR_ENV = "IFCN_ACTOR_STATS_DIR"
-# Calls of one GPU actor that Ray Data may run at once: two, so one batch's host work hides behind the
-# next one's device work; more would only queue on the device thread while holding their batches' pixels.
-CONCURRENT_CALLS = 2
 # CUDA errors that leave the process's CUDA context unusable ("sticky"): every later kernel fails too,
 # so only a new process recovers. The actor exits; Ray Data restarts it (its actors have
 # max_restarts=-1) and retries the batch, instead of this actor turning every later image into a retry row.
@@ -160,7 +158,7 @@ class InferenceActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         pause_point("actor_batch")
         rows = batch.select(["status", "error", "height", "width", "uri"]).to_pylist()  # small: no pixels
-        pixels = batch.column("pixels").combine_chunks()
+        pixels = _row_chunks(batch.column("pixels"))  # no combine_chunks: it would copy every image's pixels
         n = len(rows)
         infer_ms: list[float | None] = [None] * n
         post_ms: list[float | None] = [None] * n
@@ -170,7 +168,7 @@ class InferenceActor:
             if r["status"] != "ok":
                 continue
             try:
-                images[i] = pixels_at(pixels, i, r["height"], r["width"])  # (H, W, 3) read-only view
+                images[i] = pixels_at(*pixels[i], r["height"], r["width"])  # (H, W, 3) read-only view
             except Exception as e:
                 self._fail(r, e)
         order = list(images)
@@ -178,7 +176,7 @@ class InferenceActor:
             if res is not None:
                 results[i], infer_ms[i], post_ms[i] = res
         t0 = time.perf_counter()
-        column = proposals_column(results)  # the batch's proposals as Arrow columns, no per-proposal objects
+        column = proposals_chunks(results)  # the batch's proposals as Arrow columns, no per-proposal objects
         share = (time.perf_counter() - t0) * 1e3 / max(1, len(order))
         out = batch.select(list(PASSTHROUGH))
         out = out.append_column("status", pa.array([r["status"] for r in rows], pa.string()))
@@ -244,6 +242,11 @@ class InferenceActor:
 def unpack_proposals(column: pa.Array, i: int, image_size: tuple[int, int]) -> Proposals:
     """Row i of the actor's `proposals` column as Proposals (tests and benchmarks compare them)."""
     return Proposals.from_dict({"image_size": np.asarray(image_size), **proposals_at(column, i)})
+
+
+def _row_chunks(column: pa.ChunkedArray) -> list[tuple[pa.Array, int]]:
+    """(chunk, index within it) of each row of a chunked column."""
+    return [(chunk, i) for chunk in column.chunks for i in range(len(chunk))]
 
 
 def pixels_at(pixels: pa.Array, i: int, height: int, width: int) -> np.ndarray:

@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 
 from ifcn.image import one_line
 
-from .config import IncompleteRunError, SegmentConfig, SegmentError
+from .config import CONCURRENT_CALLS, IncompleteRunError, SegmentConfig, SegmentError
 from .errors import RETRY
 from .lease import Lease
 from .plan import Plan, new_run_id, now_utc, prepare, skipped_note
@@ -52,17 +52,27 @@ from .sink import Fragment, publish_shard, rewrite_file
 from .sources import Listing, Shard, Span, read_images
 from .table import OutputTables, Replacements
 
-# Images per read task (and input block): 32, so the executor handles ~30 read tasks per thousand images,
-# not 250 (each task costs the driver's executor loop and the raylet ~ms of CPU: bench/cpu_side.py).
+# Images per read task (input block): READ_BATCH to READ_BLOCK_MAX, as many as still leave BLOCKS_PER_ACTOR
+# blocks per inference actor (`read_block_rows`), so the executor handles ~8 read tasks per thousand
+# images on a GPU node, not 250 (each task costs the driver's executor loop ~2 ms of CPU and the raylet
+# more: bench/cpu_side.py). A read task decodes its block in one call (up to READ_BLOCK_MAX images): its
+# output is then one Arrow chunk, which Ray Data slices into actor batches without a copy (a block of
+# several chunks is combined, i.e. every image's pixels copied, before it is split).
 READ_BATCH = 32
-ENCODE_BATCH = 16  # images per encoding call: compressing 1000 masks' runs takes a few ms per image
+READ_BLOCK_MAX = 128
+BLOCKS_PER_ACTOR = 4  # small jobs keep every CPU actor fed
+# Images per encoding task: None = each block the actors emit as it is (~90 480x640 images of 1000
+# proposals, 128 small ones). A batch size that splits those multi-chunk blocks made Ray Data copy
+# them whole (~1.4 MB of runs per image) and cost ~2-3 core-ms per image more (bench/cpu_side.py).
+ENCODE_BATCH = None
 ENCODE_CPUS = 1.0  # an encoding task is pure CPU work
 GPU_BATCH = 16  # images per GPU actor call: the H100 forward ran 166 images/s at batch 16, 158 at 8
 CPU_BATCH = 4  # images per CPU actor call: one image is already seconds of work
 READ_CPUS = 0.5  # reading is half waiting on storage, so two read tasks share a core
 MIN_ACTOR_CPUS = 0.25  # a CPU actor's smallest logical share (torch still uses its threads)
 MAX_INPUT_BLOCKS = 2000  # listing blocks: enough parallelism, few enough objects for millions of inputs
-PUBLISH_CPUS = 0.25  # a publish task mostly waits on storage; Parquet encoding is a few ms per image
+PUBLISH_CPUS = 0.5  # a publish task waits on storage and encodes Parquet (~1 ms per image); 0.25 let 4 run per free
+# core, and every concurrent task is a worker process Ray starts (~0.5-1 CPU-s each: bench/cpu_side.py)
 PUBLISH_RETRIES = 3  # a publish task whose worker dies or whose storage call fails runs again
 SPREAD_WAIT_S = 60.0  # how long the CPU actors' placement group may take before the job goes without it
 
@@ -116,14 +126,24 @@ def resolve_resources(config: SegmentConfig, cluster: dict[str, float],
     return Resources(actors, per_actor, cpus_per_actor, in_actor, batch)
 
 
-def input_dataset(plan: Plan):
-    """The pending shards' images (image_id, uri, shard_id) as a Ray Dataset. Built before the
-    actors' placement group: `from_arrow` runs metadata tasks of one whole CPU each, which would
-    never start on 1-CPU nodes whose other half a bundle holds."""
+def read_block_rows(images: int, actors: int) -> int:
+    """Images per input block, i.e. per read task (READ_BATCH above)."""
+    balanced = math.ceil(images / (BLOCKS_PER_ACTOR * max(1, actors)))
+    return max(min(max(balanced, READ_BATCH), READ_BLOCK_MAX), math.ceil(images / MAX_INPUT_BLOCKS))
+
+
+def _pending(plan: Plan) -> int:
+    return sum(len(s) for s in plan.shards)
+
+
+def input_dataset(plan: Plan, actors: int = 1):
+    """The pending shards' images (image_id, uri, shard_id) as a Ray Dataset of `read_block_rows`
+    blocks. Built before the actors' placement group: `from_arrow` runs metadata tasks of one
+    whole CPU each, which would never start on 1-CPU nodes whose other half a bundle holds."""
     import ray.data
 
     rows = pending_rows(plan)
-    per_block = max(READ_BATCH, math.ceil(rows.num_rows / MAX_INPUT_BLOCKS))
+    per_block = read_block_rows(rows.num_rows, actors)
     # Copies (take), not slices of one table: a pickled slice can carry its parent's whole buffers.
     return ray.data.from_arrow([rows.take(pa.array(range(i, min(i + per_block, rows.num_rows)), pa.int64()))
                                 for i in range(0, rows.num_rows, per_block)])
@@ -135,14 +155,15 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
     placement: a scheduling strategy for the inference actors (`spread_actors`), or None."""
     import ray.data
 
-    # the stages import torch: only here, so planning (and --dry-run) never does (~490 MiB of RSS)
-    from .infer import InferAndEncodeActor, InferenceActor
+    # the actor classes by name only (pipeline/actors.py): the driver never imports torch (~490 MiB of RSS)
+    from .actors import InferAndEncodeActor, InferenceActor
     from .encode import encode_and_stage
 
+    read_rows = min(read_block_rows(_pending(plan), res.actors), READ_BLOCK_MAX)  # a block in one call
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
         # actor stage (it fuses task -> actor stages with equal resources): decoding stays in tasks.
-        read_images, batch_format="pyarrow", batch_size=READ_BATCH, num_cpus=READ_CPUS,
+        read_images, batch_format="pyarrow", batch_size=read_rows, num_cpus=READ_CPUS,
         fn_kwargs={"storage_options": config.storage_options, "max_pixels": config.max_pixels,
                    "min_side": config.min_side})
     stage = {"output": config.output, "storage_options": config.storage_options, "run_id": plan.run_id}
@@ -168,8 +189,6 @@ def _overlap(res: Resources) -> dict[str, Any]:
     (pipeline/infer.py). CPU actors run one call at a time: their host and device are the same cores."""
     if res.gpus_per_actor <= 0:
         return {}
-    from .infer import CONCURRENT_CALLS
-
     return {"max_concurrent_calls_per_actor": CONCURRENT_CALLS, "enable_true_multi_threading": True}
 
 
@@ -559,7 +578,7 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
     committer.rewriter = publisher  # old files are rewritten off the driver too
     collector = ShardCollector(plan.shards, plan.pending, publisher, log)
     run_start = time.perf_counter()
-    inputs = input_dataset(plan)
+    inputs = input_dataset(plan, res.actors)
     with spread_actors(res, node_cpus, log) as placement, CommitTicker(collector, committer) as ticker:
         for batch in build_dataset(inputs, plan, config, res, placement).iter_batches(batch_format="pyarrow",
                                                                                      batch_size=None):

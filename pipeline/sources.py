@@ -256,21 +256,24 @@ def read_images(batch: pa.Table, storage_options: dict[str, Any] | None, max_pix
 
     Any failure becomes a status with a one-line reason, never an exception: "error" for the
     input's own faults (a final images row), "retry" for storage failures that outlived the
-    retries (pipeline/errors.py: the image's shard is left for a re-run). The decoded pixels are
-    copied once, into the `pixels` column's buffer.
+    retries (pipeline/errors.py: the image's shard is left for a re-run). JPEGs that simplejpeg
+    decodes (`_fast_jpeg_size`) are decoded straight into the `pixels` column's buffer once every
+    image's size is known (no copy); other images are decoded first and copied into it once.
     """
     out: dict[str, list] = {k: [] for k in ("status", "error", "width", "height", "read_ms", "decode_ms")}
-    images: list[np.ndarray] = []
+    images: list[np.ndarray | bytes | None] = []  # decoded image, or the JPEG's bytes to decode into the buffer
     for uri in batch.column("uri").to_pylist():
         t0 = time.perf_counter()
-        image, error, status = None, None, "error"
+        image, error, status, shape = None, None, "error", None
         data = _read_with_retries(uri, storage_options)
         t1 = time.perf_counter()
         if isinstance(data, tuple):
             status, error = data
         else:
             try:
-                image = decode(data, uri, max_pixels, min_side)  # (H, W, 3) uint8
+                shape = _fast_jpeg_size(data, max_pixels, min_side)
+                image = data if shape else decode_image(data, uri, max_pixels, min_side)  # (H, W, 3) uint8
+                shape = shape or image.shape[:2]
             except ImageError as e:
                 error = e.reason
             except Exception as e:  # a decoder bug must not stop the job either
@@ -278,17 +281,62 @@ def read_images(batch: pa.Table, storage_options: dict[str, Any] | None, max_pix
         t2 = time.perf_counter()
         out["status"].append(status if error else "ok")
         out["error"].append(error)
-        out["height"].append(image.shape[0] if image is not None else None)
-        out["width"].append(image.shape[1] if image is not None else None)
+        out["height"].append(shape[0] if image is not None else None)
+        out["width"].append(shape[1] if image is not None else None)
         out["read_ms"].append((t1 - t0) * 1e3)
         out["decode_ms"].append((t2 - t1) * 1e3 if not isinstance(data, tuple) else None)
-        images.append(image if image is not None else np.zeros(0, np.uint8))
+        images.append(image)
+    pixels = _pixels_into_one_buffer(images, batch.column("uri").to_pylist(), out, max_pixels, min_side)
     types = {"status": pa.string(), "error": pa.string(), "width": pa.int32(), "height": pa.int32(),
              "read_ms": pa.float32(), "decode_ms": pa.float32()}
     table = batch.select(["image_id", "uri", "shard_id"])
     for name, values in out.items():
         table = table.append_column(pa.field(name, types[name]), pa.array(values, types[name]))
-    return table.append_column(pa.field("pixels", pa.large_binary()), pixels_column(images))
+    return table.append_column(pa.field("pixels", pa.large_binary()), pixels)
+
+
+def _pixels_into_one_buffer(images: list[np.ndarray | bytes | None], uris: list[str], out: dict[str, list],
+                            max_pixels: int, min_side: int) -> pa.Array:
+    """The `pixels` column: JPEG bytes decoded in place, decoded images copied in, None as empty rows.
+    A JPEG that simplejpeg then fails on goes through the reference decoder (`decode`), and the
+    column is built by concatenation instead (rare: the header read fine)."""
+    sizes = np.array([h * w * 3 if h is not None else 0 for h, w in zip(out["height"], out["width"])], np.int64)
+    offsets = np.zeros(len(images) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    data = np.empty(int(offsets[-1]), np.uint8)
+    views: list[np.ndarray] = []
+    intact = True
+    for i, image in enumerate(images):
+        view = data[offsets[i]:offsets[i + 1]]
+        if isinstance(image, bytes):
+            t0 = time.perf_counter()
+            try:
+                _simplejpeg.decode_jpeg(image, colorspace="RGB", buffer=view)
+            except Exception:  # its errors name no file: the reference path decides, and names it
+                intact, view = False, _decode_or_fail(image, uris[i], out, i, max_pixels, min_side)
+            out["decode_ms"][i] += (time.perf_counter() - t0) * 1e3
+        elif image is not None:
+            view[:] = image.reshape(-1)
+        views.append(view)
+    if not intact:
+        return pixels_column(views)
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(images), [None, pa.py_buffer(offsets),
+                                                                                pa.py_buffer(data)])
+
+
+def _decode_or_fail(data: bytes, uri: str, out: dict[str, list], i: int, max_pixels: int,
+                    min_side: int) -> np.ndarray:
+    """Row i decoded by the reference path (its size set from the result), or made an error row."""
+    try:
+        image = decode_image(data, uri, max_pixels, min_side)
+        out["height"][i], out["width"][i] = image.shape[:2]
+        return image.reshape(-1)
+    except Exception as e:
+        out["status"][i] = "error"
+        out["error"][i] = e.reason if isinstance(e, ImageError) else \
+            f"image {uri}: decoding failed ({type(e).__name__}: {one_line(e)})"
+        out["height"][i] = out["width"][i] = None
+        return np.zeros(0, np.uint8)
 
 
 def pixels_column(images: list[np.ndarray]) -> pa.Array:
@@ -302,15 +350,27 @@ def pixels_column(images: list[np.ndarray]) -> pa.Array:
                                                                                 pa.py_buffer(data)])
 
 
+def _fast_jpeg_size(data: bytes, max_pixels: int, min_side: int) -> tuple[int, int] | None:
+    """(height, width) of a JPEG that simplejpeg decodes as the reference path would (installed, no
+    EXIF rotation, YCbCr or gray, within the size limits); None: the reference path decodes it."""
+    if _simplejpeg is None or data[:2] != b"\xff\xd8" or _exif_rotated(data):
+        return None
+    try:
+        height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
+    except Exception:
+        return None
+    if height * width <= max_pixels and min(height, width) >= min_side and colorspace in ("YCbCr", "Gray"):
+        return height, width
+    return None
+
+
 def decode(data: bytes, uri: str, max_pixels: int, min_side: int) -> np.ndarray:
     """Encoded bytes -> (H, W, 3) uint8 RGB: JPEGs with simplejpeg (libjpeg-turbo, ~1.5x Pillow) when it
     is installed and the file needs no EXIF rotation, everything else (and anything simplejpeg
     cannot decode, and CMYK, whose conversion Pillow owns) with ifcn.image.decode_image, whose checks and messages are the reference."""
-    if _simplejpeg is not None and data[:2] == b"\xff\xd8" and not _exif_rotated(data):
+    if _fast_jpeg_size(data, max_pixels, min_side) is not None:
         try:
-            height, width, colorspace, _ = _simplejpeg.decode_jpeg_header(data)
-            if height * width <= max_pixels and min(height, width) >= min_side and colorspace in ("YCbCr", "Gray"):
-                return _simplejpeg.decode_jpeg(data, colorspace="RGB")  # (H, W, 3) uint8, writable
+            return _simplejpeg.decode_jpeg(data, colorspace="RGB")  # (H, W, 3) uint8, writable
         except Exception:  # simplejpeg's errors are ValueErrors without the file's name: the reference path names it
             pass
     return decode_image(data, uri, max_pixels, min_side)

@@ -302,3 +302,31 @@ def test_fast_decoder_errors_are_the_reference_errors(case):
     with pytest.raises(ImageError) as want:
         decode_image(args[0], URI, *args[1:])
     assert got.value.reason == want.value.reason
+
+
+def test_read_stage_decodes_into_one_buffer_with_the_decoders_pixels(tmp_path):
+    """read_images decodes JPEGs straight into the pixels column: each row equals `decode` of its file,
+    through PNGs, gray JPEGs, a JPEG whose header reads but whose body is cut (simplejpeg fails in
+    place, the reference path makes it an error row) and a missing file."""
+    import pyarrow as pa
+
+    from pipeline.infer import pixels_at
+    from pipeline.sources import decode, read_images
+
+    photo = Image.fromarray(_photo())
+    files = {"a.jpg": encode(photo, "JPEG"), "b.png": encode(photo, "PNG"),
+             "c.jpg": encode(photo.convert("L"), "JPEG"), "d.jpg": encode(photo, "JPEG")[:700],
+             "e.jpg": encode(Image.fromarray(_photo(64, 48, seed=1)), "JPEG", quality=75)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    uris = [f"file://{tmp_path / n}" for n in [*files, "missing.jpg"]]
+    out = read_images(pa.table({"image_id": uris, "uri": uris, "shard_id": ["0"] * len(uris)}), None, 10**8, 16)
+    rows = out.select(["status", "height", "width"]).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "error", "ok", "error"]
+    pixels = out.column("pixels").combine_chunks()
+    for i, (name, data) in enumerate(files.items()):
+        if rows[i]["status"] == "ok":
+            want = decode(data, uris[i], 10**8, 16)
+            assert np.array_equal(pixels_at(pixels, i, rows[i]["height"], rows[i]["width"]), want), name
+        else:
+            assert len(pixels[i].as_py()) == 0 and rows[i]["height"] is None

@@ -24,7 +24,7 @@ from ifcn.image import decode_image, read_bytes
 from pipeline.handoff import proposals_column
 from pipeline.infer import InferenceActor
 from pipeline.encode import encode_batch
-from pipeline.run import Resources, prepare, resolve_resources, run_segment, spread_actors
+from pipeline.run import Resources, prepare, read_block_rows, resolve_resources, run_segment, spread_actors
 from pipeline.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
 from pipeline.sources import read_images
 from segment_helpers import INFERENCE, cli, inference_flags, read_table, write_checkpoint, write_images
@@ -133,6 +133,16 @@ def test_no_placement_group_where_placement_cannot_go_wrong(res: Resources, node
     here: it must not touch Ray in these cases; the two-node case runs in test_faults)."""
     with spread_actors(res, nodes, print) as placement:
         assert placement is None
+
+
+@pytest.mark.parametrize("images, actors, want", [
+    (40, 2, 32),  # a small job: blocks of 32 (two CPU actors, two blocks)
+    (2000, 1, 128),  # one GPU actor: 16 read tasks, not 63
+    (2000, 8, 63),  # eight actors: ~4 blocks each
+    (10_000_000, 64, 5000),  # a bucket: at most MAX_INPUT_BLOCKS (2000) blocks
+])
+def test_read_tasks_are_large_but_feed_every_actor(images: int, actors: int, want: int) -> None:
+    assert read_block_rows(images, actors) == want
 
 
 def test_resources_that_cannot_run_are_refused_in_one_line(inputs: dict, tmp_path: Path) -> None:

@@ -72,3 +72,32 @@ def test_no_masks_and_bad_lengths() -> None:
     assert offsets.tolist() == [0] and chars.size == 0
     with pytest.raises(ValueError, match="lengths"):
         compress(np.array([1, 2], np.uint32), np.array([1]))
+
+
+def test_encoding_stage_over_a_chunked_column_equals_pycocotools() -> None:
+    """pipeline.handoff.encode_column (the encoding stage) on a column in sliced chunks, as Ray Data hands
+    it over: the same strings as pycocotools' encoder, ranks per image, and a bad image named by its
+    index in the whole batch."""
+    import pyarrow as pa
+    from types import SimpleNamespace
+
+    from pipeline.handoff import encode_column, proposals_column
+
+    masks = _masks()
+    pairs = [_coco(m) for m in masks]
+
+    def image(runs: np.ndarray, area: int) -> SimpleNamespace:  # one image with its one mask, twice
+        return SimpleNamespace(scores=np.array([0.9, 0.5], np.float32), boxes=np.zeros((2, 4), np.float32),
+                               areas=np.array([area, area]), scales=np.array([1, 1], np.int32),
+                               counts=np.concatenate([runs, runs]), lengths=np.array([len(runs)] * 2))
+
+    column = proposals_column([image(r, int(m.sum())) for m, (r, _) in zip(masks, pairs)])
+    k = len(masks) // 2
+    chunked = pa.chunked_array([column.slice(0, k), column.slice(k)])
+    heights, widths = np.array([m.shape[0] for m in masks]), np.array([m.shape[1] for m in masks])
+    rows = encode_column(chunked, heights, widths).to_pylist()
+    assert [[p["rle"] for p in row] for row in rows] == [[s, s] for _, s in pairs]
+    assert all([p["rank"] for p in row] == [0, 1] for row in rows)
+    widths[k + 1] += 1  # image k + 1 (the second chunk's second): its runs no longer cover it
+    with pytest.raises(ValueError, match=f"image {k + 1} of the batch"):
+        encode_column(chunked, heights, widths)
