@@ -14,6 +14,7 @@ items (`Listing.shard`).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
 import sys

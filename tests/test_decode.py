@@ -287,6 +287,10 @@ def test_fast_decoder_is_used_when_installed_and_falls_back_for_exif_and_cmyk(mo
     exif[0x0112] = 6  # rotate 90: only the reference path applies EXIF orientation
     rotated = encode(Image.fromarray(_photo()), "JPEG", exif=exif.tobytes())
     assert sources.decode(rotated, URI, 10**8, 16).shape == (160, 120, 3) and len(calls) == 1
+    exif[0x0112] = 1  # EXIF that does not rotate (most cameras' photos): the fast path, same pixels within 1
+    upright = encode(Image.fromarray(_photo()), "JPEG", exif=exif.tobytes())
+    got = sources.decode(upright, URI, 10**8, 16)
+    assert len(calls) == 1 and np.abs(got.astype(int) - decode_image(upright, URI, 10**8, 16).astype(int)).max() <= 1
     cmyk = encode(Image.fromarray(_photo()).convert("CMYK"), "JPEG")
     assert np.array_equal(sources.decode(cmyk, URI, 10**8, 16), decode_image(cmyk, URI, 10**8, 16))
 
