@@ -163,6 +163,7 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
         # actor stage (it fuses task -> actor stages with equal resources): decoding stays in tasks.
+        # CPU actors given exactly READ_CPUS (two on two 1-CPU nodes) do fuse: they decode themselves.
         read_images, batch_format="pyarrow", batch_size=read_rows, num_cpus=READ_CPUS,
         fn_kwargs={"storage_options": config.storage_options, "max_pixels": config.max_pixels,
                    "min_side": config.min_side})
