@@ -373,20 +373,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'core-ms/image, marginal':24s}{marg['project']:10.1f}{marg['plain']:10.1f}"
                   f"{marg['project'] / max(marg['plain'], 1e-9):8.2f}")
             roles = sorted({k for job in ("project", "plain") for m in runs[(job, sizes[1])] for k in m["split"]})
+            def marginal(job: str, name: str) -> float:
+                """The role's extra core-ms per extra image, larger run over smaller (median over rounds)."""
+                return statistics.median(1e3 * (a["split"].get(name, 0.0) - b["split"].get(name, 0.0))
+                                         / (sizes[1] - sizes[0]) for a, b in zip(runs[(job, sizes[1])],
+                                                                                 runs[(job, sizes[0])]))
+
             print(f"  stage split, core-ms/image at {sizes[1]} images (marginal in brackets):")
             for name in roles:
                 vals = [statistics.median(1e3 * m["split"].get(name, 0.0) / sizes[1] for m in runs[(job, sizes[1])])
                         for job in ("project", "plain")]
-                extra = [statistics.median(1e3 * (a["split"].get(name, 0.0) - b["split"].get(name, 0.0))
-                                           / (sizes[1] - sizes[0]) for a, b in zip(runs[(job, sizes[1])],
-                                                                                   runs[(job, sizes[0])]))
-                         for job in ("project", "plain")]
+                extra = [marginal(job, name) for job in ("project", "plain")]
                 print(f"  {name:22s}{vals[0]:10.1f}{vals[1]:10.1f}    ({extra[0]:.1f} vs {extra[1]:.1f})")
             # driver marginal d core-ms per image at 100 images/s is 100 d ms per s: 10 d % of a core
-            share = [10 * statistics.median(1e3 * (a["split"].get("driver", 0.0) - b["split"].get("driver", 0.0))
-                                            / (sizes[1] - sizes[0]) for a, b in zip(runs[(job, sizes[1])],
-                                                                                     runs[(job, sizes[0])]))
-                     for job in ("project", "plain")]
+            share = [10 * marginal(job, "driver") for job in ("project", "plain")]
             print(f"  {'driver % core/100 im/s':22s}{share[0]:10.1f}{share[1]:10.1f}    (its marginal, x 10)")
             procs = [statistics.median(m["processes"] for m in runs[(job, sizes[1])]) for job in ("project", "plain")]
             print(f"  {'processes (count)':22s}{procs[0]:10.0f}{procs[1]:10.0f}")

@@ -8,12 +8,11 @@ one-line errors), the output flag, comma-separated lists, and library errors in 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
-import functools
 from typing import Any, Callable, Iterable, NoReturn
-
 
 INTERRUPTED = 130  # what a shell reports for a job ended by SIGINT
 

@@ -275,10 +275,8 @@ def read_images(batch: pa.Table, storage_options: dict[str, Any] | None, max_pix
                 shape = _fast_jpeg_size(data, max_pixels, min_side)
                 image = data if shape else decode_image(data, uri, max_pixels, min_side)  # (H, W, 3) uint8
                 shape = shape or image.shape[:2]
-            except ImageError as e:
-                error = e.reason
-            except Exception as e:  # a decoder bug must not stop the job either
-                error = f"image {uri}: decoding failed ({type(e).__name__}: {one_line(e)})"
+            except Exception as e:  # an ImageError, or a decoder bug: neither stops the job
+                error = decode_error(e, uri)
         t2 = time.perf_counter()
         out["status"].append(status if error else "ok")
         out["error"].append(error)
@@ -334,10 +332,17 @@ def _decode_or_fail(data: bytes, uri: str, out: dict[str, list], i: int, max_pix
         return image.reshape(-1)
     except Exception as e:
         out["status"][i] = "error"
-        out["error"][i] = e.reason if isinstance(e, ImageError) else \
-            f"image {uri}: decoding failed ({type(e).__name__}: {one_line(e)})"
+        out["error"][i] = decode_error(e, uri)
         out["height"][i] = out["width"][i] = None
         return np.zeros(0, np.uint8)
+
+
+def decode_error(e: Exception, uri: str) -> str:
+    """An error row's reason for an image that did not decode: the decoder's own one line for the
+    input's faults (ImageError), the exception named for anything else (a decoder bug)."""
+    if isinstance(e, ImageError):
+        return e.reason
+    return f"image {uri}: decoding failed ({type(e).__name__}: {one_line(e)})"
 
 
 def pixels_column(images: list[np.ndarray]) -> pa.Array:
