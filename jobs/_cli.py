@@ -15,6 +15,7 @@ import sys
 from typing import Any, Callable, Iterable, NoReturn
 
 INTERRUPTED = 130  # what a shell reports for a job ended by SIGINT
+RESUME = "committed rows are kept, re-run the same command to resume"  # jobs that commit as they go
 
 
 def interruptible(prog: str, then: str) -> Callable[[Callable[..., int]], Callable[..., int]]:

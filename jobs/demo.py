@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from jobs._cli import make_parser, stop_ray
+from jobs._cli import RESUME, interruptible, make_parser
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "narrow_synth.pt"
 # Inference scales for the 256 px synthetic images: objects of 56-128 px reach the 81-114 px
@@ -41,6 +41,7 @@ def _step(title: str) -> float:
     return time.perf_counter()
 
 
+@interruptible("ifcn-demo", RESUME)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ifcn.data.synth import write_synthetic_dataset
@@ -81,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
         config = SegmentConfig.from_options(str(out / "bucket" / "images"), str(out / "segments"), checkpoint,
                                             scales=DEMO_SCALES, max_proposals=args.max_proposals)
         summary = run_segment(config)
-    except KeyboardInterrupt:
-        stop_ray()
-        print("interrupted; committed rows are kept, re-run the same command to resume", file=sys.stderr)
-        return 130
     except SegmentError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

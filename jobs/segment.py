@@ -15,8 +15,8 @@ import sys
 from dataclasses import MISSING, fields
 
 from ifcn.config import NMS_MODES, InferenceConfig
-from jobs._cli import (in_flags, make_parser, scales, show_defaults, stop_ray, storage_options, trained_scales,
-                       warn_scales)
+from jobs._cli import (RESUME, in_flags, interruptible, make_parser, scales, show_defaults, storage_options,
+                       trained_scales, warn_scales)
 from pipeline.config import SegmentConfig
 
 
@@ -68,6 +68,7 @@ LIBRARY_DEFAULTS = {f.name: f.default for cls in (SegmentConfig, InferenceConfig
 FIELDS = [f.name for cls in (SegmentConfig, InferenceConfig) for f in fields(cls)]
 
 
+@interruptible("ifcn-segment", RESUME)
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = vars(p.parse_args(argv))
@@ -92,10 +93,6 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_plan(make_plan(config), config))
             return 0
         summary = run_segment(config)
-    except KeyboardInterrupt:  # Ctrl-C: the lease is released on the way out (run_segment's finally)
-        stop_ray()
-        print("interrupted; committed rows are kept, re-run the same command to resume", file=sys.stderr)
-        return 130
     except IncompleteRunError as e:  # mid-run: what was committed stays committed
         print(f"error: {e}", file=sys.stderr)
         return 1

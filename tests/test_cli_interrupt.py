@@ -15,7 +15,7 @@ import pytest
 from pipeline.lease import Lease
 from segment_helpers import REPO, cli, cli_env, inference_flags, read_table, write_checkpoint, write_images
 
-MESSAGE = "interrupted; committed rows are kept, re-run the same command to resume"
+MESSAGE = "ifcn-segment: interrupted; committed rows are kept, re-run the same command to resume"
 
 
 @pytest.mark.slow
