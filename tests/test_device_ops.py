@@ -121,7 +121,7 @@ def test_dense_runs_match_reference(case: int) -> None:
     layout (one padded block, in a plan order unlike the windows' order, a second block for the
     full-height one): run events and counts (postprocessing._step_events, _counts) as ops.crop_runs
     gives them (which tests/test_ops.py checks against pycocotools)."""
-    from ifcn.postprocessing import _counts, _step_events
+    from ifcn.postprocessing import _counts, _step_events, step_table
 
     image_size, top, left, crop = _crop_cases()[case]
     if not crop.any():
@@ -144,7 +144,7 @@ def test_dense_runs_match_reference(case: int) -> None:
     boxes = torch.tensor([[x, y, x + c.shape[1], y + c.shape[0]] for (y, x), c in zip(placed, crops)])
     at = torch.tensor(order)
     hw = torch.tensor(image_size).expand(3, 2)
-    events = _step_events(buffer, [(0, 2, width, height), (2, 3, fw, image_size[0])], boxes[at], hw[at], torch.int32)
+    events = _step_events(buffer, step_table([(0, 2, width, height), (2, 3, fw, image_size[0])], True), boxes[at], hw[at])
     counts, lengths = _counts([events], at, 3, hw)
     got = np.split(counts.numpy()[:int(lengths.sum())], np.cumsum(lengths.numpy())[:-1])
     for g, (y, x), c in zip(got, placed, crops):
