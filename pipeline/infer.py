@@ -81,31 +81,43 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 class DeviceStats:
     """What the device half did since the actor started: batches, images, and the device's time.
 
-    device_ms: per batch, from a CUDA event recorded on the actor's stream before its first op to
-    one after its last (on CPU, the host's clock: there the device half is the host's work). Gaps
-    between batches (host work not overlapped, an empty input queue) are not in it; stalls inside
-    a batch are. forward_ms / postprocess_ms split it at the end of the forwards."""
+    A batch's span runs from a CUDA event recorded on the actor's stream before its first op to one
+    after its last (on CPU, the host's clock: there the device half is the host's work); forward_ms /
+    postprocess_ms split the spans at the end of the forwards. Concurrent calls interleave their
+    device segments (ifcn.hostwork), so their spans overlap: device_ms counts each moment once (a
+    span's part past the latest end counted so far, on one timeline since the actor's first mark).
+    Gaps between batches (host work not overlapped, an empty input queue) are not in it; stalls
+    inside a batch are."""
 
     batches: int = 0
     images: int = 0
     device_ms: float = 0.0
     forward_ms: float = 0.0
     postprocess_ms: float = 0.0
+    _until: float = float("-inf")  # the latest span end counted (ms on the actor's timeline)
 
-    def add(self, images: int, forward_ms: float, postprocess_ms: float) -> None:
+    def add(self, images: int, start_ms: float, forwarded_ms: float, end_ms: float) -> float:
+        """A batch with marks at start, end of the forwards and end (ms on the actor's timeline).
+        Returns the device time it adds (its span less what earlier spans counted)."""
+        busy = max(0.0, end_ms - max(start_ms, self._until))
+        self._until = max(self._until, end_ms)
         self.batches += 1
         self.images += images
-        self.device_ms += forward_ms + postprocess_ms
-        self.forward_ms += forward_ms
-        self.postprocess_ms += postprocess_ms
+        self.device_ms += busy
+        self.forward_ms += forwarded_ms - start_ms
+        self.postprocess_ms += end_ms - forwarded_ms
+        return busy
 
 
 class DeviceClock:
-    """Marks on the device's timeline: CUDA events on the current stream (no host wait), else the host's clock."""
+    """Marks on the device's timeline: CUDA events on the current stream (no host wait), else the host's
+    clock; times from `epoch` (a mark of an earlier clock: one timeline per actor; None: this clock's
+    first mark, which becomes its epoch)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, epoch: Any = None) -> None:
         self.cuda = device.type == "cuda"
         self.marks: list[Any] = []
+        self.epoch = epoch
 
     def mark(self) -> None:
         if self.cuda:
@@ -114,13 +126,15 @@ class DeviceClock:
             self.marks.append(event)
         else:
             self.marks.append(time.perf_counter())
+        if self.epoch is None:
+            self.epoch = self.marks[0]
 
-    def spans_ms(self) -> list[float]:
-        """Milliseconds between consecutive marks (waits for the last one on CUDA)."""
+    def times_ms(self) -> list[float]:
+        """Each mark's milliseconds since the epoch (waits for the last one on CUDA)."""
         if self.cuda:
             self.marks[-1].synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+            return [self.epoch.elapsed_time(m) for m in self.marks]
+        return [(m - self.epoch) * 1e3 for m in self.marks]
 
 
 class InferenceActor:
@@ -150,6 +164,7 @@ class InferenceActor:
     def _start(self, predictor: Predictor) -> None:
         self.predictor = predictor
         self.stats = DeviceStats()
+        self._epoch: Any = None  # the actor's first device mark (DeviceClock)
         folder = os.environ.get(STATS_DIR_ENV)
         self._stats_file = os.path.join(folder, f"{os.getpid()}.jsonl") if folder else None
         cuda = predictor.device.type == "cuda"
@@ -231,20 +246,22 @@ class InferenceActor:
         planning it yields on the calling thread (`_infer` drives it). The one place that calls the Predictor: forwards, then the
         postprocess of every image in one `Predictor.postprocess_steps` (one chain of ops for the batch)."""
         p = self.predictor
-        clock = DeviceClock(p.device)
+        clock = DeviceClock(p.device, self._epoch)
         clock.mark()
+        self._epoch = clock.epoch  # one timeline for the actor: concurrent calls' spans compare
         windows = p.windows(images, stacks)
         clock.mark()
         sizes = [image.shape[:2] for image in images]
         split = getattr(p, "postprocess_steps", None)  # None: a stand-in (bench/cpu_side.py) with no host half
         proposals = (yield from split(windows, sizes)) if split else p.postprocess_batch(windows, sizes)
         clock.mark()  # proposals are on the host by now: the device has run every op before this mark
-        forward_ms, post_ms = clock.spans_ms()
+        start, forwarded, end = clock.times_ms()
+        forward_ms, post_ms = forwarded - start, end - forwarded
         n = len(images)
-        self.stats.add(n, forward_ms, post_ms)
+        busy = self.stats.add(n, start, forwarded, end)
         if self._stats_file:
             with open(self._stats_file, "a") as f:
-                f.write(json.dumps({"t": time.time(), "pid": os.getpid(), "images": n, "device_ms": forward_ms + post_ms,
+                f.write(json.dumps({"t": time.time(), "pid": os.getpid(), "images": n, "device_ms": busy,
                                     "forward_ms": forward_ms, "postprocess_ms": post_ms}) + "\n")
         return [(r, forward_ms / n, post_ms / n) for r in proposals]
 

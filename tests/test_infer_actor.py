@@ -207,3 +207,17 @@ def test_the_device_thread_runs_no_host_planning(model: InstanceFCN, monkeypatch
     kinds = [kind for kind, _, _ in spans]
     assert kinds[0] == "host" and kinds[-1] == "host" and "device" in kinds
     assert all(a <= b for _, a, b in spans)
+
+
+def test_device_time_counts_overlapping_spans_once() -> None:
+    """Concurrent calls interleave their device segments: their spans overlap on the actor's timeline,
+    and device_ms counts each moment once (what bench/gpu.py's busy share divides by wall time)."""
+    from pipeline.infer import DeviceStats
+
+    stats = DeviceStats()
+    assert stats.add(2, 0.0, 5.0, 10.0) == 10.0
+    assert stats.add(2, 4.0, 6.0, 12.0) == 2.0  # [4, 10] already counted
+    assert stats.add(1, 6.0, 7.0, 9.0) == 0.0  # inside
+    assert stats.add(1, 20.0, 21.0, 22.0) == 2.0
+    assert (stats.batches, stats.images, stats.device_ms) == (4, 6, 14.0)
+    assert (stats.forward_ms, stats.postprocess_ms) == (5.0 + 2.0 + 1.0 + 1.0, 5.0 + 6.0 + 2.0 + 1.0)
