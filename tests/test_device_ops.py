@@ -92,6 +92,47 @@ def test_paste_dense_matches_reference(case: int, dtype: torch.dtype) -> None:
         np.testing.assert_array_equal(v[i].numpy().T, want, err_msg=f"window {i}")
 
 
+def test_paste_products_never_run_below_float32_and_set_no_switch() -> None:
+    """With reduced-precision float32 products switched on for the process (TF32 on CUDA; here the CPU's
+    oneDNN equivalent, set the same way), paste_dense's float32 products run in float64 and still give
+    the reference's masks; switched off, in float32. No module of ifcn sets or restores the switches."""
+    from pathlib import Path
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ifcn.paste import full_float32_products
+
+    class Products(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dtypes: set[torch.dtype] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.bmm.default:
+                self.dtypes.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    m, factor, image_size, cells, probs = list(_paste_cases())[4]
+    ref = paste_masks(probs, cells, factor, image_size, 8, 0.5)
+    w = _windows(probs, cells, factor)
+    boxes = _boxes(w, image_size, m, factor)
+    shape = (int((boxes[:, 2] - boxes[:, 0]).max()), int((boxes[:, 3] - boxes[:, 1]).max()))
+    for precision, product in (("high", torch.float64), ("highest", torch.float32)):
+        torch.set_float32_matmul_precision(precision)
+        try:
+            assert full_float32_products(torch.device("cpu")) == (product == torch.float32)
+            with Products() as spy:
+                v = paste_dense(w.probs, w.cells, w.factor, boxes, shape, m, 8, 0.5, torch.float32)
+        finally:
+            torch.set_float32_matmul_precision("highest")
+        assert spy.dtypes == {product}, precision
+        for i, (_, _, crop) in enumerate(ref):
+            np.testing.assert_array_equal(v[i, :crop.shape[1], 1:1 + crop.shape[0]].numpy().T, crop)
+    sources = "".join(f.read_text() for f in (Path(__file__).parents[1] / "ifcn").rglob("*.py"))
+    for switch in ("allow_tf32 =", "set_float32_matmul_precision(", "fp32_precision ="):
+        assert switch not in sources
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_tight_boxes_match_reference_on_random_geometry(seed: int) -> None:
     """Any m, factors from 0.05 to 2.5 (segments of 1 to 240 pixels), windows off every border."""
