@@ -92,12 +92,8 @@ def postprocess_steps(batch: WindowBatch, config: InferenceConfig, m: int, strid
     order = torch.argsort(torch.where(live, -batch.scores.double(), torch.inf), dim=1, stable=True)
     live = live.gather(1, order)  # (B, C) in score order
     if config.nms == "mask":
-        with stage("tight_boxes"):
-            boxes = _tight_boxes_at(batch, order, config, m, stride, dtype)
         with stage("nms"):
-            alive = live & (boxes[..., 2] > boxes[..., 0])  # empty masks take no part
-            pos, real = yield from mask_nms(batch, order, boxes, alive, config, m, stride, dtype, pixel_budget)
-            kept_boxes = torch.where(real[..., None], _take(boxes, pos), 0)
+            pos, real, kept_boxes = yield from mask_nms(batch, order, live, config, m, stride, dtype, pixel_budget)
     else:
         def fetch(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
             """Tight boxes (B, R, 4) of score positions [lo, hi) and which are alive (B, R)."""
@@ -376,21 +372,25 @@ def _steps(area: np.ndarray, budget: int) -> list[tuple[int, int]]:
 
 # --------------------------------------------------------------------------- mask NMS, every image at once
 
-def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive: torch.Tensor,
-             config: InferenceConfig, m: int, stride: int, dtype: torch.dtype, pixel_budget: int
-             ) -> Steps[tuple[torch.Tensor, torch.Tensor]]:
+def mask_nms(batch: WindowBatch, order: torch.Tensor, live: torch.Tensor, config: InferenceConfig, m: int,
+             stride: int, dtype: torch.dtype, pixel_budget: int
+             ) -> Steps[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Greedy mask-IoU NMS of every image of the batch at once, the reference's rule exactly: in
     score order, a window is kept iff no kept earlier one has mask IoU above `nms_iou`, until
     `max_proposals` are kept.
 
-    order: (B, C) candidate index of each position in score order; boxes: (B, C, 4) long tight boxes
-    there; alive: (B, C) bool. Rounds: each takes the next alive windows of every image that still
-    has room (at most MASK_ROUND, `_round_widths`), pastes them (dense, then their box pixels flat:
-    _paste_items, `pixel_budget` padded pixels a step)
-    for exact areas, reads the exact intersections of the pairs whose box/area bound passes (round
-    x kept so far, round x earlier in the round), drops the windows a kept mask suppresses and runs
-    the greedy rule (nms.greedy_keep) over the rest. Returns (B, K) positions of the kept windows,
-    best first, and (B, K) bool which are real (K = min(max_proposals, C)), as nms.box_nms does.
+    order: (B, C) candidate index of each position in score order, live (B, C) bool ones first.
+    Rounds: each takes the next positions of every image that still has room (at most MASK_ROUND,
+    `_round_widths`), pastes them (dense, then their box pixels flat: _paste_items, `pixel_budget`
+    padded pixels a step) for exact areas (empty masks: 0, they take no part), reads the exact
+    intersections of the pairs whose bounds pass (round x kept so far, round x earlier in the round;
+    _candidate_pixels, _projection_filter), drops the windows a kept mask suppresses and runs the
+    greedy rule (nms.greedy_keep) over the rest. Tight boxes are computed only for the positions a
+    round may take: MASK_ROUND past the next round's start, fetched a round ahead and read with the
+    round's kept windows (no host read of their own), so positions past the point where an image
+    has max_proposals kept are never computed. Returns (B, K) positions of the kept windows, best
+    first, (B, K) bool which are real (K = min(max_proposals, C)), as nms.box_nms does, and (B, K, 4)
+    their tight boxes (zero where not real).
 
     Memory: the flat `store` (1 byte a box pixel) stays within STORE_PIXEL_BUDGET per batch, but for
     the one window a round always takes of an unfinished image and a chunk's last kept mask: while
@@ -398,27 +398,42 @@ def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive
     past that they are pasted again each round, in chunks (`_chunked_intersections`, one more host
     read a chunk), and a round's windows get half. Dropping a round's unkept windows copies the
     store once (`_kept_pixels`: ~1.5x it at the peak)."""
-    b, c = alive.shape
-    dev = boxes.device
+    b, c = live.shape
+    dev = order.device
     cap, k, most = config.max_proposals, min(config.max_proposals, c), _budget(MASK_ROUND, dev)
     budget = _budget(STORE_PIXEL_BUDGET, dev)
-    # alive windows first, still in score order (a round is a run of positions per image), then
-    # `most` empty ones, so a round's positions never pass the end
-    rank = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)  # (B, C)
-    boxes = torch.cat([_take(torch.where(alive[..., None], boxes, 0), rank), boxes.new_zeros(b, most, 4)], 1)
-    src = torch.cat([order.gather(1, rank), order.new_zeros(b, most)], 1)  # (B, C + most) candidate index
-    host = boxes.numpy(force=True)  # (B, C + most, 4): one host read plans every round's pasting
-    rounds = yield Host(_Rounds, host, cap, k, most, budget)
-    kept = torch.zeros((b, c + most), dtype=torch.bool, device=dev)
-    area = torch.zeros((b, c + most), dtype=torch.long, device=dev)  # mask areas of the pasted positions
-    start = torch.zeros((b, c + most), dtype=torch.long, device=dev)  # kept masks' offsets in `store`
+    n = c + most  # `most` dead positions past the end, so a round's positions never pass it
+    src = torch.cat([order, order.new_zeros(b, most)], 1)  # (B, N) candidate index
+    live = torch.cat([live, live.new_zeros(b, most)], 1)  # (B, N)
+    boxes = torch.zeros((b, n, 4), dtype=torch.long, device=dev)  # tight boxes of the positions fetched (else 0)
+
+    def fetch(span: np.ndarray) -> torch.Tensor:
+        """Tight boxes (B, R, 4) of positions [start, start + count) of each image (span: (B, 2) host),
+        zero past them and for dead positions and empty masks; also written into `boxes`."""
+        r = int(span[:, 1].max())
+        at = _upload(span, dev)  # (B, 2)
+        ar = torch.arange(r, device=dev)
+        pos = (at[:, :1] + ar).clamp(max=n - 1)  # (B, R)
+        with stage("tight_boxes"):
+            got = _tight_boxes_at(batch, src.gather(1, pos), config, m, stride, dtype)
+        got = torch.where(((ar < at[:, 1:]) & live.gather(1, pos))[..., None], got, 0)
+        boxes.scatter_(1, pos[..., None].expand(b, r, 4), got)  # positions past a span: not fetched yet, 0 either way
+        return got
+
+    first = np.stack([np.zeros(b, np.int64), np.full(b, min(most, n), np.int64)], 1)
+    got = fetch(first)
+    head = torch.cat([live.sum(1), got.reshape(-1)]).numpy(force=True)  # one host read plans the first round
+    rounds = yield Host(_Rounds, b, n, cap, k, most, budget, head[:b], first, head[b:].reshape(b, -1, 4))
+    kept = torch.zeros((b, n), dtype=torch.bool, device=dev)
+    area = torch.zeros((b, n), dtype=torch.long, device=dev)  # mask areas of the pasted positions
+    start = torch.zeros((b, n), dtype=torch.long, device=dev)  # kept masks' offsets in `store`
     store = torch.zeros(0, dtype=torch.bool, device=dev)  # kept masks over their boxes, flat (while stored)
     proj_cols = proj_rows = torch.zeros(0, dtype=torch.int32, device=dev)  # every pasted window's projections
-    side_at = torch.zeros((b, c + most, 2), dtype=torch.long, device=dev)  # their offsets in proj_cols, proj_rows
+    side_at = torch.zeros((b, n, 2), dtype=torch.long, device=dev)  # their offsets in proj_cols, proj_rows
     width = rounds.width
     while width.any():
         stored = rounds.stored
-        plan_h, pos_h, hb = yield Host(rounds.next_round)
+        plan_h, pos_h, hb, ahead = yield Host(rounds.next_round)
         plan = _upload(plan_h, dev)  # (B, 3) positions done, this round's width, room
         ar = torch.arange(pos_h.shape[1], device=dev)
         pos = plan[:, :1] + ar  # (B, R) this round's positions
@@ -457,8 +472,11 @@ def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive
         keep &= torch.cumsum(keep, 1) <= plan[:, 2:3]  # the kept list stops at max_proposals
         kept.scatter_(1, pos, keep)
         area.scatter_(1, pos, ra)
-        keep_h = keep.numpy(force=True)  # one host read: how many each image kept, which pixels to keep
-        round_kept_px = yield Host(rounds.settle, pos_h, hb, keep_h)
+        got = fetch(ahead) if ahead[:, 1].any() else keep.new_zeros((b, 0, 4), dtype=torch.long)  # the next round's
+        # one host read: how many each image kept, which pixels to keep, the boxes fetched for the next round
+        read = torch.cat([keep.reshape(-1).long(), got.reshape(-1)]).numpy(force=True)
+        keep_h = read[:keep.numel()].reshape(keep.shape).astype(bool)
+        round_kept_px = yield Host(rounds.settle, pos_h, hb, keep_h, ahead, read[keep.numel():].reshape(b, -1, 4))
         width = rounds.width
         if width.any():  # another round: keep the kept masks' pixels only
             if rounds.stored:
@@ -467,52 +485,71 @@ def mask_nms(batch: WindowBatch, order: torch.Tensor, boxes: torch.Tensor, alive
             else:
                 store = store[:0]
     pos, real = first_kept(kept[:, :c], k)
-    return rank.gather(1, pos), real
+    return pos, real, torch.where(real[..., None], _take(boxes, pos), 0)
 
 
 class _Rounds:
-    """mask_nms's host side: which positions each round takes (_round_widths), and the host's copy of
-    what is kept (B, N) and of the kept masks' box pixels; whether they stay in the store (while they
-    take at most half of its budget; past it, for good, they are pasted again in chunks each round).
+    """mask_nms's host side: which positions each round takes (_round_widths) and which it fetches
+    tight boxes for ahead, the host's copy of those boxes and of what is kept (B, N), and of the kept
+    masks' box pixels; whether they stay in the store (while they take at most half of its budget;
+    past it, for good, they are pasted again in chunks each round).
 
-    host: (B, N, 4) boxes in mask_nms's order (alive first); cap: max_proposals; k: kept columns;
-    most: windows a round takes at most per image; budget: the store's box pixels."""
+    b, n: images and positions (C + most); cap: max_proposals; k: kept columns; most: positions a round
+    takes at most per image; budget: the store's box pixels; n_live: (B,) live positions (first in
+    order); span, boxes: the first fetch ((B, 2) start, count; (B, R, 4) boxes)."""
 
-    def __init__(self, host: np.ndarray, cap: int, k: int, most: int, budget: int) -> None:
-        b, n = host.shape[:2]
-        self.host, self.cap, self.k, self.most, self.budget = host, cap, k, most, budget
-        # (B, N + 1) box pixels of the positions before each: caps a round's windows by pixels
-        self.cum = np.concatenate([np.zeros((b, 1), np.int64), np.cumsum(_box_pixels(host), 1)], 1)
-        self.n_alive = (host[..., 2] > host[..., 0]).sum(1)  # (B,)
+    def __init__(self, b: int, n: int, cap: int, k: int, most: int, budget: int, n_live: np.ndarray,
+                 span: np.ndarray, boxes: np.ndarray) -> None:
+        self.cap, self.k, self.most, self.budget, self.n_live = cap, k, most, budget, n_live
+        self.host = np.zeros((b, n, 4), dtype=np.int64)  # (B, N, 4) boxes of the positions fetched (else 0)
+        self.fetched = np.zeros(b, dtype=np.int64)  # positions fetched per image (from 0)
         self.kept = np.zeros((b, n), dtype=bool)
         self.lo, self.count = np.zeros(b, dtype=np.int64), np.zeros(b, dtype=np.int64)  # positions done, kept
         self.stored, self.kept_px = True, 0
+        self._receive(span, boxes)
         self.width = self._widths()
+
+    def _receive(self, span: np.ndarray, boxes: np.ndarray) -> None:
+        """Fetched boxes (B, R, 4) of positions [start, start + count) per image."""
+        r = boxes.shape[1]
+        at = span[:, :1] + np.arange(r)  # (B, R)
+        inside = np.arange(r) < span[:, 1:]
+        rows = np.nonzero(inside)
+        self.host[rows[0], at[rows]] = boxes[rows]
+        self.fetched = np.maximum(self.fetched, span[:, 0] + span[:, 1])
 
     def _widths(self) -> np.ndarray:
         room = self.budget - self.kept_px if self.stored else self.budget - self.budget // 2
-        return _round_widths(self.n_alive, self.lo, self.count, self.cap, self.most, self.cum, room)
+        cum = np.concatenate([np.zeros((len(self.host), 1), np.int64), np.cumsum(_box_pixels(self.host), 1)], 1)
+        width = _round_widths(np.minimum(self.n_live, self.fetched), self.lo, self.count, self.cap, self.most, cum, room)
+        return np.minimum(width, np.maximum(self.fetched - self.lo, 0))  # only positions with boxes
 
-    def next_round(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def next_round(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The next round: (B, 3) positions done, width, room; (B, R) its positions; (B, R, 4) their
-        boxes (zero past an image's width)."""
+        boxes (zero past an image's width); (B, 2) the positions to fetch for the round after it
+        (start, count: up to `most` past this round's end, within the live ones)."""
         r = int(self.width.max())
         pos_h = self.lo[:, None] + np.arange(r)
         hb = np.take_along_axis(self.host, pos_h[..., None], 1) * (np.arange(r) < self.width[:, None])[..., None]
-        return np.stack([self.lo, self.width, self.cap - self.count], 1), pos_h, hb
+        end = np.minimum(self.lo + self.width + self.most, self.n_live)
+        ahead = np.stack([self.fetched, np.where(self.width > 0, np.maximum(end - self.fetched, 0), 0)], 1)
+        return np.stack([self.lo, self.width, self.cap - self.count], 1), pos_h, hb, ahead
 
     def kept_boxes(self) -> np.ndarray:
         """(B, K, 4) the kept boxes in order, zero past them (_first_kept_host)."""
         return _first_kept_host(self.kept, self.host, self.k)
 
-    def settle(self, pos_h: np.ndarray, hb: np.ndarray, keep_h: np.ndarray) -> int:
-        """A round's kept windows keep_h (B, R) bool: records them and plans the next round. Returns the
-        box pixels they keep."""
+    def settle(self, pos_h: np.ndarray, hb: np.ndarray, keep_h: np.ndarray, span: np.ndarray,
+               boxes: np.ndarray) -> int:
+        """A round's kept windows keep_h (B, R) bool and the boxes fetched ahead (span, boxes):
+        records them and plans the next round. Returns the box pixels the round keeps."""
         np.put_along_axis(self.kept, pos_h, np.take_along_axis(self.kept, pos_h, 1) | keep_h, 1)
         round_kept_px = int((_box_pixels(hb) * keep_h).sum())
         self.kept_px += round_kept_px
         self.lo, self.count = self.lo + self.width, self.count + keep_h.sum(1)
         self.stored = self.stored and 2 * self.kept_px <= self.budget
+        if boxes.shape[1]:
+            self._receive(span, boxes)
         self.width = self._widths()
         return round_kept_px
 
@@ -843,6 +880,6 @@ def _kept_pixels(store: torch.Tensor, base: int, keep: torch.Tensor, box_area: t
     order = torch.argsort(rstart.reshape(-1))  # (n,) the round's windows in store order (back to back)
     lengths, kept = box_area.reshape(-1)[order], keep.reshape(-1)[order]
     mask = torch.repeat_interleave(kept, lengths, output_size=len(store) - base)  # (round pixels,)
-    at = torch.nonzero_static(mask, size=total).reshape(-1) + base
+    at = torch.nonzero_static(mask, size=total).reshape(-1)  # in the round's part (a view: no offset added)
     first = torch.zeros_like(lengths).index_copy_(0, order, _exclusive_cumsum(torch.where(kept, lengths, 0)))
-    return torch.cat([store[:base], store[at]]), (base + first).reshape(keep.shape)
+    return torch.cat([store[:base], store[base:][at]]), (base + first).reshape(keep.shape)

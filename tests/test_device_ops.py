@@ -560,3 +560,23 @@ def test_float32_within_tolerance_on_realistic_input() -> None:
     assert ious.max(1).min() >= 0.99
     n = min(len(a), len(b))
     assert np.abs(got.areas[:n] - want.areas[:n]).sum() <= 0.001 * want.areas.sum()
+
+
+def test_mask_nms_computes_tight_boxes_only_ahead_of_its_rounds(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mask NMS fetches tight boxes a round ahead (MASK_ROUND positions past the next round's start), so
+    positions past the point where an image has max_proposals kept are never computed; results are
+    the reference's."""
+    import ifcn.postprocessing as post
+    from ifcn.postprocessing import postprocess_batch
+
+    config = InferenceConfig(scales=(40, 56, 88), windows_per_scale=100, max_proposals=6, nms="mask")
+    images = [_image(0, (50, 70)), _image(3, (83, 41))]
+    batch = Predictor(model, config, device="cpu", postprocess_on="device").windows(images)
+    computed = []
+    tight = post._tight_boxes_at
+    monkeypatch.setattr(post, "_tight_boxes_at", lambda b, idx, *a: computed.append(idx.numel()) or tight(b, idx, *a))
+    monkeypatch.setitem(post.MASK_ROUND, "cpu", 8)
+    got = postprocess_batch(batch, config, 21, 8, torch.float64)
+    assert 0 < sum(computed) <= batch.scores.numel() // 3, (computed, batch.scores.shape)
+    for one, cands in zip(got, batch.candidates(8)):
+        _assert_same(one, postprocess_numpy(cands, config))
