@@ -102,23 +102,21 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     p1 = p[:, :, seg1]  # (n, m, m): P[r, j1]
     q = (p[:, :, None, :] * (1.0 - tx) + p1[:, :, None, :] * tx).reshape(n, m, 2 * m)  # (n, m, 2m)
     q1 = q[:, seg1]
-    # Columns (x-segments, y-probes): P at the probe's rows i0, i1; the y weight s at the probe
-    sy = pt[0].reshape(n, 2, m, 1)
     ok = (hi > lo)[..., None] & probe_ok.flip(0)[:, :, None, :]  # (2, n, m, 2m): segment and probe exist
+    # Every segment end of one axis against every probe of the other is one grid of pixels: (y probe, x
+    # probe), both ends of both axes' segments. Its values are the reference's float ops (Q blended along
+    # y at the y probe's weight), computed once: (n, m y-segments, 2m x-probes) at the segments' first
+    # pixels (y probes 0..m-1) and at their last (m..2m-1).
+    t_lo, t_hi = pt[0][:, :m, None], pt[0][:, m:, None]  # (n, m, 1) y weights at each y-segment's ends
+    g_lo = q * (1.0 - t_lo) + q1 * t_lo > threshold
+    g_hi = q * (1.0 - t_hi) + q1 * t_hi > threshold
 
-    def on(t: torch.Tensor) -> torch.Tensor:
-        """(2, n, m) weights at one end of every segment -> (2, n, m, 2m) bool: that end's pixel on each
-        probe of the other axis is on. The reference's float ops, each axis on its own (no zero terms):
-        rows blend Q along y; columns blend P along x at the segment end (every cell row), then along y."""
-        ty = t[0][..., None]  # (n, m, 1)
-        rows = q * (1.0 - ty) + q1 * ty  # (n, m, 2m)
-        tx_ = t[1][:, None, :]  # (n, 1, m)
-        qx = p * (1.0 - tx_) + p1 * tx_  # (n, m cell rows, m segments)
-        cols = (qx[:, None] * (1.0 - sy) + qx[:, seg1][:, None] * sy).reshape(n, 2 * m, m)  # [probe, segment]
-        return torch.stack([rows > threshold, (cols > threshold).transpose(1, 2)])
+    def ends(at: slice) -> torch.Tensor:
+        """(n, m x-segments, 2m y-probes): the grid at the x-segments' first (:m) or last (m:) pixels."""
+        return torch.cat([g_lo[..., at], g_hi[..., at]], 1).transpose(1, 2)
 
-    on_lo = ok & on(_weight(lo, c0[..., None], f[..., None], m, stride).to(dtype))
-    on_hi = ok & on(_weight(hi - 1, c0[..., None], f[..., None], m, stride).to(dtype))
+    on_lo = ok & torch.stack([g_lo, ends(slice(None, m))])  # (2, n, m, 2m): a segment's first pixel, per probe
+    on_hi = ok & torch.stack([g_hi, ends(slice(m, None))])  # its last pixel
     seg_on = (on_lo | on_hi).any(-1)  # (2, n, m)
     found = seg_on.any(-1)  # (2, n)
     first = seg_on.to(torch.int8).argmax(-1)  # first segment with a pixel on
