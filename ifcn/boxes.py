@@ -48,19 +48,19 @@ def segments(c0: torch.Tensor, f: torch.Tensor, size: torch.Tensor, m: int, stri
     c0, f, size: (...,) window start cell, factor (float64), image side -> lo, hi: (..., m) long,
     hi == lo for an empty segment. Bounds are first pixels where a monotone float predicate turns
     true (span start, u >= j, span end), estimated in closed form and settled by evaluating the
-    predicate itself at the estimate and its neighbours."""
+    predicate itself at the estimate and the pixel before it (neither: the one after it)."""
     dev = c0.device
     j = torch.arange(m + 1, device=dev, dtype=torch.float64)
     # resized-px thresholds: span start 0, cell boundaries (j + 0.5) * stride, span end m * stride
     theta = torch.where(j == 0, 0.0, torch.where(j == m, float(m * stride), (j + 0.5) * stride))  # (m + 1,)
     c0e, fe = c0[..., None], f[..., None]
     est = torch.ceil((theta + (c0e * stride).double()) / fe - 0.5).long()  # (..., m + 1)
-    cand = est[..., None] + torch.arange(-1, 2, device=dev)  # (..., m + 1, 3)
+    cand = est[..., None] + torch.arange(-1, 1, device=dev)  # (..., m + 1, 2): est - 1, est (else est + 1)
     r = _resized(cand, c0e[..., None], fe[..., None], stride)
     jj = j.long()[:, None]
     inner = (r / stride - 0.5) >= jj  # u >= j <=> floor(clip(u)) >= j for 1 <= j <= m - 1
-    ok = torch.where(jj == 0, r >= 0, torch.where(jj == m, r >= m * stride, inner))  # (..., m + 1, 3)
-    first = torch.where(ok[..., 0], cand[..., 0], torch.where(ok[..., 1], cand[..., 1], cand[..., 2]))
+    ok = torch.where(jj == 0, r >= 0, torch.where(jj == m, r >= m * stride, inner))  # (..., m + 1, 2)
+    first = torch.where(ok[..., 0], cand[..., 0], torch.where(ok[..., 1], cand[..., 1], est + 1))
     vlo = first[..., :1].clamp(min=0)
     vhi = torch.minimum(first[..., m:], size[..., None])
     lo = torch.maximum(first[..., :m], vlo)
