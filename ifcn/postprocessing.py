@@ -1,6 +1,6 @@
 """The per-pixel half of inference for a whole batch at once, on the windows' device (torch):
 
-    tight boxes of every window (boxes.tight_boxes, from the m x m grids: no pasting)
+    tight boxes of the windows NMS reaches (boxes.tight_boxes, from the m x m grids: no pasting)
     NMS of every image at once: box IoU (nms.box_nms) or mask IoU (mask_nms, in rounds)
     the kept windows pasted dense in blocks of similar box sizes, their areas and run lengths
     (paste.paste_dense; _dense_plan, _step_events, _counts)
@@ -11,8 +11,9 @@ bounds, PAIR_PIXEL_BUDGET intersection pixels) and, for mask NMS, one more round
 windows of the score order that an image needs before it has `max_proposals` kept (or per share of
 STORE_PIXEL_BUDGET box pixels, and one chunk step per such share of kept masks past half of it). Host syncs per
 batch: the NMS convergence checks (a few), one read of the kept boxes (to plan the pasting), one
-per paste step (the number of run events) and two reads of results; mask NMS adds one read of all boxes
-(to plan its pasting) and three a round (candidate pairs, the greedy rule's check, the kept windows),
+per paste step (the number of run events) and two reads of results; mask NMS adds one read of the first
+round's boxes (to plan its pasting) and four a round (the candidate pairs left by the projection
+bound, their intersections, the greedy rule's check, the kept windows with the next round's boxes),
 one more a chunk where its kept masks pass half of STORE_PIXEL_BUDGET and are pasted again in chunks.
 float64 gives the numpy reference's proposals exactly; float32 (the default) differs only for
 pixels within rounding of the threshold. The host planning between device steps (paste plans, mask
