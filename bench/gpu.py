@@ -10,6 +10,8 @@ GPU (the lent machine; one call, everything in it, under 5 minutes; see /work/sh
 CPU (exercises the script; the figures are not GPU figures, except the op counts of part 3):
 
     python bench/gpu.py [--out gpu.json]
+    python bench/gpu.py --device cpu --num-images 2 --size 64x64 --max-proposals 10 --skip-counts \
+        --skip-pipeline --skip-big-image --actor-seconds 0.5      # tiny: parts 1, 2 and 4 (tests/test_bench_gpu.py)
 
 Measures, in one run on one machine (bench/README.md says more):
   1. matmul     the dense ceiling: bf16 TFLOP/s on CUDA, fp32 GFLOP/s on CPU;
@@ -22,7 +24,9 @@ Measures, in one run on one machine (bench/README.md says more):
   4. actor      the real pipeline.infer.InferenceActor called with read-stage batches from CONCURRENT_CALLS
                 threads, as Ray Data calls a GPU actor; its first call apart, then ACTOR_BUDGET_S of steady
                 calls: images/s, actor / bare forward, device busy by the actor's CUDA events (device time over
-                wall time) beside nvidia-smi's utilisation;
+                wall time) beside nvidia-smi's utilisation, and the overlap share of the concurrent calls: of
+                their host work on the calling threads, the share run while another call's device half ran on
+                the device thread (ifcn.hostwork; on CPU a CPU figure: the device half is CPU work there);
   5. big image  one 4000x3000 photo through `Predictor.proposals` at the defaults: peak memory and time;
   6. job        `pipeline.run.run_segment` on generated JPEGs (random-init --backbone), box and mask NMS, images
                 for JOB_STEADY_S at the actor's rate: start-up (call to the first batch out of an actor) apart
@@ -65,6 +69,7 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != Path(__f
 sys.path.insert(0, str(REPO))
 
 import ifcn  # noqa: E402
+from ifcn.hostwork import overlap_share  # noqa: E402
 from ifcn.opcount import OpCounter  # noqa: E402
 from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size  # noqa: E402
 from pipeline.infer import CONCURRENT_CALLS, STATS_DIR_ENV, InferenceActor  # noqa: E402
@@ -116,6 +121,8 @@ class Settings:
     big_size: tuple[int, int]  # the bounded-memory check's image H, W
     postprocess_on: tuple[str, ...]  # Predictor paths timed in part 4
     max_job_images: int
+    actor_seconds: float = 0.0  # part 4's steady calls per setting (0: ACTOR_BUDGET_S of the device)
+    big: bool = True  # part 5
 
     @property
     def amp(self) -> torch.dtype | None:
@@ -145,10 +152,12 @@ def job_batch(device: str) -> int:
 
 def make_settings(args: argparse.Namespace) -> Settings:
     """GPU: the paper's settings; CPU: a small equivalent that runs in minutes on 2 cores."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py --device cuda: no CUDA device here; leave --device out or pass --device cpu")
     batch = args.batch_size or job_batch(device)
     common = dict(pipeline=not args.skip_pipeline, counts=not args.skip_counts,
-                  max_job_images=args.max_job_images)
+                  max_job_images=args.max_job_images, actor_seconds=args.actor_seconds, big=not args.skip_big_image)
     if device == "cuda":
         return Settings("cuda", args.backbone or "vgg16", parse_size(args.size or "480x640"), ifcn.PAPER_SCALES,
                         args.num_images or 128, batch, args.max_proposals or 1000, big_size=(3000, 4000),
@@ -277,14 +286,19 @@ def op_counts(settings: Settings, report: Callable[[str], None]) -> list[dict[st
 
 def actor_alone(actor: InferenceActor, batch: pa.Table, budget_s: float, device: str) -> dict[str, Any]:
     """One call (start-up, timed apart), then CONCURRENT_CALLS threads calling until budget_s has passed.
-    Rate = images done / wall; device busy = the actor's CUDA-event device time / wall."""
+    Rate = images done / wall; device busy = the actor's CUDA-event device time / wall; overlap = of the
+    steady calls' host work on their calling threads (stacking, the postprocess's host planning, the
+    Arrow columns), the share during which another call's device half ran on the device thread
+    (ifcn.hostwork.overlap_share of the actor's per-call spans; device spans are the device thread's
+    launching and waiting, not GPU time; on CPU the device half is CPU work too)."""
     samplers.reset_peak(device)
     t0 = time.perf_counter()
     first = actor(batch)
     first_s = time.perf_counter() - t0
     if first.column("status").to_pylist() != ["ok"] * batch.num_rows:
         raise RuntimeError(f"actor failed: {first.column('error').to_pylist()}")
-    before = (actor.stats.images, actor.stats.device_ms, actor.stats.forward_ms)
+    before = (actor.stats.images, actor.stats.device_ms, actor.stats.forward_ms, actor.stats.postprocess_ms)
+    actor.call_spans = []  # the steady calls' host and device spans
     tables: list[pa.Table] = []
     with samplers.gpu_sampler(device) as gpu:
         start = time.time()
@@ -300,17 +314,21 @@ def actor_alone(actor: InferenceActor, batch: pa.Table, budget_s: float, device:
             t.join()
         end = time.time()
     wall = end - start
+    calls, actor.call_spans = actor.call_spans, None
+    host_s = sum(b - a for spans in calls for kind, a, b in spans if kind == "host")
     images = actor.stats.images - before[0]
     device_s, forward_s = (actor.stats.device_ms - before[1]) / 1e3, (actor.stats.forward_ms - before[2]) / 1e3
+    post_s = (actor.stats.postprocess_ms - before[3]) / 1e3  # spans: concurrent calls' interleave (DeviceStats)
     sample = pa.concat_tables(tables).slice(0, ENCODE_SAMPLE)
     t1 = time.perf_counter()
     proposals = encode_batch(sample).column("proposals").to_pylist()
     encode_ms = 1e3 * (time.perf_counter() - t1) / sample.num_rows
     return {"images": images, "first_call_s": first_s, "seconds": wall, "images_per_s": images / wall,
             "device_busy": device_s / wall, "forward_ms": 1e3 * forward_s / images,
-            "postprocess_ms": 1e3 * (device_s - forward_s) / images, "encode_ms": encode_ms,
+            "postprocess_ms": 1e3 * post_s / images, "encode_ms": encode_ms,
             "proposals": float(np.mean([len(p) for p in proposals])), "peak_mib": samplers.peak_mib(device),
-            "gpu": gpu.summary(window=(start, end))}
+            "gpu": gpu.summary(window=(start, end)), "calls": len(calls), "host_ms": 1e3 * host_s / max(1, images),
+            "overlap_share": overlap_share(calls)}
 
 
 def actor_settings(settings: Settings, nets: dict[str, nn.Module], images: list[np.ndarray],
@@ -323,7 +341,8 @@ def actor_settings(settings: Settings, nets: dict[str, nn.Module], images: list[
         for nms in ("box", "mask"):
             for on in settings.postprocess_on:
                 predictor = ifcn.Predictor(net, settings.inference(nms), device, settings.amp, postprocess_on=on)
-                r = actor_alone(InferenceActor.of(predictor), batch, ACTOR_BUDGET_S[device], device)
+                r = actor_alone(InferenceActor.of(predictor), batch, settings.actor_seconds or ACTOR_BUDGET_S[device],
+                                device)
                 r.update(heads=heads, nms=nms, postprocess_on=on, batch=batch.num_rows,
                          ratio_to_bare=r["images_per_s"] / bare_rate)
                 rows.append(r)
@@ -333,6 +352,10 @@ def actor_settings(settings: Settings, nets: dict[str, nn.Module], images: list[
                        f"forward {r['forward_ms']:.1f} ms + postprocess {r['postprocess_ms']:.1f} ms on the device; "
                        f"encode {r['encode_ms']:.1f} ms (CPU); {r['proposals']:.0f} proposals"
                        + _gpu_text(r["gpu"], r["peak_mib"]))
+                report(f"    overlap of the {CONCURRENT_CALLS} concurrent calls: {100 * r['overlap_share']:.0f}% of the "
+                       f"calls' host work ({r['host_ms']:.1f} ms / image on calling threads, {r['calls']} calls) ran "
+                       f"while another call's device half ran on the device thread"
+                       + ("" if device == "cuda" else " (CPU figures: the device half is CPU work here)"))
     return rows
 
 
@@ -477,6 +500,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 if (a["heads"], a["nms"]) == (heads, nms):
                     row[f"actor/bare ({a['postprocess_on']})"] = a["ratio_to_bare"]
                     row[f"actor busy % ({a['postprocess_on']})"] = 100 * a["device_busy"]
+                    row[f"actor overlap % ({a['postprocess_on']})"] = 100 * a["overlap_share"]
             for j in results.get("job", []):
                 if heads == "random" and j["nms"] == nms and j["steady"].get("images_per_s"):
                     row["job images/s (steady)"] = j["steady"]["images_per_s"]
@@ -499,7 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-proposals", type=int, default=None, help="default 1000 on GPU (the paper's), 100 on CPU")
     ap.add_argument("--backbone", choices=ifcn.BACKBONES, default=None,
                     help="default vgg16 on GPU, vgg16_narrow on CPU")
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                    help="auto: CUDA where there is one; cpu: the CPU equivalents even beside a GPU")
+    ap.add_argument("--actor-seconds", type=float, default=0.0,
+                    help="part 4's steady calls per setting (default: 8 s on CUDA, 3 s on CPU)")
     ap.add_argument("--skip-counts", action="store_true", help="skip part 3 (op counts)")
+    ap.add_argument("--skip-big-image", action="store_true", help="skip part 5 (one large photo)")
     ap.add_argument("--skip-pipeline", action="store_true", help="skip part 6 (jobs.segment end to end on Ray)")
     ap.add_argument("--max-job-images", type=int, default=20_000, help="cap on the images of one job run")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here (after every part)")
@@ -565,10 +594,13 @@ def main(argv: list[str] | None = None) -> int:
     results["actor"] = actor_settings(settings, nets, images, fwd["images_per_s"], report)
     save()
 
-    report(f"5. bounded memory: one {settings.big_size[0]}x{settings.big_size[1]} synthetic photo "
-           f"(postprocess on the device)")
-    results["big_image"] = big_image(model, settings, report)
-    save()
+    if settings.big:
+        report(f"5. bounded memory: one {settings.big_size[0]}x{settings.big_size[1]} synthetic photo "
+               f"(postprocess on the device)")
+        results["big_image"] = big_image(model, settings, report)
+        save()
+    else:
+        report("5. bounded memory: skipped (--skip-big-image)")
     if device == "cuda":
         torch.cuda.empty_cache()
 

@@ -48,19 +48,19 @@ def segments(c0: torch.Tensor, f: torch.Tensor, size: torch.Tensor, m: int, stri
     c0, f, size: (...,) window start cell, factor (float64), image side -> lo, hi: (..., m) long,
     hi == lo for an empty segment. Bounds are first pixels where a monotone float predicate turns
     true (span start, u >= j, span end), estimated in closed form and settled by evaluating the
-    predicate itself at the estimate and its neighbours."""
+    predicate itself at the estimate and the pixel before it (neither: the one after it)."""
     dev = c0.device
     j = torch.arange(m + 1, device=dev, dtype=torch.float64)
     # resized-px thresholds: span start 0, cell boundaries (j + 0.5) * stride, span end m * stride
     theta = torch.where(j == 0, 0.0, torch.where(j == m, float(m * stride), (j + 0.5) * stride))  # (m + 1,)
     c0e, fe = c0[..., None], f[..., None]
     est = torch.ceil((theta + (c0e * stride).double()) / fe - 0.5).long()  # (..., m + 1)
-    cand = est[..., None] + torch.arange(-1, 2, device=dev)  # (..., m + 1, 3)
+    cand = est[..., None] + torch.arange(-1, 1, device=dev)  # (..., m + 1, 2): est - 1, est (else est + 1)
     r = _resized(cand, c0e[..., None], fe[..., None], stride)
     jj = j.long()[:, None]
     inner = (r / stride - 0.5) >= jj  # u >= j <=> floor(clip(u)) >= j for 1 <= j <= m - 1
-    ok = torch.where(jj == 0, r >= 0, torch.where(jj == m, r >= m * stride, inner))  # (..., m + 1, 3)
-    first = torch.where(ok[..., 0], cand[..., 0], torch.where(ok[..., 1], cand[..., 1], cand[..., 2]))
+    ok = torch.where(jj == 0, r >= 0, torch.where(jj == m, r >= m * stride, inner))  # (..., m + 1, 2)
+    first = torch.where(ok[..., 0], cand[..., 0], torch.where(ok[..., 1], cand[..., 1], est + 1))
     vlo = first[..., :1].clamp(min=0)
     vhi = torch.minimum(first[..., m:], size[..., None])
     lo = torch.maximum(first[..., :m], vlo)
@@ -102,24 +102,24 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     p1 = p[:, :, seg1]  # (n, m, m): P[r, j1]
     q = (p[:, :, None, :] * (1.0 - tx) + p1[:, :, None, :] * tx).reshape(n, m, 2 * m)  # (n, m, 2m)
     q1 = q[:, seg1]
-    # Columns (x-segments, y-probes): P at the probe's rows i0, i1; the y weight s at the probe
-    sy = pt[0].reshape(n, 2, m, 1)
-    ok = (hi > lo)[..., None] & probe_ok.flip(0)[:, :, None, :]  # (2, n, m, 2m): segment and probe exist
+    # Every segment end of one axis against every probe of the other is one grid of pixels: (y probe, x
+    # probe), both ends of both axes' segments. Its values are the reference's float ops (Q blended along
+    # y at the y probe's weight), computed once: (n, m y-segments, 2m x-probes) at the segments' first
+    # pixels (y probes 0..m-1) and at their last (m..2m-1).
+    t_lo, t_hi = pt[0][:, :m, None], pt[0][:, m:, None]  # (n, m, 1) y weights at each y-segment's ends
+    g_lo = q * (1.0 - t_lo) + q1 * t_lo > threshold
+    g_hi = q * (1.0 - t_hi) + q1 * t_hi > threshold
 
-    def on(t: torch.Tensor) -> torch.Tensor:
-        """(2, n, m) weights at one end of every segment -> (2, n, m, 2m) bool: that end's pixel on each
-        probe of the other axis is on. The reference's float ops, each axis on its own (no zero terms):
-        rows blend Q along y; columns blend P along x at the segment end (every cell row), then along y."""
-        ty = t[0][..., None]  # (n, m, 1)
-        rows = q * (1.0 - ty) + q1 * ty  # (n, m, 2m)
-        tx_ = t[1][:, None, :]  # (n, 1, m)
-        qx = p * (1.0 - tx_) + p1 * tx_  # (n, m cell rows, m segments)
-        cols = (qx[:, None] * (1.0 - sy) + qx[:, seg1][:, None] * sy).reshape(n, 2 * m, m)  # [probe, segment]
-        return torch.stack([rows > threshold, (cols > threshold).transpose(1, 2)])
+    x_ok, y_ok = probe_ok[1][:, None, :], probe_ok[0][:, :, None]  # (n, 1, 2m), (n, 2m, 1): the probe exists
 
-    on_lo = ok & on(_weight(lo, c0[..., None], f[..., None], m, stride).to(dtype))
-    on_hi = ok & on(_weight(hi - 1, c0[..., None], f[..., None], m, stride).to(dtype))
-    seg_on = (on_lo | on_hi).any(-1)  # (2, n, m)
+    def cols(at: slice) -> torch.Tensor:
+        """(n, m): some existing y-probe is on at the x-segments' first (:m) or last (m:) pixels."""
+        return (g_lo[..., at] & y_ok[:, :m]).any(1) | (g_hi[..., at] & y_ok[:, m:]).any(1)
+
+    exists = hi > lo  # (2, n, m) the segment has pixels
+    on_lo = exists & torch.stack([(g_lo & x_ok).any(-1), cols(slice(None, m))])  # (2, n, m): on at its first pixel
+    on_hi = exists & torch.stack([(g_hi & x_ok).any(-1), cols(slice(m, None))])  # at its last pixel
+    seg_on = on_lo | on_hi  # (2, n, m)
     found = seg_on.any(-1)  # (2, n)
     first = seg_on.to(torch.int8).argmax(-1)  # first segment with a pixel on
     last = m - 1 - seg_on.flip(-1).to(torch.int8).argmax(-1)
@@ -132,21 +132,16 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
         return t.expand(2, *t.shape).gather(3, idx).squeeze(3)
 
     s_lo, s_hi = pick(lo), pick(hi)  # (2, 2, n)
-    a_lo, a_hi = pick(on_lo), pick(on_hi)  # (2, 2, n, 2m)
     # the searched segment's blend terms per side, axis and probe (2 sides, 2 axes, n, 2m): rows Q at
     # segments a, a + 1 (s = 0); columns P at the probe's rows i0, i1 and cells a, a + 1, s its y weight
     ar = torch.arange(n, device=dev)
     a_r, a_c = at[:, 0, :, 0], at[:, 1, :, 0]  # (2 sides, n)
     pt_ = p.transpose(1, 2)  # (n, m, m): [cell, row]
 
-    def rows_at(cell: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        """(2 sides, n, 2m): P at each probe's cell row `which` (seg or seg1) and column `cell` (2 sides, n)."""
-        return pt_[ar, cell][..., which[pj]]
-
-    # rows: Q at segments a, a + 1 blended along y (its x blend is in Q); columns: P at the probe's rows
-    # i0 (x0, x1) and i1 (y0, y1), cells a, a + 1, blended along x, then along y with the probe's s
+    # rows: Q at segments a, a + 1 blended along y (its x blend is in Q); columns: P at cells a, a + 1 of
+    # every cell row, blended along x, then at the probe's rows i0, i1 along y with the probe's s
     xr0, xr1 = q[ar, a_r], q1[ar, a_r]  # (2 sides, n, 2m)
-    x0, x1, y0, y1 = rows_at(a_c, seg), rows_at(seg1[a_c], seg), rows_at(a_c, seg1), rows_at(seg1[a_c], seg1)
+    pa, pa1 = pt_[ar, a_c], pt_[ar, seg1[a_c]]  # (2 sides, n, m rows)
     s1, s = 1.0 - pt[0], pt[0]  # (n, 2m)
     # One search per side, axis and window over "some probe is on" (not one per probe): in a segment
     # each probe's pixels on are a prefix or a suffix, so where no probe is on at the segment's
@@ -154,7 +149,7 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     # its last all prefixes (side 1: the pixels where none is on are a suffix). The geometry (float64)
     # is then computed per side, axis and window, not per probe.
     valid = probe_ok.flip(0)[None]  # (1, 2, n, 2m): the probe exists (a searched segment does)
-    any_lo, any_hi = a_lo.any(-1), a_hi.any(-1)  # (2 sides, 2, n)
+    any_lo, any_hi = pick(on_lo), pick(on_hi)  # (2 sides, 2, n): some probe is on at the segment's first (last) pixel
     side = torch.arange(2, device=dev).bool()[:, None, None]  # [False, True], made on the device
     # search for the first pixel in (lo, hi - 1] where `some on != side`, given it holds at hi - 1, not at lo
     below, above = s_lo.clone(), s_hi - 1
@@ -164,7 +159,8 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
         t = _weight(mid, ce, fe, m, stride).to(dtype)[..., None]  # (2 sides, 2 axes, n, 1)
         tr, tc = t[:, 0], t[:, 1]
         rows = xr0 * (1.0 - tr) + xr1 * tr  # (2 sides, n, 2m)
-        cols = (x0 * (1.0 - tc) + x1 * tc) * s1 + (y0 * (1.0 - tc) + y1 * tc) * s
+        qc = pa * (1.0 - tc) + pa1 * tc  # (2 sides, n, m rows): along x at the pixel
+        cols = qc[..., pj] * s1 + qc[..., seg1[pj]] * s  # then along y at each probe
         on_mid = (torch.stack([rows > threshold, cols > threshold], 1) & valid).any(-1)
         flip = on_mid != side
         above, below = torch.where(flip, mid, above), torch.where(flip, below, mid)

@@ -7,12 +7,10 @@ Pixel p of an axis sits at window cell u = clip(((p + 0.5) * factor - stride * c
 0, m-1) and blends cells floor(u) and floor(u) + 1 with weight t = u - floor(u); pixels whose centre
 falls outside the window's span [stride * c0, stride * (c0 + m)) or outside the image are 0. A
 window's pasted value is that blend along x first, then along y; > threshold is the mask.
-Geometry is float64 everywhere; torch blends in `dtype` (float64 reproduces the reference).
+Geometry is float64 everywhere; torch blends in `dtype` (float64 reproduces the reference), in
+float64 where float32 products would run in a reduced mode (TF32): never below float32.
 """
 from __future__ import annotations
-
-import contextlib
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -148,17 +146,18 @@ def dense_weights(boxes: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor
     return out[:, :, :wp], out[:, :, wp:]
 
 
-@contextlib.contextmanager
-def full_precision() -> Iterator[None]:
-    """float32 matrix products in full float32 on CUDA (TF32 rounds their inputs to 10 bits, which would
-    move pasted values by ~1e-3 and the masks with them): torch's default, held here whatever the
-    caller set (the flag is global; the device thread runs one op at a time)."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+def full_float32_products(device: torch.device) -> bool:
+    """Whether float32 matrix products on `device` run in full float32 now: not in TF32 (CUDA's
+    `allow_tf32`, off by default) nor in oneDNN's reduced modes on CPU. Read per call, never set: the
+    switches are process-wide, and the forward or the caller may want them on."""
+    if device.type == "cuda":
+        return not torch.backends.cuda.matmul.allow_tf32
+    precision = getattr(getattr(getattr(torch.backends, "mkldnn", None), "matmul", None), "fp32_precision", "none")
+    if precision == "none":  # follows the generic setting (torch >= 2.9), or the legacy one before it
+        precision = getattr(torch.backends, "fp32_precision", "none")
+        if precision == "none":
+            return torch.get_float32_matmul_precision() == "highest"
+    return precision == "ieee"
 
 
 def paste_dense(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, boxes: torch.Tensor,
@@ -178,17 +177,21 @@ def paste_dense(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     rounded once (a fused multiply-add may round the pair once where the reference rounds thrice:
     pixels within rounding of the threshold may differ, as float32 ones may anyway): ~6 bytes a
     padded pixel in float32 (the product and the bool), where a flat paste with per-pixel indices
-    wrote ~80."""
+    wrote ~80. Products are never rounded below float32: where float32 products would run in a
+    reduced mode (TF32 on CUDA, which rounds inputs to 10 bits and would move pasted values by
+    ~1e-3; `full_float32_products`), they run in float64 instead (~9 bytes a padded pixel), with no
+    process-wide switch set or restored."""
     n = len(boxes)
     wp, hp = shape
-    p = probs.to(dtype)
     exact = dtype == torch.float64
+    if not exact and not full_float32_products(probs.device):
+        dtype = torch.float64  # one product a pass, as below: float64 has no reduced mode
+    p = probs.to(dtype)
     wx, wy = dense_weights(boxes, cells, factor, shape, m, stride, dtype, split=exact)  # (n, S, W | H + 2, m)
-    with full_precision():
-        if not exact:
-            q = torch.bmm(wx[:, 0], p.transpose(1, 2))  # (n, W, m rows): along x first
-            return torch.gt(torch.bmm(q, wy[:, 0].transpose(1, 2)), threshold, out=out)  # then along y
-        qq = torch.bmm(wx.reshape(n, 2 * wp, m), p.transpose(1, 2))  # (n, 2W, m rows): along x first
-        q = qq[:, :wp] + qq[:, wp:]  # (n, W, m)
-        vv = torch.bmm(q, wy.reshape(n, 2 * (hp + 2), m).transpose(1, 2))  # (n, W, 2 (H + 2)): then along y
+    if not exact:
+        q = torch.bmm(wx[:, 0], p.transpose(1, 2))  # (n, W, m rows): along x first
+        return torch.gt(torch.bmm(q, wy[:, 0].transpose(1, 2)), threshold, out=out)  # then along y
+    qq = torch.bmm(wx.reshape(n, 2 * wp, m), p.transpose(1, 2))  # (n, 2W, m rows): along x first
+    q = qq[:, :wp] + qq[:, wp:]  # (n, W, m)
+    vv = torch.bmm(q, wy.reshape(n, 2 * (hp + 2), m).transpose(1, 2))  # (n, W, 2 (H + 2)): then along y
     return torch.gt(vv[..., :hp + 2] + vv[..., hp + 2:], threshold, out=out)

@@ -28,7 +28,8 @@ from .containers import Candidates, Groups, Proposals, WindowBatch
 from .model import InstanceFCN
 from .opcount import stage
 from .assembling import BACKGROUND_LOGIT, assemble
-from .postprocessing import postprocess_batch
+from .hostwork import Host, Steps, drive
+from .postprocessing import postprocess_steps
 from .proposals import encode, postprocess_numpy
 from .upload import upload
 from .transforms import Stacks, normalize, resize, scaled_size, stack_images, upload_stacks
@@ -182,11 +183,18 @@ class Predictor:
         cells = torch.stack([top.indices // fw - half, top.indices % fw - half], dim=2)  # (b, T, 2) top-left cells
         return top.values, cells, scores
 
-    @torch.inference_mode()
     def postprocess_batch(self, windows_per_image: WindowBatch | list[Groups],
                           image_sizes: list[tuple[int, int]]) -> list[Proposals]:
         """Every image's proposals (compact form, best first) from `windows` (a WindowBatch, or per
         image its groups): one batched chain on the device, or the numpy reference image by image."""
+        return drive(self.postprocess_steps(windows_per_image, image_sizes))
+
+    @torch.inference_mode()
+    def postprocess_steps(self, windows_per_image: WindowBatch | list[Groups],
+                          image_sizes: list[tuple[int, int]]) -> Steps[list[Proposals]]:
+        """postprocess_batch as a device routine (ifcn.hostwork): its host work (the device path's
+        planning, or the whole numpy reference after one read of the windows) is yielded, so the actor
+        runs it on its calling thread while the device thread only feeds the device."""
         mcfg = self.model.config
         batch = windows_per_image
         if not isinstance(batch, WindowBatch):
@@ -195,8 +203,9 @@ class Predictor:
                 return [Proposals.empty(s) for s in image_sizes]
             batch = WindowBatch.from_groups(groups, image_sizes)
         if self.on_device:
-            return postprocess_batch(batch, self.config, mcfg.m, mcfg.stride)
-        return [postprocess_numpy(c, self.config) for c in batch.candidates(mcfg.stride)]
+            return (yield from postprocess_steps(batch, self.config, mcfg.m, mcfg.stride))
+        candidates = batch.candidates(mcfg.stride)  # the read of every window (on the device's thread)
+        return (yield Host(_postprocess_numpy, candidates, self.config))
 
     def postprocess(self, groups: Groups, image_size: tuple[int, int]) -> Proposals:
         """One image's windows (an item of `windows`) -> its proposals, on the device or with numpy."""
@@ -215,6 +224,11 @@ class Predictor:
     def predict(self, image: np.ndarray) -> list[dict[str, Any]]:
         """image: (H, W, 3) uint8 RGB -> proposals best first (see `postprocess`)."""
         return encode(self.proposals([image])[0])
+
+
+def _postprocess_numpy(candidates: list[Candidates], config: InferenceConfig) -> list[Proposals]:
+    """The numpy reference, image by image (host work)."""
+    return [postprocess_numpy(c, config) for c in candidates]
 
 
 def _to_device(table: np.ndarray, device: torch.device) -> torch.Tensor:

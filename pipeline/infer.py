@@ -10,8 +10,9 @@ on CPU-only clusters InferAndEncodeActor (below) does that inside the actor inst
 
 Keeping the device busy: a call's device half (`_device`) runs on the actor's one device thread
 (its own CUDA stream), its host halves (pixels, viewed in the batch's Arrow buffer, stacked into
-pinned memory before: their one copy in the actor; column building, table building and, in
-InferAndEncodeActor, encoding after) on the calling thread. When
+pinned memory before: their one copy in the actor; the postprocess's host planning in between, which
+the device half yields (ifcn.hostwork: paste plans, mask NMS rounds, the per-image arrays); column
+building, table building and, in InferAndEncodeActor, encoding after) on the calling thread. When
 Ray Data runs CONCURRENT_CALLS calls of one actor at once, one batch's host work overlaps the
 next batch's device work; with one call at a time (CPU actors, tests) the same code runs in order.
 Resources (num_gpus, pool size, batch size, concurrency) are set in pipeline/run.py, not here.
@@ -33,6 +34,7 @@ import torch
 
 from ifcn import InferenceConfig, Predictor, Proposals, load_checkpoint
 from ifcn.floors import require
+from ifcn.hostwork import Span, Steps, drive
 from ifcn.transforms import Stacks, stack_images
 
 from .config import CONCURRENT_CALLS  # noqa: F401  (tests and bench/gpu.py import it from here)
@@ -79,31 +81,43 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 class DeviceStats:
     """What the device half did since the actor started: batches, images, and the device's time.
 
-    device_ms: per batch, from a CUDA event recorded on the actor's stream before its first op to
-    one after its last (on CPU, the host's clock: there the device half is the host's work). Gaps
-    between batches (host work not overlapped, an empty input queue) are not in it; stalls inside
-    a batch are. forward_ms / postprocess_ms split it at the end of the forwards."""
+    A batch's span runs from a CUDA event recorded on the actor's stream before its first op to one
+    after its last (on CPU, the host's clock: there the device half is the host's work); forward_ms /
+    postprocess_ms split the spans at the end of the forwards. Concurrent calls interleave their
+    device segments (ifcn.hostwork), so their spans overlap: device_ms counts each moment once (a
+    span's part past the latest end counted so far, on one timeline since the actor's first mark).
+    Gaps between batches (host work not overlapped, an empty input queue) are not in it; stalls
+    inside a batch are."""
 
     batches: int = 0
     images: int = 0
     device_ms: float = 0.0
     forward_ms: float = 0.0
     postprocess_ms: float = 0.0
+    _until: float = float("-inf")  # the latest span end counted (ms on the actor's timeline)
 
-    def add(self, images: int, forward_ms: float, postprocess_ms: float) -> None:
+    def add(self, images: int, start_ms: float, forwarded_ms: float, end_ms: float) -> float:
+        """A batch with marks at start, end of the forwards and end (ms on the actor's timeline).
+        Returns the device time it adds (its span less what earlier spans counted)."""
+        busy = max(0.0, end_ms - max(start_ms, self._until))
+        self._until = max(self._until, end_ms)
         self.batches += 1
         self.images += images
-        self.device_ms += forward_ms + postprocess_ms
-        self.forward_ms += forward_ms
-        self.postprocess_ms += postprocess_ms
+        self.device_ms += busy
+        self.forward_ms += forwarded_ms - start_ms
+        self.postprocess_ms += end_ms - forwarded_ms
+        return busy
 
 
 class DeviceClock:
-    """Marks on the device's timeline: CUDA events on the current stream (no host wait), else the host's clock."""
+    """Marks on the device's timeline: CUDA events on the current stream (no host wait), else the host's
+    clock; times from `epoch` (a mark of an earlier clock: one timeline per actor; None: this clock's
+    first mark, which becomes its epoch)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, epoch: Any = None) -> None:
         self.cuda = device.type == "cuda"
         self.marks: list[Any] = []
+        self.epoch = epoch
 
     def mark(self) -> None:
         if self.cuda:
@@ -112,13 +126,15 @@ class DeviceClock:
             self.marks.append(event)
         else:
             self.marks.append(time.perf_counter())
+        if self.epoch is None:
+            self.epoch = self.marks[0]
 
-    def spans_ms(self) -> list[float]:
-        """Milliseconds between consecutive marks (waits for the last one on CUDA)."""
+    def times_ms(self) -> list[float]:
+        """Each mark's milliseconds since the epoch (waits for the last one on CUDA)."""
         if self.cuda:
             self.marks[-1].synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
+            return [self.epoch.elapsed_time(m) for m in self.marks]
+        return [(m - self.epoch) * 1e3 for m in self.marks]
 
 
 class InferenceActor:
@@ -148,15 +164,20 @@ class InferenceActor:
     def _start(self, predictor: Predictor) -> None:
         self.predictor = predictor
         self.stats = DeviceStats()
+        self._epoch: Any = None  # the actor's first device mark (DeviceClock)
         folder = os.environ.get(STATS_DIR_ENV)
         self._stats_file = os.path.join(folder, f"{os.getpid()}.jsonl") if folder else None
         cuda = predictor.device.type == "cuda"
         self._stream = torch.cuda.Stream(predictor.device) if cuda else None
         # one thread issues every device op, in call order, on the actor's stream
         self._device_thread = ThreadPoolExecutor(1, "ifcn-device", initializer=_enter_stream, initargs=(self._stream,))
+        # per call, its ("host" | "device", start, end) spans (ifcn.hostwork), when a benchmark sets a list here
+        self.call_spans: list[list[Span]] | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pause_point("actor_batch")
+        spans: list[Span] | None = None if self.call_spans is None else []
+        t0 = time.perf_counter()
         rows = batch.select(["status", "error", "height", "width", "uri"]).to_pylist()  # small: no pixels
         pixels = _row_chunks(batch.column("pixels"))  # no combine_chunks: it would copy every image's pixels
         n = len(rows)
@@ -172,7 +193,8 @@ class InferenceActor:
             except Exception as e:
                 self._fail(r, e)
         order = list(images)
-        for i, res in zip(order, self._infer(rows, [images[i] for i in order], order)):
+        _span(spans, t0)
+        for i, res in zip(order, self._infer(rows, [images[i] for i in order], order, spans)):
             if res is not None:
                 results[i], infer_ms[i], post_ms[i] = res
         t0 = time.perf_counter()
@@ -184,17 +206,23 @@ class InferenceActor:
         out = out.append_column("infer_ms", pa.array(infer_ms, pa.float32()))
         out = out.append_column("postprocess_ms", pa.array([m + share if m is not None else None for m in post_ms],
                                                            pa.float32()))
-        return out.append_column("proposals", column)
+        out = out.append_column("proposals", column)
+        if spans is not None:
+            _span(spans, t0)
+            self.call_spans.append(spans)
+        return out
 
-    def _infer(self, rows: list[dict[str, Any]], images: list[np.ndarray],
-               order: list[int]) -> list[tuple[Proposals, float, float] | None]:
+    def _infer(self, rows: list[dict[str, Any]], images: list[np.ndarray], order: list[int],
+               spans: list[Span] | None = None) -> list[tuple[Proposals, float, float] | None]:
         """The batch's device half; if it fails (e.g. CUDA OOM on a huge image), image by image, so only
         the images that fail again fail (None). A sticky CUDA error ends the process (Ray restarts it)."""
         if not images:
             return []
         try:  # stacked (into page-locked memory on CUDA) here: the device thread only queues device work
+            t0 = time.perf_counter()
             stacks = stack_images(images, self.predictor.device)
-            return self._device_thread.submit(self._device, images, stacks).result()
+            _span(spans, t0)
+            return drive(self._device(images, stacks), self._device_thread, spans)
         except Exception as e:
             if sticky_cuda_error(e):  # no image by image: every one would fail the same way
                 _exit_for_restart(e)
@@ -202,7 +230,7 @@ class InferenceActor:
         results: list[tuple[Proposals, float, float] | None] = []
         for i, image in zip(order, images):
             try:
-                results.extend(self._device_thread.submit(self._device, [image]).result())
+                results.extend(drive(self._device([image]), self._device_thread, spans))
             except Exception as e:
                 if sticky_cuda_error(e):
                     _exit_for_restart(e)
@@ -211,23 +239,29 @@ class InferenceActor:
                 results.append(None)
         return results
 
-    def _device(self, images: list[np.ndarray], stacks: Stacks | None = None) -> list[tuple[Proposals, float, float]]:
+    def _device(self, images: list[np.ndarray], stacks: Stacks | None = None
+                ) -> Steps[list[tuple[Proposals, float, float]]]:
         """Images -> (proposals, forward ms (the image's share of the batch), postprocess ms (its share)),
-        on the device thread. The one place that calls the Predictor: forwards, then the postprocess of
-        every image in one `Predictor.postprocess_batch` call (one chain of ops for the batch)."""
+        a device routine (ifcn.hostwork): its device segments run on the device thread, the host
+        planning it yields on the calling thread (`_infer` drives it). The one place that calls the Predictor: forwards, then the
+        postprocess of every image in one `Predictor.postprocess_steps` (one chain of ops for the batch)."""
         p = self.predictor
-        clock = DeviceClock(p.device)
+        clock = DeviceClock(p.device, self._epoch)
         clock.mark()
+        self._epoch = clock.epoch  # one timeline for the actor: concurrent calls' spans compare
         windows = p.windows(images, stacks)
         clock.mark()
-        proposals = p.postprocess_batch(windows, [image.shape[:2] for image in images])
+        sizes = [image.shape[:2] for image in images]
+        split = getattr(p, "postprocess_steps", None)  # None: a stand-in (bench/cpu_side.py) with no host half
+        proposals = (yield from split(windows, sizes)) if split else p.postprocess_batch(windows, sizes)
         clock.mark()  # proposals are on the host by now: the device has run every op before this mark
-        forward_ms, post_ms = clock.spans_ms()
+        start, forwarded, end = clock.times_ms()
+        forward_ms, post_ms = forwarded - start, end - forwarded
         n = len(images)
-        self.stats.add(n, forward_ms, post_ms)
+        busy = self.stats.add(n, start, forwarded, end)
         if self._stats_file:
             with open(self._stats_file, "a") as f:
-                f.write(json.dumps({"t": time.time(), "pid": os.getpid(), "images": n, "device_ms": forward_ms + post_ms,
+                f.write(json.dumps({"t": time.time(), "pid": os.getpid(), "images": n, "device_ms": busy,
                                     "forward_ms": forward_ms, "postprocess_ms": post_ms}) + "\n")
         return [(r, forward_ms / n, post_ms / n) for r in proposals]
 
@@ -242,6 +276,12 @@ class InferenceActor:
 def unpack_proposals(column: pa.Array, i: int, image_size: tuple[int, int]) -> Proposals:
     """Row i of the actor's `proposals` column as Proposals (tests and benchmarks compare them)."""
     return Proposals.from_dict({"image_size": np.asarray(image_size), **proposals_at(column, i)})
+
+
+def _span(spans: list[Span] | None, t0: float) -> None:
+    """Records host work on the calling thread from t0 to now (when spans are recorded)."""
+    if spans is not None:
+        spans.append(("host", t0, time.perf_counter()))
 
 
 def _row_chunks(column: pa.ChunkedArray) -> list[tuple[pa.Array, int]]:

@@ -92,6 +92,47 @@ def test_paste_dense_matches_reference(case: int, dtype: torch.dtype) -> None:
         np.testing.assert_array_equal(v[i].numpy().T, want, err_msg=f"window {i}")
 
 
+def test_paste_products_never_run_below_float32_and_set_no_switch() -> None:
+    """With reduced-precision float32 products switched on for the process (TF32 on CUDA; here the CPU's
+    oneDNN equivalent, set the same way), paste_dense's float32 products run in float64 and still give
+    the reference's masks; switched off, in float32. No module of ifcn sets or restores the switches."""
+    from pathlib import Path
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ifcn.paste import full_float32_products
+
+    class Products(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dtypes: set[torch.dtype] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.bmm.default:
+                self.dtypes.add(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    m, factor, image_size, cells, probs = list(_paste_cases())[4]
+    ref = paste_masks(probs, cells, factor, image_size, 8, 0.5)
+    w = _windows(probs, cells, factor)
+    boxes = _boxes(w, image_size, m, factor)
+    shape = (int((boxes[:, 2] - boxes[:, 0]).max()), int((boxes[:, 3] - boxes[:, 1]).max()))
+    for precision, product in (("high", torch.float64), ("highest", torch.float32)):
+        torch.set_float32_matmul_precision(precision)
+        try:
+            assert full_float32_products(torch.device("cpu")) == (product == torch.float32)
+            with Products() as spy:
+                v = paste_dense(w.probs, w.cells, w.factor, boxes, shape, m, 8, 0.5, torch.float32)
+        finally:
+            torch.set_float32_matmul_precision("highest")
+        assert spy.dtypes == {product}, precision
+        for i, (_, _, crop) in enumerate(ref):
+            np.testing.assert_array_equal(v[i, :crop.shape[1], 1:1 + crop.shape[0]].numpy().T, crop)
+    sources = "".join(f.read_text() for f in (Path(__file__).parents[1] / "ifcn").rglob("*.py"))
+    for switch in ("allow_tf32 =", "set_float32_matmul_precision(", "fp32_precision ="):
+        assert switch not in sources
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_tight_boxes_match_reference_on_random_geometry(seed: int) -> None:
     """Any m, factors from 0.05 to 2.5 (segments of 1 to 240 pixels), windows off every border."""
@@ -121,7 +162,7 @@ def test_dense_runs_match_reference(case: int) -> None:
     layout (one padded block, in a plan order unlike the windows' order, a second block for the
     full-height one): run events and counts (postprocessing._step_events, _counts) as ops.crop_runs
     gives them (which tests/test_ops.py checks against pycocotools)."""
-    from ifcn.postprocessing import _counts, _step_events
+    from ifcn.postprocessing import _counts, _step_events, step_table
 
     image_size, top, left, crop = _crop_cases()[case]
     if not crop.any():
@@ -144,7 +185,7 @@ def test_dense_runs_match_reference(case: int) -> None:
     boxes = torch.tensor([[x, y, x + c.shape[1], y + c.shape[0]] for (y, x), c in zip(placed, crops)])
     at = torch.tensor(order)
     hw = torch.tensor(image_size).expand(3, 2)
-    events = _step_events(buffer, [(0, 2, width, height), (2, 3, fw, image_size[0])], boxes[at], hw[at], torch.int32)
+    events = _step_events(buffer, step_table([(0, 2, width, height), (2, 3, fw, image_size[0])], True), boxes[at], hw[at])
     counts, lengths = _counts([events], at, 3, hw)
     got = np.split(counts.numpy()[:int(lengths.sum())], np.cumsum(lengths.numpy())[:-1])
     for g, (y, x), c in zip(got, placed, crops):
@@ -519,3 +560,23 @@ def test_float32_within_tolerance_on_realistic_input() -> None:
     assert ious.max(1).min() >= 0.99
     n = min(len(a), len(b))
     assert np.abs(got.areas[:n] - want.areas[:n]).sum() <= 0.001 * want.areas.sum()
+
+
+def test_mask_nms_computes_tight_boxes_only_ahead_of_its_rounds(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mask NMS fetches tight boxes a round ahead (MASK_ROUND positions past the next round's start), so
+    positions past the point where an image has max_proposals kept are never computed; results are
+    the reference's."""
+    import ifcn.postprocessing as post
+    from ifcn.postprocessing import postprocess_batch
+
+    config = InferenceConfig(scales=(40, 56, 88), windows_per_scale=100, max_proposals=6, nms="mask")
+    images = [_image(0, (50, 70)), _image(3, (83, 41))]
+    batch = Predictor(model, config, device="cpu", postprocess_on="device").windows(images)
+    computed = []
+    tight = post._tight_boxes_at
+    monkeypatch.setattr(post, "_tight_boxes_at", lambda b, idx, *a: computed.append(idx.numel()) or tight(b, idx, *a))
+    monkeypatch.setitem(post.MASK_ROUND, "cpu", 8)
+    got = postprocess_batch(batch, config, 21, 8, torch.float64)
+    assert 0 < sum(computed) <= batch.scores.numel() // 3, (computed, batch.scores.shape)
+    for one, cands in zip(got, batch.candidates(8)):
+        _assert_same(one, postprocess_numpy(cands, config))

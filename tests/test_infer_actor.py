@@ -158,3 +158,66 @@ def test_gpu_actors_take_concurrent_calls_and_cpu_actors_do_not() -> None:
     gpu = ray.data.ActorPoolStrategy(size=2, **_overlap(Resources(2, 1.0, 1.0, False, 16)))
     assert gpu.max_concurrent_calls_per_actor == CONCURRENT_CALLS == 2 and gpu._enable_true_multi_threading
     assert _overlap(Resources(2, 0.0, 0.75, True, 4)) == {}
+
+
+# The host planning of the postprocess (numpy over what the device read back) and the numpy path itself.
+PLANNING = (("ifcn.postprocessing", "paste_plan"), ("ifcn.postprocessing", "_dense_plan"),
+            ("ifcn.postprocessing", "_steps"), ("ifcn.postprocessing", "_round_widths"),
+            ("ifcn.postprocessing", "_first_kept_host"), ("ifcn.postprocessing", "_assemble"),
+            ("ifcn.predictor", "_postprocess_numpy"))
+
+
+@pytest.mark.parametrize("nms, postprocess_on", [("box", "device"), ("mask", "device"), ("box", "numpy")])
+def test_the_device_thread_runs_no_host_planning(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch, nms: str,
+                                                 postprocess_on: str) -> None:
+    """The device half yields its host planning (ifcn.hostwork): paste plans, steps, mask NMS's rounds
+    and chunks (a store budget of a few masks: kept masks pasted again in chunks), the per-image arrays
+    and the numpy reference run on the calling thread, never on the device thread; results unchanged;
+    with call_spans set, the call's host and device spans are recorded."""
+    import importlib
+
+    import ifcn.postprocessing as post
+
+    threads: dict[str, set[str]] = {}
+    for module, name in PLANNING:
+        target = importlib.import_module(module)
+        original = getattr(target, name)
+
+        def spy(*a, _name=name, _original=original):
+            threads.setdefault(_name, set()).add(threading.current_thread().name)
+            return _original(*a)
+
+        monkeypatch.setattr(target, name, spy)
+    monkeypatch.setitem(post.STORE_PIXEL_BUDGET, "cpu", 4_000)
+    config = InferenceConfig(scales=CONFIG.scales, windows_per_scale=30, max_proposals=20, nms=nms)
+    actor = InferenceActor.of(Predictor(model, config, device="cpu", postprocess_on=postprocess_on))
+    actor.call_spans = []
+    images = [_image(0, (50, 70)), _image(1, (60, 44))]
+    out = actor(_batch(images))
+    assert out.column("status").to_pylist() == ["ok", "ok"]
+    wanted = {"_postprocess_numpy"} if postprocess_on == "numpy" else \
+        {"paste_plan", "_dense_plan", "_assemble"} | ({"_round_widths", "_steps", "_first_kept_host"} if nms == "mask" else set())
+    assert wanted <= set(threads), threads  # they ran ...
+    assert all(t == {threading.current_thread().name} for t in threads.values()), threads  # ... on this thread only
+    reference = Predictor(model, config, device="cpu", postprocess_on="numpy")
+    column = out.column("proposals").combine_chunks()
+    for i, image in enumerate(images):
+        _assert_same(unpack_proposals(column, i, image.shape[:2]), reference.proposals([image])[0], score_rtol=1e-5)
+    (spans,) = actor.call_spans
+    kinds = [kind for kind, _, _ in spans]
+    assert kinds[0] == "host" and kinds[-1] == "host" and "device" in kinds
+    assert all(a <= b for _, a, b in spans)
+
+
+def test_device_time_counts_overlapping_spans_once() -> None:
+    """Concurrent calls interleave their device segments: their spans overlap on the actor's timeline,
+    and device_ms counts each moment once (what bench/gpu.py's busy share divides by wall time)."""
+    from pipeline.infer import DeviceStats
+
+    stats = DeviceStats()
+    assert stats.add(2, 0.0, 5.0, 10.0) == 10.0
+    assert stats.add(2, 4.0, 6.0, 12.0) == 2.0  # [4, 10] already counted
+    assert stats.add(1, 6.0, 7.0, 9.0) == 0.0  # inside
+    assert stats.add(1, 20.0, 21.0, 22.0) == 2.0
+    assert (stats.batches, stats.images, stats.device_ms) == (4, 6, 14.0)
+    assert (stats.forward_ms, stats.postprocess_ms) == (5.0 + 2.0 + 1.0 + 1.0, 5.0 + 6.0 + 2.0 + 1.0)
