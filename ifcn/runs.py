@@ -2,7 +2,7 @@
 
     crop_runs, crop_to_rle, encode_counts   the numpy reference (one crop; pycocotools encodes)
 
-(The device path reads its runs off paste.paste_dense's blocks: postprocessing._step_events, _counts.)
+(The device path reads its runs off paste.paste_dense's blocks: pasteruns._step_events, _counts.)
 """
 from __future__ import annotations
 

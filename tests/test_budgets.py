@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 
+import ifcn.budgets as budgets
 import ifcn.nms as nms
-import ifcn.postprocessing as post
+import ifcn.tightboxes as tightboxes
 from ifcn import InferenceConfig, InstanceFCN, ModelConfig, Predictor
 from ifcn.opcount import OpCounter, OpCounts
 
@@ -55,7 +56,7 @@ def test_box_nms_budget(heads: str, model: InstanceFCN, random_model: InstanceFC
                         monkeypatch: pytest.MonkeyPatch) -> None:
     net = random_model if heads == "random" else model
     with monkeypatch.context() as mp:  # growth apart from paste steps: one step for all
-        mp.setitem(post.PIXEL_BUDGET, "cpu", 1 << 25)
+        mp.setitem(budgets.PIXEL_BUDGET, "cpu", 1 << 25)
         two, four = _count(net, 2, "box"), _count(net, 4, "box")
     growth = (four.kernel_ops - two.kernel_ops) / 2
     assert growth <= PER_IMAGE and four.syncs <= two.syncs + 1, (two, four)  # +1: a longer NMS chain
@@ -64,8 +65,8 @@ def test_box_nms_budget(heads: str, model: InstanceFCN, random_model: InstanceFC
     n16, n4 = 16 * 6 * 1000, 4 * 6 * WINDOWS
     rows = -(-6 * WINDOWS // 5)  # IoU rows per block giving 5 blocks
     monkeypatch.setitem(nms.IOU_BLOCK, "cpu", rows * n4)
-    monkeypatch.setattr(post, "WINDOW_BLOCK", -(-n4 // 2))
-    monkeypatch.setitem(post.PIXEL_BUDGET, "cpu", 4 * WINDOWS * 30_000 // 4)  # ~30 k pixels per proposal
+    monkeypatch.setattr(tightboxes, "WINDOW_BLOCK", -(-n4 // 2))
+    monkeypatch.setitem(budgets.PIXEL_BUDGET, "cpu", 4 * WINDOWS * 30_000 // 4)  # ~30 k pixels per proposal
     scaled = _count(net, 4, "box")
     assert -(-n16 // (1 << 16)) == 2 and -(-6000 // ((1 << 27) // n16)) == 5  # the GPU's bounds, as above
     at16 = scaled.kernel_ops + 12 * growth
@@ -83,8 +84,8 @@ PAIR_PIXELS_GPU, PAIR_PIXELS_HERE = 138e6, 12.1e6
 @pytest.mark.slow
 def test_mask_nms_budget(random_model: InstanceFCN, monkeypatch: pytest.MonkeyPatch) -> None:
     with monkeypatch.context() as mp:  # growth apart from steps: one paste and one pair step for all
-        mp.setitem(post.PIXEL_BUDGET, "cpu", 1 << 25)
-        mp.setitem(post.PAIR_PIXEL_BUDGET, "cpu", 1 << 25)
+        mp.setitem(budgets.PIXEL_BUDGET, "cpu", 1 << 25)
+        mp.setitem(budgets.PAIR_PIXEL_BUDGET, "cpu", 1 << 25)
         two, four = _count(random_model, 2, "mask", 100), _count(random_model, 4, "mask", 100)
     growth = (four.kernel_ops - two.kernel_ops) / 2
     assert growth <= PER_IMAGE and four.syncs <= two.syncs + 1, (two, four)  # +1: a longer greedy chain
@@ -92,13 +93,13 @@ def test_mask_nms_budget(random_model: InstanceFCN, monkeypatch: pytest.MonkeyPa
     # calls, 4 paste steps a round of 1024 (~30 k box pixels a window, ~1.5x that padded: 3 on a GPU,
     # so 4 here is the safe side) and for the kept masks, and the pair steps
     n4 = 4 * 6 * WINDOWS
-    gpu_pair_steps = -(-16 * int(PAIR_PIXELS_GPU) // post.PAIR_PIXEL_BUDGET["cuda"])
-    monkeypatch.setitem(post.MASK_ROUND, "cpu", post.MASK_ROUND["cuda"] // 4)
-    monkeypatch.setattr(post, "WINDOW_BLOCK", -(-n4 // 2))
-    monkeypatch.setitem(post.PIXEL_BUDGET, "cpu", 4 * 256 * 30_000 // 4)
-    monkeypatch.setitem(post.PAIR_PIXEL_BUDGET, "cpu", -(-4 * int(PAIR_PIXELS_HERE) // gpu_pair_steps))
+    gpu_pair_steps = -(-16 * int(PAIR_PIXELS_GPU) // budgets.PAIR_PIXEL_BUDGET["cuda"])
+    monkeypatch.setitem(budgets.MASK_ROUND, "cpu", budgets.MASK_ROUND["cuda"] // 4)
+    monkeypatch.setattr(tightboxes, "WINDOW_BLOCK", -(-n4 // 2))
+    monkeypatch.setitem(budgets.PIXEL_BUDGET, "cpu", 4 * 256 * 30_000 // 4)
+    monkeypatch.setitem(budgets.PAIR_PIXEL_BUDGET, "cpu", -(-4 * int(PAIR_PIXELS_HERE) // gpu_pair_steps))
     scaled = _count(random_model, 4, "mask")
-    assert -(-16 * 6000 // (1 << 16)) == 2 and -(-16 * 1024 * 45_000 // post.PIXEL_BUDGET["cuda"]) <= 4
+    assert -(-16 * 6000 // (1 << 16)) == 2 and -(-16 * 1024 * 45_000 // budgets.PIXEL_BUDGET["cuda"]) <= 4
     # the (B, R, K + R) pair bounds fit one IoU block at batch 16 on a GPU, as here
     assert 16 * 1024 * (1000 + 1024) <= nms.IOU_BLOCK["cuda"] and 4 * 256 * (250 + 256) <= nms.IOU_BLOCK["cpu"]
     at16 = scaled.kernel_ops + 12 * growth

@@ -1,4 +1,4 @@
-"""The device half of inference (torch: ifcn.boxes, ifcn.paste, ifcn.nms, ifcn.runs, ifcn.postprocessing)
+"""The device half of inference (torch: ifcn.boxes, ifcn.paste, ifcn.nms, ifcn.runs, ifcn.postprocessing and its steps)
 against the numpy references beside them (and proposals.postprocess_numpy), on CPU:
 the same torch code runs on CUDA.
 
@@ -160,9 +160,10 @@ def test_tight_boxes_of_no_windows() -> None:
 def test_dense_runs_match_reference(case: int) -> None:
     """Each crop case after a one-pixel mask at (0, 0) and before a full-height one, in paste_dense's
     layout (one padded block, in a plan order unlike the windows' order, a second block for the
-    full-height one): run events and counts (postprocessing._step_events, _counts) as ops.crop_runs
+    full-height one): run events and counts (pasteruns._step_events, _counts) as ops.crop_runs
     gives them (which tests/test_ops.py checks against pycocotools)."""
-    from ifcn.postprocessing import _counts, _step_events, step_table
+    from ifcn.pasteplan import step_table
+    from ifcn.pasteruns import _counts, _step_events
 
     image_size, top, left, crop = _crop_cases()[case]
     if not crop.any():
@@ -282,12 +283,12 @@ def test_postprocess_device_equals_numpy_reference(model: InstanceFCN, nms: str,
 def _small_mask_budgets(mp: pytest.MonkeyPatch, round_: int = 3, pair_pixels: int = 50) -> None:
     """Mask NMS in rounds of `round_` windows per image, pair bounds a few rows a block,
     intersections `pair_pixels` a step and pastes of 300 pixels: many rounds and many tiny steps."""
+    import ifcn.budgets as budgets
     import ifcn.nms as nms
-    import ifcn.postprocessing as post
 
-    mp.setitem(post.MASK_ROUND, "cpu", round_)
-    mp.setitem(post.PAIR_PIXEL_BUDGET, "cpu", pair_pixels)
-    mp.setitem(post.PIXEL_BUDGET, "cpu", 300)
+    mp.setitem(budgets.MASK_ROUND, "cpu", round_)
+    mp.setitem(budgets.PAIR_PIXEL_BUDGET, "cpu", pair_pixels)
+    mp.setitem(budgets.PIXEL_BUDGET, "cpu", 300)
     mp.setitem(nms.IOU_BLOCK, "cpu", 100)  # (B, rows, K + R) elements: a few rows a block
 
 
@@ -315,13 +316,13 @@ def test_mask_nms_of_a_batch_equals_reference_per_image(model: InstanceFCN, monk
     images = [_image(0, (50, 70)), _image(4, (24, 20)), _image(3, (83, 41)), _image(1, (64, 64))]
     batch = predictor.windows(images)
     whole = postprocess_batch(batch, config, 21, 8, torch.float64)
-    import ifcn.postprocessing as post
+    import ifcn.masknms as masknms
 
     rounds = []
     with monkeypatch.context() as mp:
         _small_mask_budgets(mp, round_=8, pair_pixels=2000)
-        widths = post._round_widths
-        mp.setattr(post, "_round_widths", lambda *a: rounds.append(widths(*a)) or rounds[-1])
+        widths = masknms._round_widths
+        mp.setattr(masknms, "_round_widths", lambda *a: rounds.append(widths(*a)) or rounds[-1])
         steps = postprocess_batch(batch, config, 21, 8, torch.float64)
     assert len(rounds) > 2 and any(len(set(w.tolist())) > 1 for w in rounds)  # many rounds, some images finish first
     assert len({int(v) for v in batch.valid.sum(1)}) > 1  # images with different numbers of windows
@@ -339,7 +340,8 @@ def test_mask_nms_store_budget_crossed_equals_reference_per_image(model: Instanc
     past half of it re-pasted in chunks for each round. Images of different sizes in one batch: each
     one's proposals are postprocess_numpy's on its own candidates, and the store stays within the
     budget but for the one window an image a round always takes."""
-    import ifcn.postprocessing as post
+    import ifcn.budgets as budgets
+    import ifcn.masknms as masknms
     from ifcn.postprocessing import postprocess_batch
 
     config = InferenceConfig(**{"scales": (40, 56, 88), "windows_per_scale": 100, "nms": "mask", **kw})
@@ -352,7 +354,7 @@ def test_mask_nms_store_budget_crossed_equals_reference_per_image(model: Instanc
 
     def run(store_budget: int) -> tuple[list, list[int], list[int], list[int]]:
         lengths, chunks, rounds = [], [], []  # store lengths read, chunked rounds, round widths
-        inter, chunked, widths = post._intersections, post._chunked_intersections, post._round_widths
+        inter, chunked, widths = masknms.intersections, masknms._chunked_intersections, masknms._round_widths
 
         def read(store: torch.Tensor, *a):
             lengths.append(len(store))
@@ -368,10 +370,10 @@ def test_mask_nms_store_budget_crossed_equals_reference_per_image(model: Instanc
             return widths(*a)
 
         with monkeypatch.context() as mp:
-            mp.setitem(post.STORE_PIXEL_BUDGET, "cpu", store_budget)
-            for name, f in [("_intersections", read), ("_chunked_intersections", chunked_round),
+            mp.setitem(budgets.STORE_PIXEL_BUDGET, "cpu", store_budget)
+            for name, f in [("intersections", read), ("_chunked_intersections", chunked_round),
                             ("_round_widths", round_widths)]:
-                mp.setattr(post, name, f)
+                mp.setattr(masknms, name, f)
             return postprocess_batch(batch, config, 21, 8, torch.float64), lengths, chunks, rounds
 
     whole, free_lengths, free_chunks, free_rounds = run(1 << 30)
@@ -469,8 +471,9 @@ def test_upload_pins_and_copies_without_waiting(monkeypatch: pytest.MonkeyPatch)
 # The batched inference path (Predictor.windows -> postprocess_batch): host-to-device copies spelled
 # outside ifcn.upload wait for the stream from pageable memory. (assembling's `.to(device=...)` runs
 # only for windows given on another device; containers' from_groups serves the per-image groups API.)
-_HOT_PATH = ("ifcn/predictor.py", "ifcn/postprocessing.py", "ifcn/boxes.py", "ifcn/paste.py", "ifcn/runs.py",
-             "ifcn/nms.py", "ifcn/transforms.py")
+_HOT_PATH = ("ifcn/predictor.py", "ifcn/postprocessing.py", "ifcn/tightboxes.py", "ifcn/boxnms.py", "ifcn/masknms.py",
+             "ifcn/maskpairs.py", "ifcn/pasteplan.py", "ifcn/pasteruns.py", "ifcn/boxes.py", "ifcn/paste.py",
+             "ifcn/runs.py", "ifcn/nms.py", "ifcn/transforms.py")
 
 
 def _uploads_in(source: str) -> list[str]:
@@ -566,16 +569,17 @@ def test_mask_nms_computes_tight_boxes_only_ahead_of_its_rounds(model: InstanceF
     """Mask NMS fetches tight boxes a round ahead (MASK_ROUND positions past the next round's start), so
     positions past the point where an image has max_proposals kept are never computed; results are
     the reference's."""
-    import ifcn.postprocessing as post
+    import ifcn.budgets as budgets
+    import ifcn.masknms as masknms
     from ifcn.postprocessing import postprocess_batch
 
     config = InferenceConfig(scales=(40, 56, 88), windows_per_scale=100, max_proposals=6, nms="mask")
     images = [_image(0, (50, 70)), _image(3, (83, 41))]
     batch = Predictor(model, config, device="cpu", postprocess_on="device").windows(images)
     computed = []
-    tight = post._tight_boxes_at
-    monkeypatch.setattr(post, "_tight_boxes_at", lambda b, idx, *a: computed.append(idx.numel()) or tight(b, idx, *a))
-    monkeypatch.setitem(post.MASK_ROUND, "cpu", 8)
+    tight = masknms.tight_boxes_at
+    monkeypatch.setattr(masknms, "tight_boxes_at", lambda b, idx, *a: computed.append(idx.numel()) or tight(b, idx, *a))
+    monkeypatch.setitem(budgets.MASK_ROUND, "cpu", 8)
     got = postprocess_batch(batch, config, 21, 8, torch.float64)
     assert 0 < sum(computed) <= batch.scores.numel() // 3, (computed, batch.scores.shape)
     for one, cands in zip(got, batch.candidates(8)):

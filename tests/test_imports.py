@@ -111,7 +111,7 @@ def test_no_upward_import() -> None:
 
 
 @pytest.mark.parametrize("name", ["ifcn.predictor", "ifcn.proposals", "ifcn.postprocessing", "ifcn.containers",
-                                  "ifcn.boxes", "ifcn.nms", "ifcn.runs", "ifcn.ops"])
+                                  "ifcn.boxes", "ifcn.nms", "ifcn.runs", "ifcn.ops", "ifcn.masknms", "ifcn.pasteruns"])
 def test_module_imports_alone(name: str) -> None:
     subprocess.run([sys.executable, "-c", f"import {name}"], check=True, cwd=ROOT, timeout=120)
 

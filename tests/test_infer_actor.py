@@ -160,10 +160,11 @@ def test_gpu_actors_take_concurrent_calls_and_cpu_actors_do_not() -> None:
     assert _overlap(Resources(2, 0.0, 0.75, True, 4)) == {}
 
 
-# The host planning of the postprocess (numpy over what the device read back) and the numpy path itself.
-PLANNING = (("ifcn.postprocessing", "paste_plan"), ("ifcn.postprocessing", "_dense_plan"),
-            ("ifcn.postprocessing", "_steps"), ("ifcn.postprocessing", "_round_widths"),
-            ("ifcn.postprocessing", "_first_kept_host"), ("ifcn.postprocessing", "_assemble"),
+# The host planning of the postprocess (numpy over what the device read back) and the numpy path itself,
+# by the module defining each; the test spies on it in every ifcn module that binds it.
+PLANNING = (("ifcn.pasteplan", "paste_plan"), ("ifcn.pasteplan", "_dense_plan"),
+            ("ifcn.pasteplan", "step_ranges"), ("ifcn.masknms", "_round_widths"),
+            ("ifcn.masknms", "_first_kept_host"), ("ifcn.pasteruns", "_assemble"),
             ("ifcn.predictor", "_postprocess_numpy"))
 
 
@@ -175,20 +176,23 @@ def test_the_device_thread_runs_no_host_planning(model: InstanceFCN, monkeypatch
     and the numpy reference run on the calling thread, never on the device thread; results unchanged;
     with call_spans set, the call's host and device spans are recorded."""
     import importlib
+    import sys
 
-    import ifcn.postprocessing as post
+    import ifcn.budgets as budgets
 
     threads: dict[str, set[str]] = {}
     for module, name in PLANNING:
-        target = importlib.import_module(module)
-        original = getattr(target, name)
+        original = getattr(importlib.import_module(module), name)
 
         def spy(*a, _name=name, _original=original):
             threads.setdefault(_name, set()).add(threading.current_thread().name)
             return _original(*a)
 
-        monkeypatch.setattr(target, name, spy)
-    monkeypatch.setitem(post.STORE_PIXEL_BUDGET, "cpu", 4_000)
+        holders = [m for key, m in list(sys.modules.items())
+                   if key.startswith("ifcn.") and getattr(m, name, None) is original]  # where callers look it up
+        for holder in holders:
+            monkeypatch.setattr(holder, name, spy)
+    monkeypatch.setitem(budgets.STORE_PIXEL_BUDGET, "cpu", 4_000)
     config = InferenceConfig(scales=CONFIG.scales, windows_per_scale=30, max_proposals=20, nms=nms)
     actor = InferenceActor.of(Predictor(model, config, device="cpu", postprocess_on=postprocess_on))
     actor.call_spans = []
@@ -196,7 +200,7 @@ def test_the_device_thread_runs_no_host_planning(model: InstanceFCN, monkeypatch
     out = actor(_batch(images))
     assert out.column("status").to_pylist() == ["ok", "ok"]
     wanted = {"_postprocess_numpy"} if postprocess_on == "numpy" else \
-        {"paste_plan", "_dense_plan", "_assemble"} | ({"_round_widths", "_steps", "_first_kept_host"} if nms == "mask" else set())
+        {"paste_plan", "_dense_plan", "_assemble"} | ({"_round_widths", "step_ranges", "_first_kept_host"} if nms == "mask" else set())
     assert wanted <= set(threads), threads  # they ran ...
     assert all(t == {threading.current_thread().name} for t in threads.values()), threads  # ... on this thread only
     reference = Predictor(model, config, device="cpu", postprocess_on="numpy")
