@@ -18,8 +18,6 @@ from .nms import IOU_BLOCK, box_overlap
 
 
 @dataclass(frozen=True)
-
-
 class Projections:
     """Pasted masks' pixels per box column and per box row (mask_nms's tighter intersection bound).
 

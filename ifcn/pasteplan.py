@@ -22,15 +22,13 @@ MASK_DENSE_GROUPS = 4
 
 
 @dataclass(frozen=True)
-
-
 class PastePlan:
     """How paste_dense takes a set of windows (host arrays; paste_plan).
 
     order: (n',) the windows with pixels, in paste order; steps: per step its groups (lo, hi, W, H),
     positions in that order (_dense_plan); tables: per step (4, G) int32 or int64 each group's offset
-    in the step's buffer, first position, W and H + 2 (pasteruns._step_events; int32 where the images and the
-    step have fewer than 2^31 pixels); step_pixels: per step its windows' box pixels; offsets: (n,)
+    in the step's buffer, first position, W and H + 2 (pasteruns._step_events; int32 where the images
+    and the step have fewer than 2^31 pixels); step_pixels: per step its windows' box pixels; offsets: (n,)
     each window's offset in its box pixels laid back to back in paste order (0 for empty ones); the
     same for its box columns and rows (side_offsets: mask_nms's projections)."""
 
