@@ -10,9 +10,9 @@ Pages are fetched by presigned URL with aiohttp and read with regular expression
 Arrow arrays: botocore's own parsing costs ~74 ms of CPU per page of 1000 keys (dates, dicts),
 which caps a 2-core driver at ~10,000 keys/s however many pages are in flight; this costs ~1 ms.
 
-GCS prefixes are listed the same way with objects.list pages (pipeline/listing_gcs.py). Other
-filesystems (local, Azure) go through `fs.find` one prefix at a time, gathered into the same
-columns LIST_CHUNK keys at a time.
+GCS prefixes are listed the same way with objects.list pages (pipeline/listing_gcs.py), Azure
+ones by sub-prefix (pipeline/listing_azure.py). Other filesystems (local) go through `fs.find`
+one prefix at a time, gathered into the same columns LIST_CHUNK keys at a time.
 """
 from __future__ import annotations
 
@@ -56,6 +56,10 @@ def list_prefix(fs, path: str, skipped: dict[str, int] | None = None) -> Columns
         from .listing_gcs import GCSLister  # it imports this module's helpers
 
         return GCSLister(fs).list(path, skipped)
+    if "abfs" in ((protocols,) if isinstance(protocols, str) else protocols):
+        from .listing_azure import AzureLister  # it imports this module's helpers
+
+        return AzureLister(fs).list(path, skipped)
     return _list_with_find(fs, path, skipped)
 
 
