@@ -1,9 +1,10 @@
 """Listing an Azure Blob prefix (adlfs) page by page, its sub-prefixes in parallel, never one `find`.
 
 Azure's List Blobs has no start-after bound (its marker is opaque), so a prefix cannot be cut at
-interpolated keys as on S3 and GCS: it is listed once with delimiter "/" (its own blobs and its
-sub-prefixes), and each sub-prefix is then listed flat, page by page, with up to LIST_CONCURRENCY
-listings in flight. A prefix whose blobs all sit in one sub-prefix gains nothing from this.
+interpolated keys as on S3 and GCS. It is walked with delimiter "/" (its own blobs, and its
+sub-prefixes), level after level while fewer than LIST_CONCURRENCY sub-prefixes were found (up to
+DESCEND_LEVELS), and each sub-prefix of the last level is then listed flat, page by page, with up
+to LIST_CONCURRENCY listings in flight. Blobs that sit in one folder gain nothing from this.
 Pages go through adlfs's own BlobServiceClient (its credentials, SAS token, account URL), each
 page retried on transient failures as S3's are; a page's blobs become Arrow columns at once.
 """
@@ -18,6 +19,8 @@ import pyarrow.compute as pc
 from . import listing
 from .errors import with_retries_async
 from .listing import Columns, _columns, _join
+
+DESCEND_LEVELS = 4  # "/" levels walked to find sub-prefixes (images/2026/12/06/ is 3 below images/)
 
 
 class AzureLister:
@@ -55,11 +58,11 @@ class AzureLister:
         scheme = self.fs.unstrip_protocol(container).split("://")[0]  # "abfs", as fs.find's paths read
         client = self.fs.service_client.get_container_client(container)
         pages: list[tuple[str, list[pa.Array | None]]] = []  # (first key, the page's image rows)
-        subs: list[str] = []
+        subs: list[str] = []  # the sub-prefixes the current level's walks found
 
         def blobs(items: list) -> None:
             files = [b for b in items if isinstance(b, BlobProperties)]
-            subs.extend(p.name for p in items if not isinstance(p, BlobProperties))  # BlobPrefix: walk's sub-prefixes
+            subs.extend(p.name for p in items if not isinstance(p, BlobProperties))  # BlobPrefix (walks)
             if files:
                 etags = pc.replace_substring(pa.array([b.etag for b in files], pa.string()), '"', "")
                 pages.append((files[0].name, list(_columns(pa.array([b.name for b in files], pa.string()), etags,
@@ -68,20 +71,33 @@ class AzureLister:
 
         slots = asyncio.Semaphore(self.concurrency)
 
+        async def walk(sub: str) -> None:
+            async with slots:
+                await self._pages(lambda: client.walk_blobs(name_starts_with=sub or None, delimiter="/",
+                                                            results_per_page=self.page_size), blobs)
+
         async def flat(sub: str) -> None:
             async with slots:
                 await self._pages(lambda: client.list_blobs(name_starts_with=sub, results_per_page=self.page_size),
                                   blobs)
 
-        try:
-            await self._pages(lambda: client.walk_blobs(name_starts_with=prefix or None, delimiter="/",
-                                                        results_per_page=self.page_size), blobs)
-            tasks = [asyncio.ensure_future(flat(sub)) for sub in sorted(subs)]
+        async def each(fn: Callable[[str], Any], subs: list[str]) -> None:
+            tasks = [asyncio.ensure_future(fn(sub)) for sub in subs]
             try:
                 await asyncio.gather(*tasks)
             finally:
                 for t in tasks:
                     t.cancel()
+
+        try:
+            level = [prefix]
+            for _ in range(DESCEND_LEVELS):
+                await each(walk, level)
+                level = sorted(subs)
+                subs.clear()
+                if not level or len(level) >= self.concurrency:
+                    break
+            await each(flat, level)
         except ResourceNotFoundError:
             raise FileNotFoundError(f"{scheme}://{container}: no such container; check the --input URL") from None
         pages.sort(key=lambda p: p[0])

@@ -136,7 +136,8 @@ def _reference(prefix: str) -> list[tuple[str, str, str, int]]:
 def test_azure_listing_by_sub_prefix_equals_the_keys(azure, path) -> None:
     """Nested, unicode and empty sub-prefixes, the container root, blobs beside sub-prefixes: every
     concurrency and page size gives exactly the keys' rows, sorted, through list_prefix's
-    dispatch; sub-prefixes are listed on their own (no flat listing of the whole prefix)."""
+    dispatch; sub-prefixes are listed on their own (no flat listing of the whole prefix), found
+    level after level while there are fewer than `concurrency`."""
     server, fs = azure
     prefix = f"{path.partition('/')[2]}/" if "/" in path else ""
     reference = _reference(prefix)
@@ -147,6 +148,10 @@ def test_azure_listing_by_sub_prefix_equals_the_keys(azure, path) -> None:
         assert list(zip(*(c.to_pylist() for c in cols))) == reference, (path, concurrency, page_size)
         flat = [q for q in server.requests if not q.get("delimiter")]
         assert all(q.get("prefix", "") != prefix for q in flat)  # the prefix itself only with delimiter "/"
+        if path == "c/images" and concurrency == 64:  # 9 sub-prefixes < 64: walks descend 4 levels, then flat
+            walked = {q.get("prefix") for q in server.requests if q.get("delimiter")}
+            assert {"images/0/", "images/0/1/", "images/0/1/2/", "images/sub/deep/"} <= walked, walked
+            assert "images/0/1/2/3/" not in walked and "images/0/1/2/3/" in {q.get("prefix") for q in flat}
 
 
 def test_azure_page_failures_are_retried_and_missing_containers_named(azure, monkeypatch) -> None:
