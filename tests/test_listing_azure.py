@@ -144,7 +144,8 @@ def test_azure_listing_by_sub_prefix_equals_the_keys(azure, path) -> None:
     assert reference
     for concurrency, page_size in ((1, 5000), (1, 3), (4, 2), (64, 1)):
         server.requests.clear()
-        cols = AzureLister(fs, concurrency, page_size).list(path) if page_size != 5000 else listing.list_prefix(fs, path)
+        lister = AzureLister(fs, concurrency, page_size)
+        cols = lister.list(path) if page_size != 5000 else listing.list_prefix(fs, path)  # the defaults: dispatch
         assert list(zip(*(c.to_pylist() for c in cols))) == reference, (path, concurrency, page_size)
         flat = [q for q in server.requests if not q.get("delimiter")]
         assert all(q.get("prefix", "") != prefix for q in flat)  # the prefix itself only with delimiter "/"

@@ -138,3 +138,18 @@ def test_gcs_input_lists_in_parallel_and_retries_a_page(gcs, monkeypatch) -> Non
 def test_listing_a_missing_gcs_bucket_names_it(gcs) -> None:
     with pytest.raises(FileNotFoundError, match="gs://no-such-bucket: no such bucket"):
         GCSLister(gcs).list("no-such-bucket/images")
+
+
+@pytest.mark.slow
+def test_a_forbidden_gcs_listing_is_permanent_and_says_what_to_grant(gcs, monkeypatch) -> None:
+    """gcsfs raises a 403 as OSError("Forbidden: ..."), which reads as network trouble: asked once."""
+    calls = []
+
+    async def forbidden(*args, **params):
+        calls.append(params)
+        raise OSError("Forbidden: https://storage.googleapis.com/storage/v1/b/bkt/o\nno storage.objects.list")
+
+    monkeypatch.setattr(gcs, "_call", forbidden)
+    with pytest.raises(PermissionError, match="grant storage.objects.list"):
+        GCSLister(gcs).list("bkt/images")
+    assert len(calls) == 1
