@@ -61,7 +61,7 @@ class AzureLister:
         subs: list[str] = []  # the sub-prefixes the current level's walks found
 
         def blobs(items: list) -> None:
-            files = [b for b in items if isinstance(b, BlobProperties)]
+            files = [b for b in items if isinstance(b, BlobProperties) and not _is_folder(b)]
             subs.extend(p.name for p in items if not isinstance(p, BlobProperties))  # BlobPrefix (walks)
             if files:
                 etags = pc.replace_substring(pa.array([b.etag for b in files], pa.string()), '"', "")
@@ -74,11 +74,13 @@ class AzureLister:
         async def walk(sub: str) -> None:
             async with slots:
                 await self._pages(lambda: client.walk_blobs(name_starts_with=sub or None, delimiter="/",
-                                                            results_per_page=self.page_size), blobs)
+                                                            include=["metadata"], results_per_page=self.page_size),
+                                  blobs)
 
         async def flat(sub: str) -> None:
             async with slots:
-                await self._pages(lambda: client.list_blobs(name_starts_with=sub, results_per_page=self.page_size),
+                await self._pages(lambda: client.list_blobs(name_starts_with=sub, include=["metadata"],
+                                                            results_per_page=self.page_size),
                                   blobs)
 
         async def each(fn: Callable[[str], Any], subs: list[str]) -> None:
@@ -107,3 +109,10 @@ class AzureLister:
             order = pc.sort_indices(ids)  # among its sub-prefixes' keys: one page may span several
             cols = tuple(c.take(order) for c in cols)  # type: ignore[assignment]
         return cols
+
+
+def _is_folder(blob) -> bool:
+    """A folder marker, as adlfs's find tells them (its metadata says so): not a file of the listing."""
+    metadata = blob.metadata or {}
+    return metadata.get("is_directory") == "true" or "true" in (metadata.get("hdi_isfolder"),
+                                                                  metadata.get("Hdi_isfolder"))

@@ -20,7 +20,9 @@ from pipeline.listing_azure import AzureLister
 
 from test_listing import ODD_KEYS
 
-KEYS = sorted(ODD_KEYS + [f"images/dense/{i:04d}.png" for i in range(120)] + ["images/ünï/a.jpg", "images/zz.jpg"])
+FOLDER_MARKERS = {"images/marker", "images/dense/sub"}  # blobs whose metadata says hdi_isfolder (adlfs: folders)
+KEYS = sorted(ODD_KEYS + [f"images/dense/{i:04d}.png" for i in range(120)] + ["images/ünï/a.jpg", "images/zz.jpg"]
+              + sorted(FOLDER_MARKERS))
 
 
 class ListBlobsServer:
@@ -76,9 +78,11 @@ class ListBlobsServer:
                 while i < len(KEYS) and KEYS[i].startswith(common):
                     i += 1
                 continue
+            metadata = "<hdi_isfolder>true</hdi_isfolder>" if KEYS[i] in FOLDER_MARKERS else ""
             entries.append(f"<Blob><Name>{escape(KEYS[i])}</Name><Properties><Last-Modified>Thu, 01 Jan 2026 "
                            f"00:00:00 GMT</Last-Modified><Etag>0x8D{i:012X}</Etag><Content-Length>{i * 7}"
-                           f"</Content-Length><BlobType>BlockBlob</BlobType></Properties></Blob>")
+                           f"</Content-Length><BlobType>BlockBlob</BlobType></Properties>"
+                           f"{f'<Metadata>{metadata}</Metadata>' if 'metadata' in q.get('include', '') else ''}</Blob>")
             i += 1
         more = i < len(KEYS) and KEYS[i].startswith(prefix)
         return (f"<?xml version=\"1.0\" encoding=\"utf-8\"?><EnumerationResults ServiceEndpoint=\"{self.url}/\" "
@@ -126,6 +130,17 @@ def azure() -> Iterator[tuple[ListBlobsServer, AdlfsStandIn]]:
         server.stop()
 
 
+def _skipped(prefix: str) -> dict[str, int]:
+    """The keys below `prefix` that are neither images nor folders, by extension."""
+    counts: dict[str, int] = {}
+    for k in KEYS:
+        ext = posixpath.splitext(k)[1].lower()
+        file = k.startswith(prefix) and not k.endswith("/") and k not in FOLDER_MARKERS
+        if file and ext not in listing.IMAGE_EXTENSIONS:
+            counts[ext] = counts.get(ext, 0) + 1
+    return counts
+
+
 def _reference(prefix: str) -> list[tuple[str, str, str, int]]:
     return [(k.removeprefix(prefix), f"abfs://c/{k}", f"0x8D{i:012X}", i * 7) for i, k in enumerate(KEYS)
             if k.startswith(prefix) and not k.endswith("/")
@@ -144,9 +159,11 @@ def test_azure_listing_by_sub_prefix_equals_the_keys(azure, path) -> None:
     assert reference
     for concurrency, page_size in ((1, 5000), (1, 3), (4, 2), (64, 1)):
         server.requests.clear()
+        skipped: dict[str, int] = {}
         lister = AzureLister(fs, concurrency, page_size)
-        cols = lister.list(path) if page_size != 5000 else listing.list_prefix(fs, path)  # the defaults: dispatch
+        cols = lister.list(path, skipped) if page_size != 5000 else listing.list_prefix(fs, path, skipped)  # dispatch
         assert list(zip(*(c.to_pylist() for c in cols))) == reference, (path, concurrency, page_size)
+        assert skipped == _skipped(prefix)  # folder markers are no files
         flat = [q for q in server.requests if not q.get("delimiter")]
         assert all(q.get("prefix", "") != prefix for q in flat)  # the prefix itself only with delimiter "/"
         if path == "c/images" and concurrency == 64:  # 9 sub-prefixes < 64: walks descend 4 levels, then flat
