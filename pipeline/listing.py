@@ -10,9 +10,8 @@ Pages are fetched by presigned URL with aiohttp and read with regular expression
 Arrow arrays: botocore's own parsing costs ~74 ms of CPU per page of 1000 keys (dates, dicts),
 which caps a 2-core driver at ~10,000 keys/s however many pages are in flight; this costs ~1 ms.
 
-GCS prefixes are listed the same way with objects.list pages (pipeline/listing_gcs.py), Azure
-ones by sub-prefix (pipeline/listing_azure.py). Other filesystems (local) go through `fs.find`
-one prefix at a time, gathered into the same columns LIST_CHUNK keys at a time.
+Other filesystems go through `fs.find` one prefix at a time, gathered into the same columns
+LIST_CHUNK keys at a time; GCS and Azure do not come here (pipeline/listers.py).
 """
 from __future__ import annotations
 
@@ -51,15 +50,6 @@ def list_prefix(fs, path: str, skipped: dict[str, int] | None = None) -> Columns
     particular order; `skipped` counts the other keys by extension."""
     if hasattr(fs, "_call_s3"):
         return S3Lister(fs).list(path, skipped)
-    protocols = getattr(fs, "protocol", ())
-    if "gs" in ((protocols,) if isinstance(protocols, str) else protocols):
-        from .listing_gcs import GCSLister  # it imports this module's helpers
-
-        return GCSLister(fs).list(path, skipped)
-    if "abfs" in ((protocols,) if isinstance(protocols, str) else protocols):
-        from .listing_azure import AzureLister  # it imports this module's helpers
-
-        return AzureLister(fs).list(path, skipped)
     return _list_with_find(fs, path, skipped)
 
 

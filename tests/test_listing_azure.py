@@ -15,7 +15,7 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from pipeline import listing
+from pipeline import listers, listing
 from pipeline.listing_azure import AzureLister
 
 from test_listing import ODD_KEYS
@@ -150,7 +150,7 @@ def _reference(prefix: str) -> list[tuple[str, str, str, int]]:
 @pytest.mark.parametrize("path", ["c/images", "c/images/dense", "c/images/sub", "c"])
 def test_azure_listing_by_sub_prefix_equals_the_keys(azure, path) -> None:
     """Nested, unicode and empty sub-prefixes, the container root, blobs beside sub-prefixes: every
-    concurrency and page size gives exactly the keys' rows, sorted, through list_prefix's
+    concurrency and page size gives exactly the keys' rows, sorted, through listers.list_prefix's
     dispatch; sub-prefixes are listed on their own (no flat listing of the whole prefix), found
     level after level while there are fewer than `concurrency`."""
     server, fs = azure
@@ -161,7 +161,7 @@ def test_azure_listing_by_sub_prefix_equals_the_keys(azure, path) -> None:
         server.requests.clear()
         skipped: dict[str, int] = {}
         lister = AzureLister(fs, concurrency, page_size)
-        cols = lister.list(path, skipped) if page_size != 5000 else listing.list_prefix(fs, path, skipped)  # dispatch
+        cols = lister.list(path, skipped) if page_size != 5000 else listers.list_prefix(fs, path, skipped)  # dispatch
         assert list(zip(*(c.to_pylist() for c in cols))) == reference, (path, concurrency, page_size)
         assert skipped == _skipped(prefix)  # folder markers are no files
         flat = [q for q in server.requests if not q.get("delimiter")]
