@@ -12,8 +12,9 @@ where they happen; if they persist, the image is left for a re-run (a `retry` ro
 """
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from ifcn.image import ImageError, one_line
 
@@ -107,6 +108,18 @@ def with_retries(fn: Callable[[], T], attempts: int, base_delay_s: float) -> T:
             if attempt == attempts - 1 or not is_transient(e):
                 raise
             time.sleep(base_delay_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+async def with_retries_async(fn: Callable[[], Awaitable[T]], attempts: int, base_delay_s: float) -> T:
+    """`with_retries` for coroutines: await fn(), retried on transient failures with backoff."""
+    for attempt in range(attempts):
+        try:
+            return await fn()
+        except Exception as e:
+            if attempt == attempts - 1 or not is_transient(e):
+                raise
+            await asyncio.sleep(base_delay_s * 2**attempt)
     raise AssertionError("unreachable")
 
 

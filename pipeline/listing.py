@@ -10,8 +10,8 @@ Pages are fetched by presigned URL with aiohttp and read with regular expression
 Arrow arrays: botocore's own parsing costs ~74 ms of CPU per page of 1000 keys (dates, dicts),
 which caps a 2-core driver at ~10,000 keys/s however many pages are in flight; this costs ~1 ms.
 
-Other filesystems (local, GCS, Azure) go through `fs.find` one prefix at a time, gathered into
-the same columns LIST_CHUNK keys at a time.
+Other filesystems go through `fs.find` one prefix at a time, gathered into the same columns
+LIST_CHUNK keys at a time; GCS and Azure do not come here (pipeline/listers.py).
 """
 from __future__ import annotations
 
@@ -282,7 +282,7 @@ def _error(status: int, body: bytes) -> ListingError:
 
 
 def _columns(keys: pa.Array, etags: pa.Array, sizes: pa.Array, bucket: str, prefix: str,
-             skipped: dict[str, int] | None) -> Columns:
+             skipped: dict[str, int] | None, scheme: str = "s3") -> Columns:
     """Keys below `prefix` -> the image rows' columns (folder placeholders dropped, the others
     counted in `skipped` by extension), vectorised: no Python string per key."""
     folders = pc.ends_with(keys, "/")
@@ -292,7 +292,7 @@ def _columns(keys: pa.Array, etags: pa.Array, sizes: pa.Array, bucket: str, pref
     image = image_mask(keys, skipped)
     keys = keys.filter(image)
     ids = pc.utf8_slice_codeunits(keys, len(prefix))
-    uris = pc.binary_join_element_wise(f"s3://{bucket}/", keys, "")
+    uris = pc.binary_join_element_wise(f"{scheme}://{bucket}/", keys, "")
     return ids, uris, etags.filter(image), sizes.filter(image)
 
 

