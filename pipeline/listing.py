@@ -39,6 +39,9 @@ PAGE_SIZE = 1000  # S3's largest page
 LIST_ATTEMPTS = 5  # a page is retried 4 times, 0.5 + 1 + 2 + 4 s apart
 LIST_BACKOFF_S = 0.5
 PART_ROWS = 100_000  # image rows per listing part (`S3Lister.parts`): 100 parts, snapshots and plans per 10M keys
+# The first part is one page's worth, and each next one twice the last until PART_ROWS: the first
+# shards need only the first page, not the first 100k keys, which one range walks at ~5,000 keys/s.
+FIRST_PART_ROWS = 1000
 SPLIT_DIGITS = 8  # key characters after a range's common prefix used to place split points
 _BASE = 96  # digits: printable ASCII 0x20..0x7e -> 0..94, anything above -> 95 (order kept)
 _EXT = r"[^/.][^/]*(?P<ext>\.[^./]*)$"  # posixpath.splitext's extension of a basename (leading dots are not one)
@@ -178,8 +181,9 @@ class Part:
 class S3Lister:
     """Lists one prefix of an s3fs filesystem with up to `concurrency` pages in flight."""
 
-    def __init__(self, fs, concurrency: int = LIST_CONCURRENCY, page_size: int = PAGE_SIZE) -> None:
-        self.fs, self.concurrency, self.page_size = fs, concurrency, page_size
+    def __init__(self, fs, concurrency: int | None = None, page_size: int | None = None) -> None:
+        self.fs = fs
+        self.concurrency, self.page_size = concurrency or LIST_CONCURRENCY, page_size or PAGE_SIZE
 
     def list(self, path: str, skipped: dict[str, int] | None = None) -> Columns:
         """The whole prefix, sorted (one part)."""
@@ -191,9 +195,11 @@ class S3Lister:
 
     def parts(self, path: str, skipped: dict[str, int] | None = None, start_after: str = "",
               part_rows: int = PART_ROWS) -> Iterator[Part]:
-        """The prefix's keys after `start_after` as key-ordered parts of at least `part_rows` image
-        rows (the last one may have fewer), each yielded as soon as every key up to its end has been
-        listed, while the rest is still being listed (on s3fs's event loop, not this thread)."""
+        """The prefix's keys after `start_after` as key-ordered parts of `part_rows` image rows (the
+        first ones fewer: FIRST_PART_ROWS, doubling; the last one whatever is left; 0: whatever each
+        page completes), each yielded as soon as every key
+        up to its end has been listed, while the rest is still being listed (on s3fs's event loop,
+        not this thread)."""
         import queue
 
         out: queue.Queue = queue.Queue()  # unbounded: the loop's callback never blocks
@@ -225,21 +231,36 @@ class S3Lister:
         ready: list[list[pa.Array | None]] = []  # ranges joined to the frontier, not yet emitted
         frontier: list[str | None] = [start_after]  # every key <= frontier[0] has been listed
         part_after = [start_after]
+        size = [min(part_rows or 0, FIRST_PART_ROWS)]  # rows of the next part: doubling up to part_rows
         running: set[asyncio.Task] = set()
         connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=_ssl(self.fs))
 
         def cover(after: str, end: str | None, cols: list[pa.Array | None]) -> None:
-            """Keys in (after, end] are listed: move the frontier over every range now joined to it."""
+            """Keys in (after, end] are listed: move the frontier over every range now joined to it,
+            and emit what it passed in parts of `part_rows` (0: all of it, now), each ending at
+            its last key; the rest waits for more (or is the last part, at the end)."""
             covered[after] = (end, cols)
             while frontier[0] is not None and frontier[0] in covered:
                 end, cols = covered.pop(frontier[0])
                 ready.append(cols)
                 frontier[0] = end
-            rows = sum(len(c[0]) for c in ready)
-            if frontier[0] is None or (part_rows is not None and rows >= part_rows):
-                emit(Part(_join(ready), part_after[0], frontier[0]))
-                ready.clear()
+            final = frontier[0] is None
+            if not final and (part_rows is None or sum(len(c[0]) for c in ready) < size[0]):
+                return
+            joined = _join(ready)
+            ready.clear()
+            n, start = len(joined[0]), 0
+            while part_rows and n - start >= size[0]:  # (ids are keys less the prefix)
+                until = prefix + joined[0][start + size[0] - 1].as_py()
+                emit(Part(tuple(c.slice(start, size[0]) for c in joined), part_after[0], until))
+                part_after[0], start = until, start + size[0]
+                size[0] = min(part_rows, 2 * size[0])
+            rest = tuple(c.slice(start) for c in joined)
+            if final or part_rows == 0:
+                emit(Part(rest, part_after[0], frontier[0]))
                 part_after[0] = frontier[0]
+            elif n > start:
+                ready.append(list(rest))
 
         async with aiohttp.ClientSession(connector=connector, trust_env=True) as http:  # trust_env: HTTPS_PROXY
             # RequestPayer (requester-pays buckets) and credentials ride in the presigned URL's query
