@@ -408,7 +408,7 @@ class ShardCollector:
 
     def __init__(self, shards: list[Span], listing: Listing, publisher: InlinePublisher | RayPublisher | None,
                  log: Callable[[str], None] = lambda _: None) -> None:
-        self.shards: dict[str, tuple[Span, Listing]] = {}
+        self.shards: dict[str, tuple[Span, Listing | None]] = {}  # None: submitted
         self.add_shards(shards, listing)
         self.publisher, self.log = publisher, log
         self.fragments: dict[str, list[Fragment]] = {}
@@ -439,6 +439,7 @@ class ShardCollector:
             if len(seen) == len(span):
                 self.submitted.add(sid)
                 del self.seen[sid]
+                self.shards[sid] = (span, None)  # a part's listing goes once all its shards are published
                 self.publisher.submit(listing.shard(span), self.fragments.pop(sid))
         self.collect()
 

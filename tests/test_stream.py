@@ -121,6 +121,14 @@ def test_local_inputs_are_one_part_and_read_back(tmp_path) -> None:
     assert len(back) == 1 and back[0].last and back[0].snapshotted
     assert back[0].listing.to_table().equals(parts[0].listing.to_table())
     assert list(listing_parts(str(tmp_path / "in"), None, None, back)) == back  # nothing listed again
+    # a run of the previous layout left one listing.parquet: it reads back as the whole, last part
+    from ifcn.io import put_atomic
+    from pipeline.parquet_io import parquet_bytes
+
+    put_atomic(store.fs, store.path("_runs/old/listing.parquet"), parquet_bytes(parts[0].listing.to_table(), None))
+    legacy = read_parts(store, "_runs/old/listing.parquet")
+    assert len(legacy) == 1 and legacy[0].last and legacy[0].listing.to_table().equals(parts[0].listing.to_table())
+    assert read_parts(store, "_runs/none/listing.parquet") == [] and read_parts(store, "_runs/none/listing") == []
 
 
 @pytest.mark.slow
