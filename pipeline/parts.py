@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -134,6 +133,6 @@ def _list(url: str, storage_options: dict[str, Any] | None, skipped: dict[str, i
     yield listing, after, None
 
 
-def record_of(parts: list[ListingPart]) -> dict[str, Any]:
-    """What the run's record says about its snapshot so far (`jobs.show --history`, the report)."""
-    return {"listing_parts": len(parts), "listed_until": parts[-1].until if parts else None}
+def record_of(parts: int, last: ListingPart) -> dict[str, Any]:
+    """What the run's record says about its snapshot so far: `parts` parts, the last one `last`."""
+    return {"listing_parts": parts, "listed_until": last.until}

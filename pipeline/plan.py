@@ -37,10 +37,10 @@ from ifcn.image import one_line
 from .config import SegmentConfig, SegmentError
 from .errors import RETRY
 from .lease import Lease
-from .schema import FORMAT
 from .parts import PARTS_DIR, listing_parts, read_parts, write_part
+from .schema import FORMAT
 from .sink import OutputStore
-from .sources import Listing, Span, list_inputs
+from .sources import Listing, Span
 from .table import FILE_COLUMN, OLD_LAYOUT_MARKERS, OutputTables, TableDamagedError
 
 RUNS_DIR = "_runs"

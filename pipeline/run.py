@@ -516,7 +516,7 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
         raise
     plan = stream.final_plan()
     c = plan.counts
-    log(f"run {run_id}: {c['listed']} images listed in {len(stream.parts)} part(s); {c['done']} done, {c['new']} new, "
+    log(f"run {run_id}: {c['listed']} images listed in {stream.parts} part(s); {c['done']} done, {c['new']} new, "
         f"{c['changed']} changed, {c['to_retry']} to retry, {c['vanished']} vanished; {stream.pending} run in "
         f"{stream.shards} shards" + skipped_note(plan.skipped))
     committer.prune()

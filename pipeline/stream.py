@@ -41,7 +41,7 @@ class PlanStream:
         self.plan, self.config, self.classifier, self.replacements = plan, config, classifier, replacements
         self.record, self.on_shards, self.on_end, self.log = record, on_shards, on_end, log
         self.counts = dict.fromkeys(PLAN_COUNTS, 0)
-        self.parts: list[Any] = []
+        self.parts = 0  # planned (each part's listing is let go once its shards are handed over)
         self.pending = 0
         self.shards = 0
         self.changed = 0
@@ -101,8 +101,8 @@ class PlanStream:
         self.replacements.add(planned.holders)  # before its shards can commit
         self.counts = {k: self.counts[k] + planned.counts[k] for k in PLAN_COUNTS}
         self.changed += len(planned.changed)
-        self.parts.append(part)
-        self.record.update(planned=self.plan_counts(), **record_of(self.parts),
+        self.parts += 1
+        self.record.update(planned=self.plan_counts(), **record_of(self.parts, part),
                            skipped_keys=dict(sorted(dict(self.plan.skipped).items())))
         if spans:
             self.on_shards(spans, planned.pending)
