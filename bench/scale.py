@@ -4,6 +4,7 @@
     python bench/scale.py run --images 2000           # the job on N generated images, narrow model
     python bench/scale.py list --keys 50000           # listing an S3 prefix: memory per key
     python bench/scale.py synthlist --keys 10000000   # listing 10M keys behind 200 ms LIST pages
+    python bench/scale.py synthstart --keys 10000000  # the job on them: until its first shards reach the actors
     python bench/scale.py table --images 10000000 --group 256 --checkpoint-every 100   # Delta commits at scale
     python bench/scale.py plan run                     # plan and run
 
@@ -20,6 +21,9 @@ synthlist: a loopback S3 endpoint in this process (`ListingServer`: ListObjectsV
       keys, each page after --page-delay-ms) listed by `list_inputs` in a child process; prints
       keys/s (target >= 100,000 at 200 ms per page of 1000), LIST requests, the CPU seconds of
       the client and the endpoint, and the client's peak RSS.
+synthstart: the job itself (`python -m jobs.segment`, local Ray, one CPU actor) on the same
+      endpoint; prints the time until its log says the first shards were handed to the actors
+      (target <= 30 s at 10M keys, 200 ms per page), then ends it (the keys have no objects).
 table: commits the shards of an N-image run (shards of 128: 78k shards at 10M images) to the
       segments Delta table on a real S3 endpoint (moto's server on loopback), --group shards per
       commit (one commit each, with the run's app transaction, its fencing generation and its
@@ -227,6 +231,7 @@ class ListingServer:
         self.keys, self.pages = keys, 0
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, address: None  # a client ended mid-page (synthstart kills it)
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -315,6 +320,48 @@ def bench_synthetic_list(keys: int, delay_s: float) -> None:
               f"{keys / r['wall']:,.0f} keys/s (target >= 100,000); {server.pages} LIST requests; client "
               f"{r['cpu']:.1f} CPU-s, endpoint {server_cpu:.1f} CPU-s; peak RSS {peak / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f}")
     finally:
+        server.stop()
+
+
+def bench_synthetic_start(keys: int, delay_s: float, workdir: Path) -> None:
+    """Runs the job (`jobs.segment`, local Ray, one CPU actor) on `keys` synthetic keys behind
+    `delay_s` per page and times its start: until the log says the first shards were handed to the
+    actors (the feed's first block in the graph's queue), from the child's spawn and from the run's
+    own start. The keys have no objects (reads fail: error rows), so the child is ended there."""
+    import signal
+
+    server = ListingServer(SyntheticKeys(keys), delay_s)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ENDPOINT_URL": server.endpoint,
+           "AWS_ENDPOINT_URL_S3": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "RAY_ADDRESS": "local",
+           "CUDA_VISIBLE_DEVICES": ""}
+    out = workdir / "synthstart-out"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.segment", "--input", "s3://bucket/images/", "--output",
+                             str(out), "--checkpoint", str(CHECKPOINT), "--actors", "1"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(f"{time.perf_counter() - t0:6.1f} s  {line.rstrip()}")
+            if "first shards handed to the actors" in line:
+                print("\n".join(lines))  # the job's log until then, with the seconds since its spawn
+                wall = time.perf_counter() - t0
+                pages = server.pages
+                parts = len(list(out.glob("_runs/*/listing/part-*.parquet")))
+                own = float(line.split("actors ")[1].split(" s")[0])
+                print(f"start {keys} synthetic keys, {delay_s * 1000:.0f} ms per page of 1000: first shards handed to "
+                      f"the actors {wall:.1f} s after spawning the job ({own:.1f} s after its start; target <= 30 s); "
+                      f"{pages} LIST requests and {parts} listing part(s) snapshotted by then; "
+                      f"load average {os.getloadavg()[0]:.1f}")
+                return
+        raise SystemExit("the job ended before handing shards over:\n" + "\n".join(lines[-30:]))
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
         server.stop()
 
 
@@ -529,7 +576,7 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("plan", "list", "synthlist", "run", "table"))
+    p.add_argument("what", nargs="+", choices=("plan", "list", "synthlist", "synthstart", "run", "table"))
     p.add_argument("--entries", type=int, default=1_000_000, help="manifest entries to plan")
     p.add_argument("--keys", type=int, default=50_000, help="S3 keys to list (list: in moto; synthlist: synthetic)")
     p.add_argument("--page-delay-ms", type=float, default=200.0, help="synthlist: the endpoint's delay per LIST page")
@@ -548,6 +595,8 @@ def main() -> None:
             bench_list(args.keys, Path(tmp))
         if "synthlist" in args.what:
             bench_synthetic_list(args.keys, args.page_delay_ms / 1000)
+        if "synthstart" in args.what:
+            bench_synthetic_start(args.keys, args.page_delay_ms / 1000, Path(tmp))
         if "run" in args.what:
             bench_run(args.images or 2000, Path(tmp))
         if "table" in args.what:

@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, help="images per data file (resume granularity)")
     p.add_argument("--commit-shards", type=int, help="finished shards per table commit at most (default 256; a "
                    "group also commits after 2 s)")
+    p.add_argument("--listing-part", type=int, help="images per listing part: an S3 prefix is snapshotted and "
+                   "its shards start part by part while it is still listed (default 100000)")
     p.add_argument("--actors", type=int, help="inference actors (default: one per GPU; without GPUs one per CPU)")
     p.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 with GPUs, else 0 = CPU)")
     p.add_argument("--batch-size", type=int, help="images per inference actor call (default 16 on GPU, 4 on CPU)")

@@ -14,6 +14,8 @@ from typing import Any
 from ifcn.config import InferenceConfig
 from ifcn.image import MAX_PIXELS, MIN_SIDE
 
+from .listing import PART_ROWS
+
 AMP_MODES = ("auto", "bf16", "none")
 POSTPROCESS_MODES = ("auto", "tasks", "actor")
 
@@ -68,6 +70,9 @@ class SegmentConfig:
     # A pair of commits costs ~1-1.5 s once a table holds ~50k files (bench/scale.py table: 212 shards/s
     # over a 10M-image run at 256 per group; at 64 per group the late commits fall to ~45 shards/s).
     commit_shards: int = 256
+    # Images per listing part: an S3 prefix is snapshotted, planned and handed to the actors part by
+    # part while it is still being listed (pipeline/stream.py); a kill mid-listing resumes after the last part.
+    listing_part: int = PART_ROWS
     prune: bool = False  # delete the rows of images whose keys are no longer listed
     # An output made with other result settings is refused unless this: then a new table version
     # replaces all its rows (the old ones stay readable by version) and every image is processed.
@@ -87,7 +92,7 @@ class SegmentConfig:
             raise SegmentError(f"--postprocess {self.postprocess!r}: choose one of {', '.join(POSTPROCESS_MODES)}")
         if self.amp not in AMP_MODES:
             raise SegmentError(f"--amp {self.amp!r}: choose one of {', '.join(AMP_MODES)}")
-        for name in ("shard_size", "max_pixels", "min_side", "batch_size", "commit_shards"):
+        for name in ("shard_size", "max_pixels", "min_side", "batch_size", "commit_shards", "listing_part"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise SegmentError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if not 0.0 <= self.max_error_rate <= 1.0:

@@ -4,7 +4,10 @@ On S3 the prefix is listed with many ListObjectsV2 pages in flight: it starts as
 and whenever a range gets a page back while fewer than LIST_CONCURRENCY ranges run, the rest of
 it is cut at interpolated keys into new ranges (`StartAfter`), so dense parts of the key space
 keep splitting until the slots are full, whatever the key names. Ranges partition the key space
-exactly (a range holds keys k with after < k <= until), so every key is listed once.
+exactly (a range holds keys k with after < k <= until), so every key is listed once. Each page
+is filed under the range it covers; once the ranges from the start join up without a gap, they
+can go out as a `Part` while the rest is still being listed (`S3Lister.parts`: what lets shards
+start before the listing ends, pipeline/stream.py).
 
 Pages are fetched by presigned URL with aiohttp and read with regular expressions straight into
 Arrow arrays: botocore's own parsing costs ~74 ms of CPU per page of 1000 keys (dates, dicts),
@@ -19,7 +22,9 @@ import asyncio
 import html
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Callable
 from urllib.parse import unquote_plus
 
 import pyarrow as pa
@@ -33,6 +38,10 @@ LIST_CONCURRENCY = 64  # ListObjectsV2 pages in flight (64 x 1000 keys / 200 ms 
 PAGE_SIZE = 1000  # S3's largest page
 LIST_ATTEMPTS = 5  # a page is retried 4 times, 0.5 + 1 + 2 + 4 s apart
 LIST_BACKOFF_S = 0.5
+PART_ROWS = 100_000  # image rows per listing part (`S3Lister.parts`): 100 parts, snapshots and plans per 10M keys
+# The first part is one page's worth, and each next one twice the last until PART_ROWS: the first
+# shards need only the first page, not the first 100k keys, which one range walks at ~5,000 keys/s.
+FIRST_PART_ROWS = 1000
 SPLIT_DIGITS = 8  # key characters after a range's common prefix used to place split points
 _BASE = 96  # digits: printable ASCII 0x20..0x7e -> 0..94, anything above -> 95 (order kept)
 _EXT = r"[^/.][^/]*(?P<ext>\.[^./]*)$"  # posixpath.splitext's extension of a basename (leading dots are not one)
@@ -159,29 +168,100 @@ def _key(v: int) -> str:
     return "".join(reversed(chars)).rstrip(" ") or " "
 
 
+@dataclass(frozen=True)
+class Part:
+    """Listed keys in (after, until] (until None: to the end of the prefix) as image-row columns:
+    parts come out in key order and follow each other (a part's `after` is the previous `until`)."""
+
+    columns: Columns
+    after: str
+    until: str | None
+
+
 class S3Lister:
     """Lists one prefix of an s3fs filesystem with up to `concurrency` pages in flight."""
 
-    def __init__(self, fs, concurrency: int = LIST_CONCURRENCY, page_size: int = PAGE_SIZE) -> None:
-        self.fs, self.concurrency, self.page_size = fs, concurrency, page_size
+    def __init__(self, fs, concurrency: int | None = None, page_size: int | None = None) -> None:
+        self.fs = fs
+        self.concurrency, self.page_size = concurrency or LIST_CONCURRENCY, page_size or PAGE_SIZE
 
     def list(self, path: str, skipped: dict[str, int] | None = None) -> Columns:
+        """The whole prefix, sorted (one part)."""
         from fsspec.asyn import sync
 
-        bucket, key, _ = self.fs.split_path(path)
-        prefix = f"{key.rstrip('/')}/" if key else ""
-        return sync(self.fs.loop, self._list, bucket, prefix, skipped)
+        parts: list[Part] = []
+        sync(self.fs.loop, self._list, *self._where(path), skipped, parts.append, "", None)
+        return parts[0].columns
 
-    async def _list(self, bucket: str, prefix: str, skipped: dict[str, int] | None) -> Columns:
-        """Each page becomes its image rows' columns as it arrives (the raw page is dropped); the
-        pages are joined in key order at the end, so the listing comes out sorted (no sort, no
-        second copy of it)."""
+    def parts(self, path: str, skipped: dict[str, int] | None = None, start_after: str = "",
+              part_rows: int = PART_ROWS) -> Iterator[Part]:
+        """The prefix's keys after `start_after` as key-ordered parts of `part_rows` image rows (the
+        first ones fewer: FIRST_PART_ROWS, doubling; the last one whatever is left; 0: whatever each
+        page completes), each yielded as soon as every key
+        up to its end has been listed, while the rest is still being listed (on s3fs's event loop,
+        not this thread)."""
+        import queue
+
+        out: queue.Queue = queue.Queue()  # unbounded: the loop's callback never blocks
+        done = object()
+        future = asyncio.run_coroutine_threadsafe(
+            self._list(*self._where(path), skipped, out.put, start_after, part_rows), self.fs.loop)
+        future.add_done_callback(lambda _: out.put(done))
+        try:
+            while (part := out.get()) is not done:
+                yield part
+            future.result()  # raises the listing's error
+        finally:
+            future.cancel()
+
+    def _where(self, path: str) -> tuple[str, str]:
+        bucket, key, _ = self.fs.split_path(path)
+        return bucket, f"{key.rstrip('/')}/" if key else ""
+
+    async def _list(self, bucket: str, prefix: str, skipped: dict[str, int] | None, emit: Callable[[Part], None],
+                    start_after: str, part_rows: int | None) -> None:
+        """Each page becomes its image rows' columns as it arrives (the raw page is dropped), filed
+        under the key range it covers; the ranges covered from `start_after` on without a gap are
+        joined in key order and emitted as a part once they hold `part_rows` rows (None: only at
+        the end, the whole listing). Parts come out sorted (no sort, no second copy of them)."""
         import aiohttp
 
         await self.fs.set_session()
-        pages: list[tuple[str, list[pa.Array | None]]] = []  # (first key, the page's image rows)
+        covered: dict[str, tuple[str | None, list[pa.Array | None]]] = {}  # range start -> (end, image rows)
+        ready: list[list[pa.Array | None]] = []  # ranges joined to the frontier, not yet emitted
+        frontier: list[str | None] = [start_after]  # every key <= frontier[0] has been listed
+        part_after = [start_after]
+        size = [min(part_rows or 0, FIRST_PART_ROWS)]  # rows of the next part: doubling up to part_rows
         running: set[asyncio.Task] = set()
         connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=_ssl(self.fs))
+
+        def cover(after: str, end: str | None, cols: list[pa.Array | None]) -> None:
+            """Keys in (after, end] are listed: move the frontier over every range now joined to it,
+            and emit what it passed in parts of `part_rows` (0: all of it, now), each ending at
+            its last key; the rest waits for more (or is the last part, at the end)."""
+            covered[after] = (end, cols)
+            while frontier[0] is not None and frontier[0] in covered:
+                end, cols = covered.pop(frontier[0])
+                ready.append(cols)
+                frontier[0] = end
+            final = frontier[0] is None
+            if not final and (part_rows is None or sum(len(c[0]) for c in ready) < size[0]):
+                return
+            joined = _join(ready)
+            ready.clear()
+            n, start = len(joined[0]), 0
+            while part_rows and n - start >= size[0]:  # (ids are keys less the prefix)
+                until = prefix + joined[0][start + size[0] - 1].as_py()
+                emit(Part(tuple(c.slice(start, size[0]) for c in joined), part_after[0], until))
+                part_after[0], start = until, start + size[0]
+                size[0] = min(part_rows, 2 * size[0])
+            rest = tuple(c.slice(start) for c in joined)
+            if final or part_rows == 0:
+                emit(Part(rest, part_after[0], frontier[0]))
+                part_after[0] = frontier[0]
+            elif n > start:
+                ready.append(list(rest))
+
         async with aiohttp.ClientSession(connector=connector, trust_env=True) as http:  # trust_env: HTTPS_PROXY
             # RequestPayer (requester-pays buckets) and credentials ride in the presigned URL's query
             async def fetch(after: str) -> Page:
@@ -211,9 +291,8 @@ class S3Lister:
                         keep = pc.less_equal(keys, until)
                         page = Page(keys.filter(keep), page.etags.filter(keep), page.sizes.filter(keep), False)
                         done = True
-                    if len(page.keys):
-                        pages.append((page.keys[0].as_py(),
-                                      list(_columns(page.keys, page.etags, page.sizes, bucket, prefix, skipped))))
+                    cover(after, until if done else keys[-1].as_py(),
+                          list(_columns(page.keys, page.etags, page.sizes, bucket, prefix, skipped)))
                     if done:
                         return
                     after = keys[-1].as_py()
@@ -233,7 +312,7 @@ class S3Lister:
                 tasks.append(task)
 
             tasks: list[asyncio.Task] = []
-            start("", None)
+            start(start_after, None)
             try:
                 while not all(t.done() for t in tasks):
                     await asyncio.wait([t for t in tasks if not t.done()], return_when=asyncio.FIRST_EXCEPTION)
@@ -243,9 +322,8 @@ class S3Lister:
             finally:
                 for t in tasks:
                     t.cancel()
-        pages.sort(key=lambda p: p[0])
         tasks.clear()  # the closures here form cycles: nothing of the pages may wait for the gc
-        return _join([cols for _, cols in pages])
+        covered.clear()
 
 
 def _ssl(fs):

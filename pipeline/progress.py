@@ -26,10 +26,11 @@ def _duration(s: float) -> str:
 
 
 @contextmanager
-def status_lines(done: Callable[[], int], total: int, log: Callable[[str], None], every_s: float = EVERY_S,
-                 tty: bool | None = None) -> Iterator[None]:
+def status_lines(done: Callable[[], int], total: int | Callable[[], int], log: Callable[[str], None],
+                 every_s: float = EVERY_S, tty: bool | None = None) -> Iterator[None]:
     """Logs status_line every `every_s` from a daemon thread while the block runs; nothing on a terminal
-    (Ray Data's progress bars are there) unless tty=False."""
+    (Ray Data's progress bars are there) unless tty=False. `total` may grow (a callable: the images
+    planned so far, while the input is still listed)."""
     if (sys.stderr.isatty() if tty is None else tty) or every_s <= 0:
         yield
         return
@@ -38,7 +39,7 @@ def status_lines(done: Callable[[], int], total: int, log: Callable[[str], None]
 
     def loop() -> None:
         while not stop.wait(every_s):
-            log(status_line(done(), total, time.monotonic() - start))
+            log(status_line(done(), total() if callable(total) else total, time.monotonic() - start))
 
     thread = threading.Thread(target=loop, name="ifcn-status", daemon=True)
     thread.start()

@@ -1,7 +1,9 @@
 """The batch job's driver: the one place that builds the Ray Data graph, sets its resources and
 decides when shards commit.
 
-    plan (pipeline/plan.py: pending images from the listing and the images table)
+    plan, part by part while the input is listed (pipeline/stream.py: each listing part
+    snapshotted, then its pending images from the images table)
+        ─> feed (pipeline/feed.py: a queue the graph's read tasks drain; the graph lives for the run)
         ─> read_images (CPU tasks) ─> InferenceActor pool (GPU or CPU actors)
         ─> encode_and_stage (CPU tasks: RLE strings, rows, a staged Parquet fragment per shard)
         ─> driver: fragment paths + image ids only ─> publish_shard (Ray tasks: one data file per shard)
@@ -46,10 +48,12 @@ from ifcn.image import one_line
 from .config import CONCURRENT_CALLS, IncompleteRunError, SegmentConfig, SegmentError
 from .errors import RETRY
 from .lease import Lease
-from .plan import Plan, new_run_id, now_utc, prepare, skipped_note
+from .feed import Feed
+from .plan import Classifier, Plan, images_state, new_run_id, now_utc, prepare, skipped_note
 from .progress import status_lines
 from .sink import Fragment, publish_shard, rewrite_file
 from .sources import Listing, Shard, Span, read_images
+from .stream import PlanStream
 from .table import OutputTables, Replacements
 
 # Images per read task (input block): READ_BATCH to READ_BLOCK_MAX, as many as still leave BLOCKS_PER_ACTOR
@@ -132,26 +136,9 @@ def read_block_rows(images: int, actors: int) -> int:
     return max(min(max(balanced, READ_BATCH), READ_BLOCK_MAX), math.ceil(images / MAX_INPUT_BLOCKS))
 
 
-def _pending(plan: Plan) -> int:
-    return sum(len(s) for s in plan.shards)
-
-
-def input_dataset(plan: Plan, actors: int = 1):
-    """The pending shards' images (image_id, uri, shard_id) as a Ray Dataset of `read_block_rows`
-    blocks. Built before the actors' placement group: `from_arrow` runs metadata tasks of one
-    whole CPU each, which would never start on 1-CPU nodes whose other half a bundle holds."""
-    import ray.data
-
-    rows = pending_rows(plan)
-    per_block = read_block_rows(rows.num_rows, actors)
-    # Copies (take), not slices of one table: a pickled slice can carry its parent's whole buffers.
-    return ray.data.from_arrow([rows.take(pa.array(range(i, min(i + per_block, rows.num_rows)), pa.int64()))
-                                for i in range(0, rows.num_rows, per_block)])
-
-
 def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placement: Any = None):
-    """The Ray Data graph over `ds` (input_dataset; lazy: iterate it to run). Its rows are
-    FRAGMENT_SCHEMA: the staged fragments' paths and image ids, never masks.
+    """The Ray Data graph over `ds` (the feed's blocks of `read_block_rows` images; lazy: iterate it
+    to run). Its rows are FRAGMENT_SCHEMA: the staged fragments' paths and image ids, never masks.
     placement: a scheduling strategy for the inference actors (`spread_actors`), or None."""
     import ray.data
 
@@ -159,12 +146,13 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
     from .actors import InferAndEncodeActor, InferenceActor
     from .encode import encode_and_stage
 
-    read_rows = min(read_block_rows(_pending(plan), res.actors), READ_BLOCK_MAX)  # a block in one call
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
         # actor stage (it fuses task -> actor stages with equal resources): decoding stays in tasks.
         # CPU actors given exactly READ_CPUS (two on two 1-CPU nodes) do fuse: they decode themselves.
-        read_images, batch_format="pyarrow", batch_size=read_rows, num_cpus=READ_CPUS,
+        # batch_size None: each feed block (at most READ_BLOCK_MAX images) in one call, as it comes; a
+        # batch size would hold a part's last, smaller block back until later parts' rows arrive
+        read_images, batch_format="pyarrow", batch_size=None, num_cpus=READ_CPUS,
         fn_kwargs={"storage_options": config.storage_options, "max_pixels": config.max_pixels,
                    "min_side": config.min_side})
     stage = {"output": config.output, "storage_options": config.storage_options, "run_id": plan.run_id}
@@ -226,10 +214,8 @@ def spread_actors(res: Resources, node_cpus: list[float], log: Callable[[str], N
         remove_placement_group(group)
 
 
-def pending_rows(plan: Plan) -> pa.Table:
-    """(image_id, uri, shard_id) of every pending shard's images, in listing order (columnar)."""
-    listing = plan.pending
-    spans = plan.shards
+def pending_rows(listing: Listing, spans: list[Span]) -> pa.Table:
+    """(image_id, uri, shard_id) of the shards `spans` of `listing`, in listing order (columnar)."""
     take = pa.array(np.concatenate([np.arange(s.start, s.stop) for s in spans]) if spans else [], pa.int64())
     shard_ids = pa.array([s.shard_id for s in spans], pa.string())
     which = pa.array(np.repeat(np.arange(len(spans)), [len(s) for s in spans]), pa.int64())
@@ -420,16 +406,22 @@ class ShardCollector:
     transiently are 'retry' rows like any other); an image delivered twice (a retried task) is
     taken from its first fragment only. Finished publishes go to `results`."""
 
-    def __init__(self, shards: list[Span], listing: Listing, publisher: InlinePublisher | RayPublisher,
+    def __init__(self, shards: list[Span], listing: Listing, publisher: InlinePublisher | RayPublisher | None,
                  log: Callable[[str], None] = lambda _: None) -> None:
-        self.shards = {s.shard_id: s for s in shards}
-        self.listing = listing
+        self.shards: dict[str, tuple[Span, Listing | None]] = {}  # None: submitted
+        self.add_shards(shards, listing)
         self.publisher, self.log = publisher, log
         self.fragments: dict[str, list[Fragment]] = {}
         self.seen: dict[str, set[str]] = {}
         self.submitted: set[str] = set()
         self.done: set[str] = set()
         self.results: list[dict[str, Any]] = []
+
+    def add_shards(self, shards: list[Span], listing: Listing) -> None:
+        """More shards (spans of `listing`: a listing part's pending images), before any of their
+        rows can arrive (one dict update each: safe beside the driver's loop)."""
+        for s in shards:
+            self.shards[s.shard_id] = (s, listing)
 
     def add(self, batch: pa.Table) -> None:
         """FRAGMENT_SCHEMA rows from the workers."""
@@ -443,10 +435,12 @@ class ShardCollector:
                 continue
             seen.update(fresh)
             self.fragments.setdefault(sid, []).append(Fragment(row["path"], fresh))
-            if len(seen) == len(self.shards[sid]):
+            span, listing = self.shards[sid]
+            if len(seen) == len(span):
                 self.submitted.add(sid)
                 del self.seen[sid]
-                self.publisher.submit(self.listing.shard(self.shards[sid]), self.fragments.pop(sid))
+                self.shards[sid] = (span, None)  # a part's listing goes once all its shards are published
+                self.publisher.submit(listing.shard(span), self.fragments.pop(sid))
         self.collect()
 
     def collect(self, wait: bool = False) -> None:
@@ -495,31 +489,42 @@ def run_record(plan: Plan, config: SegmentConfig, started_at: str) -> dict[str, 
 def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start: float) -> dict[str, Any]:
     run_id = new_run_id()
     started_at = now_utc()
-    plan = prepare(config, lease, run_id, lambda p: run_record(p, config, started_at), log)
-    c = plan.counts
-    log(f"run {run_id}: {len(plan.listing)} images listed; {c['done']} done, {c['new']} new, {c['changed']} changed, "
-        f"{c['to_retry']} to retry, {c['vanished']} vanished; {len(plan.pending)} to run in {len(plan.shards)} "
-        f"shards of {config.shard_size}" + (f" (continuing run {plan.resumes}'s listing)" if plan.resumes else "")
-        + skipped_note(plan.skipped))
-    replacements = Replacements(plan.holders, plan.vanished if config.prune else [])
+    plan = prepare(config, lease, run_id, lambda p: run_record(p, config, started_at), log, stream=True)
+    classifier = Classifier(images_state(plan), plan.overwrite)  # the table as this run plans against it
+    log(f"run {run_id}: planning part by part as {config.input} is listed (shards of {config.shard_size})"
+        + (f"; continuing run {plan.resumes}'s listing" if plan.resumes else ""))
+    replacements = Replacements({})
     committer = GroupCommitter(plan.tables, run_id, run_record(plan, config, started_at), replacements, log,
                                config.commit_shards, config.commit_every_s)
     committer.rewriter = InlinePublisher(config.output, config.storage_options, run_id)  # until Ray runs the job
+    collector = ShardCollector([], Listing.empty(), None, log)
+    feed = Feed(lambda: log(f"first shards handed to the actors {time.perf_counter() - start:.1f} s after the start"))
+    stream = PlanStream(plan, config, classifier, replacements,
+                        committer.record, lambda spans, pending: _hand_over(collector, feed, spans, pending),
+                        feed.close, log).start()
     try:
-        with status_lines(lambda: committer.counts["num_images"], len(plan.pending), log):
-            run_s, res = _process(plan, config, committer, log)
+        with status_lines(lambda: committer.counts["num_images"], lambda: stream.pending, log):
+            run_s, res = _process(plan, config, committer, collector, stream, feed, log)
+        stream.check()
     except BaseException as e:
+        stream.stop()
         try:  # best effort: the run's record says how it ended (a kill leaves it "running")
             if committer.version or committer.waiting:
                 committer.finish(exit=f"error: {type(e).__name__}: {one_line(e)}"[:500])
         except Exception:
             pass
         raise
+    plan = stream.final_plan()
+    c = plan.counts
+    log(f"run {run_id}: {c['listed']} images listed in {stream.parts} part(s); {c['done']} done, {c['new']} new, "
+        f"{c['changed']} changed, {c['to_retry']} to retry, {c['vanished']} vanished; {stream.pending} run in "
+        f"{stream.shards} shards" + skipped_note(plan.skipped))
     committer.prune()
     state = plan.tables.images_state(["image_id", "status", "num_proposals", "run_id", "error"])
     status = state.column("status")
     # a 'retry' row whose key vanished is not retried (the plan counts it as vanished): it does not fail the run
-    listed_retry = pc.and_(pc.equal(status, RETRY), pc.is_in(state.column("image_id"), plan.listing.image_ids))
+    listed_retry = pc.and_(pc.equal(status, RETRY), pc.invert(pc.is_in(state.column("image_id"),
+                                                                      pa.array(plan.vanished, pa.string()))))
     totals = {"images": state.num_rows, "images_ok": _count(status, "ok"), "images_error": _count(status, "error"),
               "images_retry": int(pc.sum(listed_retry).as_py() or 0),
               "proposals": int(pc.sum(state.column("num_proposals")).as_py() or 0)}
@@ -538,6 +543,8 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
                "images_per_s": round(processed / wall, 3) if wall > 0 else 0.0,
                # the Ray Data execution alone (no listing, checkpoint check or Ray start-up)
                "pipeline_s": round(run_s, 3), "pipeline_images_per_s": round(processed / run_s, 3) if run_s else 0.0,
+               # from the start to the first block of rows handed to the graph (None: nothing to run)
+               "first_shard_s": round(feed.first_block_at - start, 3) if feed.first_block_at else None,
                "actors": res.actors, "gpus_per_actor": res.gpus_per_actor,
                "postprocess": "actor" if res.postprocess_in_actor else "tasks", "skipped_keys": plan.skipped,
                "error_rate": round(error_rate, 4), "complete": exit_reason == "done"}
@@ -551,20 +558,31 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
     return summary
 
 
+def _hand_over(collector: ShardCollector, feed: Feed, spans: list[Span], pending: Listing) -> None:
+    """A planned part's shards: the collector learns them before the graph can deliver any of their rows."""
+    collector.add_shards(spans, pending)
+    feed.put(pending_rows(pending, spans))
+
+
 def _count(column: pa.ChunkedArray, value: str) -> int:
     return int(pc.sum(pc.equal(column, value)).as_py() or 0)
 
 
-def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
-             log: Callable[[str], None]) -> tuple[float, Resources]:
-    """Runs the Ray Data graph over the pending shards, committing as shards finish."""
-    if not plan.shards:
+def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter, collector: ShardCollector,
+             stream: PlanStream, feed: Feed, log: Callable[[str], None]) -> tuple[float, Resources]:
+    """Runs the Ray Data graph over the shards as they are planned, committing as shards finish.
+    Ray starts while the listing goes on; a run whose listing ended with nothing to do starts none
+    (one-part inputs: local folders, manifests, inventories)."""
+    from .ray_init import init_ray
+
+    if plan.listing_ongoing:  # Ray starts beside the listing
+        init_ray(log)
+    stream.wait_for_work()
+    if not stream.shards:
         return 0.0, Resources(0, 0.0, 0.0, False, 0)  # nothing to run: no actors
     import ray
 
-    from .ray_init import init_ray
-
-    init_ray(log)
+    init_ray(log)  # (a no-op where it started above)
     cluster = ray.cluster_resources()
     node_cpus = [c for n in ray.nodes() if n.get("Alive") and (c := n["Resources"].get("CPU", 0.0)) > 0]
     res = resolve_resources(config, cluster, node_cpus)
@@ -577,13 +595,24 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter,
             f"({cluster.get('GPU', 0)} GPU, {cluster.get('CPU', 0)} CPU); they wait for an autoscaler")
     publisher = RayPublisher(config.output, config.storage_options, plan.run_id)
     committer.rewriter = publisher  # old files are rewritten off the driver too
-    collector = ShardCollector(plan.shards, plan.pending, publisher, log)
+    collector.publisher = publisher
     run_start = time.perf_counter()
-    inputs = input_dataset(plan, res.actors)
-    with spread_actors(res, node_cpus, log) as placement, CommitTicker(collector, committer) as ticker:
-        for batch in build_dataset(inputs, plan, config, res, placement).iter_batches(batch_format="pyarrow",
-                                                                                     batch_size=None):
-            ticker.step(batch)
+    # blocks sized by what is planned so far (the whole plan of a one-part input, as before)
+    read_rows = min(read_block_rows(stream.pending, res.actors), READ_BLOCK_MAX)  # a block in one call
+    inputs = feed.start(read_rows)
+    try:
+        with spread_actors(res, node_cpus, log) as placement, CommitTicker(collector, committer) as ticker:
+            # prefetch 0: a batch is handed over as it comes (with prefetching, the last one waits for
+            # the next: a shard of a part whose successor is still being listed would wait with it)
+            for batch in build_dataset(inputs, plan, config, res, placement).iter_batches(
+                    batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+                ticker.step(batch)
+    except BaseException:
+        feed.stop()
+        raise
+    stream.check()  # the graph ended because the feed closed: the listing ended (or failed)
+    if feed.error is not None:
+        raise feed.error
     collector.collect(wait=True)
     committer.add(collector.take())
     committer.flush()

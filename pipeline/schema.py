@@ -8,7 +8,8 @@ Layout under the job's --output URL (pipeline/table.py writes and commits it):
     segments/                     Delta Lake table: one row per input image (status ok/error/retry)
                                   with its proposals nested (`proposals`: list<struct>); each data
                                   file holds one shard of one run, sorted by image_id
-    _runs/<run_id>/listing.parquet  a run's snapshot of its input listing (written before any work)
+    _runs/<run_id>/listing/       a run's snapshot of its input listing, part-NNNNN.parquet files, each
+                                  written before any of its shards runs (pipeline/parts.py)
     _tmp/                         staged fragments; never read; gone when a run ends
     _lease.json                   the live run's lease (pipeline/lease.py)
 

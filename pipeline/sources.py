@@ -121,6 +121,20 @@ class Listing:
         ids = whole(sorted_unique(pa.table({"image_id": uris}), url).column("image_id"))
         return cls(ids, ids)
 
+    @classmethod
+    def empty(cls) -> "Listing":
+        return cls(pa.array([], pa.string()), pa.array([], pa.string()))
+
+    @classmethod
+    def concat(cls, parts: list["Listing"]) -> "Listing":
+        """Listings of consecutive key ranges, in order, as one (a single one as it is: no copy)."""
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls.empty()
+        return cls(*(pa.concat_arrays([getattr(p, c) for p in parts])
+                     for c in ("image_ids", "uris", "etags", "sizes")))
+
     def to_table(self) -> pa.Table:
         return pa.table(dict(zip(self.COLUMNS, (self.image_ids, self.uris, self.etags, self.sizes))))
 
@@ -136,13 +150,15 @@ class Listing:
             yield from map(InputItem, *(a[start:start + DIGEST_CHUNK].to_pylist()
                                         for a in (self.image_ids, self.uris, self.etags, self.sizes)))
 
-    def spans(self, shard_size: int) -> list[Span]:
-        """Consecutive runs of `shard_size` rows, ids = zero-padded index (stable across runs)."""
+    def spans(self, shard_size: int, first: int = 0) -> list[Span]:
+        """Consecutive runs of `shard_size` rows, ids = zero-padded index from `first` (a listing
+        part's shards follow those of the parts before it)."""
         if shard_size < 1:
             raise ValueError(f"shard_size={shard_size}: must be >= 1")
         n = len(self)
-        width = max(6, len(str(max(0, (n - 1) // shard_size))))
-        return [Span(f"{i // shard_size:0{width}d}", i, min(n, i + shard_size)) for i in range(0, n, shard_size)]
+        width = max(6, len(str(first + max(0, (n - 1) // shard_size))))
+        return [Span(f"{first + i // shard_size:0{width}d}", i, min(n, i + shard_size))
+                for i in range(0, n, shard_size)]
 
     def shard(self, span: Span) -> Shard:
         """A span's items as Python objects (what a publish task checks a shard against)."""
@@ -231,9 +247,13 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None,
         raise SegmentError(f"--input {url}: cannot list it ({type(e).__name__}: {one_line(e)}); "
                            f"check the URL, network, credentials and --storage-options") from None
     if not len(listing):
-        raise SegmentError(f"--input {url}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
-                           f"any case); point it at the folder or manifest that holds them")
+        raise no_images(url)
     return listing
+
+
+def no_images(url: str) -> SegmentError:
+    return SegmentError(f"--input {url}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, "
+                        f"any case); point it at the folder or manifest that holds them")
 
 
 def make_shards(items: list[InputItem] | Listing, shard_size: int) -> list[Shard]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -446,39 +447,57 @@ class OutputTables:
 class Replacements:
     """Which data file holds the old row of each image a run replaces (re-processed or pruned),
     kept current as commits swap files for their rewrites: a file may hold images replaced in
-    several groups, and each group's commit rewrites the file its predecessor left."""
+    several groups, and each group's commit rewrites the file its predecessor left.
+
+    A run that plans part by part adds the images of each part (`add`) while groups commit: the
+    files it names are those of the table as the plan read it, so a file swapped since then stands
+    for its rewrite (`moved`). Thread-safe: the planner adds while the committer takes and swaps."""
 
     def __init__(self, holders: dict[str, str], prune: Sequence[str] = ()) -> None:
         """holders: image id -> data file (relative to the table) of its row; prune: ids to drop in
-        the first commit (they have no new row)."""
-        self.file_of = dict(holders)
+        the next commit (they have no new row)."""
+        self.file_of: dict[str, str] = {}
         self.ids_in: dict[str, set[str]] = {}
-        for image_id, path in self.file_of.items():
-            self.ids_in.setdefault(path, set()).add(image_id)
-        self.prune_ids = [i for i in prune if i in self.file_of]
+        self.moved: dict[str, str | None] = {}  # swapped file -> its rewrite (None: nothing left)
+        self.prune_ids: list[str] = []
+        self.lock = threading.Lock()
+        self.add(holders, prune)
+
+    def add(self, holders: dict[str, str], prune: Sequence[str] = ()) -> None:
+        with self.lock:
+            for image_id, path in holders.items():
+                while path in self.moved:
+                    path = self.moved[path]
+                    assert path is not None, f"{image_id}: its file was rewritten to nothing before it was replaced"
+                self.file_of[image_id] = path
+                self.ids_in.setdefault(path, set()).add(image_id)
+            self.prune_ids += [i for i in prune if i in self.file_of]
 
     def take(self, image_ids: Sequence[str]) -> dict[str, list[str]]:
         """path -> ids to drop from it in the commit that adds `image_ids`' new rows (plus any
         prune not yet committed)."""
         drops: dict[str, list[str]] = {}
-        for image_id in dict.fromkeys([*image_ids, *self.prune_ids]):
-            path = self.file_of.get(image_id)
-            if path is not None:
-                drops.setdefault(path, []).append(image_id)
+        with self.lock:
+            for image_id in dict.fromkeys([*image_ids, *self.prune_ids]):
+                path = self.file_of.get(image_id)
+                if path is not None:
+                    drops.setdefault(path, []).append(image_id)
         return drops
 
     def swapped(self, drops: dict[str, list[str]], swaps: Sequence[tuple[str, dict[str, Any] | None]]) -> None:
         """After the commit: the dropped ids are gone, the others of a swapped file moved to its rewrite."""
-        for path, new in swaps:
-            left = self.ids_in.pop(path, set()) - set(drops.get(path, ()))
-            for image_id in drops.get(path, ()):
-                self.file_of.pop(image_id, None)
-            if left:
-                assert new is not None, f"{path}: rewritten to nothing, yet it holds {sorted(left)[:3]}"
-                self.ids_in[new["path"]] = left
-                for image_id in left:
-                    self.file_of[image_id] = new["path"]
-        self.prune_ids = [i for i in self.prune_ids if i in self.file_of]
+        with self.lock:
+            for path, new in swaps:
+                self.moved[path] = new["path"] if new is not None else None
+                left = self.ids_in.pop(path, set()) - set(drops.get(path, ()))
+                for image_id in drops.get(path, ()):
+                    self.file_of.pop(image_id, None)
+                if left:
+                    assert new is not None, f"{path}: rewritten to nothing, yet it holds {sorted(left)[:3]}"
+                    self.ids_in[new["path"]] = left
+                    for image_id in left:
+                        self.file_of[image_id] = new["path"]
+            self.prune_ids = [i for i in self.prune_ids if i in self.file_of]
 
     def pending_prune(self) -> bool:
         return bool(self.prune_ids)

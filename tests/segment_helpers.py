@@ -7,8 +7,10 @@ then hinge on the last bit of float arithmetic (a test of "same RLE" must not).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +99,29 @@ def cli(*args: str, timeout: float = 300, **popen) -> subprocess.CompletedProces
     so it never joins a head node some other test started)."""
     return subprocess.run([sys.executable, "-m", "jobs.segment", *args], cwd=REPO, env=cli_env(),
                           capture_output=True, text=True, timeout=timeout, **popen)
+
+
+def run_killed(args: list[str], env: dict[str, str], until=None, timeout: float = 240) -> int:
+    """Runs the job in its own process group; SIGKILLs the group once `until()` holds (if given),
+    and in any case once the driver has ended (the local Ray it started goes with it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.segment", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while until is not None and time.monotonic() < deadline and proc.poll() is None and not until():
+            time.sleep(0.02)
+        if until is not None:
+            assert proc.poll() is None, "the job ended before the kill"
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc.poll() is None:
+            proc.wait(timeout=30)
+    return proc.returncode
 
 
 def cli_env() -> dict[str, str]:

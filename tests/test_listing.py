@@ -106,6 +106,41 @@ def test_parallel_s3_listing_equals_a_plain_listing(s3_bucket, monkeypatch) -> N
 
 
 @pytest.mark.slow
+def test_listing_parts_follow_each_other_and_join_to_the_listing(s3_bucket, monkeypatch) -> None:
+    """Parts come out in key order, each right after the one before (after = the previous until),
+    hold only keys in (after, until], and joined they are exactly s3fs's own sorted listing, for
+    every concurrency, page size and part size; listing after any part's end gives the rest."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    bucket = s3_bucket.removeprefix("s3://")
+    fs.pipe({f"{bucket}/{k}": k.encode() for k in ODD_KEYS})
+    found = fs.find(f"{bucket}/images", withdirs=False, detail=True)
+    reference = sorted((p.removeprefix(f"{bucket}/images/"), f"s3://{p}", info["ETag"].strip('"'), info["size"])
+                       for p, info in found.items()
+                       if not p.endswith("/") and posixpath.splitext(p)[1].lower() in listing.IMAGE_EXTENSIONS)
+    for concurrency, page_size, part_rows in ((1, 1000, 1), (1, 3, 7), (4, 2, 1), (16, 1, 5), (64, 5, 20),
+                                              (64, 1000, 100_000)):
+        parts = list(S3Lister(fs, concurrency, page_size).parts(f"{bucket}/images", part_rows=part_rows))
+        rows = [row for p in parts for row in zip(*(c.to_pylist() for c in p.columns))]
+        assert rows == reference, (concurrency, page_size, part_rows)
+        assert parts[0].after == "" and parts[-1].until is None and all(p.until is not None for p in parts[:-1])
+        assert all(a.until == b.after for a, b in zip(parts, parts[1:]))
+        assert all(len(p.columns[0]) == part_rows for p in parts[:-1])  # (below FIRST_PART_ROWS: no doubling)
+        for p in parts:
+            keys = [f"images/{i}" for i in p.columns[0].to_pylist()]
+            assert all(p.after < k and (p.until is None or k <= p.until) for k in keys), (p.after, p.until, keys)
+        for p in parts[:-1]:  # a run resumed after this part lists exactly the rest
+            rest = list(S3Lister(fs, concurrency, page_size).parts(f"{bucket}/images", start_after=p.until))
+            assert [row for r in rest for row in zip(*(c.to_pylist() for c in r.columns))] == \
+                [row for row in reference if f"images/{row[0]}" > p.until]
+    monkeypatch.setattr(listing, "FIRST_PART_ROWS", 2)  # the first parts are small, then double
+    parts = list(S3Lister(fs, 8, 3).parts(f"{bucket}/images", part_rows=12))
+    assert [len(p.columns[0]) for p in parts] == [2, 4, 8, 12, 12, 12, 5]
+    assert [row for p in parts for row in zip(*(c.to_pylist() for c in p.columns))] == reference
+
+
+@pytest.mark.slow
 def test_listing_a_missing_bucket_is_one_line(s3_server) -> None:
     import s3fs
 

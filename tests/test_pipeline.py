@@ -203,7 +203,7 @@ def test_files_schema_layout_and_history(first_run: dict, inputs: dict) -> None:
     assert record["totals"]["images"] == len(NAMES) + 1 and record["counts"]["num_images"] == len(NAMES) + 1
     assert record["config"]["inference"]["scales"] == list(INFERENCE["scales"])
     assert (record["complete"], record["exit"]) == (False, "16.7% error rows, over --max-error-rate 0.1")
-    listing = pq.read_table(out / "_runs" / run_id / "listing.parquet")
+    listing = pq.read_table(out / "_runs" / run_id / "listing" / "part-00000.parquet")  # a folder: one part
     assert sorted(listing.column("image_id").to_pylist()) == sorted([*NAMES, CORRUPT])
     assert set(listing.column_names) == {"image_id", "uri", "etag", "size"}
     assert not (out / "_tmp").exists()  # a finished run leaves no temp folder, not even an empty one

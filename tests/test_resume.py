@@ -5,12 +5,10 @@ from the driver's own test hook before and after a group commit; tests/test_tabl
 hook kills before and after every commit without Ray, on local files and on the S3 endpoint."""
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +16,7 @@ import pytest
 
 from pipeline.schema import IMAGES_RESULT_COLUMNS
 from pipeline.table import KILL_ENV
-from segment_helpers import REPO, cli, cli_env, inference_flags, read_table, write_checkpoint, write_images
+from segment_helpers import REPO, cli, cli_env, inference_flags, read_table, run_killed, write_checkpoint, write_images
 
 NUM_IMAGES = 16
 SHARD_SIZE = 2  # 9 shards: commits are spread over the run, so a kill lands between two of them
@@ -45,29 +43,6 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"images": images, "checkpoint": checkpoint, "reference": reference}
 
 
-def _run_killed(args: list[str], env: dict[str, str], until=None, timeout: float = 240) -> int:
-    """Runs the job in its own process group; SIGKILLs the group once `until()` holds (if given),
-    and in any case once the driver has ended (the local Ray it started goes with it)."""
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.segment", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while until is not None and time.monotonic() < deadline and proc.poll() is None and not until():
-            time.sleep(0.02)
-        if until is not None:
-            assert proc.poll() is None, "the job ended before the kill"
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if proc.poll() is None:
-            proc.wait(timeout=30)
-    return proc.returncode
-
-
 def _assert_like_reference(out: Path, reference: Path) -> None:
     cols = list(IMAGES_RESULT_COLUMNS)
     got_images, want_images = read_table(out, "images", bookkeeping=True), read_table(reference, "images")
@@ -86,7 +61,7 @@ def test_killed_job_resumes_to_the_uninterrupted_result(job: dict, tmp_path: Pat
     log = resumed / "segments" / "_delta_log"
     args = _args(job["images"], resumed, job["checkpoint"])
     # version 0 is the run's fence (no rows); version 1 its first group
-    _run_killed(args, cli_env(), until=lambda: log.exists() and len(list(log.glob("*.json"))) >= 2)
+    run_killed(args, cli_env(), until=lambda: log.exists() and len(list(log.glob("*.json"))) >= 2)
     # Only the driver commits, and it is dead: what the table holds now is what the re-run finds.
     done = read_table(resumed, "images")
     assert 1 <= len(done) < NUM_IMAGES + 1
@@ -104,7 +79,7 @@ def test_driver_killed_at_each_commit_step_resumes_to_the_uninterrupted_result(j
     out = tmp_path / "out"
     args = _args(job["images"], out, job["checkpoint"])
     for step in ("after_group:1", "before_group:1"):
-        assert _run_killed(args, {**cli_env(), KILL_ENV: step}) == -signal.SIGKILL, step
+        assert run_killed(args, {**cli_env(), KILL_ENV: step}) == -signal.SIGKILL, step
         assert len(read_table(out, "masks")) > 0
     r = cli(*args, "--max-error-rate", "0.5")
     assert r.returncode == 0, r.stderr[-3000:]
