@@ -34,7 +34,14 @@ def _resized(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, stride: int) ->
 def cell_coord(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, m: int, stride: int) -> torch.Tensor:
     """Window cell u (float64, clamped to [0, m-1]) that pixel(s) p sample: floor(u) and floor(u) + 1
     blend with weight t = u - floor(u) (as paste.paste_dense samples it)."""
-    return (_resized(p, c0, f, stride) / stride - 0.5).clamp(0.0, m - 1.0)
+    return cell_coord_of(p.double() + 0.5, (c0 * stride).double(), f, m, stride)
+
+
+def cell_coord_of(centre: torch.Tensor, origin: torch.Tensor, f: torch.Tensor, m: int, stride: int) -> torch.Tensor:
+    """cell_coord from the pixel centres p + 0.5 and the windows' resized starts c0 * stride, both
+    float64 (exact for integer p, c0): a caller that broadcasts them from per-window values writes
+    those full-size once, not as integers converted and shifted there."""
+    return ((centre * f - origin) / stride - 0.5).clamp(0.0, m - 1.0)
 
 
 def _blend(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, exact: bool) -> torch.Tensor:
