@@ -14,8 +14,9 @@ value is affine in t and t grows with p, so:
 So the first row of the mask is: the first y-segment where some x-probe has an endpoint on, and
 there the first pixel on over all probes; likewise the last row, and the columns with y-probes.
 Every value is computed with the reference's own float ops at the reference's own pixels, so
-float64 gives the reference's boxes exactly; cost O(m^2) per window and a fixed chain of ~150
-ops for any number of windows, images and scales (no host sync).
+float64 gives the reference's boxes exactly (float32 blends with one `lerp` each, a third of the
+bytes, within rounding of them); cost O(m^2) per window and a fixed chain of ~150 ops for any
+number of windows, images and scales (no host sync).
 """
 from __future__ import annotations
 
@@ -33,7 +34,20 @@ def _resized(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, stride: int) ->
 def cell_coord(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, m: int, stride: int) -> torch.Tensor:
     """Window cell u (float64, clamped to [0, m-1]) that pixel(s) p sample: floor(u) and floor(u) + 1
     blend with weight t = u - floor(u) (as paste.paste_dense samples it)."""
-    return (_resized(p, c0, f, stride) / stride - 0.5).clamp(0.0, m - 1.0)
+    return cell_coord_of(p.double() + 0.5, (c0 * stride).double(), f, m, stride)
+
+
+def cell_coord_of(centre: torch.Tensor, origin: torch.Tensor, f: torch.Tensor, m: int, stride: int) -> torch.Tensor:
+    """cell_coord from the pixel centres p + 0.5 and the windows' resized starts c0 * stride, both
+    float64 (exact for integer p, c0): a caller that broadcasts them from per-window values writes
+    those full-size once, not as integers converted and shifted there."""
+    return ((centre * f - origin) / stride - 0.5).clamp(0.0, m - 1.0)
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, exact: bool) -> torch.Tensor:
+    """a (1 - t) + b t (broadcast): where exact (float64), the reference's own float ops (three
+    outputs); else one `lerp` (a + t (b - a), a third of the bytes), within rounding of them."""
+    return a * (1.0 - t) + b * t if exact else torch.lerp(a, b, t)
 
 
 def _weight(p: torch.Tensor, c0: torch.Tensor, f: torch.Tensor, m: int, stride: int) -> torch.Tensor:
@@ -81,34 +95,36 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
 
     probs: (n, m, m) window probabilities; cells: (n, 2) long top-left cell (y0, x0); factor: (n, 2)
     float64 (fy, fx); sizes: (n, 2) long image (height, width) of each window; steps: from
-    `search_steps` of the smallest factor. Values blend in `dtype` (float64: the reference's)."""
+    `search_steps` of the smallest factor. Values blend in `dtype` (float64: the reference's float ops;
+    else one `lerp` a blend, within rounding of them: _blend)."""
     n = probs.shape[0]
     dev = probs.device
     if n == 0:
         return torch.zeros((0, 4), dtype=torch.long, device=dev)
     p = probs.to(dtype)
+    exact = dtype == torch.float64
     c0, f, size = cells.long().T, factor.double().T, sizes.long().T  # (2, n): axis 0 = y, 1 = x
     lo, hi = segments(c0, f, size, m, stride)  # (2, n, m)
-    seg = torch.arange(m, device=dev)
-    seg1 = (seg + 1).clamp(max=m - 1)
+    ext = torch.arange(m + 1, device=dev).clamp(max=m - 1)  # (m + 1,) cells 0..m-1, the last once more
+    # P with its last cell row and column repeated: cells j and j1 = min(j + 1, m - 1) of every j are
+    # then the views [:m] and [1:], never gathered copies
+    pe = p[:, ext[:, None], ext]  # (n, m + 1 rows, m + 1 cells)
     # probes: each segment's first and last pixel, (2, n, 2m); cells j, j1 and weight t there
     probe = torch.cat([lo, hi - 1], -1)
     probe_ok = torch.cat([hi > lo] * 2, -1)
     pt = _weight(probe, c0[..., None], f[..., None], m, stride).to(dtype)  # (2, n, 2m)
-    pj = seg.repeat(2)  # (2m,) each probe's segment (first pixels, then last pixels)
     # Rows (y-segments, x-probes): x-blend at the probes, Q[r, k] = P[r, j_k] (1 - t_k) + P[r, j1_k] t_k
     # (probes k and k + m share cells j_k, j1_k: the products broadcast P over the two ends, no copies)
     tx = pt[1].reshape(n, 1, 2, m)
-    p1 = p[:, :, seg1]  # (n, m, m): P[r, j1]
-    q = (p[:, :, None, :] * (1.0 - tx) + p1[:, :, None, :] * tx).reshape(n, m, 2 * m)  # (n, m, 2m)
-    q1 = q[:, seg1]
+    qe = _blend(pe[:, :, None, :m], pe[:, :, None, 1:], tx, exact).reshape(n, m + 1, 2 * m)  # (n, m + 1, 2m)
+    q, q1 = qe[:, :m], qe[:, 1:]  # Q at rows j and j1
     # Every segment end of one axis against every probe of the other is one grid of pixels: (y probe, x
     # probe), both ends of both axes' segments. Its values are the reference's float ops (Q blended along
     # y at the y probe's weight), computed once: (n, m y-segments, 2m x-probes) at the segments' first
     # pixels (y probes 0..m-1) and at their last (m..2m-1).
     t_lo, t_hi = pt[0][:, :m, None], pt[0][:, m:, None]  # (n, m, 1) y weights at each y-segment's ends
-    g_lo = q * (1.0 - t_lo) + q1 * t_lo > threshold
-    g_hi = q * (1.0 - t_hi) + q1 * t_hi > threshold
+    g_lo = _blend(q, q1, t_lo, exact) > threshold
+    g_hi = _blend(q, q1, t_hi, exact) > threshold
 
     x_ok, y_ok = probe_ok[1][:, None, :], probe_ok[0][:, :, None]  # (n, 1, 2m), (n, 2m, 1): the probe exists
 
@@ -136,13 +152,13 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
     # segments a, a + 1 (s = 0); columns P at the probe's rows i0, i1 and cells a, a + 1, s its y weight
     ar = torch.arange(n, device=dev)
     a_r, a_c = at[:, 0, :, 0], at[:, 1, :, 0]  # (2 sides, n)
-    pt_ = p.transpose(1, 2)  # (n, m, m): [cell, row]
+    pt_ = pe.transpose(1, 2)  # (n, m + 1, m + 1): [cell, row], the last of each repeated
 
     # rows: Q at segments a, a + 1 blended along y (its x blend is in Q); columns: P at cells a, a + 1 of
     # every cell row, blended along x, then at the probe's rows i0, i1 along y with the probe's s
-    xr0, xr1 = q[ar, a_r], q1[ar, a_r]  # (2 sides, n, 2m)
-    pa, pa1 = pt_[ar, a_c], pt_[ar, seg1[a_c]]  # (2 sides, n, m rows)
-    s1, s = 1.0 - pt[0], pt[0]  # (n, 2m)
+    xr0, xr1 = qe[ar, a_r], qe[ar, a_r + 1]  # (2 sides, n, 2m)
+    pa, pa1 = pt_[ar, a_c], pt_[ar, a_c + 1]  # (2 sides, n, m + 1 rows)
+    s = pt[0].reshape(n, 2, m)  # (n, 2, m) each y probe's weight (first pixels, then last)
     # One search per side, axis and window over "some probe is on" (not one per probe): in a segment
     # each probe's pixels on are a prefix or a suffix, so where no probe is on at the segment's
     # first pixel they are all suffixes (side 0: their union is a suffix), and where none is on at
@@ -158,9 +174,9 @@ def tight_boxes(probs: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor, 
         mid = (below + above) // 2
         t = _weight(mid, ce, fe, m, stride).to(dtype)[..., None]  # (2 sides, 2 axes, n, 1)
         tr, tc = t[:, 0], t[:, 1]
-        rows = xr0 * (1.0 - tr) + xr1 * tr  # (2 sides, n, 2m)
-        qc = pa * (1.0 - tc) + pa1 * tc  # (2 sides, n, m rows): along x at the pixel
-        cols = qc[..., pj] * s1 + qc[..., seg1[pj]] * s  # then along y at each probe
+        rows = _blend(xr0, xr1, tr, exact)  # (2 sides, n, 2m)
+        qc = _blend(pa, pa1, tc, exact)[..., None, :]  # (2 sides, n, 1, m + 1 rows): along x at the pixel
+        cols = _blend(qc[..., :m], qc[..., 1:], s, exact).reshape(2, n, 2 * m)  # then along y at each probe
         on_mid = (torch.stack([rows > threshold, cols > threshold], 1) & valid).any(-1)
         flip = on_mid != side
         above, below = torch.where(flip, mid, above), torch.where(flip, below, mid)

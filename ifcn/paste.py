@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .boxes import cell_coord
+from .boxes import cell_coord_of
 
 
 # --------------------------------------------------------------------------- numpy reference
@@ -128,9 +128,9 @@ def dense_weights(boxes: torch.Tensor, cells: torch.Tensor, factor: torch.Tensor
     is_x = ar < wp
     rel = torch.where(is_x, ar, ar - (wp + 1))
     pick = lambda t: torch.where(is_x, t[:, 1:2], t[:, 0:1])  # noqa: E731 (n, 2) (y, x) -> (n, L)
-    start = pick(boxes[:, [1, 0]])
+    centre = pick(boxes[:, [1, 0]].double() + 0.5) + rel  # (n, L) float64 pixel centres (exact)
     side = pick(torch.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1))
-    u = cell_coord(start + rel, pick(cells), pick(factor), m, stride)  # (n, L) float64
+    u = cell_coord_of(centre, pick((cells * stride).double()), pick(factor), m, stride)  # (n, L) float64
     i0 = u.floor()
     t = (u - i0).to(dtype)
     i0 = i0.long()

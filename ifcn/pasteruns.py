@@ -142,15 +142,11 @@ def _counts(events: list[tuple[torch.Tensor, torch.Tensor]], at: torch.Tensor | 
     plan_changes = changes[at]  # (n',)
     kept_before = torch.cumsum(plan_changes, 0, dtype=ix) - plan_changes  # (n',) kept events of earlier plan windows
     rank = kept_at - kept_before[pos]
-    # the previous kept event's position in the same window (0 for the first): the running maximum
-    # of (plan position, position) keys over the kept events, increasing in plan order (images below 2^40 pixels)
-    key = torch.where(keep, (pos.long() << 40) + where, -1)  # (E,)
-    last = torch.cummax(key, 0).values
-    prev = torch.cat([last.new_full((1,), -1), last[:-1]])
-    before = torch.where((prev >= 0) & ((prev >> 40) == pos), prev & ((1 << 40) - 1), 0).to(ix)
-    counts = torch.zeros(len(where) + n + 1, dtype=ix, device=dev)
-    dst = torch.where(keep, start[who] + rank, len(where) + n)  # dropped events: the unused last slot
-    counts.index_put_((dst,), where - before)
-    last_pos = torch.zeros(n, dtype=ix, device=dev).scatter_reduce(0, who.long(), torch.where(keep, where, 0), "amax")
-    counts.index_put_((start + changes,), pixels - last_pos)
+    # each window's run ends, back to back (its kept events' positions, then its image's end; dropped
+    # events: the unused last slot), and the counts their differences: no sort and no running maximum
+    ends = torch.empty(len(where) + n + 1, dtype=ix, device=dev)  # every used slot is written below
+    ends.index_put_((torch.where(keep, start[who] + rank, len(where) + n),), where)
+    ends.index_put_((start + changes,), pixels)
+    counts = torch.diff(ends, prepend=ends.new_zeros(1))
+    counts.index_put_((start,), ends[start])  # a window's first run starts at 0
     return counts, lengths.long()
