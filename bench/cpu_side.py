@@ -81,8 +81,8 @@ def stub_proposals(size: tuple[int, int]) -> Any:
     480x640 and larger, 10 at small sizes), best first, as ifcn.Proposals."""
     if size in _CACHE:
         return _CACHE[size]
-    from ifcn.containers import Proposals
-    from ifcn.runs import crop_runs
+    from ifcn.batch.containers import Proposals
+    from ifcn.ops.runs import crop_runs
 
     h, w = size
     count = 1000 if h * w >= 480 * 640 else 10

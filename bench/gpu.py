@@ -18,20 +18,20 @@ Measures, in one run on one machine (bench/README.md says more):
   2. forward    the bare multi-scale forward (random init) on N pre-resized images, batched, bf16 autocast +
                 channels_last on CUDA (torch.compile's warm-up, ~50 s, does not fit the time budget);
   3. op counts  kernel ops per image and syncs per batch of the actor's device path, forward included
-                (ifcn.opcount; the paper's defaults, 480x640, vgg16_narrow, structured (bench/model.py's
+                (ifcn.tools.opcount; the paper's defaults, 480x640, vgg16_narrow, structured (bench/model.py's
                 OracleHeads) and random heads; box NMS at batch 16 and 2, mask at batch 4). The same on any
                 machine of the same amp (bf16 autocast on CUDA adds its casts);
-  4. actor      the real pipeline.infer.InferenceActor called with read-stage batches from CONCURRENT_CALLS
+  4. actor      the real pipeline.stages.infer.InferenceActor called with read-stage batches from CONCURRENT_CALLS
                 threads, as Ray Data calls a GPU actor; its first call apart, then ACTOR_BUDGET_S of steady
                 calls: images/s, actor / bare forward, device busy by the actor's CUDA events (device time over
                 wall time) beside nvidia-smi's utilisation, and the overlap share of the concurrent calls: of
                 their host work on the calling threads, the share run while another call's device half ran on
-                the device thread (ifcn.hostwork; on CPU a CPU figure: the device half is CPU work there);
+                the device thread (ifcn.batch.hostwork; on CPU a CPU figure: the device half is CPU work there);
   5. big image  one 4000x3000 photo through `Predictor.proposals` at the defaults: peak memory and time;
   6. job        `pipeline.run.run_segment` on generated JPEGs (random-init --backbone), box and mask NMS, images
                 for JOB_STEADY_S at the actor's rate: start-up (call to the first batch out of an actor) apart
                 from the steady state after each actor's WARM_BATCHES batches, whose rate and device busy
-                share come from the actors' per-batch CUDA-event lines (pipeline.infer.STATS_DIR_ENV), with
+                share come from the actors' per-batch CUDA-event lines (pipeline.stages.infer.STATS_DIR_ENV), with
                 nvidia-smi sampled over the same window;
 then a table per (heads, nms), and with --out the JSON after each part. On CUDA it keeps to TIME_BUDGET_S
 (a job case that would not fit is skipped, saying so). Without CUDA it says so on its first line and runs
@@ -68,7 +68,7 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != Path(__f
 sys.path.insert(0, str(REPO))
 
 import ifcn  # noqa: E402
-from pipeline.infer import CONCURRENT_CALLS  # noqa: E402
+from pipeline.stages.infer import CONCURRENT_CALLS  # noqa: E402
 
 NO_CUDA_LINE = "no CUDA device: CPU equivalents at a small size; these are not GPU figures"
 TIME_BUDGET_S = 285.0  # the whole CUDA run, so that a rerun fits a 15-minute lease
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report("3. op counts: skipped (--skip-counts)")
 
-    report(f"4. the actor alone (pipeline.infer.InferenceActor, {CONCURRENT_CALLS} calls at once)")
+    report(f"4. the actor alone (pipeline.stages.infer.InferenceActor, {CONCURRENT_CALLS} calls at once)")
     nets = {"structured": timing.BatchedOracle(bench_model.OracleHeads(model, instances)), "random": model}
     results["actor"] = timing.actor_settings(settings, nets, images, fwd["images_per_s"], report)
     save()

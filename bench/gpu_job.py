@@ -2,7 +2,7 @@
 generated JPEGs, box and mask NMS, with enough images for JOB_STEADY_S at the actor's rate: start-up
 (the call to the first batch out of an actor) apart from the steady state after each actor's
 WARM_BATCHES batches, whose rate and device busy share come from the actors' per-batch CUDA-event
-lines (pipeline.infer.STATS_DIR_ENV), with nvidia-smi sampled over the same window.
+lines (pipeline.stages.infer.STATS_DIR_ENV), with nvidia-smi sampled over the same window.
 Needs ray, and deltalake where pipeline.run needs it.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 import ifcn
-from pipeline.infer import STATS_DIR_ENV
+from pipeline.stages.infer import STATS_DIR_ENV
 
 # bench/gpu.py loads this module by file path (bench/ must not go on sys.path: bench/pipeline.py would
 # shadow the `pipeline` package), after the bench modules it uses, with the repository on sys.path.

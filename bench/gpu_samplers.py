@@ -150,7 +150,7 @@ class RssPeak:
 
 
 def read_batch_lines(folder: Path) -> list[dict[str, Any]]:
-    """Every actor's per-batch lines (pipeline.infer.STATS_DIR_ENV: one JSON object per batch, `t` its
+    """Every actor's per-batch lines (pipeline.stages.infer.STATS_DIR_ENV: one JSON object per batch, `t` its
     time.time() at the end of the device half, `pid`, `images`, `device_ms`), oldest first."""
     lines = [json.loads(line) for path in sorted(folder.glob("*.jsonl")) for line in path.read_text().splitlines()
              if line.strip()]

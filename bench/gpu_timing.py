@@ -1,7 +1,7 @@
 """bench/gpu.py's measurements inside its own process, parts 1 to 5: the matmul peak, the bare
-multi-scale forward, the op counts of the actor's device path (ifcn.opcount), the inference actor
+multi-scale forward, the op counts of the actor's device path (ifcn.tools.opcount), the inference actor
 alone under concurrent calls (images/s, device busy by its CUDA events, the overlap share of its
-calls' host work: ifcn.hostwork) and one large image's peak memory; and the run's Settings, which
+calls' host work: ifcn.batch.hostwork) and one large image's peak memory; and the run's Settings, which
 every part reads. Each part returns JSON-ready rows and reports a line per row.
 """
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 import ifcn
-from ifcn.hostwork import overlap_share
-from ifcn.opcount import OpCounter
-from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size
-from pipeline.encode import encode_batch
-from pipeline.infer import CONCURRENT_CALLS, InferenceActor
+from ifcn.batch.hostwork import overlap_share
+from ifcn.tools.opcount import OpCounter
+from ifcn.ops.transforms import image_to_tensor, normalize, resize, scaled_size
+from pipeline.stages.encode import encode_batch
+from pipeline.stages.infer import CONCURRENT_CALLS, InferenceActor
 
 # bench/gpu.py loads this module by file path (bench/ must not go on sys.path: bench/pipeline.py would
 # shadow the `pipeline` package), after the bench modules it uses, with the repository on sys.path.
@@ -191,7 +191,7 @@ def actor_alone(actor: InferenceActor, batch: pa.Table, budget_s: float, device:
     Rate = images done / wall; device busy = the actor's CUDA-event device time / wall; overlap = of the
     steady calls' host work on their calling threads (stacking, the postprocess's host planning, the
     Arrow columns), the share during which another call's device half ran on the device thread
-    (ifcn.hostwork.overlap_share of the actor's per-call spans; device spans are the device thread's
+    (ifcn.batch.hostwork.overlap_share of the actor's per-call spans; device spans are the device thread's
     launching and waiting, not GPU time; on CPU the device half is CPU work too)."""
     samplers.reset_peak(device)
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ifcn import BACKBONES, PAPER_SCALES, InferenceConfig, InstanceFCN, ModelConfig, Predictor, postprocess
-from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size
+from ifcn.ops.transforms import image_to_tensor, normalize, resize, scaled_size
 
 MATMUL_N = 4096  # large enough that torch.mm runs at the BLAS's peak, small enough to take ~1 s on 2 cores
 MATMUL_REPS = 3  # products per round: a sample long enough not to land in one lucky quiet moment

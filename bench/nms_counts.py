@@ -1,5 +1,5 @@
 """Kernel ops per image and syncs per batch of `Predictor.proposals` with the device postprocess, box and
-mask NMS, forward included (ifcn.opcount), on 480x640 random uint8 images with the narrow model and random
+mask NMS, forward included (ifcn.tools.opcount), on 480x640 random uint8 images with the narrow model and random
 heads (torch.manual_seed(0)). CPU is enough: the counts are deterministic and the same on any machine.
 
     python bench/nms_counts.py                                   # batches 2 and 4, 250 windows per scale
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ifcn import InferenceConfig, InstanceFCN, ModelConfig, Predictor  # noqa: E402
-from ifcn.opcount import OpCounter  # noqa: E402
+from ifcn.tools.opcount import OpCounter  # noqa: E402
 
 GB = 1e9
 

@@ -222,7 +222,7 @@ def handoff_cost(paths: list[Path], checkpoint: str, inference: ifcn.InferenceCo
     task, and the encoding (COCO RLE strings) itself."""
     import pyarrow as pa
 
-    from pipeline.handoff import encode_column, proposals_column
+    from pipeline.stages.handoff import encode_column, proposals_column
 
     predictor = ifcn.Predictor(ifcn.load_checkpoint(checkpoint), inference, device="cpu")
     sizes, pack, unpack, encode = [], 0.0, 0.0, 0.0

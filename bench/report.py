@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/report.py --images 10000      # target: < 30 s on 2 cores, page < 5 MB
 
-Builds a synthetic output with the pipeline's own table code (pipeline.table: one data file per
+Builds a synthetic output with the pipeline's own table code (pipeline.tables.delta: one data file per
 shard and table, group commits with run records): small PNG inputs, 0-60 rectangular proposals
 per image, ~2% error rows with a few reasons and ~1% retry rows, then times jobs.report on it.
 """
@@ -37,8 +37,8 @@ REASONS = ("not a JPEG/PNG (got b'<htm'); recorded as error row", "truncated fil
 def synthetic_output(root: Path, images: int, seed: int = 0, run_id: str = "20261129T000000-synth0") -> str:
     """root/in/*.png and root/out/segments, a Delta table like a complete jobs.segment run's."""
     from ifcn.io import filesystem
-    from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, PROPOSAL_TYPE, SEGMENTS_SCHEMA
-    from pipeline.table import OutputTables, write_data_file
+    from pipeline.tables.schema import IMAGES_SCHEMA, MASKS_SCHEMA, PROPOSAL_TYPE, SEGMENTS_SCHEMA
+    from pipeline.tables.delta import OutputTables, write_data_file
 
     rng = np.random.default_rng(seed)
     (root / "in").mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,7 @@ LIST_CHILD = """
 import gc, sys, time, tracemalloc
 import pyarrow as pa
 import s3fs
-from pipeline.sources import list_inputs
+from pipeline.planning.sources import list_inputs
 fs = s3fs.S3FileSystem()  # the instance list_inputs gets too (fsspec caches it)
 # warm-up on one folder of 1000 keys: S3 client, botocore models, pyarrow kernels (~25 MB of imports)
 list_inputs("s3://bucket/images/0000/"); fs.find("bucket/images/0000")
@@ -283,7 +283,7 @@ class ListingServer:
 SYNTH_CHILD = """
 import json, sys, time
 import psutil, pyarrow as pa
-from pipeline.sources import list_inputs
+from pipeline.planning.sources import list_inputs
 t0 = time.perf_counter()
 cpu0 = sum(psutil.Process().cpu_times()[:2])
 skipped = {}
@@ -400,7 +400,7 @@ def _shard_table(shard: int, per_shard: int, proposals: int, run_id: str):
     import pyarrow as pa
 
     sys.path.insert(0, str(REPO))  # the package, not bench/pipeline.py beside this script
-    from pipeline.schema import PROPOSAL_TYPE, SEGMENTS_SCHEMA
+    from pipeline.tables.schema import PROPOSAL_TYPE, SEGMENTS_SCHEMA
 
     rng = np.random.default_rng(shard)
     ids = [f"images/{shard:06d}/{i:04d}.jpg" for i in range(per_shard)]
@@ -484,7 +484,7 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
                 workdir: Path, with_dataset: bool = False) -> None:
     import pyarrow.parquet as pq
 
-    from pipeline.table import OutputTables
+    from pipeline.tables.delta import OutputTables
 
     sys.path.insert(0, str(REPO / "tests"))
     import s3fs
@@ -519,7 +519,7 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
               f"{shard_size * proposals} proposals); stats JSON {len(real[0]['stats'])} bytes")
 
         def adds(shard: int) -> dict:
-            """The add-action facts a publish task returns (pipeline.table.write_data_file)."""
+            """The add-action facts a publish task returns (pipeline.tables.delta.write_data_file)."""
             if shard in real:
                 return real[shard]
             stats, per_row = template

@@ -101,7 +101,7 @@ def main() -> None:
     import psutil
     from fsspec.asyn import sync
 
-    from pipeline.listing_azure import AzureLister
+    from pipeline.planning.listing_azure import AzureLister
 
     keys = SyntheticKeys(args.keys)
     server = ListBlobsServer(keys, args.page_delay_ms / 1000)

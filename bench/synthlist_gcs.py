@@ -80,7 +80,7 @@ def main() -> None:
     import gcsfs.core
     import psutil
 
-    from pipeline.listing_gcs import GCSLister
+    from pipeline.planning.listing_gcs import GCSLister
 
     keys = SyntheticKeys(args.keys)
     server = GCSListingServer(keys, args.page_delay_ms / 1000)

@@ -10,17 +10,17 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "checkpoint_digest": "checkpoint", "load_checkpoint": "checkpoint", "load_model": "checkpoint",
-    "save_checkpoint": "checkpoint", "load_baseline": "checkpoint", "save_baseline": "checkpoint",
+    "checkpoint_digest": "models.checkpoint", "load_checkpoint": "models.checkpoint", "load_model": "models.checkpoint",
+    "save_checkpoint": "models.checkpoint", "load_baseline": "models.checkpoint", "save_baseline": "models.checkpoint",
     "BACKBONES": "config", "PAPER_SCALES": "config", "InferenceConfig": "config", "ModelConfig": "config",
-    "DeepMask": "deepmask",
-    "InstanceFCN": "model", "load_vgg16_weights": "model",
-    "assemble": "assembling",
-    "Candidates": "containers", "Proposals": "containers", "WindowBatch": "containers", "Windows": "containers",
+    "DeepMask": "models.deepmask",
+    "InstanceFCN": "models.instancefcn", "load_vgg16_weights": "models.instancefcn",
+    "assemble": "ops.assembling",
+    "Candidates": "batch.containers", "Proposals": "batch.containers", "WindowBatch": "batch.containers", "Windows": "batch.containers",
     "NMS_MODES": "config",
-    "Predictor": "predictor",
-    "encode": "proposals", "postprocess": "proposals", "postprocess_device": "proposals",
-    "postprocess_numpy": "proposals",
+    "Predictor": "inference.predictor",
+    "encode": "inference.proposals", "postprocess": "inference.proposals", "postprocess_device": "inference.proposals",
+    "postprocess_numpy": "inference.proposals",
 }
 __all__ = sorted(_LAZY)
 

@@ -51,7 +51,7 @@ class ImageError(Exception):
 def read_bytes(uri: str, storage_options: dict[str, Any] | None = None) -> bytes:
     """The whole object at `uri` (any fsspec URL). A missing object is an ImageError (it
     was listed, then deleted: an error row); other failures (credentials, network) raise as
-    they are, so the caller can retry them (pipeline.sources retries READ_ATTEMPTS times,
+    they are, so the caller can retry them (pipeline.stages.read retries READ_ATTEMPTS times,
     then records an error row)."""
     try:
         with open_url(uri, "rb", storage_options) as f:

@@ -162,6 +162,6 @@ def warn_scales(requested: tuple[int, ...], trained: Iterable[int] | None, log: 
 
 def trained_scales(url: str, storage_options: dict[str, Any] | None = None) -> list[int] | None:
     """The short sides a jobs.train checkpoint was trained at (its header only); None when it does not say."""
-    from pipeline.report import peek_checkpoint
+    from pipeline.report.build import peek_checkpoint
 
     return (peek_checkpoint(url, storage_options) or {}).get("trained_scales")

@@ -1,6 +1,6 @@
 """Runs a trained model (made for the one-map FCN baseline) over a COCO dataset's images to COCO results.
 
-Any --model of jobs.train works: the checkpoint's kind picks the predictor (ifcn.models), as in
+Any --model of jobs.train works: the checkpoint's kind picks the predictor (ifcn.models.registry), as in
 jobs.evaluate; the baseline's is connected components of its foreground map.
 
 Train it with `python -m jobs.train --model fcn-baseline ...`; then
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
-from jobs._cli import interruptible, make_parser, scales, storage_options
+from ._cli import interruptible, make_parser, scales, storage_options
 
 
 @interruptible("ifcn-baseline", "no results file was written; re-run the same command")
@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage-options", type=storage_options, default=None, help="fsspec options as JSON")
     args = p.parse_args(argv)
     from ifcn import InferenceConfig
-    from ifcn.checkpoint import load_model
+    from ifcn.models.checkpoint import load_model
     from ifcn.data import CocoDataset
-    from ifcn.predictor import predictor_for
-    from ifcn.evaluate import predictions_to_results
+    from ifcn.inference.predictor import predictor_for
+    from ifcn.evaluation.recall import predictions_to_results
     from ifcn.io import open_url
 
     try:

@@ -13,10 +13,11 @@ import sys
 
 import pyarrow as pa
 
-from jobs._cli import add_output, interruptible, make_parser, output_of, storage_options
-from pipeline.check import check_output, repair_output
 from pipeline.config import SegmentError
-from pipeline.table import delta_storage_options
+from pipeline.tables.check import check_output, repair_output
+from pipeline.tables.delta import delta_storage_options
+
+from ._cli import add_output, interruptible, make_parser, output_of, storage_options
 
 
 @interruptible("ifcn-check", "a repair is one commit, made whole or not at all; re-run to check")

@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from jobs._cli import RESUME, interruptible, make_parser
+from ._cli import RESUME, interruptible, make_parser
 
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "narrow_synth.pt"
 # Inference scales for the 256 px synthetic images: objects of 56-128 px reach the 81-114 px
@@ -45,11 +45,11 @@ def _step(title: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ifcn.data.synth import write_synthetic_dataset
-    from jobs.evaluate import evaluate
-    from jobs.show import show
-    from ifcn.evaluate import format_table
+    from .evaluate import evaluate
+    from .show import show
+    from ifcn.evaluation.recall import format_table
     from pipeline.config import SegmentConfig, SegmentError
-    from pipeline.report import describe, write_report
+    from pipeline.report.build import describe, write_report
     from pipeline.run import run_segment
 
     out = Path(args.output).resolve()

@@ -17,12 +17,13 @@ import warnings
 from typing import Any, TextIO
 
 
-from ifcn.evaluate import (IOU_LABELS, IOU_PROTOCOLS, RESULT_COLUMNS, average_recall, format_table, load_gt,
+from ifcn.evaluation.recall import (IOU_LABELS, IOU_PROTOCOLS, RESULT_COLUMNS, average_recall, format_table, load_gt,
                            load_results_json, predictions_to_results, rank_filter, results_from_masks, up_to)
 from ifcn.config import NMS_MODES, InferenceConfig
 from ifcn.image import ImageError, decode_image
 from ifcn.io import filesystem, join, open_url, write_bytes
-from jobs._cli import interruptible, make_parser, scales, storage_options
+
+from ._cli import interruptible, make_parser, scales, storage_options
 
 
 class Progress:
@@ -53,12 +54,12 @@ def predict_images(gt: dict, checkpoint: str, images: str, scales: tuple[int, ..
                    nms: str | None = None) -> tuple[list[dict], list[int]]:
     """Runs the checkpoint's predictor over the annotation file's images (file order, first `limit`):
     ifcn.Predictor for InstanceFCN and DeepMask, connected components for the FCN baseline
-    (ifcn.predictor.predictor_for picks it by the checkpoint's kind).
+    (ifcn.inference.predictor.predictor_for picks it by the checkpoint's kind).
 
     Returns COCO results entries and the evaluated image ids.
     """
-    from ifcn.checkpoint import load_model
-    from ifcn.predictor import predictor_for
+    from ifcn.models.checkpoint import load_model
+    from ifcn.inference.predictor import predictor_for
 
     overrides: dict[str, Any] = {}
     if scales:
@@ -100,7 +101,7 @@ def is_output_folder(url: str, storage_options: dict | None = None) -> bool:
 
 def output_max_proposals(url: str, storage_options: dict | None = None) -> int | None:
     """The proposals per image a jobs.segment output was made with (its table's settings)."""
-    from pipeline.table import OutputTables
+    from pipeline.tables.delta import OutputTables
 
     settings = OutputTables(url, storage_options).settings() or {}
     kept = (settings.get("settings") or {}).get("inference", {}).get("max_proposals")

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from jobs._cli import add_output, interruptible, make_parser, output_of, storage_options
+from ._cli import add_output, interruptible, make_parser, output_of, storage_options
 
 
 def images_index(table: Any) -> dict[str, Any]:
@@ -33,9 +33,9 @@ def export(output: str, json_url: str, annotations: str | None = None, max_propo
     """Reads the masks view (one row per proposal) and writes COCO results; returns counts for the log line."""
     import pyarrow.dataset as ds
 
-    from ifcn.evaluate import RESULT_COLUMNS, load_gt, results_from_masks
+    from ifcn.evaluation.recall import RESULT_COLUMNS, load_gt, results_from_masks
     from ifcn.io import write_bytes
-    from pipeline.output import read_output
+    from pipeline.tables.output import read_output
 
     filter = None if max_proposals is None else ds.field("rank") < max_proposals
     table = read_output(output, "masks", list(RESULT_COLUMNS), filter=filter, storage_options=options)

@@ -13,8 +13,10 @@ import sys
 import pyarrow as pa
 
 from ifcn.image import one_line
-from jobs._cli import add_output, interruptible, make_parser, output_of, storage_options
-from pipeline.report import ReportConfig, describe, write_report
+
+from pipeline.report.build import ReportConfig, describe, write_report
+
+from ._cli import add_output, interruptible, make_parser, output_of, storage_options
 
 
 @interruptible("ifcn-report", "no page was written; re-run the same command")

@@ -15,7 +15,7 @@ import sys
 from dataclasses import MISSING, fields
 
 from ifcn.config import NMS_MODES, InferenceConfig
-from jobs._cli import (RESUME, in_flags, interruptible, make_parser, scales, show_defaults, storage_options,
+from ._cli import (RESUME, in_flags, interruptible, make_parser, scales, show_defaults, storage_options,
                        trained_scales, warn_scales)
 from pipeline.config import SegmentConfig
 
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ifcn.image import one_line
     from pipeline.config import IncompleteRunError, SegmentError
-    from pipeline.plan import describe_plan, make_plan
+    from pipeline.planning.plan import describe_plan, make_plan
     from pipeline.run import run_segment
 
     dry_run = args.pop("dry_run", False)

@@ -11,10 +11,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ifcn.viz import draw_proposals, save_png
+from ifcn.tools.viz import draw_proposals, save_png
 from ifcn.image import ImageError, decode_image, read_bytes  # decode exactly as the pipeline did (EXIF, alpha)
-from jobs._cli import add_output, interruptible, make_parser, output_of, storage_options
 from pipeline import read_output
+
+from ._cli import add_output, interruptible, make_parser, output_of, storage_options
 
 MASK_COLUMNS = ["image_id", "uri", "rank", "score", "bbox", "rle", "height", "width"]
 SHOWN_IDS = 5  # valid ids listed when an id is unknown
@@ -65,8 +66,8 @@ def valid_ids(output: str, storage_options: dict | None = None, n: int = SHOWN_I
 
 def history_lines(output: str, storage_options: dict | None = None) -> list[str]:
     """One line per run of the output, oldest first, from the tables' commit metadata."""
-    from pipeline.output import open_table
-    from pipeline.table import OutputTables
+    from pipeline.tables.output import open_table
+    from pipeline.tables.delta import OutputTables
 
     open_table(output, "images", storage_options)  # a one-line error when there is no output
     lines = []

@@ -9,7 +9,8 @@ import sys
 from dataclasses import replace
 
 from ifcn.data.synth import SynthConfig, write_synthetic_dataset
-from jobs._cli import interruptible, make_parser, storage_options
+
+from ._cli import interruptible, make_parser, storage_options
 
 
 @interruptible("ifcn-synth", "re-run the same command (same seed, same images) to finish the dataset")

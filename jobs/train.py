@@ -18,7 +18,8 @@ import sys
 
 from ifcn.config import BACKBONES
 from ifcn.train.config import AMP, MODELS, PRESETS, TrainConfig
-from jobs._cli import interruptible, make_parser, scales, show_defaults, storage_options
+
+from ._cli import interruptible, make_parser, scales, show_defaults, storage_options
 
 # flag dest -> TrainConfig field, where the names differ
 _RENAMED = {"no_flip": "flip"}

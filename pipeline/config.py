@@ -14,7 +14,7 @@ from typing import Any
 from ifcn.config import InferenceConfig
 from ifcn.image import MAX_PIXELS, MIN_SIDE
 
-from .listing import PART_ROWS
+from pipeline.planning.listing import PART_ROWS
 
 AMP_MODES = ("auto", "bf16", "none")
 POSTPROCESS_MODES = ("auto", "tasks", "actor")
@@ -71,7 +71,7 @@ class SegmentConfig:
     # over a 10M-image run at 256 per group; at 64 per group the late commits fall to ~45 shards/s).
     commit_shards: int = 256
     # Images per listing part: an S3 prefix is snapshotted, planned and handed to the actors part by
-    # part while it is still being listed (pipeline/stream.py); a kill mid-listing resumes after the last part.
+    # part while it is still being listed (pipeline/planning/stream.py); a kill mid-listing resumes after the last part.
     listing_part: int = PART_ROWS
     prune: bool = False  # delete the rows of images whose keys are no longer listed
     # An output made with other result settings is refused unless this: then a new table version

@@ -1,13 +1,13 @@
 """The batch job's driver: the one place that builds the Ray Data graph, sets its resources and
 decides when shards commit.
 
-    plan, part by part while the input is listed (pipeline/stream.py: each listing part
+    plan, part by part while the input is listed (pipeline/planning/stream.py: each listing part
     snapshotted, then its pending images from the images table)
-        ─> feed (pipeline/feed.py: a queue the graph's read tasks drain; the graph lives for the run)
+        ─> feed (pipeline/stages/feed.py: a queue the graph's read tasks drain; the graph lives for the run)
         ─> read_images (CPU tasks) ─> InferenceActor pool (GPU or CPU actors)
         ─> encode_and_stage (CPU tasks: RLE strings, rows, a staged Parquet fragment per shard)
         ─> driver: fragment paths + image ids only ─> publish_shard (Ray tasks: one data file per shard)
-        ─> driver: group commits to the Delta table (pipeline/table.py), each swapping the old
+        ─> driver: group commits to the Delta table (pipeline/tables/delta.py), each swapping the old
            files of the images it replaces for rewrites without them (rewrite_file, Ray tasks)
 
 Why the driver decides and workers write: Ray Data streams rows in no guaranteed order, so a
@@ -45,16 +45,18 @@ import pyarrow.compute as pc
 
 from ifcn.image import one_line
 
+from pipeline.planning.plan import Classifier, Plan, images_state, new_run_id, now_utc, prepare, skipped_note
+from pipeline.planning.sources import Listing, Shard, Span
+from pipeline.planning.stream import PlanStream
+from pipeline.stages.feed import Feed
+from pipeline.stages.read import read_images
+from pipeline.stages.sink import Fragment, publish_shard, rewrite_file
+from pipeline.tables.delta import OutputTables, Replacements
+from pipeline.tables.lease import Lease
+
 from .config import CONCURRENT_CALLS, IncompleteRunError, SegmentConfig, SegmentError
 from .errors import RETRY
-from .lease import Lease
-from .feed import Feed
-from .plan import Classifier, Plan, images_state, new_run_id, now_utc, prepare, skipped_note
 from .progress import status_lines
-from .sink import Fragment, publish_shard, rewrite_file
-from .sources import Listing, Shard, Span, read_images
-from .stream import PlanStream
-from .table import OutputTables, Replacements
 
 # Images per read task (input block): READ_BATCH to READ_BLOCK_MAX, as many as still leave BLOCKS_PER_ACTOR
 # blocks per inference actor (`read_block_rows`), so the executor handles ~8 read tasks per thousand
@@ -142,9 +144,9 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
     placement: a scheduling strategy for the inference actors (`spread_actors`), or None."""
     import ray.data
 
-    # the actor classes by name only (pipeline/actors.py): the driver never imports torch (~490 MiB of RSS)
-    from .actors import InferAndEncodeActor, InferenceActor
-    from .encode import encode_and_stage
+    # the actor classes by name only (pipeline/stages/actors.py): the driver never imports torch (~490 MiB of RSS)
+    from pipeline.stages.actors import InferAndEncodeActor, InferenceActor
+    from pipeline.stages.encode import encode_and_stage
 
     ds = ds.map_batches(
         # READ_CPUS != the actors' num_cpus also keeps Ray Data from fusing this stage into the
@@ -175,7 +177,7 @@ def build_dataset(ds, plan: Plan, config: SegmentConfig, res: Resources, placeme
 def _overlap(res: Resources) -> dict[str, Any]:
     """GPU actors take CONCURRENT_CALLS calls at once: one batch's host work (pinned staging,
     packing) overlaps the next batch's device work, which runs on the actor's one device thread
-    (pipeline/infer.py). CPU actors run one call at a time: their host and device are the same cores."""
+    (pipeline/stages/infer.py). CPU actors run one call at a time: their host and device are the same cores."""
     if res.gpus_per_actor <= 0:
         return {}
     return {"max_concurrent_calls_per_actor": CONCURRENT_CALLS, "enable_true_multi_threading": True}

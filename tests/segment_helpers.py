@@ -72,7 +72,7 @@ MASK_COLUMNS = ["image_id", "uri", "rank", "score", "bbox", "area", "rle", "heig
 def read_table(output: str | Path, name: str, bookkeeping: bool = False) -> pd.DataFrame:
     """A view of the output table as deltalake's own reader sees it (not the pipeline's
     read_output), sorted: "images" (one row per image, no proposals) or "masks" (one row per
-    proposal, flattened here with pandas, independently of pipeline.schema.masks_view); without
+    proposal, flattened here with pandas, independently of pipeline.tables.schema.masks_view); without
     `bookkeeping`, the columns that name the run and shard (they differ between two runs with
     equal results) are dropped."""
     from deltalake import DeltaTable
@@ -140,7 +140,7 @@ def nest(images: list[dict], masks: list[dict]) -> "pa.Table":
     each image's proposals nested in rank order, as the pipeline stores them."""
     import pyarrow as pa
 
-    from pipeline.schema import PROPOSAL_TYPE, SEGMENTS_SCHEMA
+    from pipeline.tables.schema import PROPOSAL_TYPE, SEGMENTS_SCHEMA
 
     rows = []
     for image in images:

@@ -1,6 +1,6 @@
 """Counted budgets of the device path (issue 14): kernel ops per image and host syncs per batch of
 `Predictor.proposals` with the torch postprocess, forward included, counted on CPU by
-ifcn.opcount (the same Python dispatches the same aten ops on CUDA; counts are deterministic).
+ifcn.tools.opcount (the same Python dispatches the same aten ops on CUDA; counts are deterministic).
 
 Targets at batch 16 (paper defaults, 480x640): box NMS <= 200 kernel ops per image and <= 16
 syncs per batch; mask NMS <= 600 and <= 48. Counting a batch of 16 at the paper's defaults takes ~15 min on two CPU cores,
@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-import ifcn.budgets as budgets
-import ifcn.nms as nms
-import ifcn.tightboxes as tightboxes
+import ifcn.batch.budgets as budgets
+import ifcn.ops.nms as nms
+import ifcn.batch.tightboxes as tightboxes
 from ifcn import InferenceConfig, InstanceFCN, ModelConfig, Predictor
-from ifcn.opcount import OpCounter, OpCounts
+from ifcn.tools.opcount import OpCounter, OpCounts
 
 BOX_OPS, BOX_SYNCS = 200, 16  # per image, per batch (issue 14's targets at batch 16)
 MASK_OPS, MASK_SYNCS = 600, 48
@@ -107,7 +107,7 @@ def test_mask_nms_budget(random_model: InstanceFCN, monkeypatch: pytest.MonkeyPa
     assert scaled.syncs <= MASK_SYNCS, scaled
 
 
-# Bytes the postprocess writes per 480x640 image (ifcn.opcount: every kernel op's outputs, a lower
+# Bytes the postprocess writes per 480x640 image (ifcn.tools.opcount: every kernel op's outputs, a lower
 # bound on device memory traffic), at batch 2 with 250 windows per scale and 250 kept: measured
 # box 0.126 / 0.158 GB, mask 0.248 / 0.349 GB (random / structured heads), plus ~10% (issue 24:
 # float32 tight boxes blending with one lerp each and run counts as differences of run ends; before

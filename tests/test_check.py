@@ -1,4 +1,4 @@
-"""jobs.check / pipeline.check: every way an output's data file can stop holding what the log and
+"""jobs.check / pipeline.tables.check: every way an output's data file can stop holding what the log and
 readers rely on is named (missing, truncated, another file copied over it, damaged in place with
 its size unchanged, a doubled image, rows that are not whole), and --repair leaves a table that a
 re-run makes complete again, equal to an output never damaged.
@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
 
-from pipeline.check import check_output, repair_output
-from pipeline.schema import SEGMENTS_SCHEMA
-from pipeline.table import OutputTables, write_data_file
+from pipeline.tables.check import check_output, repair_output
+from pipeline.tables.schema import SEGMENTS_SCHEMA
+from pipeline.tables.delta import OutputTables, write_data_file
 from segment_helpers import REPO, delta_options
 from test_table import IDS, _facts, _table, commit_all
 
@@ -130,7 +130,7 @@ def test_a_doubled_image_and_rows_that_are_not_whole_are_found(out: str) -> None
 def test_repair_waits_for_no_run_and_is_fenced(out: str) -> None:
     """Repair takes the output's lease: while a run holds it, repair is refused in one line."""
     from pipeline.config import SegmentError
-    from pipeline.lease import Lease
+    from pipeline.tables.lease import Lease
 
     _damage("delete", out)
     lease = Lease(out)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ifcn import InstanceFCN, ModelConfig, checkpoint_digest, load_checkpoint, save_checkpoint
-from ifcn.checkpoint import read_checkpoint
+from ifcn.models.checkpoint import read_checkpoint
 
 
 def _model(seed: int) -> InstanceFCN:
@@ -58,7 +58,7 @@ def test_digest_is_sha256_of_file(tmp_path) -> None:
 @pytest.mark.parametrize("load", ["load_checkpoint", "checkpoint_header"])
 def test_wrong_files_raise_clear_errors(tmp_path, load: str) -> None:
     """The model loader and the driver's torch-free header reader refuse bad files alike."""
-    from ifcn.checkpoint_header import checkpoint_header
+    from ifcn.models.checkpoint_header import checkpoint_header
 
     load = {"load_checkpoint": load_checkpoint, "checkpoint_header": checkpoint_header}[load]
     garbage = tmp_path / "garbage.pt"
@@ -74,8 +74,8 @@ def test_wrong_files_raise_clear_errors(tmp_path, load: str) -> None:
 
 
 def test_baseline_checkpoint_is_refused_by_name(tmp_path) -> None:
-    from ifcn.baseline import FCNBaseline
-    from ifcn.checkpoint import save_baseline
+    from ifcn.models.baseline import FCNBaseline
+    from ifcn.models.checkpoint import save_baseline
 
     url = str(tmp_path / "baseline.pt")
     save_baseline(FCNBaseline(ModelConfig(backbone="vgg16_narrow")), url)
@@ -86,7 +86,7 @@ def test_baseline_checkpoint_is_refused_by_name(tmp_path) -> None:
 def test_header_reads_the_config_and_digest_without_tensors(tmp_path) -> None:
     """checkpoint_header (torch-free, for the driver) gives read_checkpoint's payload but the
     tensors, and the file's sha256, from one read."""
-    from ifcn.checkpoint_header import checkpoint_header
+    from ifcn.models.checkpoint_header import checkpoint_header
 
     path = tmp_path / "m.pt"
     save_checkpoint(_model(0), str(path), extra={"step": 7})
@@ -104,9 +104,9 @@ def test_header_refuses_what_the_pipeline_cannot_run(tmp_path) -> None:
     import pickle
     import zipfile
 
-    from ifcn.baseline import FCNBaseline
-    from ifcn.checkpoint import save_baseline
-    from ifcn.checkpoint_header import checkpoint_header
+    from ifcn.models.baseline import FCNBaseline
+    from ifcn.models.checkpoint import save_baseline
+    from ifcn.models.checkpoint_header import checkpoint_header
 
     baseline = tmp_path / "baseline.pt"
     save_baseline(FCNBaseline(ModelConfig(backbone="vgg16_narrow")), str(baseline))

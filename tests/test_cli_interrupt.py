@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.lease import Lease
+from pipeline.tables.lease import Lease
 from segment_helpers import REPO, cli, cli_env, inference_flags, read_table, write_checkpoint, write_images
 
 MESSAGE = "ifcn-segment: interrupted; committed rows are kept, re-run the same command to resume"

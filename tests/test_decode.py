@@ -250,7 +250,7 @@ def test_read_bytes_local_paths_and_missing(tmp_path):
         read_bytes(str(tmp_path / "missing.png"))
 
 
-# --- the read stage's decoder (pipeline.sources.decode): simplejpeg for JPEGs, this module otherwise ---------
+# --- the read stage's decoder (pipeline.stages.read.decode): simplejpeg for JPEGs, this module otherwise ---------
 
 def _photo(h: int = 120, w: int = 160, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -263,7 +263,7 @@ def _photo(h: int = 120, w: int = 160, seed: int = 0) -> np.ndarray:
                                 {"quality": 85, "gray": True}, {"quality": 90, "progressive": True}])
 def test_fast_jpeg_decoder_equals_pillow_within_a_level(kw):
     """libjpeg-turbo through simplejpeg vs Pillow: the same IDCT and upsampling; at most one level apart."""
-    from pipeline.sources import decode
+    from pipeline.stages.read import decode
 
     im = Image.fromarray(_photo())
     if kw.pop("gray", False):
@@ -275,7 +275,7 @@ def test_fast_jpeg_decoder_equals_pillow_within_a_level(kw):
 
 
 def test_fast_decoder_is_used_when_installed_and_falls_back_for_exif_and_cmyk(monkeypatch):
-    import pipeline.sources as sources
+    import pipeline.stages.read as sources
 
     simplejpeg = pytest.importorskip("simplejpeg")
     assert sources._simplejpeg is simplejpeg  # pinned in pyproject: the read stage uses it
@@ -297,7 +297,7 @@ def test_fast_decoder_is_used_when_installed_and_falls_back_for_exif_and_cmyk(mo
 
 @pytest.mark.parametrize("case", ["truncated", "oversized", "small"])
 def test_fast_decoder_errors_are_the_reference_errors(case):
-    from pipeline.sources import decode
+    from pipeline.stages.read import decode
 
     data = encode(Image.fromarray(_photo()), "JPEG")
     args = {"truncated": (data[:200], 10**8, 16), "oversized": (data, 1000, 16), "small": (data, 10**8, 200)}[case]
@@ -314,8 +314,8 @@ def test_read_stage_decodes_into_one_buffer_with_the_decoders_pixels(tmp_path):
     place, the reference path makes it an error row) and a missing file."""
     import pyarrow as pa
 
-    from pipeline.infer import pixels_at
-    from pipeline.sources import decode, read_images
+    from pipeline.stages.infer import pixels_at
+    from pipeline.stages.read import decode, read_images
 
     photo = Image.fromarray(_photo())
     files = {"a.jpg": encode(photo, "JPEG"), "b.png": encode(photo, "PNG"),

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from ifcn import InferenceConfig, ModelConfig, Predictor, load_checkpoint
-from ifcn.deepmask import DeepMask, crop_windows
-from ifcn.models import head_parameters
+from ifcn.models.deepmask import DeepMask, crop_windows
+from ifcn.models.registry import head_parameters
 from ifcn.train.loss import deepmask_loss
-from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size
+from ifcn.ops.transforms import image_to_tensor, normalize, resize, scaled_size
 
 
 def _loud(config: ModelConfig, seed: int = 0) -> DeepMask:
@@ -177,7 +177,7 @@ def test_deepmask_loss_is_the_windows_logistic_loss() -> None:
 def test_shared_predictor_runs_deepmask_with_its_per_window_masks(tmp_path) -> None:
     """Through a checkpoint (kind deepmask) into ifcn.Predictor: the candidates are the best windows
     by DeepMask's objectness and their masks its per-window masks; proposals are valid RLE."""
-    from ifcn.checkpoint import read_checkpoint, save_checkpoint
+    from ifcn.models.checkpoint import read_checkpoint, save_checkpoint
 
     url = str(tmp_path / "dm.pt")
     save_checkpoint(_loud(ModelConfig(backbone="vgg16_narrow", m=9)), url)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-import pipeline.infer as infer
+import pipeline.stages.infer as infer
 from ifcn import InferenceConfig, InstanceFCN, Predictor
 from ifcn.floors import FLOORS, DependencyTooOldError, require, version_tuple
 from test_device_ops import _image
@@ -76,7 +76,7 @@ def test_other_cuda_errors_still_give_retry_rows(model: InstanceFCN, monkeypatch
 
 
 def test_exit_for_restart_ends_the_process_with_one_line() -> None:
-    code = ("import pipeline.infer as i; "
+    code = ("import pipeline.stages.infer as i; "
             "i._exit_for_restart(RuntimeError('CUDA error: an illegal memory access was encountered\\nmore'))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
@@ -115,7 +115,7 @@ def test_images_are_stacked_off_the_device_thread(model: InstanceFCN, monkeypatc
     device thread only uploads and runs device work (Predictor.windows stacks nothing itself)."""
     import threading
 
-    import ifcn.predictor as predictor_module
+    import ifcn.inference.predictor as predictor_module
 
     where = []
     real = infer.stack_images

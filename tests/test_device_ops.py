@@ -1,4 +1,4 @@
-"""The device half of inference (torch: ifcn.boxes, ifcn.paste, ifcn.nms, ifcn.runs, ifcn.postprocessing and its steps)
+"""The device half of inference (torch: ifcn.ops.boxes, ifcn.ops.paste, ifcn.ops.nms, ifcn.ops.runs, ifcn.batch.postprocessing and its steps)
 against the numpy references beside them (and proposals.postprocess_numpy), on CPU:
 the same torch code runs on CUDA.
 
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from ifcn.containers import Windows
+from ifcn.batch.containers import Windows
 from ifcn import Candidates, InferenceConfig, InstanceFCN, Predictor, postprocess_device, postprocess_numpy
-from ifcn.boxes import search_steps, tight_boxes
-from ifcn.nms import box_nms, greedy_keep
-from ifcn.paste import paste_dense, paste_masks
-from ifcn.runs import crop_runs
+from ifcn.ops.boxes import search_steps, tight_boxes
+from ifcn.ops.nms import box_nms, greedy_keep
+from ifcn.ops.paste import paste_dense, paste_masks
+from ifcn.ops.runs import crop_runs
 from test_ops import _crop_cases, _random_masks, _reference_nms, _tight_crop
 
 
@@ -100,7 +100,7 @@ def test_paste_products_never_run_below_float32_and_set_no_switch() -> None:
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from ifcn.paste import full_float32_products
+    from ifcn.ops.paste import full_float32_products
 
     class Products(TorchDispatchMode):
         def __init__(self) -> None:
@@ -162,8 +162,8 @@ def test_dense_runs_match_reference(case: int) -> None:
     layout (one padded block, in a plan order unlike the windows' order, a second block for the
     full-height one): run events and counts (pasteruns._step_events, _counts) as ops.crop_runs
     gives them (which tests/test_ops.py checks against pycocotools)."""
-    from ifcn.pasteplan import step_table
-    from ifcn.pasteruns import _counts, _step_events
+    from ifcn.batch.pasteplan import step_table
+    from ifcn.batch.pasteruns import _counts, _step_events
 
     image_size, top, left, crop = _crop_cases()[case]
     if not crop.any():
@@ -283,8 +283,8 @@ def test_postprocess_device_equals_numpy_reference(model: InstanceFCN, nms: str,
 def _small_mask_budgets(mp: pytest.MonkeyPatch, round_: int = 3, pair_pixels: int = 50) -> None:
     """Mask NMS in rounds of `round_` windows per image, pair bounds a few rows a block,
     intersections `pair_pixels` a step and pastes of 300 pixels: many rounds and many tiny steps."""
-    import ifcn.budgets as budgets
-    import ifcn.nms as nms
+    import ifcn.batch.budgets as budgets
+    import ifcn.ops.nms as nms
 
     mp.setitem(budgets.MASK_ROUND, "cpu", round_)
     mp.setitem(budgets.PAIR_PIXEL_BUDGET, "cpu", pair_pixels)
@@ -309,14 +309,14 @@ def test_mask_nms_of_a_batch_equals_reference_per_image(model: InstanceFCN, monk
     """Images of different sizes (and windows) in one batch, mask NMS of all at once in many rounds
     and tiny steps: each image's proposals are postprocess_numpy's on its own candidates, and the
     same as with the default budgets (some images fill up rounds before others)."""
-    from ifcn.postprocessing import postprocess_batch
+    from ifcn.batch.postprocessing import postprocess_batch
 
     config = InferenceConfig(**{"scales": (40, 56, 88), "windows_per_scale": 100, "nms": "mask", **kw})
     predictor = Predictor(model, config, device="cpu", postprocess_on="device")
     images = [_image(0, (50, 70)), _image(4, (24, 20)), _image(3, (83, 41)), _image(1, (64, 64))]
     batch = predictor.windows(images)
     whole = postprocess_batch(batch, config, 21, 8, torch.float64)
-    import ifcn.masknms as masknms
+    import ifcn.batch.masknms as masknms
 
     rounds = []
     with monkeypatch.context() as mp:
@@ -340,9 +340,9 @@ def test_mask_nms_store_budget_crossed_equals_reference_per_image(model: Instanc
     past half of it re-pasted in chunks for each round. Images of different sizes in one batch: each
     one's proposals are postprocess_numpy's on its own candidates, and the store stays within the
     budget but for the one window an image a round always takes."""
-    import ifcn.budgets as budgets
-    import ifcn.masknms as masknms
-    from ifcn.postprocessing import postprocess_batch
+    import ifcn.batch.budgets as budgets
+    import ifcn.batch.masknms as masknms
+    from ifcn.batch.postprocessing import postprocess_batch
 
     config = InferenceConfig(**{"scales": (40, 56, 88), "windows_per_scale": 100, "nms": "mask", **kw})
     predictor = Predictor(model, config, device="cpu", postprocess_on="device")
@@ -394,7 +394,7 @@ def test_mask_nms_store_budget_crossed_equals_reference_per_image(model: Instanc
 def test_pixel_budget_crossed_still_equals_reference(model: InstanceFCN, dtype: torch.dtype) -> None:
     """Kept masks pasted in many small steps (a budget of 300 pixels: most masks alone, and a mask
     larger than the budget in a step of its own): the same proposals as one step and the reference."""
-    from ifcn.postprocessing import postprocess_batch
+    from ifcn.batch.postprocessing import postprocess_batch
 
     config = InferenceConfig(scales=(40, 56, 88), windows_per_scale=60, max_proposals=40)
     predictor = Predictor(model, config, device="cpu", postprocess_on="device")
@@ -439,9 +439,9 @@ def test_padded_batches_never_window_or_paint_the_padding(model: InstanceFCN) ->
 # ----------------------------------------------------------------------------- no hidden syncs
 
 def test_upload_pins_and_copies_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ifcn.upload to a non-CPU device (here 'meta', which any machine has): the source is pinned
+    """ifcn.ops.upload to a non-CPU device (here 'meta', which any machine has): the source is pinned
     first and the copy is non-blocking; to the CPU nothing is copied."""
-    from ifcn import upload as up
+    from ifcn.ops import upload as up
 
     calls = []
     real_to = torch.Tensor.to
@@ -469,11 +469,11 @@ def test_upload_pins_and_copies_without_waiting(monkeypatch: pytest.MonkeyPatch)
 
 
 # The batched inference path (Predictor.windows -> postprocess_batch): host-to-device copies spelled
-# outside ifcn.upload wait for the stream from pageable memory. (assembling's `.to(device=...)` runs
+# outside ifcn.ops.upload wait for the stream from pageable memory. (assembling's `.to(device=...)` runs
 # only for windows given on another device; containers' from_groups serves the per-image groups API.)
-_HOT_PATH = ("ifcn/predictor.py", "ifcn/postprocessing.py", "ifcn/tightboxes.py", "ifcn/boxnms.py", "ifcn/masknms.py",
-             "ifcn/maskpairs.py", "ifcn/pasteplan.py", "ifcn/pasteruns.py", "ifcn/boxes.py", "ifcn/paste.py",
-             "ifcn/runs.py", "ifcn/nms.py", "ifcn/transforms.py")
+_HOT_PATH = ("ifcn/inference/predictor.py", "ifcn/batch/postprocessing.py", "ifcn/batch/tightboxes.py", "ifcn/batch/boxnms.py", "ifcn/batch/masknms.py",
+             "ifcn/batch/maskpairs.py", "ifcn/batch/pasteplan.py", "ifcn/batch/pasteruns.py", "ifcn/ops/boxes.py", "ifcn/ops/paste.py",
+             "ifcn/ops/runs.py", "ifcn/ops/nms.py", "ifcn/ops/transforms.py")
 
 
 def _uploads_in(source: str) -> list[str]:
@@ -499,13 +499,13 @@ def _uploads_in(source: str) -> list[str]:
 
 
 def test_no_upload_outside_ifcn_upload() -> None:
-    """The inference path puts host data on the device only through ifcn.upload (pinned, non-blocking);
+    """The inference path puts host data on the device only through ifcn.ops.upload (pinned, non-blocking);
     moving the model (`model.to(self.device, ...)`, once) is the one exception."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     found = {p: _uploads_in((root / p).read_text()) for p in _HOT_PATH}
-    found["ifcn/predictor.py"] = [c for c in found["ifcn/predictor.py"] if not c.startswith("model.to(")]
+    found["ifcn/inference/predictor.py"] = [c for c in found["ifcn/inference/predictor.py"] if not c.startswith("model.to(")]
     assert not any(found.values()), found
     # the check can fail: what the hot path once held
     assert _uploads_in("side = torch.tensor([False, True], device=dev)") and _uploads_in("m = x.new_tensor((1, 2))")
@@ -546,8 +546,8 @@ def test_float32_within_tolerance_on_realistic_input() -> None:
 
     from ifcn import load_checkpoint
     from ifcn.data.synth import SynthConfig, render_image
-    from ifcn.postprocessing import postprocess_batch
-    from ifcn.proposals import encode
+    from ifcn.batch.postprocessing import postprocess_batch
+    from ifcn.inference.proposals import encode
 
     model = load_checkpoint(str(Path(__file__).resolve().parents[1] / "checkpoints" / "narrow_synth.pt"))
     image = np.ascontiguousarray(render_image(np.random.default_rng(0), dataclasses.replace(SynthConfig(), size=640))[0][:480])
@@ -569,9 +569,9 @@ def test_mask_nms_computes_tight_boxes_only_ahead_of_its_rounds(model: InstanceF
     """Mask NMS fetches tight boxes a round ahead (MASK_ROUND positions past the next round's start), so
     positions past the point where an image has max_proposals kept are never computed; results are
     the reference's."""
-    import ifcn.budgets as budgets
-    import ifcn.masknms as masknms
-    from ifcn.postprocessing import postprocess_batch
+    import ifcn.batch.budgets as budgets
+    import ifcn.batch.masknms as masknms
+    from ifcn.batch.postprocessing import postprocess_batch
 
     config = InferenceConfig(scales=(40, 56, 88), windows_per_scale=100, max_proposals=6, nms="mask")
     images = [_image(0, (50, 70)), _image(3, (83, 41))]

@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, NoCredenti
 from fixtures_infra import S3Server
 from ifcn.image import ImageError, read_bytes
 from pipeline.errors import classify, is_transient, with_retries
-from pipeline.sources import read_images
+from pipeline.stages.read import read_images
 
 
 def _client_error(code: str, message: str, status: int, operation: str = "GetObject") -> ClientError:

@@ -14,10 +14,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ifcn.evaluate import (IOU_PROTOCOLS, RESULT_COLUMNS, STATS_INDEX, average_recall, coco_eval, format_table,
+from ifcn.evaluation.recall import (IOU_PROTOCOLS, RESULT_COLUMNS, STATS_INDEX, average_recall, coco_eval, format_table,
                            load_results_json, predictions_to_results, rank_filter, recall_from_eval, results_from_masks)
 from pipeline import read_output
-from pipeline.schema import MASKS_SCHEMA
+from pipeline.tables.schema import MASKS_SCHEMA
 from segment_helpers import nest
 
 H = W = 200
@@ -408,7 +408,7 @@ def test_job_reads_and_writes_s3(tmp_path, s3_bucket, capsys):
 
 
 def test_up_to_keeps_the_k_a_capped_run_can_have() -> None:
-    from ifcn.evaluate import up_to
+    from ifcn.evaluation.recall import up_to
 
     ar = {"AR@10": 0.5, "AR@100": 0.7, "AR@1000": 0.7, "AR_small@1000": 0.2, "AR_medium@1000": 0.8,
           "AR_large@1000": -1.0}

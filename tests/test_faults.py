@@ -23,8 +23,8 @@ import pandas as pd
 import pytest
 
 from fixtures_infra import BIN, RayHead, TcpProxy, _kill_tree, add_worker_node
-from pipeline.hooks import PAUSE_ENV
-from pipeline.schema import IMAGES_RESULT_COLUMNS
+from pipeline.tables.hooks import PAUSE_ENV
+from pipeline.tables.schema import IMAGES_RESULT_COLUMNS
 from segment_helpers import REPO, cli, cli_env, inference_flags, read_table, write_checkpoint, write_images
 
 NUM_IMAGES = 8  # 4 shards of 2: a kill lands between commits
@@ -53,7 +53,7 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def _last_run(out: str) -> dict:
-    from pipeline.table import OutputTables
+    from pipeline.tables.delta import OutputTables
 
     return OutputTables(out).runs()[-1]
 

@@ -1,4 +1,4 @@
-"""ifcn.hostwork: device routines whose host work runs on the driving thread, and the overlap share.
+"""ifcn.batch.hostwork: device routines whose host work runs on the driving thread, and the overlap share.
 
 Run: pytest tests/test_hostwork.py -q
 """
@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ifcn.hostwork import Host, Span, drive, overlap_share
+from ifcn.batch.hostwork import Host, Span, drive, overlap_share
 
 
 def _routine(log: list[tuple[str, str]]):

@@ -28,7 +28,7 @@ def _modules() -> dict[str, Path]:
 
 
 def _lazy_names() -> dict[str, str]:
-    """`from ifcn import Predictor` loads ifcn.predictor (ifcn/__init__.py's PEP 562 names)."""
+    """`from ifcn import Predictor` loads ifcn.inference.predictor (ifcn/__init__.py's PEP 562 names)."""
     import ifcn
 
     return {f"ifcn.{name}": f"ifcn.{module}" for name, module in ifcn._LAZY.items()}
@@ -89,8 +89,8 @@ def test_no_import_cycle_anywhere_even_inside_functions() -> None:
     graph = _graph()
     cycle = _cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
-    assert graph["ifcn.predictor"] and "ifcn.predictor" not in graph["ifcn.proposals"]
-    assert "ifcn.baseline" in graph["ifcn.models"] and "pipeline.table" in graph["pipeline.run"]
+    assert graph["ifcn.inference.predictor"] and "ifcn.inference.predictor" not in graph["ifcn.inference.proposals"]
+    assert "ifcn.models.baseline" in graph["ifcn.models.registry"] and "pipeline.tables.delta" in graph["pipeline.run"]
 
 
 def test_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path: Path) -> None:
@@ -110,8 +110,8 @@ def test_no_upward_import() -> None:
     assert not upward, upward
 
 
-@pytest.mark.parametrize("name", ["ifcn.predictor", "ifcn.proposals", "ifcn.postprocessing", "ifcn.containers",
-                                  "ifcn.boxes", "ifcn.nms", "ifcn.runs", "ifcn.ops", "ifcn.masknms", "ifcn.pasteruns"])
+@pytest.mark.parametrize("name", ["ifcn.inference.predictor", "ifcn.inference.proposals", "ifcn.batch.postprocessing", "ifcn.batch.containers",
+                                  "ifcn.ops.boxes", "ifcn.ops.nms", "ifcn.ops.runs", "ifcn.ops", "ifcn.batch.masknms", "ifcn.batch.pasteruns"])
 def test_module_imports_alone(name: str) -> None:
     subprocess.run([sys.executable, "-c", f"import {name}"], check=True, cwd=ROOT, timeout=120)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ifcn import InferenceConfig, InstanceFCN, Predictor
-from pipeline.infer import STATS_DIR_ENV, InferenceActor, unpack_proposals
+from pipeline.stages.infer import STATS_DIR_ENV, InferenceActor, unpack_proposals
 from test_device_ops import _assert_same, _image
 
 CONFIG = InferenceConfig(scales=(40, 72), windows_per_scale=30, max_proposals=20)
@@ -152,7 +152,7 @@ def test_gpu_actors_take_concurrent_calls_and_cpu_actors_do_not() -> None:
     """The overlap needs Ray Data to make CONCURRENT_CALLS calls of one GPU actor at once."""
     import ray.data
 
-    from pipeline.infer import CONCURRENT_CALLS
+    from pipeline.stages.infer import CONCURRENT_CALLS
     from pipeline.run import Resources, _overlap
 
     gpu = ray.data.ActorPoolStrategy(size=2, **_overlap(Resources(2, 1.0, 1.0, False, 16)))
@@ -162,23 +162,23 @@ def test_gpu_actors_take_concurrent_calls_and_cpu_actors_do_not() -> None:
 
 # The host planning of the postprocess (numpy over what the device read back) and the numpy path itself,
 # by the module defining each; the test spies on it in every ifcn module that binds it.
-PLANNING = (("ifcn.pasteplan", "paste_plan"), ("ifcn.pasteplan", "_dense_plan"),
-            ("ifcn.pasteplan", "step_ranges"), ("ifcn.masknms", "_round_widths"),
-            ("ifcn.masknms", "_first_kept_host"), ("ifcn.pasteruns", "_assemble"),
-            ("ifcn.predictor", "_postprocess_numpy"))
+PLANNING = (("ifcn.batch.pasteplan", "paste_plan"), ("ifcn.batch.pasteplan", "_dense_plan"),
+            ("ifcn.batch.pasteplan", "step_ranges"), ("ifcn.batch.masknms", "_round_widths"),
+            ("ifcn.batch.masknms", "_first_kept_host"), ("ifcn.batch.pasteruns", "_assemble"),
+            ("ifcn.inference.predictor", "_postprocess_numpy"))
 
 
 @pytest.mark.parametrize("nms, postprocess_on", [("box", "device"), ("mask", "device"), ("box", "numpy")])
 def test_the_device_thread_runs_no_host_planning(model: InstanceFCN, monkeypatch: pytest.MonkeyPatch, nms: str,
                                                  postprocess_on: str) -> None:
-    """The device half yields its host planning (ifcn.hostwork): paste plans, steps, mask NMS's rounds
+    """The device half yields its host planning (ifcn.batch.hostwork): paste plans, steps, mask NMS's rounds
     and chunks (a store budget of a few masks: kept masks pasted again in chunks), the per-image arrays
     and the numpy reference run on the calling thread, never on the device thread; results unchanged;
     with call_spans set, the call's host and device spans are recorded."""
     import importlib
     import sys
 
-    import ifcn.budgets as budgets
+    import ifcn.batch.budgets as budgets
 
     threads: dict[str, set[str]] = {}
     for module, name in PLANNING:
@@ -216,7 +216,7 @@ def test_the_device_thread_runs_no_host_planning(model: InstanceFCN, monkeypatch
 def test_device_time_counts_overlapping_spans_once() -> None:
     """Concurrent calls interleave their device segments: their spans overlap on the actor's timeline,
     and device_ms counts each moment once (what bench/gpu.py's busy share divides by wall time)."""
-    from pipeline.infer import DeviceStats
+    from pipeline.stages.infer import DeviceStats
 
     stats = DeviceStats()
     assert stats.add(2, 0.0, 5.0, 10.0) == 10.0

@@ -1,4 +1,4 @@
-"""S3 Inventory manifests as --input (pipeline/inventory.py), on a real S3 endpoint (moto's
+"""S3 Inventory manifests as --input (pipeline/planning/inventory.py), on a real S3 endpoint (moto's
 server): CSV (gzip, URL-encoded keys), Parquet and ORC inventories give the objects' listing."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import SegmentError
-from pipeline.sources import list_inputs
+from pipeline.planning.sources import list_inputs
 
 pytestmark = pytest.mark.slow
 

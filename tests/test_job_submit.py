@@ -34,7 +34,7 @@ def test_head_runs_a_submitted_job(ray_head):
 def test_segment_job_via_ray_job_submit(ray_head, tmp_path):
     pytest.importorskip("pipeline.run", reason="jobs.segment's pipeline is not there yet")
     from pipeline import read_output
-    from pipeline.table import OutputTables
+    from pipeline.tables.delta import OutputTables
 
     inputs = tmp_path / "images"
     (inputs / "nested").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""One run per output: the compare-and-swap lease (pipeline/lease.py) on local files and on the
+"""One run per output: the compare-and-swap lease (pipeline/tables/lease.py) on local files and on the
 S3 endpoint, with real threads and processes.
 
 The three ways two live runs got in before, each reproduced and refused:
@@ -27,14 +27,14 @@ import pytest
 from fixtures_infra import REPO, TcpProxy, _kill_tree
 from ifcn.io import filesystem
 from pipeline.config import SegmentError
-from pipeline.lease import LEASE_FILE, STALE_S, Lease, LeaseLostError
+from pipeline.tables.lease import LEASE_FILE, STALE_S, Lease, LeaseLostError
 
 # A run in its own process: takes the lease, says "held <token> <pid>", then obeys stdin lines
 # "check" (says "ok" or "lost <message>") and "release" (says "released").
 HOLDER = r"""
 import json, os, sys
 from pipeline.config import SegmentError
-from pipeline.lease import Lease, LeaseLostError
+from pipeline.tables.lease import Lease, LeaseLostError
 url, options, ttl_s, heartbeat_s = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 lease = Lease(url, options, ttl_s=ttl_s, heartbeat_s=heartbeat_s)
 try:
@@ -60,7 +60,7 @@ for line in sys.stdin:
 RACER = r"""
 import json, sys, time
 from pipeline.config import SegmentError
-from pipeline.lease import Lease
+from pipeline.tables.lease import Lease
 base, options = sys.argv[1], json.loads(sys.argv[2])
 held = []
 for line in sys.stdin:

@@ -1,4 +1,4 @@
-"""Parallel prefix listing (pipeline/listing.py): key-range splitting, page parsing, and the same
+"""Parallel prefix listing (pipeline/planning/listing.py): key-range splitting, page parsing, and the same
 sorted listing as a plain listing on a real S3 endpoint (moto's server)."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import posixpath
 import pyarrow as pa
 import pytest
 
-from pipeline import listing
-from pipeline.listing import S3Lister, parse_page, split_points
+from pipeline.planning import listing
+from pipeline.planning.listing import S3Lister, parse_page, split_points
 
 ODD_KEYS = ["images/a.jpg", "images/sub/b.PNG", "images/sub/deep/c.jpeg", "images/notes.txt", "images/README",
             "images/folder/", "images/empty/", "images/empty/deeper/", "images/x.heic", "images/z.webp",
@@ -74,7 +74,7 @@ def test_parallel_s3_listing_equals_a_plain_listing(s3_bucket, monkeypatch) -> N
     listing gives, for every concurrency; a transient page failure is retried."""
     import s3fs
 
-    from pipeline.sources import list_inputs
+    from pipeline.planning.sources import list_inputs
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     bucket = s3_bucket.removeprefix("s3://")

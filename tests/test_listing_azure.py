@@ -1,4 +1,4 @@
-"""Azure prefixes listed by sub-prefix in parallel (pipeline/listing_azure.py), through the real
+"""Azure prefixes listed by sub-prefix in parallel (pipeline/planning/listing_azure.py), through the real
 azure-storage-blob SDK, against a loopback server answering the List Blobs REST API over fixed
 keys. No Azure emulator installs from PyPI (Azurite is npm) and adlfs does not install beside this
 project's pins (its msal caps cryptography < 51), so the filesystem is a stand-in with the parts
@@ -15,8 +15,9 @@ from xml.sax.saxutils import escape
 
 import pytest
 
-from pipeline import listers, listing
-from pipeline.listing_azure import AzureLister
+from pipeline.planning import listers
+from pipeline.planning import listing
+from pipeline.planning.listing_azure import AzureLister
 
 from test_listing import ODD_KEYS
 

@@ -1,4 +1,4 @@
-"""GCS prefixes listed page by page in parallel (pipeline/listing_gcs.py): page parsing, and the same
+"""GCS prefixes listed page by page in parallel (pipeline/planning/listing_gcs.py): page parsing, and the same
 sorted listing as gcsfs's own `find`, on a real GCS emulator (fake-gcs-server, started here)."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from pipeline import listing, listing_gcs
-from pipeline.listing_gcs import GCSLister, parse_gcs_page
+from pipeline.planning import listing
+from pipeline.planning import listing_gcs
+from pipeline.planning.listing_gcs import GCSLister, parse_gcs_page
 
 from fixtures_infra import GCSServer
 from test_listing import ODD_KEYS
@@ -111,7 +112,7 @@ def test_gcs_input_lists_in_parallel_and_retries_a_page(gcs, monkeypatch) -> Non
     import gcsfs
     from fsspec.registry import _registry
 
-    from pipeline.sources import list_inputs
+    from pipeline.planning.sources import list_inputs
 
     reference = _reference(gcs, "bkt/images")
     monkeypatch.setitem(_registry, "gs", gcsfs.core.GCSFileSystem)  # no gRPC layout probe

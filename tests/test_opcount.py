@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ifcn.opcount import OpCounter
+from ifcn.tools.opcount import OpCounter
 
 X = torch.arange(10, dtype=torch.float32) / 10
 
@@ -95,7 +95,7 @@ def test_bytes_written(name: str, fn, expected: int) -> None:
 
 
 def test_bytes_by_stage_takes_the_innermost_name() -> None:
-    from ifcn.opcount import stage
+    from ifcn.tools.opcount import stage
     with OpCounter() as c:
         X + 1
         with stage("outer"):

@@ -21,12 +21,12 @@ import ifcn
 from deltalake import DeltaTable
 from pipeline.config import SegmentConfig, SegmentError
 from ifcn.image import decode_image, read_bytes
-from pipeline.handoff import proposals_column
-from pipeline.infer import InferenceActor
-from pipeline.encode import encode_batch
+from pipeline.stages.handoff import proposals_column
+from pipeline.stages.infer import InferenceActor
+from pipeline.stages.encode import encode_batch
 from pipeline.run import Resources, prepare, read_block_rows, resolve_resources, run_segment, spread_actors
-from pipeline.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
-from pipeline.sources import read_images
+from pipeline.tables.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
+from pipeline.stages.read import read_images
 from segment_helpers import INFERENCE, cli, inference_flags, read_table, write_checkpoint, write_images
 
 NAMES = ["a.jpg", "b.PNG", "c.jpeg", "nested/d.png", "nested/deeper/e.JPG"]
@@ -296,7 +296,7 @@ def test_grown_and_changed_bucket_processes_only_the_change(first_run: dict, inp
 
 def test_a_retry_row_whose_key_vanished_does_not_fail_the_run(first_run: dict, inputs: dict, tmp_path: Path) -> None:
     """The plan counts it as vanished, not to retry: the run ends 0, the row stays (until --prune)."""
-    from pipeline.table import OutputTables, write_data_file
+    from pipeline.tables.delta import OutputTables, write_data_file
     from segment_helpers import nest
 
     out = tmp_path / "out"
@@ -510,7 +510,7 @@ def test_cli_missing_checkpoint(inputs: dict, tmp_path: Path) -> None:
 
 def _assert_nothing_written(out: Path) -> None:
     """The lease comes first (a second run is refused before anything is read) and is given back:
-    no table, no lease left; only a local output's lock file, which is never deleted (pipeline/lease.py)."""
+    no table, no lease left; only a local output's lock file, which is never deleted (pipeline/tables/lease.py)."""
     assert sorted(p.name for p in out.iterdir()) == [".lease.lock"]
 
 

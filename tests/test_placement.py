@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 
 from ifcn import InferenceConfig, ModelConfig, Predictor, assemble
 from ifcn.train.sampling import WindowRule, cell_fractions, mask_targets, window_centres, window_labels
-from ifcn.transforms import resize, scaled_size
+from ifcn.ops.transforms import resize, scaled_size
 
 CONFIG = ModelConfig("vgg16_narrow")  # k = 5, m = 21, stride 8
 LOGIT = 8.0  # ideal logits: sigmoid(+-8) is 1 or 0 up to 3e-4

@@ -109,7 +109,7 @@ def test_rejects_bad_image(model: InstanceFCN) -> None:
 def test_windows_are_ranked_across_scales(model: InstanceFCN, image: np.ndarray) -> None:
     """The kept windows are the best windows_per_scale * len(scales) of all scales together: none
     left out scores above one kept (reference: the model's objectness maps, straight from forward)."""
-    from ifcn.transforms import image_to_tensor, normalize, resize, scaled_size
+    from ifcn.ops.transforms import image_to_tensor, normalize, resize, scaled_size
 
     config = _config(windows_per_scale=20)
     groups = Predictor(model, config, device="cpu").windows([image])[0]

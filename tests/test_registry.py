@@ -1,4 +1,4 @@
-"""The model registry (ifcn.models): lookups, checkpoints by kind, predictors by kind, the shared
+"""The model registry (ifcn.models.registry): lookups, checkpoints by kind, predictors by kind, the shared
 window loss against InstanceFCN's own, and no import circle between models and training."""
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import torch
 from pycocotools import mask as mask_utils
 
 import ifcn
-from ifcn import InstanceFCN, ModelConfig, models
-from ifcn.baseline import BaselinePredictor, FCNBaseline
-from ifcn.checkpoint import load_baseline, save_baseline
-from ifcn.checkpoint import checkpoint_kind, load_checkpoint, load_model, read_checkpoint, save_checkpoint
-from ifcn.deepmask import DeepMask
-from ifcn.predictor import predictor_for
+from ifcn.models import registry as models
+from ifcn import InstanceFCN, ModelConfig
+from ifcn.models.baseline import BaselinePredictor, FCNBaseline
+from ifcn.models.checkpoint import load_baseline, save_baseline
+from ifcn.models.checkpoint import checkpoint_kind, load_checkpoint, load_model, read_checkpoint, save_checkpoint
+from ifcn.models.deepmask import DeepMask
+from ifcn.inference.predictor import predictor_for
 from ifcn.train.loss import loss_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_predictor_is_chosen_by_kind() -> None:
 
 def test_jobs_evaluate_runs_each_kind_through_its_predictor(tmp_path, monkeypatch) -> None:
     """jobs.evaluate loads by kind: the baseline's proposals are its connected components."""
-    from ifcn import baseline
+    from ifcn.models import baseline
     from ifcn.data import SynthConfig, write_synthetic_dataset
     from jobs.evaluate import predict_images
 
@@ -164,9 +165,9 @@ def test_no_import_circle_between_models_and_training() -> None:
     code and no predictor, and training imports the registry: either order works (one fresh
     interpreter each)."""
     code = ("import sys, importlib; importlib.import_module(sys.argv[1]); "
-            "import ifcn, ifcn.baseline as b; assert not hasattr(b, 'train'); "
-            "print(sorted(m for m in sys.modules if m.startswith(('ifcn.train', 'ifcn.predictor'))))")
-    for first in ("ifcn.models", "ifcn.checkpoint", "ifcn.train.sampling"):
+            "import ifcn, ifcn.models.baseline as b; assert not hasattr(b, 'train'); "
+            "print(sorted(m for m in sys.modules if m.startswith(('ifcn.train', 'ifcn.inference.predictor'))))")
+    for first in ("ifcn.models.registry", "ifcn.models.checkpoint", "ifcn.train.sampling"):
         out = subprocess.run([sys.executable, "-c", code, first], capture_output=True, text=True, cwd=ROOT,
                              timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -178,9 +179,9 @@ def test_read_and_publish_workers_import_without_torch() -> None:
     """Ray's read and publish tasks run on the cores the inference actors use; importing torch
     there cost ~3 CPU s and ~500 MB per worker and made the job 17% slower on a 2-core machine
     (bench/README.md). Their modules must stay torch-free; `ifcn`'s names still load on use."""
-    code = ("import sys; import pipeline.sources, pipeline.sink, pipeline.output, ifcn.io, ifcn.image; "
+    code = ("import sys; import pipeline.planning.sources, pipeline.stages.sink, pipeline.tables.output, ifcn.io, ifcn.image; "
             "assert 'torch' not in sys.modules, 'torch'; import ifcn; p = ifcn.Predictor; "
-            "assert 'torch' in sys.modules and p.__module__ == 'ifcn.predictor'; "
+            "assert 'torch' in sys.modules and p.__module__ == 'ifcn.inference.predictor'; "
             "from ifcn import encode, PAPER_SCALES; assert PAPER_SCALES[0] == 119; "
             "assert set(ifcn.__all__) <= set(dir(ifcn)); "
             "import pytest\n"
@@ -191,7 +192,7 @@ def test_read_and_publish_workers_import_without_torch() -> None:
 
 def test_windowed_kinds_are_the_registry_s() -> None:
     """The torch-free header reader names the kinds the pipeline runs; they are the registry's."""
-    from ifcn.checkpoint_header import DEFAULT_KIND, WINDOWED_KINDS
+    from ifcn.models.checkpoint_header import DEFAULT_KIND, WINDOWED_KINDS
 
     assert WINDOWED_KINDS == {s.kind for s in models.REGISTRY.values() if s.windowed}
     assert DEFAULT_KIND in models.REGISTRY

@@ -165,7 +165,7 @@ def test_report_of_an_all_error_output_lists_the_reasons(tmp_path: Path) -> None
 
 
 def test_proposals_per_image_is_a_real_histogram() -> None:
-    from pipeline.report import histogram
+    from pipeline.report.build import histogram
 
     one = histogram(np.full(32, 100), 20, integer=True)  # every image capped at 100: one bar, centred on 100
     assert (one["edges"], one["counts"]) == ([99.5, 100.5], [32])
@@ -175,7 +175,7 @@ def test_proposals_per_image_is_a_real_histogram() -> None:
 
 
 def test_ar_is_shown_only_for_the_proposals_a_run_kept() -> None:
-    from pipeline.report import kept_only
+    from pipeline.report.build import kept_only
 
     r = {"ar": {"AR@10": 0.5, "AR@100": 0.7, "AR@1000": 0.7, "AR_small@1000": 0.2, "AR_medium@1000": 0.8,
                 "AR_large@1000": -1.0}, "dets": 1000}
@@ -186,7 +186,7 @@ def test_ar_is_shown_only_for_the_proposals_a_run_kept() -> None:
 
 def test_gallery_labels_do_not_overlap() -> None:
     """Ten proposals sharing one corner: every placed label box is disjoint from every other."""
-    from pipeline.report_plots import _free_spot
+    from pipeline.report.plots import _free_spot
 
     placed: list[tuple[float, float, float, float]] = []
     for _ in range(10):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.schema import IMAGES_RESULT_COLUMNS
-from pipeline.table import KILL_ENV
+from pipeline.tables.schema import IMAGES_RESULT_COLUMNS
+from pipeline.tables.delta import KILL_ENV
 from segment_helpers import REPO, cli, cli_env, inference_flags, read_table, run_killed, write_checkpoint, write_images
 
 NUM_IMAGES = 16

@@ -1,4 +1,4 @@
-"""ifcn.rle.compress equals pycocotools' compressed RLE strings byte for byte (random and edge-case masks).
+"""ifcn.ops.rle.compress equals pycocotools' compressed RLE strings byte for byte (random and edge-case masks).
 Run: pytest tests/test_rle.py -q
 """
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from ifcn.rle import compress, compress_one
+from ifcn.ops.rle import compress, compress_one
 
 
 def _coco(mask: np.ndarray) -> tuple[np.ndarray, str]:
@@ -75,13 +75,13 @@ def test_no_masks_and_bad_lengths() -> None:
 
 
 def test_encoding_stage_over_a_chunked_column_equals_pycocotools() -> None:
-    """pipeline.handoff.encode_column (the encoding stage) on a column in sliced chunks, as Ray Data hands
+    """pipeline.stages.handoff.encode_column (the encoding stage) on a column in sliced chunks, as Ray Data hands
     it over: the same strings as pycocotools' encoder, ranks per image, and a bad image named by its
     index in the whole batch."""
     import pyarrow as pa
     from types import SimpleNamespace
 
-    from pipeline.handoff import encode_column, proposals_column
+    from pipeline.stages.handoff import encode_column, proposals_column
 
     masks = _masks()
     pairs = [_coco(m) for m in masks]

@@ -139,7 +139,7 @@ def test_checkpoint_roundtrip_over_s3(s3_bucket):
     assert loaded.config == model.config
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
-    payload = ifcn.checkpoint.read_checkpoint(url)
+    payload = ifcn.models.checkpoint.read_checkpoint(url)
     assert payload["extra"] == {"step": 7}
     assert ifcn.checkpoint_digest(url) == hashlib.sha256(s3fs_client().cat(url.removeprefix("s3://"))).hexdigest()
     with pytest.raises(FileNotFoundError, match="missing.pt"):
@@ -158,8 +158,8 @@ def test_read_bytes_and_decode_over_s3(s3_bucket):
 def test_prefix_listing_pages_through_s3(s3_bucket):
     """A prefix is listed in ListObjectsV2 pages (in parallel key ranges): every key below it once,
     neither sibling prefixes that share its letters nor folder placeholders."""
-    from pipeline.listing import S3Lister
-    from pipeline.sources import list_inputs
+    from pipeline.planning.listing import S3Lister
+    from pipeline.planning.sources import list_inputs
 
     fs = s3fs_client()
     bucket = s3_bucket.removeprefix("s3://")
@@ -201,7 +201,7 @@ def test_segment_cli_reads_and_writes_s3(s3_server, s3_bucket):
     check_against_predictor(s3_bucket, files, model, out)
 
     fs = s3fs_client()
-    from pipeline.table import OutputTables
+    from pipeline.tables.delta import OutputTables
 
     record = OutputTables(out).runs()[-1]  # the run's record, from the images table's commit metadata
     assert record["checkpoint_sha256"] == ifcn.checkpoint_digest(f"{s3_bucket}/ckpt/model.pt")

@@ -10,7 +10,7 @@ from deltalake import write_deltalake
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ifcn.viz import draw_proposals
+from ifcn.tools.viz import draw_proposals
 from jobs.show import load_proposals, main
 from segment_helpers import nest
 

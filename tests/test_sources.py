@@ -12,9 +12,9 @@ import pytest
 from ifcn import InferenceConfig
 from pipeline.config import SegmentConfig, SegmentError
 from ifcn.image import MAX_PIXELS, MIN_SIDE
-from pipeline.schema import MASKS_SCHEMA, REDUCED_SCHEMA, SEGMENTS_SCHEMA, masks_view, reduced_to_segments
-from pipeline.sources import (InputItem, Listing, image_from_row, list_inputs, listing_digest, make_shards,
-                              read_images)
+from pipeline.tables.schema import MASKS_SCHEMA, REDUCED_SCHEMA, SEGMENTS_SCHEMA, masks_view, reduced_to_segments
+from pipeline.planning.sources import InputItem, Listing, list_inputs, listing_digest, make_shards
+from pipeline.stages.read import image_from_row, read_images
 from segment_helpers import write_images
 
 
@@ -40,7 +40,7 @@ def test_prefix_listing_recursive_case_insensitive_sorted(tree: Path) -> None:
 def test_prefix_listing_is_the_same_when_gathered_in_small_chunks(tree: Path, monkeypatch, capsys) -> None:
     """8 images gathered 3 at a time (chunks of 3, 3, 2) list exactly as in one chunk, each key once
     (Listing.build would hide a key gathered twice, but say so on stderr)."""
-    import pipeline.listing as listing
+    import pipeline.planning.listing as listing
 
     whole = [(it.image_id, it.uri) for it in list_inputs(str(tree))]
     monkeypatch.setattr(listing, "LIST_CHUNK", 3)
@@ -90,7 +90,7 @@ def test_columnar_listing_digests_equal_the_json_formula(chunk: int, monkeypatch
     import hashlib
     import json
 
-    import pipeline.sources as sources
+    import pipeline.planning.sources as sources
 
     monkeypatch.setattr(sources, "DIGEST_CHUNK", chunk)
     # plain ASCII (joined in Arrow) and names json.dumps escapes (quote, backslash, non-ASCII, control)
@@ -190,7 +190,7 @@ def test_reduced_rows_become_sorted_segments_and_the_masks_view() -> None:
 
 
 def test_publish_refuses_a_shard_with_missing_images(tmp_path: Path) -> None:
-    from pipeline.sink import Fragment, StageWriter, publish_shard
+    from pipeline.stages.sink import Fragment, StageWriter, publish_shard
 
     listing = Listing.build(["a", "b"], ["file:///a", "file:///b"], etags=["e1", "e2"], sizes=[10, 20])
     shard = listing.shard(listing.spans(2)[0])

@@ -1,5 +1,5 @@
-"""Planning part by part while the input is listed (pipeline/parts.py, pipeline/stream.py,
-pipeline/feed.py): parts classified one by one give the plan of the whole listing; a listing
+"""Planning part by part while the input is listed (pipeline/planning/parts.py, pipeline/planning/stream.py,
+pipeline/stages/feed.py): parts classified one by one give the plan of the whole listing; a listing
 interrupted after any part resumes from its snapshot to the same listing; the feed hands rows
 over in order; the table's file swaps reach images whose part is planned later."""
 from __future__ import annotations
@@ -9,12 +9,12 @@ import random
 import pyarrow as pa
 import pytest
 
-from pipeline.feed import Feed
-from pipeline.parts import ListingPart, listing_parts, read_parts, write_part
-from pipeline.plan import Classifier
-from pipeline.sink import OutputStore
-from pipeline.sources import Listing
-from pipeline.table import FILE_COLUMN, Replacements
+from pipeline.stages.feed import Feed
+from pipeline.planning.parts import ListingPart, listing_parts, read_parts, write_part
+from pipeline.planning.plan import Classifier
+from pipeline.tables.store import OutputStore
+from pipeline.planning.sources import Listing
+from pipeline.tables.delta import FILE_COLUMN, Replacements
 
 
 def _state() -> pa.Table:
@@ -123,7 +123,7 @@ def test_local_inputs_are_one_part_and_read_back(tmp_path) -> None:
     assert list(listing_parts(str(tmp_path / "in"), None, None, back)) == back  # nothing listed again
     # a run of the previous layout left one listing.parquet: it reads back as the whole, last part
     from ifcn.io import put_atomic
-    from pipeline.parquet_io import parquet_bytes
+    from pipeline.tables.parquet_io import parquet_bytes
 
     put_atomic(store.fs, store.path("_runs/old/listing.parquet"), parquet_bytes(parts[0].listing.to_table(), None))
     legacy = read_parts(store, "_runs/old/listing.parquet")
@@ -139,7 +139,7 @@ def test_a_listing_interrupted_after_any_part_resumes_to_the_same_listing(s3_buc
     predecessor (a stale writer's) ends what is trusted."""
     import s3fs
 
-    from pipeline import listing as listing_module
+    from pipeline.planning import listing as listing_module
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     bucket = s3_bucket.removeprefix("s3://")

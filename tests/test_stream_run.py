@@ -1,7 +1,7 @@
 """The job planning part by part on a real S3 endpoint (moto's server): shards commit while the
 listing is still held, and a run killed after a part's snapshot, mid-listing after commits, or
 after its last part, re-run, ends with exactly the rows of an uninterrupted run, continuing the
-killed run's snapshot instead of listing again (pipeline/stream.py, pipeline/parts.py)."""
+killed run's snapshot instead of listing again (pipeline/planning/stream.py, pipeline/planning/parts.py)."""
 from __future__ import annotations
 
 import re
@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.hooks import KILL_ENV, PAUSE_ENV
-from pipeline.schema import IMAGES_RESULT_COLUMNS
+from pipeline.tables.hooks import KILL_ENV, PAUSE_ENV
+from pipeline.tables.schema import IMAGES_RESULT_COLUMNS
 from segment_helpers import (REPO, cli, cli_env, inference_flags, read_table, run_killed, write_checkpoint,
                              write_images)
 

@@ -17,12 +17,12 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from pipeline.check import check_output
+from pipeline.tables.check import check_output
 from pipeline.run import GroupCommitter, InlinePublisher, ShardCollector
-from pipeline.schema import REDUCED_SCHEMA
-from pipeline.sink import StageWriter
-from pipeline.sources import Listing
-from pipeline.table import (CHECKPOINT_EVERY, KILL_ENV, LEASE_APP, LeaseLostError, OutputTables, Replacements,
+from pipeline.tables.schema import REDUCED_SCHEMA
+from pipeline.stages.sink import StageWriter
+from pipeline.planning.sources import Listing
+from pipeline.tables.delta import (CHECKPOINT_EVERY, KILL_ENV, LEASE_APP, LeaseLostError, OutputTables, Replacements,
                             TableDamagedError)
 from segment_helpers import REPO, delta_options
 
@@ -236,7 +236,7 @@ def test_transient_failures_are_committed_as_retry_rows_and_planned_again(tmp_pa
     row in the commit that adds the new one."""
     from pipeline.config import SegmentConfig
     from pipeline.errors import RETRY
-    from pipeline.plan import Plan, _classified
+    from pipeline.planning.plan import Plan, _classified
 
     out = str(tmp_path / "out")
     listing = Listing.build(["a", "b"], ["file:///a", "file:///b"])
@@ -274,7 +274,7 @@ def test_publishing_rides_out_a_short_storage_outage(s3_server, s3_bucket: str) 
     import s3fs
 
     from fixtures_infra import TcpProxy
-    from pipeline.sink import Fragment
+    from pipeline.stages.sink import Fragment
 
     proxy = TcpProxy(s3_server.endpoint.removeprefix("http://"))
     # botocore's retries off; s3fs's own (~2 s of backoff) are shorter than the outage, so what
@@ -310,8 +310,8 @@ def _hand_made_table(tmp_path: Path) -> DeltaTable:
 
     import pyarrow.parquet as pq
 
-    from pipeline.schema import SEGMENTS_SCHEMA
-    from pipeline.table import file_stats
+    from pipeline.tables.schema import SEGMENTS_SCHEMA
+    from pipeline.tables.delta import file_stats
 
     root = tmp_path / "out" / "segments"
     root.mkdir(parents=True)
@@ -332,8 +332,8 @@ def _hand_made_table(tmp_path: Path) -> DeltaTable:
 def test_table_dataset_skips_files_by_image_id_statistics(tmp_path: Path) -> None:
     """`image_ids` keeps exactly the files whose [min, max] can hold one of them (and the one it
     cannot judge); rows equal deltalake's; the masks view is the proposals flattened."""
-    from pipeline.output import read_output, table_dataset
-    from pipeline.schema import IMAGES_SCHEMA
+    from pipeline.tables.output import read_output, table_dataset
+    from pipeline.tables.schema import IMAGES_SCHEMA
 
     dt = _hand_made_table(tmp_path)
     kept = lambda ids: sorted(f.rsplit("/", 1)[-1] for f in table_dataset(dt, "images", None, ids).files)  # noqa: E731
@@ -359,7 +359,7 @@ def test_table_dataset_skips_files_by_image_id_statistics(tmp_path: Path) -> Non
 def test_readers_and_planner_refuse_a_damaged_or_swapped_file(tmp_path: Path, damage: str) -> None:
     """A file copied over another, cut short, damaged in place (same size) or deleted: read_output
     and the planner's state read raise one line naming the file and jobs.check --repair."""
-    from pipeline.output import read_output
+    from pipeline.tables.output import read_output
 
     _hand_made_table(tmp_path)
     root = tmp_path / "out" / "segments"

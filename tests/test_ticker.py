@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from pipeline.run import CommitTicker
-from pipeline.table import LeaseLostError
+from pipeline.tables.delta import LeaseLostError
 
 
 class _Collector:

@@ -14,10 +14,10 @@ import torch
 from pycocotools import mask as mask_utils
 
 import ifcn
-from ifcn import baseline
+from ifcn.models import baseline
 from ifcn.data import SynthConfig, write_synthetic_dataset
 from ifcn.train import TrainConfig, train_local
-from ifcn.checkpoint import read_checkpoint
+from ifcn.models.checkpoint import read_checkpoint
 from ifcn.train.data import StepDataset
 from ifcn.train.loop import load_state
 

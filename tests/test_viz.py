@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from ifcn.viz import MASK_ALPHA, PALETTE, draw_proposals
+from ifcn.tools.viz import MASK_ALPHA, PALETTE, draw_proposals
 
 H, W = 120, 160
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..image import ImageError, decode_image
-from ..io import join, open_url
+from ifcn.image import ImageError, decode_image
+from ifcn.io import join, open_url
 
 
 @dataclass

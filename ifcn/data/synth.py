@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ..io import filesystem, join, open_url
+from ifcn.io import filesystem, join, open_url
 
 CATEGORY = {"id": 1, "name": "blob", "supercategory": "shape"}
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..config import BACKBONES, PAPER_SCALES, InferenceConfig
-from ..models import names as model_names
+from ifcn.config import BACKBONES, PAPER_SCALES, InferenceConfig
+from ifcn.models.registry import names as model_names
 
-MODELS: tuple[str, ...] = model_names()  # the registry's (ifcn/models.py): instancefcn, fcn-baseline, deepmask
+MODELS: tuple[str, ...] = model_names()  # the registry's (ifcn/models/registry.py): instancefcn, fcn-baseline, deepmask
 
 # The narrow BatchNorm trunk trains from scratch in minutes on a CPU, which the paper's lr 0.001
 # (tuned for an ImageNet-initialised VGG-16 over 40k iterations) is far too slow for. These
@@ -40,7 +40,7 @@ class TrainConfig:
     images: str  # folder URL holding the COCO file_name entries
     annotations: str  # COCO instances JSON URL
     output: str  # folder URL: checkpoint.pt (resume), model.pt (final), loss.csv, loss.png
-    model: str = "instancefcn"  # ifcn.models registry: "instancefcn", "deepmask" or "fcn-baseline"
+    model: str = "instancefcn"  # ifcn.models.registry registry: "instancefcn", "deepmask" or "fcn-baseline"
     preset: str = "small"  # fills backbone, scales, steps, lr_step left None (PRESETS)
     backbone: str | None = None  # None -> the preset's
     num_workers: int = 1  # Ray Train workers (DDP; gloo on CPU)

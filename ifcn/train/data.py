@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.coco import CocoDataset
+from ifcn.data.coco import CocoDataset
+
 from .sampling import Example, augment
 
 

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import models
-from ..checkpoint import save_checkpoint
-from ..config import ModelConfig
-from ..data.coco import CocoDataset
-from ..io import filesystem, join, open_url, write_bytes
-from ..model import load_vgg16_weights
+from ifcn.config import ModelConfig
+from ifcn.data.coco import CocoDataset
+from ifcn.io import filesystem, join, open_url, write_bytes
+from ifcn.models import registry as models
+from ifcn.models.checkpoint import save_checkpoint
+from ifcn.models.instancefcn import load_vgg16_weights
+
 from .config import TrainConfig
 from .data import generator as step_generator
 from .data import step_loader

@@ -1,8 +1,8 @@
-"""The training losses, one per registered model (ifcn.models), looked up by the model's name.
+"""The training losses, one per registered model (ifcn.models.registry), looked up by the model's name.
 
 InstanceFCN's and DeepMask's are the paper's loss over sampled windows: objectness logistic loss +
 per-pixel logistic loss on the positives' masks, unweighted; the FCN baseline's is its own
-(ifcn.baseline.baseline_loss). Each takes (model, example, batch, device) -> (loss, parts); `model`
+(ifcn.models.baseline.baseline_loss). Each takes (model, example, batch, device) -> (loss, parts); `model`
 may be DDP-wrapped, `batch` is the example's sampled windows for windowed models, else None.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..assembling import assemble
-from ..baseline import baseline_loss
-from ..models import REGISTRY, unwrapped
+from ifcn.models.baseline import baseline_loss
+from ifcn.models.registry import REGISTRY, unwrapped
+from ifcn.ops.assembling import assemble
 
 if TYPE_CHECKING:
     from .sampling import Example, WindowBatch

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..ops import assemble
-from ..transforms import image_to_tensor, normalize, resize, scaled_size
+from ifcn.ops import assemble
+from ifcn.ops.transforms import image_to_tensor, normalize, resize, scaled_size
 
 POSITIVE, NEGATIVE, IGNORE = 1, 0, -1
 

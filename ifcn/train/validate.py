@@ -1,9 +1,9 @@
 """Validation while training: AR@100 of the current weights on the first N held-out images.
 
 The images are read and decoded once (the pipeline's decoder, as jobs.evaluate does); each
-validation runs the model's predictor (ifcn.predictor.predictor_for; ifcn.Predictor for InstanceFCN) on a
+validation runs the model's predictor (ifcn.inference.predictor.predictor_for; ifcn.Predictor for InstanceFCN) on a
 copy of the model (eval mode, the training scales) and scores the proposals with
-ifcn.evaluate.average_recall, the same code as jobs.evaluate.
+ifcn.evaluation.recall.average_recall, the same code as jobs.evaluate.
 """
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import models
-from ..config import InferenceConfig
-from ..data.coco import CocoDataset
-from ..evaluate import average_recall, predictions_to_results
-from ..predictor import predictor_for
+from ifcn.config import InferenceConfig
+from ifcn.data.coco import CocoDataset
+from ifcn.evaluation.recall import average_recall, predictions_to_results
+from ifcn.inference.predictor import predictor_for
+from ifcn.models import registry as models
 
 
 class Validator:

@@ -1,0 +1,3 @@
+"""The report of a finished output: summary numbers, plots and one HTML page.
+May import pipeline.tables and ifcn.evaluation / ifcn.tools.viz.
+"""
