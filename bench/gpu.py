@@ -99,7 +99,7 @@ def parse_size(text: str) -> tuple[int, int]:
 def job_batch(device: str) -> int:
     """The job's own batch size (pipeline.run), or FALLBACK_BATCH where pipeline.run's imports are missing."""
     try:
-        from pipeline.run import CPU_BATCH, GPU_BATCH
+        from pipeline.graph import CPU_BATCH, GPU_BATCH
     except ImportError:
         return FALLBACK_BATCH[device]
     return GPU_BATCH if device == "cuda" else CPU_BATCH

@@ -4,7 +4,7 @@ pyproject.toml states the same floors (tests/test_device_faults.py holds them eq
 install would otherwise fail deep inside a job with an unrelated-looking error:
 - torch 2.6: `torch.nonzero_static` on CUDA (ifcn.batch.masknms' and maskpairs' mask-NMS rounds; before, CPU only);
 - ray 2.60: `ActorPoolStrategy(max_concurrent_calls_per_actor=..., enable_true_multi_threading=...)`
-  (pipeline/run.py: two concurrent calls per GPU actor on real threads; added in 2026).
+  (pipeline/graph.py: two concurrent calls per GPU actor on real threads; added in 2026).
 """
 from __future__ import annotations
 

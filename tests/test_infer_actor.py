@@ -153,7 +153,7 @@ def test_gpu_actors_take_concurrent_calls_and_cpu_actors_do_not() -> None:
     import ray.data
 
     from pipeline.stages.infer import CONCURRENT_CALLS
-    from pipeline.run import Resources, _overlap
+    from pipeline.graph import Resources, _overlap
 
     gpu = ray.data.ActorPoolStrategy(size=2, **_overlap(Resources(2, 1.0, 1.0, False, 16)))
     assert gpu.max_concurrent_calls_per_actor == CONCURRENT_CALLS == 2 and gpu._enable_true_multi_threading

@@ -24,7 +24,8 @@ from ifcn.image import decode_image, read_bytes
 from pipeline.stages.handoff import proposals_column
 from pipeline.stages.infer import InferenceActor
 from pipeline.stages.encode import encode_batch
-from pipeline.run import Resources, prepare, read_block_rows, resolve_resources, run_segment, spread_actors
+from pipeline.graph import Resources, read_block_rows, resolve_resources, spread_actors
+from pipeline.run import prepare, run_segment
 from pipeline.tables.schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
 from pipeline.stages.read import read_images
 from segment_helpers import INFERENCE, cli, inference_flags, read_table, write_checkpoint, write_images

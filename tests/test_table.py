@@ -18,7 +18,7 @@ import pytest
 from deltalake import DeltaTable
 
 from pipeline.tables.check import check_output
-from pipeline.run import GroupCommitter, InlinePublisher, ShardCollector
+from pipeline.commit import GroupCommitter, InlinePublisher, ShardCollector
 from pipeline.tables.schema import REDUCED_SCHEMA
 from pipeline.stages.sink import StageWriter
 from pipeline.planning.sources import Listing

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from pipeline.run import CommitTicker
+from pipeline.commit import CommitTicker
 from pipeline.tables.delta import LeaseLostError
 
 

@@ -15,7 +15,7 @@ the device half yields (ifcn.batch.hostwork: paste plans, mask NMS rounds, the p
 building, table building and, in InferAndEncodeActor, encoding after) on the calling thread. When
 Ray Data runs CONCURRENT_CALLS calls of one actor at once, one batch's host work overlaps the
 next batch's device work; with one call at a time (CPU actors, tests) the same code runs in order.
-Resources (num_gpus, pool size, batch size, concurrency) are set in pipeline/run.py, not here.
+Resources (num_gpus, pool size, batch size, concurrency) are set in pipeline/graph.py, not here.
 """
 from __future__ import annotations
 
