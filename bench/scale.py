@@ -59,6 +59,8 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != Path(__f
 sys.path.insert(0, str(REPO))
 CHECKPOINT = REPO / "checkpoints" / "narrow_synth.pt"
 
+from bench.synthkeys import ListingServer, SyntheticKeys  # noqa: E402  (after the sys.path fix above)
+
 
 def _sample_rss(proc: subprocess.Popen, every_s: float, out: list[tuple[float, int]]) -> threading.Thread:
     """Samples `proc`'s own RSS (the driver; not the Ray processes it starts) until it exits."""
@@ -162,123 +164,6 @@ def bench_list(keys: int, workdir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- listing: a synthetic S3 endpoint
-
-class SyntheticKeys:
-    """N keys `images/{i // 1000:04d}/{i:08d}.jpg` (sorted as S3 sorts them), built on demand: a
-    sequence `bisect` can search, so a page is found without holding N strings."""
-
-    def __init__(self, n: int, prefix: str = "images/") -> None:
-        self.n, self.prefix = n, prefix
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> str:
-        return f"{self.prefix}{i // 1000:04d}/{i:08d}.jpg"
-
-    def index_after(self, key: str) -> int:
-        """The first i with self[i] > key."""
-        import bisect
-
-        return bisect.bisect_right(self, key)
-
-    def index_from(self, key: str) -> int:
-        import bisect
-
-        return bisect.bisect_left(self, key)
-
-
-class ListingServer:
-    """A loopback S3 endpoint that answers ListObjectsV2 (prefix, delimiter, start-after,
-    continuation-token, max-keys) over `SyntheticKeys` in bucket `bucket`, each page after
-    `delay_s` (what S3 takes for a page: ~50-200 ms), one thread per connection. HEAD of the bucket
-    answers 200 and of any key 404 (so s3fs sees `bucket/images` as a prefix). `pages` counts the
-    LIST requests answered."""
-
-    def __init__(self, keys: SyntheticKeys, delay_s: float, bucket: str = "bucket") -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as S3
-
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-            def _send(self, code: int, body: bytes = b"") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            def do_HEAD(self) -> None:
-                path = self.path.split("?")[0].strip("/")
-                self._send(200 if path == bucket else 404)
-
-            def do_GET(self) -> None:
-                from urllib.parse import parse_qs, urlsplit
-
-                url = urlsplit(self.path)
-                q = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-                if url.path.strip("/") != bucket or q.get("list-type") != "2":
-                    return self._send(404, b"<Error><Code>NoSuchKey</Code></Error>")
-                time.sleep(delay_s)
-                self._send(200, server.page(q))
-
-        self.keys, self.pages = keys, 0
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.handle_error = lambda request, address: None  # a client ended mid-page (synthstart kills it)
-        self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def page(self, q: dict[str, str]) -> bytes:
-        from xml.sax.saxutils import escape
-
-        self.pages += 1
-        prefix, delimiter = q.get("prefix", ""), q.get("delimiter", "")
-        max_keys = min(1000, int(q.get("max-keys", 1000)))
-        keys = self.keys
-        start = max(keys.index_from(prefix), keys.index_after(q.get("start-after", "")))
-        if q.get("continuation-token"):
-            start = max(start, int(q["continuation-token"]))
-        contents, prefixes, i = [], [], start
-        while i < len(keys) and len(contents) + len(prefixes) < max_keys:
-            key = keys[i]
-            if not key.startswith(prefix):
-                i = len(keys)
-                break
-            cut = key.find(delimiter, len(prefix)) if delimiter else -1
-            if cut >= 0:  # a common prefix: skip every key below it
-                common = key[:cut + len(delimiter)]
-                prefixes.append(common)
-                i = keys.index_from(common + "\U0010ffff")
-                continue
-            contents.append(key)
-            i += 1
-        truncated = i < len(keys) and keys[i].startswith(prefix)
-        body = ["<?xml version=\"1.0\" encoding=\"UTF-8\"?>",
-                "<ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">",
-                f"<Name>bucket</Name><Prefix>{escape(prefix)}</Prefix><MaxKeys>{max_keys}</MaxKeys>",
-                f"<KeyCount>{len(contents) + len(prefixes)}</KeyCount>",
-                f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>"]
-        if truncated:
-            body.append(f"<NextContinuationToken>{i}</NextContinuationToken>")
-        body += [f"<Contents><Key>{escape(k)}</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified>"
-                 f"<ETag>&quot;{hash(k) & 0xffffffffffffffff:032x}&quot;</ETag><Size>{len(k) * 1000}</Size>"
-                 f"<StorageClass>STANDARD</StorageClass></Contents>" for k in contents]
-        body += [f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>" for p in prefixes]
-        body.append("</ListBucketResult>")
-        return "".join(body).encode()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
 
 SYNTH_CHILD = """
 import json, sys, time

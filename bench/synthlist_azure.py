@@ -1,5 +1,5 @@
 """Azure listing on loopback: `AzureLister` (through the azure-storage-blob SDK) against a synthetic
-List Blobs endpoint (prefix, delimiter, marker, maxresults) over bench/scale.py's `SyntheticKeys`
+List Blobs endpoint (prefix, delimiter, marker, maxresults) over bench/synthkeys.py's `SyntheticKeys`
 (`images/NNNN/NNNNNNNN.jpg`: one sub-prefix per 1000 keys), each page after a set delay.
 
     PYTHONPATH=. python bench/synthlist_azure.py --keys 200000 --concurrency 1,64
@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.scale import SyntheticKeys  # noqa: E402
+from bench.synthkeys import SyntheticKeys  # noqa: E402
 
 
 class ListBlobsServer:

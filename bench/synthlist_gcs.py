@@ -1,5 +1,5 @@
 """GCS listing on loopback: `GCSLister` against a synthetic objects.list endpoint (JSON API: prefix,
-startOffset, endOffset, pageToken, maxResults) over bench/scale.py's `SyntheticKeys`, each page after
+startOffset, endOffset, pageToken, maxResults) over bench/synthkeys.py's `SyntheticKeys`, each page after
 a set delay, as `scale.py synthlist` does for S3.
 
     PYTHONPATH=. python bench/synthlist_gcs.py --keys 500000 --concurrency 1,64
@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.scale import SyntheticKeys  # noqa: E402
+from bench.synthkeys import SyntheticKeys  # noqa: E402
 
 
 class GCSListingServer:
