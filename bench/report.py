@@ -38,7 +38,8 @@ def synthetic_output(root: Path, images: int, seed: int = 0, run_id: str = "2026
     """root/in/*.png and root/out/segments, a Delta table like a complete jobs.segment run's."""
     from ifcn.io import filesystem
     from pipeline.tables.schema import IMAGES_SCHEMA, MASKS_SCHEMA, PROPOSAL_TYPE, SEGMENTS_SCHEMA
-    from pipeline.tables.delta import OutputTables, write_data_file
+    from pipeline.tables.delta import OutputTables
+    from pipeline.tables.files import write_data_file
 
     rng = np.random.default_rng(seed)
     (root / "in").mkdir(parents=True, exist_ok=True)

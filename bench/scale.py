@@ -404,7 +404,7 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
               f"{shard_size * proposals} proposals); stats JSON {len(real[0]['stats'])} bytes")
 
         def adds(shard: int) -> dict:
-            """The add-action facts a publish task returns (pipeline.tables.delta.write_data_file)."""
+            """The add-action facts a publish task returns (pipeline.tables.files.write_data_file)."""
             if shard in real:
                 return real[shard]
             stats, per_row = template

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from pipeline.config import SegmentError
 from pipeline.tables.check import check_output, repair_output
-from pipeline.tables.delta import delta_storage_options
+from pipeline.tables.files import delta_storage_options
 
 from ._cli import add_output, interruptible, make_parser, output_of, storage_options
 

@@ -20,7 +20,8 @@ from deltalake import DeltaTable
 
 from pipeline.tables.check import check_output, repair_output
 from pipeline.tables.schema import SEGMENTS_SCHEMA
-from pipeline.tables.delta import OutputTables, write_data_file
+from pipeline.tables.delta import OutputTables
+from pipeline.tables.files import write_data_file
 from segment_helpers import REPO, delta_options
 from test_table import IDS, _facts, _table, commit_all
 

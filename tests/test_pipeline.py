@@ -297,7 +297,8 @@ def test_grown_and_changed_bucket_processes_only_the_change(first_run: dict, inp
 
 def test_a_retry_row_whose_key_vanished_does_not_fail_the_run(first_run: dict, inputs: dict, tmp_path: Path) -> None:
     """The plan counts it as vanished, not to retry: the run ends 0, the row stays (until --prune)."""
-    from pipeline.tables.delta import OutputTables, write_data_file
+    from pipeline.tables.delta import OutputTables
+    from pipeline.tables.files import write_data_file
     from segment_helpers import nest
 
     out = tmp_path / "out"

@@ -14,7 +14,8 @@ from pipeline.planning.parts import ListingPart, listing_parts, read_parts, writ
 from pipeline.planning.plan import Classifier
 from pipeline.tables.store import OutputStore
 from pipeline.planning.sources import Listing
-from pipeline.tables.delta import FILE_COLUMN, Replacements
+from pipeline.tables.delta import Replacements
+from pipeline.tables.files import FILE_COLUMN
 
 
 def _state() -> pa.Table:

@@ -22,8 +22,8 @@ from pipeline.commit import GroupCommitter, InlinePublisher, ShardCollector
 from pipeline.tables.schema import REDUCED_SCHEMA
 from pipeline.stages.sink import StageWriter
 from pipeline.planning.sources import Listing
-from pipeline.tables.delta import (CHECKPOINT_EVERY, KILL_ENV, LEASE_APP, LeaseLostError, OutputTables, Replacements,
-                            TableDamagedError)
+from pipeline.tables.delta import CHECKPOINT_EVERY, KILL_ENV, LEASE_APP, LeaseLostError, OutputTables, Replacements
+from pipeline.tables.files import TableDamagedError
 from segment_helpers import REPO, delta_options
 
 IDS = [f"img{i}" for i in range(6)]  # 3 shards of 2
@@ -311,7 +311,7 @@ def _hand_made_table(tmp_path: Path) -> DeltaTable:
     import pyarrow.parquet as pq
 
     from pipeline.tables.schema import SEGMENTS_SCHEMA
-    from pipeline.tables.delta import file_stats
+    from pipeline.tables.files import file_stats
 
     root = tmp_path / "out" / "segments"
     root.mkdir(parents=True)

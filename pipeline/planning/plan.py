@@ -39,7 +39,8 @@ from pipeline.tables.schema import FORMAT
 
 from .parts import PARTS_DIR, listing_parts, read_parts, write_part
 from pipeline.tables.store import OutputStore, new_run_id, now_utc  # noqa: F401  (run.py imports the run-id helpers from here)
-from pipeline.tables.delta import FILE_COLUMN, OLD_LAYOUT_MARKERS, OutputTables, TableDamagedError
+from pipeline.tables.delta import OLD_LAYOUT_MARKERS, OutputTables
+from pipeline.tables.files import FILE_COLUMN, TableDamagedError
 
 from .sources import Listing, Span
 

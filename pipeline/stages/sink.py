@@ -31,7 +31,7 @@ from ifcn.io import put_atomic
 from pipeline.errors import RETRY, storage_call
 from pipeline.tables.parquet_io import parquet_bytes  # noqa: F401  (plan.py imports it from here)
 from pipeline.planning.sources import Shard
-from pipeline.tables.delta import rewrite, write_data_file
+from pipeline.tables.files import rewrite, write_data_file
 from pipeline.tables.schema import REDUCED_SCHEMA, reduced_to_segments
 from pipeline.tables.store import TMP_DIR, OutputStore, remove_quietly
 

@@ -37,7 +37,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .delta import TABLE, OutputTables
+from .delta import OutputTables
+from .files import TABLE
 from .schema import SEGMENTS_SCHEMA
 
 READ_WORKERS = 8  # concurrent file reads: object-store latency, not CPU, bounds a check

@@ -30,7 +30,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from .delta import TABLE, OutputTables, read_view, table_dataset
+from .delta import OutputTables
+from .files import TABLE, read_view, table_dataset
 from .schema import SEGMENTS_SCHEMA, VIEWS, masks_view
 
 
