@@ -8,6 +8,40 @@ from __future__ import annotations
 
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A keep-alive handler (as object stores are) that logs nothing; `send` answers, `query` reads
+    the request's query string. Subclasses set `content_type` and the do_* methods."""
+
+    protocol_version = "HTTP/1.1"
+    content_type = "application/xml"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def send(self, code: int, body: bytes = b"") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", self.content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def query(self) -> dict[str, str]:
+        return {k: v[0] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
+
+
+def serve(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """`handler` on a loopback port, one thread per connection, served from a daemon thread; a client
+    that ends mid-answer is no error (a bench may kill its client)."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    httpd.handle_error = lambda request, address: None
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd
 
 class SyntheticKeys:
     """N keys `images/{i // 1000:04d}/{i:08d}.jpg` (sorted as S3 sorts them), built on demand: a
@@ -42,45 +76,23 @@ class ListingServer:
     LIST requests answered."""
 
     def __init__(self, keys: SyntheticKeys, delay_s: float, bucket: str = "bucket") -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, as S3
-
-            def log_message(self, *args) -> None:  # quiet
-                pass
-
-            def _send(self, code: int, body: bytes = b"") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
+        class Handler(QuietHandler):
             def do_HEAD(self) -> None:
                 path = self.path.split("?")[0].strip("/")
-                self._send(200 if path == bucket else 404)
+                self.send(200 if path == bucket else 404)
 
             def do_GET(self) -> None:
-                from urllib.parse import parse_qs, urlsplit
-
-                url = urlsplit(self.path)
-                q = {k: v[0] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-                if url.path.strip("/") != bucket or q.get("list-type") != "2":
-                    return self._send(404, b"<Error><Code>NoSuchKey</Code></Error>")
+                q = self.query()
+                if urlsplit(self.path).path.strip("/") != bucket or q.get("list-type") != "2":
+                    return self.send(404, b"<Error><Code>NoSuchKey</Code></Error>")
                 time.sleep(delay_s)
-                self._send(200, server.page(q))
+                self.send(200, server.page(q))
 
         self.keys, self.pages = keys, 0
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.handle_error = lambda request, address: None  # a client ended mid-page (synthstart kills it)
+        self.httpd = serve(Handler)
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
 
     def page(self, q: dict[str, str]) -> bytes:
         from xml.sax.saxutils import escape

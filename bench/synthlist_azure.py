@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.synthkeys import SyntheticKeys  # noqa: E402
+from bench.synthkeys import QuietHandler, SyntheticKeys, serve  # noqa: E402
 
 
 class ListBlobsServer:
@@ -25,27 +22,15 @@ class ListBlobsServer:
     def __init__(self, keys: SyntheticKeys, delay_s: float) -> None:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
-                q = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
+                q = self.query()
                 time.sleep(delay_s)
-                body = server.page(q)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.send(200, server.page(q))
 
         self.keys, self.pages = keys, 0
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = serve(Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/acct"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def page(self, q: dict[str, str]) -> bytes:
         self.pages += 1

@@ -10,14 +10,12 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.synthkeys import SyntheticKeys  # noqa: E402
+from bench.synthkeys import QuietHandler, SyntheticKeys, serve  # noqa: E402
 
 
 class GCSListingServer:
@@ -26,31 +24,18 @@ class GCSListingServer:
     def __init__(self, keys: SyntheticKeys, delay_s: float, bucket: str = "bucket") -> None:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
+        class Handler(QuietHandler):
+            content_type = "application/json"
 
             def do_GET(self) -> None:
-                url = urlsplit(self.path)
-                q = {k: v[0] for k, v in parse_qs(url.query).items()}
-                if url.path != f"/storage/v1/b/{bucket}/o":
-                    body, code = b'{"error": {"code": 404, "message": "Not Found"}}', 404
-                else:
-                    time.sleep(delay_s)
-                    body, code = server.page(q), 200
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                if urlsplit(self.path).path != f"/storage/v1/b/{bucket}/o":
+                    return self.send(404, b'{"error": {"code": 404, "message": "Not Found"}}')
+                time.sleep(delay_s)
+                self.send(200, server.page(self.query()))
 
         self.keys, self.pages = keys, 0
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = serve(Handler)
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
     def page(self, q: dict[str, str]) -> bytes:
         self.pages += 1

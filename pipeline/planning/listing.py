@@ -313,17 +313,23 @@ class S3Lister:
 
             tasks: list[asyncio.Task] = []
             start(start_after, None)
-            try:
-                while not all(t.done() for t in tasks):
-                    await asyncio.wait([t for t in tasks if not t.done()], return_when=asyncio.FIRST_EXCEPTION)
-                    for t in tasks:
-                        if t.done() and t.exception() is not None:
-                            raise t.exception()
-            finally:
-                for t in tasks:
-                    t.cancel()
+            await finish_all(tasks)
         tasks.clear()  # the closures here form cycles: nothing of the pages may wait for the gc
         covered.clear()
+
+
+async def finish_all(tasks: list[asyncio.Task]) -> None:
+    """Waits for every task of `tasks`, a list that grows while they run (a range that splits starts
+    more); the first error cancels the rest and is raised."""
+    try:
+        while not all(t.done() for t in tasks):
+            await asyncio.wait([t for t in tasks if not t.done()], return_when=asyncio.FIRST_EXCEPTION)
+            for t in tasks:
+                if t.done() and t.exception() is not None:
+                    raise t.exception()
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 def _ssl(fs):

@@ -25,7 +25,7 @@ import pyarrow.json as pj
 from pipeline.errors import with_retries_async
 from pipeline.planning import listing
 
-from .listing import Columns, Page, _columns, _join, split_points
+from .listing import Columns, Page, _columns, _join, finish_all, split_points
 
 FIELDS = "items(name,etag,size),nextPageToken"  # the answer trimmed to what the listing keeps
 _PAGE_SCHEMA = pa.schema([
@@ -123,15 +123,7 @@ class GCSLister:
             tasks.append(task)
 
         launch(None, None)
-        try:
-            while not all(t.done() for t in tasks):
-                await asyncio.wait([t for t in tasks if not t.done()], return_when=asyncio.FIRST_EXCEPTION)
-                for t in tasks:
-                    if t.done() and t.exception() is not None:
-                        raise t.exception()
-        finally:
-            for t in tasks:
-                t.cancel()
+        await finish_all(tasks)
         pages.sort(key=lambda p: p[0])
         tasks.clear()  # the closures here form cycles: nothing of the pages may wait for the gc
         return _join([cols for _, cols in pages])
