@@ -11,6 +11,9 @@
 plan: writes a Parquet manifest of N URIs (no images: --dry-run reads none) and times
       `python -m jobs.segment --dry-run` on it in a child process; prints its wall time and
       peak RSS (targets at 10M entries: <= 30 s, <= 1.5 GB).
+replan: a re-run's planning over an unchanged bucket of N keys, in process: the table's state (N ok
+      rows) and the same keys listed again, classified in parts of 100,000 as a streamed run does
+      (target: planning <= 2x the listing's time; the listing of 10M takes ~85 s at 200 ms a page).
 list: puts N empty .jpg keys under s3://<bucket>/images/ on a real S3 endpoint (moto's server on
       loopback) and lists the prefix in child processes, once as the listing did before
       (`fs.find`, which builds and caches an info dict per key) and once with `list_inputs`
@@ -459,9 +462,45 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
         server.stop()
 
 
+def bench_replan(entries: int, part_rows: int = 100_000) -> None:
+    """A re-run's planning over an unchanged bucket, in process: the table's state (`entries` ok rows)
+    and the same keys listed again, classified part by part as a streamed run does (plan.Classifier).
+    Reading the state from the table is not included (bench_table times opening it)."""
+    import resource
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipeline.planning.plan import Classifier
+    from pipeline.planning.sources import Listing
+    from pipeline.tables.files import FILE_COLUMN
+
+    i = pa.array(np.arange(entries))
+    pad = lambda a, w: pc.utf8_lpad(pc.cast(a, pa.string()), w, "0")  # noqa: E731
+    ids = pc.binary_join_element_wise("images/", pad(pc.divide(i, 1000), 4), "/", pad(i, 8), ".jpg", "")
+    etags = pc.binary_join_element_wise("\"", pad(i, 10), "\"", "")
+    sizes = pa.array(np.full(entries, 123_456, np.int64))
+    zeros = pa.array(np.zeros(entries, np.int64))
+    state = pa.table({"image_id": ids, "status": pa.array(["ok"]).take(zeros), "etag": etags, "size": sizes,
+                      FILE_COLUMN: pa.array(["part-0.parquet"]).take(zeros)})
+    uris = pc.binary_join_element_wise("s3://bucket/", ids, "")
+    t0 = time.perf_counter()
+    classifier, pending, parts = Classifier(state), 0, 0
+    for a in range(0, entries, part_rows):
+        n = min(part_rows, entries - a)
+        part = Listing.build(ids.slice(a, n), uris.slice(a, n), "s3://bucket/images/", etags.slice(a, n), sizes.slice(a, n))
+        pending += len(classifier.part(part).pending)
+        parts += 1
+    vanished = len(classifier.vanished())
+    wall = time.perf_counter() - t0
+    print(f"re-plan {entries:,} unchanged keys in {parts} parts: {wall:.1f} s ({pending} pending, {vanished} vanished); "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (the bench's state and "
+          f"listing included); load average {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("plan", "list", "synthlist", "synthstart", "run", "table"))
+    p.add_argument("what", nargs="+", choices=("plan", "replan", "list", "synthlist", "synthstart", "run", "table"))
     p.add_argument("--entries", type=int, default=1_000_000, help="manifest entries to plan")
     p.add_argument("--keys", type=int, default=50_000, help="S3 keys to list (list: in moto; synthlist: synthetic)")
     p.add_argument("--page-delay-ms", type=float, default=200.0, help="synthlist: the endpoint's delay per LIST page")
@@ -476,6 +515,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ifcn-scale-") as tmp:
         if "plan" in args.what:
             bench_plan(args.entries, Path(tmp))
+        if "replan" in args.what:
+            bench_replan(args.entries)
         if "list" in args.what:
             bench_list(args.keys, Path(tmp))
         if "synthlist" in args.what:
