@@ -194,8 +194,11 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter, colle
     collector.publisher = publisher
     run_start = time.perf_counter()
     # blocks sized by what is planned so far (the whole plan of a one-part input, as before)
+    if not plan.listing_ongoing:  # one part (listed in one call): planned in milliseconds
+        stream.ended.wait()
     read_rows = min(read_block_rows(stream.pending, res.actors), READ_BLOCK_MAX)  # a block in one call
-    inputs = feed.start(read_rows)
+    # the whole plan known: plain Arrow blocks; else the feed's queue, drained while the listing goes on
+    inputs = feed.static(read_rows) if stream.ended.is_set() else feed.start(read_rows)
     try:
         with spread_actors(res, node_cpus, log) as placement, CommitTicker(collector, committer) as ticker:
             # prefetch 0: a batch is handed over as it comes (with prefetching, the last one waits for

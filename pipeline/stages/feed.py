@@ -61,6 +61,23 @@ class Feed:
         # num_cpus 0: a read task only waits on the queue; unequal to read_images' CPUs, so the two never fuse
         return ray.data.read_datasource(queue_datasource(self.queue, tasks), override_num_blocks=tasks, num_cpus=0)
 
+    def static(self, block_rows: int):
+        """Everything put so far as a Dataset of Arrow blocks, with no queue actor or read tasks to
+        start: for a run whose whole plan is known before the graph starts (a listing that ended:
+        local folders, manifests, inventories, small prefixes). The feed's two long-lived tasks and
+        its actor cost such a run ~3 worker processes (bench/cpu_side.py)."""
+        import ray.data
+
+        with self.cond:
+            rows, self.waiting = list(self.waiting), deque()
+        # copies (take), not slices: a pickled slice can carry its parent's whole buffers
+        blocks = [r.take(pa.array(range(i, min(i + block_rows, r.num_rows)), pa.int64()))
+                  for r in rows for i in range(0, r.num_rows, block_rows)]
+        self.blocks = len(blocks)
+        self.first_block_at = time.perf_counter()
+        self.on_first()
+        return ray.data.from_arrow(blocks)
+
     def stop(self) -> None:
         """Ends the queue actor (a run that failed): the thread's pending put fails and it exits."""
         import ray
