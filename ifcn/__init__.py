@@ -6,8 +6,7 @@ second and ~500 MB lighter, instead of importing torch beside the actors they sh
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from .lazy import lazy_names
 
 _LAZY = {
     "checkpoint_digest": "models.checkpoint", "load_checkpoint": "models.checkpoint", "load_model": "models.checkpoint",
@@ -25,14 +24,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ifcn' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -5,8 +5,7 @@ imports without torch (the pipeline's encoding workers use it).
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ifcn.lazy import lazy_names
 
 _LAZY = {
     "BACKGROUND_LOGIT": "assembling", "assemble": "assembling", "cell_to_map": "assembling",
@@ -18,10 +17,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ifcn.ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
