@@ -22,7 +22,6 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ifcn.image import one_line
 from ifcn.io import filesystem, put_atomic
 
 from pipeline.config import SegmentError
@@ -30,7 +29,7 @@ from pipeline.tables.parquet_io import parquet_bytes
 
 from .inventory import is_inventory
 from .listing import PART_ROWS, S3Lister
-from .sources import Listing, list_inputs, no_images
+from .sources import Listing, cannot_list, list_inputs, no_images
 
 PARTS_DIR = "listing"  # _runs/<run_id>/listing/part-NNNNN.parquet
 _AFTER, _UNTIL = b"ifcn_after", b"ifcn_until"  # part file metadata: the key range the part covers
@@ -112,8 +111,7 @@ def listing_parts(url: str, storage_options: dict[str, Any] | None, skipped: dic
     except SegmentError:
         raise
     except Exception as e:  # botocore, network, permission errors of any fsspec backend
-        raise SegmentError(f"--input {url}: cannot list it ({type(e).__name__}: {one_line(e)}); "
-                           f"check the URL, network, credentials and --storage-options") from None
+        raise cannot_list(url, e) from None
     if not images:
         raise no_images(url)
 

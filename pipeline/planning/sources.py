@@ -235,11 +235,16 @@ def list_inputs(url: str, storage_options: dict[str, Any] | None = None,
     except SegmentError:
         raise
     except Exception as e:  # botocore, network, permission errors of any fsspec backend
-        raise SegmentError(f"--input {url}: cannot list it ({type(e).__name__}: {one_line(e)}); "
-                           f"check the URL, network, credentials and --storage-options") from None
+        raise cannot_list(url, e) from None
     if not len(listing):
         raise no_images(url)
     return listing
+
+
+def cannot_list(url: str, e: Exception) -> SegmentError:
+    """A listing that failed (botocore, network, permission errors of any fsspec backend), in one line."""
+    return SegmentError(f"--input {url}: cannot list it ({type(e).__name__}: {one_line(e)}); "
+                        f"check the URL, network, credentials and --storage-options")
 
 
 def no_images(url: str) -> SegmentError:
