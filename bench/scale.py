@@ -183,30 +183,71 @@ print(json.dumps({"n": len(listing), "wall": wall, "cpu": sum(psutil.Process().c
 """
 
 
+SYNTH_PARTS_CHILD = """
+import json, sys, time
+import psutil
+from pipeline.planning.parts import listing_parts
+rate, limit_s = float(sys.argv[2]), float(sys.argv[3])
+t0 = time.perf_counter()
+cpu0 = sum(psutil.Process().cpu_times()[:2])
+n = parts = 0
+for part in listing_parts(sys.argv[1], None, {}):
+    n, parts = n + len(part.listing), parts + 1
+    if rate:
+        time.sleep(len(part.listing) / rate)  # a run whose actors take `rate` images/s
+    if limit_s and time.perf_counter() - t0 > limit_s:
+        break
+print(json.dumps({"n": n, "parts": parts, "wall": time.perf_counter() - t0,
+                  "cpu": sum(psutil.Process().cpu_times()[:2]) - cpu0, "rss": psutil.Process().memory_info().rss}))
+"""
+
+
+def _synthetic_child(server: ListingServer, code: str, *args: str) -> tuple[dict, int, float]:
+    """Runs `code` in a child against `server`: its JSON line, its peak RSS and the endpoint's CPU-s."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ENDPOINT_URL": server.endpoint,
+           "AWS_ENDPOINT_URL_S3": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    samples: list[tuple[float, int]] = []
+    server_cpu = sum(psutil.Process().cpu_times()[:2])
+    proc = subprocess.Popen([sys.executable, "-c", code, "s3://bucket/images/", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = _sample_rss(proc, 0.2, samples)
+    stdout, stderr = proc.communicate()
+    sampler.join()
+    server_cpu = sum(psutil.Process().cpu_times()[:2]) - server_cpu
+    if proc.returncode != 0:
+        raise SystemExit(f"listing the synthetic endpoint failed: {stderr[-2000:]}")
+    r = json.loads(stdout)
+    return r, max((s for _, s in samples), default=r["rss"]), server_cpu
+
+
 def bench_synthetic_list(keys: int, delay_s: float) -> None:
     """Lists `keys` synthetic keys behind `delay_s` per page with `list_inputs` in a child process."""
     server = ListingServer(SyntheticKeys(keys), delay_s)
     try:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "AWS_ENDPOINT_URL": server.endpoint,
-               "AWS_ENDPOINT_URL_S3": server.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-        samples: list[tuple[float, int]] = []
-        server_cpu = sum(psutil.Process().cpu_times()[:2])
-        proc = subprocess.Popen([sys.executable, "-c", SYNTH_CHILD, "s3://bucket/images/"], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        sampler = _sample_rss(proc, 0.2, samples)
-        stdout, stderr = proc.communicate()
-        sampler.join()
-        server_cpu = sum(psutil.Process().cpu_times()[:2]) - server_cpu
-        if proc.returncode != 0:
-            raise SystemExit(f"listing the synthetic endpoint failed: {stderr[-2000:]}")
-        r = json.loads(stdout)
+        r, peak, server_cpu = _synthetic_child(server, SYNTH_CHILD)
         if r["n"] != keys:
             raise SystemExit(f"listed {r['n']} keys of {keys}")
-        peak = max((s for _, s in samples), default=r["rss"])
         print(f"list {keys} synthetic keys, {delay_s * 1000:.0f} ms per page of 1000: {r['wall']:.1f} s -> "
               f"{keys / r['wall']:,.0f} keys/s (target >= 100,000); {server.pages} LIST requests; client "
               f"{r['cpu']:.1f} CPU-s, endpoint {server_cpu:.1f} CPU-s; peak RSS {peak / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f}")
+    finally:
+        server.stop()
+
+
+def bench_synthetic_parts(keys: int, delay_s: float, rate: float, limit_s: float) -> None:
+    """Lists `keys` synthetic keys in a run's parts (`listing_parts`, paced) taken by a consumer of
+    `rate` images/s (0: as fast as they come, a re-run with nothing to do) for at most `limit_s`:
+    how far the listing runs ahead of a slow run, and its speed for a fast one."""
+    server = ListingServer(SyntheticKeys(keys), delay_s)
+    try:
+        r, peak, server_cpu = _synthetic_child(server, SYNTH_PARTS_CHILD, str(rate), str(limit_s))
+        ahead = server.served - r["n"]
+        print(f"list {keys} synthetic keys in parts, {delay_s * 1000:.0f} ms per page of 1000, consumer "
+              f"{f'{rate:,.0f} images/s' if rate else 'as fast as they come'}: {r['parts']} parts, {r['n']:,} keys "
+              f"taken in {r['wall']:.1f} s ({r['n'] / r['wall']:,.0f} keys/s); the endpoint served {server.served:,} "
+              f"keys ({ahead:,} listed ahead of the consumer) in {server.pages} LIST requests; client {r['cpu']:.1f} "
+              f"CPU-s; peak RSS {peak / 2**20:.0f} MiB; load average {os.getloadavg()[0]:.1f}")
     finally:
         server.stop()
 
@@ -500,10 +541,14 @@ def bench_replan(entries: int, part_rows: int = 100_000) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", nargs="+", choices=("plan", "replan", "list", "synthlist", "synthstart", "run", "table"))
+    p.add_argument("what", nargs="+",
+                   choices=("plan", "replan", "list", "synthlist", "synthparts", "synthstart", "run", "table"))
     p.add_argument("--entries", type=int, default=1_000_000, help="manifest entries to plan")
     p.add_argument("--keys", type=int, default=50_000, help="S3 keys to list (list: in moto; synthlist: synthetic)")
     p.add_argument("--page-delay-ms", type=float, default=200.0, help="synthlist: the endpoint's delay per LIST page")
+    p.add_argument("--consume-rate", type=float, default=0.0,
+                   help="synthparts: images/s the consumer of the parts takes (0: as fast as they come)")
+    p.add_argument("--consume-s", type=float, default=0.0, help="synthparts: stop the consumer after this long")
     p.add_argument("--images", type=int, help="images for the long run (default 2000) or the table (default 10M)")
     p.add_argument("--shard-size", type=int, default=128, help="table: images per shard (the job's default)")
     p.add_argument("--group", type=int, default=256, help="table: shards per commit")
@@ -521,6 +566,8 @@ def main() -> None:
             bench_list(args.keys, Path(tmp))
         if "synthlist" in args.what:
             bench_synthetic_list(args.keys, args.page_delay_ms / 1000)
+        if "synthparts" in args.what:
+            bench_synthetic_parts(args.keys, args.page_delay_ms / 1000, args.consume_rate, args.consume_s)
         if "synthstart" in args.what:
             bench_synthetic_start(args.keys, args.page_delay_ms / 1000, Path(tmp))
         if "run" in args.what:

@@ -73,7 +73,7 @@ class ListingServer:
     continuation-token, max-keys) over `SyntheticKeys` in bucket `bucket`, each page after
     `delay_s` (what S3 takes for a page: ~50-200 ms), one thread per connection. HEAD of the bucket
     answers 200 and of any key 404 (so s3fs sees `bucket/images` as a prefix). `pages` counts the
-    LIST requests answered."""
+    LIST requests answered, `served` the keys they carried."""
 
     def __init__(self, keys: SyntheticKeys, delay_s: float, bucket: str = "bucket") -> None:
         server = self
@@ -90,7 +90,7 @@ class ListingServer:
                 time.sleep(delay_s)
                 self.send(200, server.page(q))
 
-        self.keys, self.pages = keys, 0
+        self.keys, self.pages, self.served = keys, 0, 0
         self.httpd = serve(Handler)
         self.endpoint = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
@@ -118,6 +118,7 @@ class ListingServer:
                 continue
             contents.append(key)
             i += 1
+        self.served += len(contents)
         truncated = i < len(keys) and keys[i].startswith(prefix)
         body = ["<?xml version=\"1.0\" encoding=\"UTF-8\"?>",
                 "<ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">",

@@ -97,13 +97,14 @@ def _run(config: SegmentConfig, log: Callable[[str], None], lease: Lease, start:
     feed = Feed(lambda: log(f"first shards handed to the actors {time.perf_counter() - start:.1f} s after the start"))
     stream = PlanStream(plan, config, classifier, replacements,
                         committer.record, lambda spans, pending: _hand_over(collector, feed, spans, pending),
-                        feed.close, log).start()
+                        feed.close, log, lambda: feed.wait_for_room(config.listing_part)).start()
     try:
         with status_lines(lambda: committer.counts["num_images"], lambda: stream.pending, log):
             run_s, res = _process(plan, config, committer, collector, stream, feed, log)
         stream.check()
     except BaseException as e:
         stream.stop()
+        feed.stop()  # (the planner may wait for the feed's room)
         try:  # best effort: the run's record says how it ended (a kill leaves it "running")
             if committer.version or committer.waiting:
                 committer.finish(exit=f"error: {type(e).__name__}: {one_line(e)}"[:500])

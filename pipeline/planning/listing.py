@@ -9,6 +9,13 @@ is filed under the range it covers; once the ranges from the start join up witho
 can go out as a `Part` while the rest is still being listed (`S3Lister.parts`: what lets shards
 start before the listing ends, pipeline/planning/stream.py).
 
+The listing runs only so far ahead of its consumer (`Pace`): ranges whose keys lie more than
+AHEAD_PARTS parts' rows past the frontier park (their slots go to ranges nearer the frontier) and
+resume once it nears them, and every range waits while QUEUED_PARTS parts are emitted but not
+taken. A slow consumer (a run's actors, hours behind a 10M-key listing) thus holds the lister to
+a few parts of rows in memory, not the bucket; a fast one (a re-run with nothing to do) lists at
+full speed.
+
 Pages are fetched by presigned URL with aiohttp and read with regular expressions straight into
 Arrow arrays: botocore's own parsing costs ~74 ms of CPU per page of 1000 keys (dates, dicts),
 which caps a 2-core driver at ~10,000 keys/s however many pages are in flight; this costs ~1 ms.
@@ -42,6 +49,8 @@ PART_ROWS = 100_000  # image rows per listing part (`S3Lister.parts`): 100 parts
 # The first part is one page's worth, and each next one twice the last until PART_ROWS: the first
 # shards need only the first page, not the first 100k keys, which one range walks at ~5,000 keys/s.
 FIRST_PART_ROWS = 1000
+AHEAD_PARTS = 4  # rows listed past the frontier (not yet joinable into parts) before far-ahead ranges park
+QUEUED_PARTS = 2  # rows emitted in parts the consumer has not taken before every range waits
 SPLIT_DIGITS = 8  # key characters after a range's common prefix used to place split points
 _BASE = 96  # digits: printable ASCII 0x20..0x7e -> 0..94, anything above -> 95 (order kept)
 _EXT = r"[^/.][^/]*(?P<ext>\.[^./]*)$"  # posixpath.splitext's extension of a basename (leading dots are not one)
@@ -177,6 +186,37 @@ class Part:
     after: str
     until: str | None
 
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+
+class Pace:
+    """How far `S3Lister.parts` lists ahead of its consumer, in image rows: `ahead` rows past the
+    frontier before ranges beyond them park, `queued` rows emitted and not taken before all wait.
+    `take` is called from the consumer's thread; the rest runs on the listing's event loop."""
+
+    def __init__(self, ahead: int, queued: int) -> None:
+        self.ahead, self.queued = ahead, queued
+        self.waiting = 0  # rows emitted, not yet taken
+        self.room: asyncio.Event | None = None  # set while waiting < queued (made on the loop)
+        self.wake: Callable[[], None] = lambda: None  # resumes parked ranges (set by the listing)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def emitted(self, rows: int) -> None:
+        self.waiting += rows
+        if self.waiting >= self.queued:
+            self.room.clear()
+
+    def take(self, rows: int) -> None:
+        """The consumer took a part of `rows` rows (any thread)."""
+        self.loop.call_soon_threadsafe(self._taken, rows)
+
+    def _taken(self, rows: int) -> None:
+        self.waiting -= rows
+        if self.waiting < self.queued:
+            self.room.set()
+        self.wake()
+
 
 class S3Lister:
     """Lists one prefix of an s3fs filesystem with up to `concurrency` pages in flight."""
@@ -194,21 +234,24 @@ class S3Lister:
         return parts[0].columns
 
     def parts(self, path: str, skipped: dict[str, int] | None = None, start_after: str = "",
-              part_rows: int = PART_ROWS) -> Iterator[Part]:
+              part_rows: int = PART_ROWS, pace: Pace | None = None) -> Iterator[Part]:
         """The prefix's keys after `start_after` as key-ordered parts of `part_rows` image rows (the
         first ones fewer: FIRST_PART_ROWS, doubling; the last one whatever is left; 0: whatever each
-        page completes), each yielded as soon as every key
-        up to its end has been listed, while the rest is still being listed (on s3fs's event loop,
-        not this thread)."""
+        page completes), each yielded as soon as every key up to its end has been listed, while the
+        rest is still being listed (on s3fs's event loop, not this thread), at most `pace` ahead
+        of the parts taken (default: AHEAD_PARTS and QUEUED_PARTS parts of `part_rows`)."""
         import queue
 
-        out: queue.Queue = queue.Queue()  # unbounded: the loop's callback never blocks
+        pace = pace or Pace(AHEAD_PARTS * max(part_rows, FIRST_PART_ROWS), QUEUED_PARTS * max(part_rows, 1))
+        pace.loop = self.fs.loop
+        out: queue.Queue = queue.Queue()  # the loop's callback never blocks: `pace` bounds what waits here
         done = object()
         future = asyncio.run_coroutine_threadsafe(
-            self._list(*self._where(path), skipped, out.put, start_after, part_rows), self.fs.loop)
+            self._list(*self._where(path), skipped, out.put, start_after, part_rows, pace), self.fs.loop)
         future.add_done_callback(lambda _: out.put(done))
         try:
             while (part := out.get()) is not done:
+                pace.take(len(part))
                 yield part
             future.result()  # raises the listing's error
         finally:
@@ -219,15 +262,20 @@ class S3Lister:
         return bucket, f"{key.rstrip('/')}/" if key else ""
 
     async def _list(self, bucket: str, prefix: str, skipped: dict[str, int] | None, emit: Callable[[Part], None],
-                    start_after: str, part_rows: int | None) -> None:
+                    start_after: str, part_rows: int | None, pace: Pace | None = None) -> None:
         """Each page becomes its image rows' columns as it arrives (the raw page is dropped), filed
         under the key range it covers; the ranges covered from `start_after` on without a gap are
         joined in key order and emitted as a part once they hold `part_rows` rows (None: only at
-        the end, the whole listing). Parts come out sorted (no sort, no second copy of them)."""
+        the end, the whole listing). Parts come out sorted (no sort, no second copy of them).
+        With `pace`, a range whose next page lies `pace.ahead` rows or more past the frontier parks
+        (`parked`) until the frontier nears it, and every range waits while `pace.room` is clear."""
         import aiohttp
 
         await self.fs.set_session()
         covered: dict[str, tuple[str | None, list[pa.Array | None]]] = {}  # range start -> (end, image rows)
+        ahead = [0]  # image rows in `covered`
+        parked: dict[str, str | None] = {}  # start -> end of ranges left until the frontier nears them
+        ended = [False]  # the listing is over (done, failed or cancelled): no range starts any more
         ready: list[list[pa.Array | None]] = []  # ranges joined to the frontier, not yet emitted
         frontier: list[str | None] = [start_after]  # every key <= frontier[0] has been listed
         part_after = [start_after]
@@ -240,8 +288,10 @@ class S3Lister:
             and emit what it passed in parts of `part_rows` (0: all of it, now), each ending at
             its last key; the rest waits for more (or is the last part, at the end)."""
             covered[after] = (end, cols)
+            ahead[0] += len(cols[0])
             while frontier[0] is not None and frontier[0] in covered:
                 end, cols = covered.pop(frontier[0])
+                ahead[0] -= len(cols[0])
                 ready.append(cols)
                 frontier[0] = end
             final = frontier[0] is None
@@ -252,15 +302,37 @@ class S3Lister:
             n, start = len(joined[0]), 0
             while part_rows and n - start >= size[0]:  # (ids are keys less the prefix)
                 until = prefix + joined[0][start + size[0] - 1].as_py()
-                emit(Part(tuple(c.slice(start, size[0]) for c in joined), part_after[0], until))
+                out(Part(tuple(c.slice(start, size[0]) for c in joined), part_after[0], until))
                 part_after[0], start = until, start + size[0]
                 size[0] = min(part_rows, 2 * size[0])
             rest = tuple(c.slice(start) for c in joined)
             if final or part_rows == 0:
-                emit(Part(rest, part_after[0], frontier[0]))
+                out(Part(rest, part_after[0], frontier[0]))
                 part_after[0] = frontier[0]
             elif n > start:
                 ready.append(list(rest))
+
+        def out(part: Part) -> None:
+            if pace is not None:
+                pace.emitted(len(part))
+            emit(part)
+
+        def far(key: str) -> bool:
+            """Whether `pace.ahead` rows or more are listed between the frontier and `key`."""
+            if pace is None or ahead[0] < pace.ahead:
+                return False
+            return sum(len(cols[0]) for a, (_, cols) in covered.items() if a < key) >= pace.ahead
+
+        def resume() -> None:
+            """Starts parked ranges, nearest first, while slots are free and they are not far."""
+            for a in sorted(parked):
+                if ended[0] or len(running) >= self.concurrency or far(a):
+                    return
+                start(a, parked.pop(a))
+
+        if pace is not None:
+            pace.room, pace.wake = asyncio.Event(), resume
+            pace.room.set()
 
         async with aiohttp.ClientSession(connector=connector, trust_env=True) as http:  # trust_env: HTTPS_PROXY
             # RequestPayer (requester-pays buckets) and credentials ride in the presigned URL's query
@@ -282,8 +354,17 @@ class S3Lister:
                 raise AssertionError("unreachable")
 
             async def walk(after: str, until: str | None) -> None:
+                """Keys in (after, until]; then its slot goes to a parked range, before this task is
+                done (a done callback could run after the listing has seen every task done)."""
+                await pages(after, until)
+                running.discard(asyncio.current_task())
+                resume()
+
+            async def pages(after: str, until: str | None) -> None:
                 """Keys in (after, until]: page after page; idle slots take cut-off parts of the rest."""
                 while True:
+                    if pace is not None:
+                        await pace.room.wait()  # the consumer is QUEUED_PARTS behind
                     page = await fetch(after)
                     keys = page.keys
                     done = not page.truncated or not len(keys)
@@ -296,6 +377,9 @@ class S3Lister:
                     if done:
                         return
                     after = keys[-1].as_py()
+                    if far(after):  # its slot goes to ranges nearer the frontier; resumed when it nears
+                        parked[after] = until
+                        return
                     free = self.concurrency - len(running)
                     if free > 0:
                         pieces = 1 + free // max(1, len(running))
@@ -308,12 +392,17 @@ class S3Lister:
             def start(after: str, until: str | None) -> None:
                 task = asyncio.get_running_loop().create_task(walk(after, until))
                 running.add(task)
-                task.add_done_callback(running.discard)
+                task.add_done_callback(running.discard)  # (a walk that failed or was cancelled)
                 tasks.append(task)
 
             tasks: list[asyncio.Task] = []
             start(start_after, None)
-            await finish_all(tasks)
+            try:
+                await finish_all(tasks)
+            finally:
+                ended[0] = True
+        if parked:
+            raise AssertionError(f"listing ended with ranges parked: {sorted(parked.items())[:3]} frontier {frontier} covered {sorted((k, v[0], len(v[1][0])) for k, v in covered.items())[:5]} ahead {ahead}")
         tasks.clear()  # the closures here form cycles: nothing of the pages may wait for the gc
         covered.clear()
 

@@ -8,7 +8,9 @@ For each listing part, in key order, a thread here:
     2. classifies it against the images table as the run read it once at its start (parts are
        disjoint key ranges, so each is planned alone: pipeline/planning/plan.py `Classifier`);
     3. hands its shards over (`on_shards`: the driver's collector learns them, then the feed gets
-       their rows) and adds the rows they replace to the run's `Replacements`.
+       their rows) and adds the rows they replace to the run's `Replacements`;
+    4. waits for `room` (the feed's backlog under a part's rows) before it asks the listing for the
+       next part: the planned rows wait in the driver only a part ahead of the actors.
 
 Once the last part is planned, the table rows no part listed are the vanished ones (with --prune
 their deletion joins the next commit) and the plan's counts are final. Exactly once holds as
@@ -38,9 +40,11 @@ class PlanStream:
 
     def __init__(self, plan: Plan, config: SegmentConfig, classifier: Classifier, replacements: Replacements,
                  record: dict[str, Any], on_shards: Callable[[list[Span], Listing], None],
-                 on_end: Callable[[], None], log: Callable[[str], None]) -> None:
+                 on_end: Callable[[], None], log: Callable[[str], None],
+                 room: Callable[[], None] = lambda: None) -> None:
         self.plan, self.config, self.classifier, self.replacements = plan, config, classifier, replacements
         self.record, self.on_shards, self.on_end, self.log = record, on_shards, on_end, log
+        self.room = room  # returns once the next part may be planned (the feed has room for it)
         self.counts = dict.fromkeys(PLAN_COUNTS, 0)
         self.parts = 0  # planned (each part's listing is let go once its shards are handed over)
         self.pending = 0
@@ -58,7 +62,8 @@ class PlanStream:
         return self
 
     def stop(self) -> None:
-        """Plans no further part (a run that failed); the listing stops with the thread."""
+        """Plans no further part (a run that failed; close the feed too, so that `room` returns);
+        the listing stops with the thread."""
         self.stopping = True
 
     def wait_for_work(self) -> None:
@@ -82,6 +87,8 @@ class PlanStream:
                     write_part(self.plan.store, self.plan.listing_path, part)
                 kill_point("after_part")  # snapshotted, none of its shards handed over
                 self._plan(part)
+                if not part.last:
+                    self.room()  # before the listing is asked for the next part
             kill_point("listing_ended")
             vanished = self.classifier.vanished()
             if self.config.prune:

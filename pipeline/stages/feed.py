@@ -7,7 +7,10 @@ The graph (read tasks, inference actors, encoding tasks) is built once and lives
 run; only its input grows. Blocks are `block_rows` rows (image_id, uri, shard_id): what one
 `read_images` task decodes in one call. The read tasks only wait on the queue, so they hold no
 CPU; the queue is bounded, so the rows the actors have not reached wait here as Arrow columns
-rather than as many small objects in the object store.
+rather than as many small objects in the object store. Those rows are bounded too: the planner
+plans a part only while fewer than a part's rows wait here (`wait_for_room`), and the listing runs
+only a few parts ahead of the planner (pipeline/planning/listing.py `Pace`), so the driver holds a
+few parts of a 10M-key bucket at a time, not all of it.
 """
 from __future__ import annotations
 
@@ -37,17 +40,26 @@ class Feed:
         self.thread: threading.Thread | None = None
         self.first_block_at: float | None = None  # time.perf_counter() of the first block handed to the queue
         self.blocks = 0
+        self.backlog = 0  # rows put and not yet in the queue actor
         self.error: BaseException | None = None
 
     def put(self, rows: pa.Table) -> None:
         with self.cond:
             self.waiting.append(rows)
-            self.cond.notify()
+            self.backlog += rows.num_rows
+            self.cond.notify_all()
 
     def close(self) -> None:
         with self.cond:
             self.closed = True
-            self.cond.notify()
+            self.cond.notify_all()
+
+    def wait_for_room(self, rows: int) -> None:
+        """Until fewer than `rows` rows wait to enter the queue (or the feed is closed): the planner
+        calls this before it plans the next part, so a listing that runs hours ahead of the actors
+        does not pile its pending rows up here."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.backlog < rows or self.closed)
 
     def start(self, block_rows: int, tasks: int = FEED_TASKS, max_blocks: int = FEED_BLOCKS):
         """The queue actor, the thread that fills it, and the Dataset that drains it (lazy)."""
@@ -69,7 +81,8 @@ class Feed:
         import ray.data
 
         with self.cond:
-            rows, self.waiting = list(self.waiting), deque()
+            rows, self.waiting, self.backlog = list(self.waiting), deque(), 0
+            self.cond.notify_all()
         # copies (take), not slices: a pickled slice can carry its parent's whole buffers
         blocks = [r.take(pa.array(range(i, min(i + block_rows, r.num_rows)), pa.int64()))
                   for r in rows for i in range(0, r.num_rows, block_rows)]
@@ -80,16 +93,19 @@ class Feed:
 
     def stop(self) -> None:
         """Ends the queue actor (a run that failed): the thread's pending put fails and it exits."""
-        import ray
-
         self.close()
         if self.queue is not None:
+            import ray
+
             ray.kill(self.queue.actor)
 
     def _loop(self, block_rows: int, tasks: int) -> None:
         try:
             for block in self._blocks(block_rows):
                 self.queue.put(block)
+                with self.cond:
+                    self.backlog -= block.num_rows
+                    self.cond.notify_all()
                 self.blocks += 1
                 if self.first_block_at is None:
                     self.first_block_at = time.perf_counter()
