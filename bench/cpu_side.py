@@ -215,6 +215,65 @@ def run_plain(images: Path, out: Path) -> dict[str, Any]:
     return {"images": n, "images_ok": n}
 
 
+# The driver's threads by role (thread names: Ray Data names its executor thread "StreamingExecutor-<dataset>"
+# and its iter_batches consumer "iter_threaded"; threads Python does not know are Ray core's C++ threads).
+DRIVER_ROLES = (("StreamingExecutor", "executor loop"), ("iter_threaded", "batch consumer"), ("MainThread", "main"))
+THREAD_SAMPLE_S = 0.5
+SAMPLER_THREAD = "bench-driver-threads"
+
+
+class DriverThreads:
+    """The driver's CPU by thread role, from /proc/self/task (a thread's time vanishes from the process's
+    per-thread view when it exits, so each is sampled while alive), and how long the executor loop ran:
+    Ray Data's executor wakes ~10 times a second (`ray.wait(..., timeout=0.1)`) whatever the throughput,
+    so its CPU follows that time, not the images."""
+
+    def __init__(self) -> None:
+        self.cpu: dict[int, tuple[str, float]] = {}
+        self.executor_seen: list[float] = []  # first and last time an executor thread was seen
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self._stop = threading.Event()
+        self.sample()
+        self.start = dict(self.cpu)
+        self.thread = threading.Thread(target=self._loop, daemon=True, name=SAMPLER_THREAD)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(THREAD_SAMPLE_S):
+            self.sample()
+
+    def sample(self) -> None:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # ended since the listing
+                continue
+            name = names.get(int(tid))
+            if name == SAMPLER_THREAD:  # the bench's own cost
+                continue
+            role = next((r for key, r in DRIVER_ROLES if name and name.startswith(key)),
+                        "ray core (C++)" if name is None else "other python")
+            if name is None and int(tid) in self.cpu:  # a Python thread ending (or just starting) keeps its role
+                role = self.cpu[int(tid)][0]
+            self.cpu[int(tid)] = (role, (int(fields[11]) + int(fields[12])) / self.tick)  # utime + stime
+            if role == "executor loop":
+                now = time.perf_counter()
+                self.executor_seen = [self.executor_seen[0] if self.executor_seen else now, now]
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds by role since the start, and the executor loop's run time ("executor s")."""
+        self._stop.set()
+        self.thread.join()
+        self.sample()
+        by_role: dict[str, float] = {}
+        for tid, (role, cpu) in self.cpu.items():
+            by_role[role] = by_role.get(role, 0.0) + cpu - self.start.get(tid, (role, 0.0))[1]
+        by_role["executor s"] = self.executor_seen[1] - self.executor_seen[0] if self.executor_seen else 0.0
+        return by_role
+
+
 def child(job: str, images: Path, out: Path, cpus: int) -> None:
     _become_subreaper()
     import ray
@@ -229,12 +288,15 @@ def child(job: str, images: Path, out: Path, cpus: int) -> None:
             os.environ.setdefault(key, value)
     ray.init(num_cpus=cpus, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     t0 = time.perf_counter()
+    threads = DriverThreads()
     result = (run_project if job == "project" else run_plain)(images, out)
     wall = time.perf_counter() - t0
+    driver_threads = threads.stop()
     ray.shutdown()
     _reap_all()
     self_cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
-    print(json.dumps({**result, "wall_s": wall, "driver_cpu_s": self_cpu, "driver_torch": "torch" in sys.modules}),
+    print(json.dumps({**result, "wall_s": wall, "driver_cpu_s": self_cpu, "driver_torch": "torch" in sys.modules,
+                      "driver_threads": driver_threads}),
           flush=True)
 
 
@@ -326,7 +388,25 @@ def measure(job: str, images: Path, cpus: int) -> dict[str, Any]:
     total = max(reaped, sum(split.values()))
     split["not sampled"] = total - sum(split.values())
     return {"cpu_s": total, "reaped_cpu_s": reaped, "wall_s": result["wall_s"], "split": split, "processes": len(sampler.pids),
-            "workers": len(sampler.workers)}
+            "workers": len(sampler.workers), "driver_threads": result["driver_threads"]}
+
+
+def print_driver_threads(runs: dict[tuple[str, int], list[dict[str, Any]]], sizes: tuple[int, int]) -> None:
+    """The driver by thread role: % of a core per 100 images/s (marginal x 10, as the driver line); for the
+    executor loop also its % of a core while it ran (larger run): a per-second cost, a steady share of a
+    core whose per-image figure falls as throughput rises (medians over rounds)."""
+    roles = sorted({k for job in ("project", "plain") for m in runs[(job, sizes[1])] for k in m["driver_threads"]}
+                   - {"executor s"})
+    for name in roles:
+        marg, rate = [], []
+        for job in ("project", "plain"):
+            big, small = runs[(job, sizes[1])], runs[(job, sizes[0])]
+            marg.append(statistics.median(10e3 * (a["driver_threads"].get(name, 0.0) - b["driver_threads"].get(name, 0.0))
+                                          / (sizes[1] - sizes[0]) for a, b in zip(big, small)))
+            rate.append(statistics.median(100 * m["driver_threads"].get(name, 0.0)
+                                          / max(m["driver_threads"]["executor s"], 1e-9) for m in big))
+        note = f"    ({rate[0]:.1f}% vs {rate[1]:.1f}% of a core while it ran)" if name == "executor loop" else ""
+        print(f"    {name:20s}{marg[0]:10.1f}{marg[1]:10.1f}{note}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             # driver marginal d core-ms per image at 100 images/s is 100 d ms per s: 10 d % of a core
             share = [10 * marginal(job, "driver") for job in ("project", "plain")]
             print(f"  {'driver % core/100 im/s':22s}{share[0]:10.1f}{share[1]:10.1f}    (its marginal, x 10)")
+            print("  driver by thread, % core/100 im/s:")
+            print_driver_threads(runs, sizes)
             procs = [statistics.median(m["processes"] for m in runs[(job, sizes[1])]) for job in ("project", "plain")]
             print(f"  {'processes (count)':22s}{procs[0]:10.0f}{procs[1]:10.0f}")
             wall = [statistics.median(m["wall_s"] for m in runs[(job, sizes[1])]) for job in ("project", "plain")]
