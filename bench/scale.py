@@ -52,6 +52,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import psutil
@@ -503,10 +504,12 @@ def bench_table(images: int, shard_size: int, group: int, checkpoint_every: int,
         server.stop()
 
 
-def bench_replan(entries: int, part_rows: int = 100_000) -> None:
+def bench_replan(entries: int, part_rows: int = 100_000, table_files: int = 0, workdir: Path | None = None) -> None:
     """A re-run's planning over an unchanged bucket, in process: the table's state (`entries` ok rows)
-    and the same keys listed again, classified part by part as a streamed run does (plan.Classifier).
-    Reading the state from the table is not included (bench_table times opening it)."""
+    and the same keys listed again, part by part, classified as a streamed run does (plan.Classifier),
+    each part's keys made as it comes (a listing is not held whole). The state is held in memory,
+    or, with `table_files`, read by key range from a Delta table of that many data files written
+    first (`OutputTables.state_ranges`: what a run does; a real run has one file per 128-image shard)."""
     import resource
 
     import pyarrow as pa
@@ -516,27 +519,68 @@ def bench_replan(entries: int, part_rows: int = 100_000) -> None:
     from pipeline.planning.sources import Listing
     from pipeline.tables.files import FILE_COLUMN
 
-    i = pa.array(np.arange(entries))
     pad = lambda a, w: pc.utf8_lpad(pc.cast(a, pa.string()), w, "0")  # noqa: E731
-    ids = pc.binary_join_element_wise("images/", pad(pc.divide(i, 1000), 4), "/", pad(i, 8), ".jpg", "")
-    etags = pc.binary_join_element_wise("\"", pad(i, 10), "\"", "")
-    sizes = pa.array(np.full(entries, 123_456, np.int64))
-    zeros = pa.array(np.zeros(entries, np.int64))
-    state = pa.table({"image_id": ids, "status": pa.array(["ok"]).take(zeros), "etag": etags, "size": sizes,
-                      FILE_COLUMN: pa.array(["part-0.parquet"]).take(zeros)})
-    uris = pc.binary_join_element_wise("s3://bucket/", ids, "")
+
+    def keys(a: int, n: int) -> tuple[pa.Array, pa.Array, pa.Array]:
+        """ids, etags and sizes of keys a..a+n."""
+        i = pa.array(np.arange(a, a + n))
+        ids = pc.binary_join_element_wise("images/", pad(pc.divide(i, 1000), 4), "/", pad(i, 8), ".jpg", "")
+        return ids, pc.binary_join_element_wise("\"", pad(i, 10), "\"", ""), pa.array(np.full(n, 123_456, np.int64))
+
+    if table_files:
+        state = _replan_table(entries, table_files, keys, workdir)
+        where = f"read by range from a Delta table of {table_files:,} files"
+    else:
+        ids, etags, sizes = keys(0, entries)
+        zeros = pa.array(np.zeros(entries, np.int64))
+        state = pa.table({"image_id": ids, "status": pa.array(["ok"]).take(zeros), "etag": etags, "size": sizes,
+                          FILE_COLUMN: pa.array(["part-0.parquet"]).take(zeros)})
+        where = "held in memory"
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     classifier, pending, parts = Classifier(state), 0, 0
     for a in range(0, entries, part_rows):
         n = min(part_rows, entries - a)
-        part = Listing.build(ids.slice(a, n), uris.slice(a, n), "s3://bucket/images/", etags.slice(a, n), sizes.slice(a, n))
+        ids, etags, sizes = keys(a, n)
+        part = Listing.build(ids, pc.binary_join_element_wise("s3://bucket/", ids, ""), "s3://bucket/images/",
+                             etags, sizes)
         pending += len(classifier.part(part).pending)
         parts += 1
     vanished = len(classifier.vanished())
     wall = time.perf_counter() - t0
-    print(f"re-plan {entries:,} unchanged keys in {parts} parts: {wall:.1f} s ({pending} pending, {vanished} vanished); "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (the bench's state and "
-          f"listing included); load average {os.getloadavg()[0]:.1f}")
+    print(f"re-plan {entries:,} unchanged keys in {parts} parts, the state {where}: {wall:.1f} s ({pending} pending, "
+          f"{vanished} vanished); peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
+          f"({rss0:.0f} before planning; an in-memory state is the bench's own); load average {os.getloadavg()[0]:.1f}")
+
+
+def _replan_table(entries: int, files: int, keys: Callable, workdir: Path):
+    """A Delta table of `entries` ok rows in `files` data files, written file by file; its state reader."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from deltalake import Schema
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    from pipeline.tables.delta import OutputTables
+    from pipeline.tables.files import file_stats
+    from pipeline.tables.schema import SEGMENTS_SCHEMA
+
+    root = workdir / "replan" / "segments"
+    root.mkdir(parents=True)
+    adds, per, t0 = [], -(-entries // files), time.perf_counter()
+    for f, a in enumerate(range(0, entries, per)):
+        n = min(per, entries - a)
+        ids, etags, sizes = keys(a, n)
+        cols = {"image_id": ids, "uri": pa.array(["s3://bucket/x"] * n), "status": pa.array(["ok"] * n),
+                "etag": etags, "size": sizes, "num_proposals": pa.array(np.zeros(n, np.int32)),
+                "shard_id": pa.array([f"{f:06d}"] * n), "run_id": pa.array(["r"] * n)}
+        t = pa.table({name: cols[name].cast(SEGMENTS_SCHEMA.field(name).type) if name in cols
+                      else pa.nulls(n, SEGMENTS_SCHEMA.field(name).type) for name in SEGMENTS_SCHEMA.names})
+        pq.write_table(t, root / f"part-{f:06d}.parquet")
+        adds.append(AddAction(f"part-{f:06d}.parquet", (root / f"part-{f:06d}.parquet").stat().st_size, {}, 0, True,
+                              file_stats(t)))
+    create_table_with_add_actions(str(root), Schema.from_arrow(SEGMENTS_SCHEMA), adds, mode="error")
+    print(f"wrote the table: {entries:,} rows in {len(adds):,} files in {time.perf_counter() - t0:.1f} s")
+    return OutputTables(str(root.parent)).state_ranges()
 
 
 def main() -> None:
@@ -546,6 +590,8 @@ def main() -> None:
     p.add_argument("--entries", type=int, default=1_000_000, help="manifest entries to plan")
     p.add_argument("--keys", type=int, default=50_000, help="S3 keys to list (list: in moto; synthlist: synthetic)")
     p.add_argument("--page-delay-ms", type=float, default=200.0, help="synthlist: the endpoint's delay per LIST page")
+    p.add_argument("--table-files", type=int, default=0,
+                   help="replan: read the state by range from a Delta table of this many files (0: in memory)")
     p.add_argument("--consume-rate", type=float, default=0.0,
                    help="synthparts: images/s the consumer of the parts takes (0: as fast as they come)")
     p.add_argument("--consume-s", type=float, default=0.0, help="synthparts: stop the consumer after this long")
@@ -561,7 +607,7 @@ def main() -> None:
         if "plan" in args.what:
             bench_plan(args.entries, Path(tmp))
         if "replan" in args.what:
-            bench_replan(args.entries)
+            bench_replan(args.entries, table_files=args.table_files, workdir=Path(tmp))
         if "list" in args.what:
             bench_list(args.keys, Path(tmp))
         if "synthlist" in args.what:

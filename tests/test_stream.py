@@ -145,6 +145,7 @@ def test_a_listing_interrupted_after_any_part_resumes_to_the_same_listing(s3_buc
     import s3fs
 
     from pipeline.planning import listing as listing_module
+    from pipeline.planning import parts as parts_module
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     bucket = s3_bucket.removeprefix("s3://")
@@ -168,6 +169,14 @@ def test_a_listing_interrupted_after_any_part_resumes_to_the_same_listing(s3_buc
         assert [r for p in again for r in p.listing.to_table().to_pylist()] == rows, k
         assert [p.snapshotted for p in again] == [True] * k + [False] * (len(again) - k)
         assert all(a.until == b.after for a, b in zip(again, again[1:])) and again[-1].last
+    # read back, a part holds its footer only: the rows of a part are read when it is planned, and
+    # continuing the listing reads only the last non-empty part's (its last key)
+    reads: list[str] = []
+    real = parts_module._read_part
+    monkeypatch.setattr(parts_module, "_read_part", lambda fs, path: reads.append(path) or real(fs, path))
+    resumed = read_parts(store, f"_runs/r{len(whole) - 1}/listing")
+    assert reads == [] and [len(p) for p in resumed] == [len(p.listing) for p in whole[:-1]]
+    assert len(list(listing_parts(url, None, None, resumed, part_rows=0))) == len(whole) and len(reads) == 1
     folder = "_runs/stale/listing"
     write_part(store, folder, whole[0])
     write_part(store, folder, ListingPart(1, whole[2].listing, whole[2].after, whole[2].until))  # skips part 1

@@ -329,6 +329,37 @@ def _hand_made_table(tmp_path: Path) -> DeltaTable:
     return DeltaTable(str(root))
 
 
+def test_state_ranges_read_only_the_files_of_a_range(tmp_path: Path, monkeypatch) -> None:
+    """Every range (after, until] of the planner's state holds exactly the rows of the whole state
+    in it, sorted; it reads only the files whose id span meets it (and the one without stats)."""
+    from pipeline.tables import files
+
+    _hand_made_table(tmp_path)
+    tables = OutputTables(str(tmp_path / "out"))
+    whole = tables.images_state(with_files=True)
+    whole = whole.take(pa.compute.sort_indices(whole.column("image_id")))
+    state = tables.state_ranges()
+    read: list[list[str]] = []
+    real = files.read_verified
+    monkeypatch.setattr(files, "read_verified",
+                        lambda dt, dataset, cols: read.append(sorted(dataset.files)) or real(dt, dataset, cols))
+    bounds = [None, "", "a", "b", "c", "cc", "f", "g", "i", "w", "x", "z"]
+    for after in bounds:
+        for until in bounds:
+            if after is not None and until is not None and until < after:
+                continue
+            got = state.rows(after, until)
+            want = [r for r in whole.to_pylist()
+                    if (after is None or r["image_id"] > after) and (until is None or r["image_id"] <= until)]
+            assert got.to_pylist() == want, (after, until)
+    read.clear()
+    state.rows("b", "e")
+    assert read == [["part-0.parquet", "part-1.parquet", "part-3.parquet"]]  # a-c, d-f and the one without stats
+    read.clear()
+    state.rows("c", "f")
+    assert read == [["part-1.parquet", "part-3.parquet"]]
+
+
 def test_table_dataset_skips_files_by_image_id_statistics(tmp_path: Path) -> None:
     """`image_ids` keeps exactly the files whose [min, max] can hold one of them (and the one it
     cannot judge); rows equal deltalake's; the masks view is the proposals flattened."""
@@ -376,7 +407,8 @@ def test_readers_and_planner_refuse_a_damaged_or_swapped_file(tmp_path: Path, da
         victim.unlink()
     for read in (lambda: read_output(str(tmp_path / "out"), "images"),
                  lambda: read_output(str(tmp_path / "out"), "masks"),
-                 lambda: OutputTables(str(tmp_path / "out")).images_state()):
+                 lambda: OutputTables(str(tmp_path / "out")).images_state(),
+                 lambda: OutputTables(str(tmp_path / "out")).state_ranges().rows("c", "f")):  # part-1's range
         with pytest.raises(TableDamagedError) as e:
             read()
         assert "part-1.parquet" in str(e.value) and "jobs.check" in str(e.value) and "\n" not in str(e.value)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -37,13 +38,23 @@ _AFTER, _UNTIL = b"ifcn_after", b"ifcn_until"  # part file metadata: the key ran
 
 @dataclass(frozen=True)
 class ListingPart:
-    """Part `index` of a run's listing: the images with keys in (after, until] (until None: the last)."""
+    """Part `index` of a run's listing: the images with keys in (after, until] (until None: the last).
+    A part read back from a snapshot holds only its file's footer (`rows`, the key range) until its
+    listing is asked for: a resumed run of 100 parts holds one part's rows at a time, not all."""
 
     index: int
-    listing: Listing
+    source: Listing | Callable[[], Listing]  # the listing, or what reads it from the snapshot
     after: str
     until: str | None
     snapshotted: bool = False  # read back from the snapshot folder (not to be written again)
+    rows: int | None = None  # images in it (known without reading a snapshotted part's rows)
+
+    @property
+    def listing(self) -> Listing:
+        return self.source if isinstance(self.source, Listing) else self.source()
+
+    def __len__(self) -> int:
+        return self.rows if self.rows is not None else len(self.listing)
 
     @property
     def last(self) -> bool:
@@ -74,19 +85,26 @@ def read_parts(store: Any, folder: str) -> list[ListingPart]:
     parts: list[ListingPart] = []
     after = ""
     while True:
+        path = store.path(part_path(folder, len(parts)))
         try:
-            table = pq.read_table(io.BytesIO(store.fs.cat_file(store.path(part_path(folder, len(parts))))))
+            with store.fs.open(path, "rb") as f:
+                footer = pq.ParquetFile(f).metadata  # (the footer only: the rows are read when planned)
         except FileNotFoundError:
             return parts
-        meta = table.schema.metadata or {}
+        meta = footer.metadata or {}
         if meta.get(_AFTER, b"").decode() != after:
             return parts  # not the continuation of what came before (a stale writer's file)
         until = meta[_UNTIL].decode() if _UNTIL in meta else None
-        parts.append(ListingPart(len(parts), Listing.from_table(table.replace_schema_metadata(None)), after,
-                                 until, True))
+        parts.append(ListingPart(len(parts), partial(_read_part, store.fs, path), after, until, True,
+                                 footer.num_rows))
         if until is None:
             return parts
         after = until
+
+
+def _read_part(fs: Any, path: str) -> Listing:
+    table = pq.read_table(io.BytesIO(fs.cat_file(path)))
+    return Listing.from_table(table.replace_schema_metadata(None))
 
 
 def listing_parts(url: str, storage_options: dict[str, Any] | None, skipped: dict[str, int] | None,
@@ -99,8 +117,8 @@ def listing_parts(url: str, storage_options: dict[str, Any] | None, skipped: dic
         return
     index = len(resumed)
     after = resumed[-1].until if resumed else ""
-    images = sum(len(p.listing) for p in resumed)
-    last_id = next((p.listing.image_ids[-1].as_py() for p in reversed(resumed) if len(p.listing)), None)
+    images = sum(len(p) for p in resumed)
+    last_id = next((p.listing.image_ids[-1].as_py() for p in reversed(resumed) if len(p)), None)
     try:
         for listing, a, until in _list(url, storage_options, skipped, after or "", last_id, part_rows):
             images += len(listing)

@@ -41,7 +41,7 @@ from pipeline.tables.schema import FORMAT
 from .parts import PARTS_DIR, listing_parts, read_parts, write_part
 from pipeline.tables.store import OutputStore, new_run_id, now_utc  # noqa: F401  (run.py imports the run-id helpers from here)
 from pipeline.tables.delta import OLD_LAYOUT_MARKERS, OutputTables
-from pipeline.tables.files import FILE_COLUMN, TableDamagedError
+from pipeline.tables.files import FILE_COLUMN, StateRanges, TableDamagedError
 
 from .sources import Listing, Span
 
@@ -137,65 +137,94 @@ def make_plan(config: SegmentConfig, run_id: str = "dry-run", guard: Callable[[]
 class Classifier:
     """The images table's state at the start of a run, and listing parts classified against it.
 
-    Columnar and join-free: the state is sorted by image id once; a part (sorted, a key range) is
-    looked up only in the state rows of its own key range (two binary searches, then `index_in`
-    over that slice: a hash table of the part's size, not of the whole table, so 100 parts of a
-    10M-row table cost one pass, not 100). The driver holds the state and a few flat arrays per
-    part (one int32 and some booleans per listed image), never a joined copy. Which table rows
-    were listed at all is kept as one boolean per row, for `vanished` once the listing has ended."""
+    Parts come in key order (disjoint ranges of image ids), so part k is compared only with the
+    table's rows whose ids lie after part k-1's last id and up to its own last id (`state.rows`:
+    read from the table's files for that range, pinned at the run's start: `StateRanges`), and
+    those rows it does not list are vanished there and then. The driver holds one range's rows at a
+    time plus the vanished ones, never the whole table; rows after the last part are read once the
+    listing has ended (`vanished`). Columnar and join-free: `index_in` over the range's rows.
 
-    def __init__(self, state: pa.Table, overwrite: bool = False) -> None:
+    state: a table of the state's columns (any order; held in memory) or a `StateRanges`."""
+
+    def __init__(self, state: pa.Table | StateRanges, overwrite: bool = False) -> None:
         if overwrite:  # the rows there now are to be replaced, so every listed image is new
-            state = state.slice(0, 0)
-        ids = state.column("image_id")
-        if len(ids) > 1 and not pc.all(pc.less(ids.slice(0, len(ids) - 1), ids.slice(1))).as_py():
-            state = state.take(pc.sort_indices(ids))  # a table holds each id once: sorted means strictly
-        self.ids = state.column("image_id").combine_chunks()
-        self.status = state.column("status").combine_chunks()
-        self.etags = state.column("etag").combine_chunks()
-        self.sizes = state.column("size").combine_chunks()
-        self.files = state.column(FILE_COLUMN).combine_chunks()
-        self.listed = np.zeros(len(self.ids), bool)  # (rows,): the row's image was in a part
+            state = _TableRanges(None)
+        elif isinstance(state, pa.Table):
+            state = _TableRanges(state)
+        self.state = state
+        self.last: str | None = None  # the last image id of the parts so far
+        self.gone: list[pa.Table] = []  # (image_id, FILE_COLUMN) of table rows no part listed
+        self.ended: pa.Table | None = None  # all of `gone`, once `vanished` has read the rest
 
     def part(self, listing: Listing) -> PartPlan:
-        pos = self._positions(listing.image_ids)  # (listed,) int64 rows of the table, null: not in it
-        status = self.status.take(pos)
-        same = pc.and_(pc.equal(pc.fill_null(listing.etags, ""), pc.fill_null(self.etags.take(pos), "")),
-                       pc.equal(pc.fill_null(listing.sizes, -1), pc.fill_null(self.sizes.take(pos), -1)))
+        ids = listing.image_ids
+        if not len(ids):
+            return PartPlan(listing, dict.fromkeys(("listed", "done", "new", "changed", "to_retry"), 0), [], [], {})
+        lo, hi = (v.as_py() for v in pc.min_max(ids).values())
+        if self.last is not None and lo <= self.last:
+            raise ValueError(f"listing parts out of key order: {lo!r} comes after {self.last!r}")
+        state = self.state.rows(self.last, hi)  # sorted: last < image_id <= hi
+        self.last = hi
+        pos = pc.index_in(ids, value_set=state.column("image_id")).cast(pa.int64())  # (listed,) null: not in it
+        status = state.column("status").take(pos)
+        same = pc.and_(pc.equal(pc.fill_null(listing.etags, ""), pc.fill_null(state.column("etag").take(pos), "")),
+                       pc.equal(pc.fill_null(listing.sizes, -1), pc.fill_null(state.column("size").take(pos), -1)))
         new = pc.is_null(pos)
         retry = pc.fill_null(pc.equal(status, RETRY), False)
         final = pc.fill_null(pc.is_in(status, pa.array(FINAL)), False)
         changed = pc.and_(final, pc.invert(same))
         todo = pc.or_(pc.or_(new, retry), changed)
         pending = listing if pc.all(todo).as_py() else listing.take(pc.indices_nonzero(todo))
-        self.listed[pos.drop_null().to_numpy()] = True
+        listed = np.zeros(state.num_rows, bool)  # (range rows,): the row's image is in this part
+        listed[pos.drop_null().to_numpy()] = True
+        if not listed.all():
+            self.gone.append(state.select(["image_id", FILE_COLUMN]).filter(pa.array(~listed)))
         replaced = pc.or_(changed, retry)
-        ids = lambda mask: listing.image_ids.filter(mask)  # noqa: E731
+        ids_of = lambda mask: ids.filter(mask)  # noqa: E731
         counts = {"listed": len(listing), "done": int(pc.sum(pc.and_(final, same)).as_py() or 0),
                   "new": int(pc.sum(new).as_py() or 0), "changed": int(pc.sum(changed).as_py() or 0),
                   "to_retry": int(pc.sum(retry).as_py() or 0)}
-        return PartPlan(pending, counts, ids(changed).to_pylist(), ids(retry).to_pylist(),
-                        dict(zip(ids(replaced).to_pylist(), self.files.take(pos.filter(replaced)).to_pylist())))
-
-    def _positions(self, ids: pa.Array) -> pa.Array:
-        """Rows of the (sorted) table holding the sorted `ids`, null where none does."""
-        if not len(ids) or not len(self.ids):
-            return pa.nulls(len(ids), pa.int64())
-        if len(ids) > 1 and not pc.all(pc.less_equal(ids.slice(0, len(ids) - 1), ids.slice(1))).as_py():
-            return pc.index_in(ids, value_set=self.ids).cast(pa.int64())  # not a key range: the whole table
-        lo = bisect.bisect_left(_Sorted(self.ids), ids[0].as_py())
-        hi = bisect.bisect_right(_Sorted(self.ids), ids[-1].as_py(), lo)
-        found = pc.index_in(ids, value_set=self.ids.slice(lo, hi - lo))
-        return pc.add(found.cast(pa.int64()), lo)
+        files = state.column(FILE_COLUMN).take(pos.filter(replaced))
+        return PartPlan(pending, counts, ids_of(changed).to_pylist(), ids_of(retry).to_pylist(),
+                        dict(zip(ids_of(replaced).to_pylist(), files.to_pylist())))
 
     def vanished(self) -> pa.Array:
-        """Ids of the table's rows no part listed (call once the listing has ended)."""
-        return self.ids.filter(pa.array(~self.listed))
+        """Ids of the table's rows no part listed (call once the listing has ended: it reads the
+        rows after the last part)."""
+        if self.ended is None:
+            tail = self.state.rows(self.last, None).select(["image_id", FILE_COLUMN])
+            self.ended = pa.concat_tables([*self.gone, tail]).combine_chunks()
+            self.gone = []
+        return self.ended.column("image_id").combine_chunks()
 
     def holders(self, image_ids: pa.Array) -> dict[str, str]:
-        """image id -> data file of its row, for table rows `image_ids` (pruned images)."""
-        keep = pc.is_in(self.ids, value_set=image_ids)
-        return dict(zip(self.ids.filter(keep).to_pylist(), self.files.filter(keep).to_pylist()))
+        """image id -> data file of its row, for vanished rows `image_ids` (pruned images)."""
+        self.vanished()
+        keep = pc.is_in(self.ended.column("image_id"), value_set=image_ids)
+        rows = self.ended.filter(keep)
+        return dict(zip(rows.column("image_id").to_pylist(), rows.column(FILE_COLUMN).to_pylist()))
+
+
+class _TableRanges:
+    """A state table held in memory, read by range as `StateRanges` is (sorted by id once; each
+    range a zero-copy slice found by two binary searches)."""
+
+    def __init__(self, state: pa.Table | None) -> None:
+        if state is None:
+            state = pa.table({"image_id": pa.array([], pa.string()), "status": pa.array([], pa.string()),
+                              "etag": pa.array([], pa.string()), "size": pa.array([], pa.int64()),
+                              FILE_COLUMN: pa.array([], pa.string())})
+        ids = state.column("image_id")
+        if len(ids) > 1 and not pc.all(pc.less(ids.slice(0, len(ids) - 1), ids.slice(1))).as_py():
+            state = state.take(pc.sort_indices(ids))  # a table holds each id once: sorted means strictly
+        self.state = state.combine_chunks()
+        self.ids = _Sorted(self.state.column("image_id").chunk(0) if self.state.num_rows
+                           else pa.array([], pa.string()))
+
+    def rows(self, after: str | None, until: str | None) -> pa.Table:
+        lo = 0 if after is None else bisect.bisect_right(self.ids, after)
+        hi = len(self.ids) if until is None else bisect.bisect_right(self.ids, until, lo)
+        return self.state.slice(lo, hi - lo)
 
 
 class _Sorted:
@@ -222,9 +251,10 @@ class PartPlan:
     holders: dict[str, str]  # image id -> data file of the row it replaces (changed and retry)
 
 
-def images_state(plan: Plan) -> pa.Table:
+def images_state(plan: Plan) -> StateRanges:
+    """The images table's planning state as the run plans against it (read by key range)."""
     try:
-        return plan.tables.images_state(with_files=True)
+        return plan.tables.state_ranges()
     except TableDamagedError as e:
         raise SegmentError(str(e)) from None
 

@@ -38,7 +38,7 @@ import pyarrow as pa
 from pipeline.config import SegmentError
 from pipeline.errors import STORAGE_ATTEMPTS, STORAGE_BACKOFF_S
 
-from .files import FILE_COLUMN, TABLE, delta_storage_options, read_verified, table_dataset, table_uri
+from .files import FILE_COLUMN, TABLE, StateRanges, delta_storage_options, read_verified, table_dataset, table_uri
 from .hooks import KILL_ENV, kill_point  # noqa: F401  (KILL_ENV: tests import it from here)
 from .schema import IMAGES_SCHEMA, SEGMENTS_SCHEMA
 
@@ -113,6 +113,15 @@ class OutputTables:
         # FILE_COLUMN is the path as the dataset was given it: relative to the table, as in the log
         table = read_verified(dt, table_dataset(dt, "images", self.options), [*cols, FILE_COLUMN])
         return table if with_files else table.select(cols)
+
+    def state_ranges(self) -> StateRanges:
+        """The planning columns (STATE_COLUMNS, FILE_COLUMN) of the table as it is now, pinned at this
+        version and read one image-id range at a time (`StateRanges.rows`)."""
+        dt = self.open()
+        if dt is None:
+            return StateRanges(None, STATE_COLUMNS)
+        dt.update_incremental()
+        return StateRanges(self.open(version=dt.version()), STATE_COLUMNS, self.options)
 
     def file_sizes(self) -> dict[str, int]:
         """path -> logged size of every active data file."""

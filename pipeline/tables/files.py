@@ -172,6 +172,55 @@ def read_verified(dt: Any, dataset: ds.Dataset, columns: list[str], filter: Any 
     return table.select(columns)
 
 
+class StateRanges:
+    """The images table's planning columns (`columns` and FILE_COLUMN) at one version, read one
+    image-id range at a time: a run planning part by part holds the rows of one part's range, not
+    the whole table (issue 22). The files' sizes are checked once, here (one listing); each range
+    reads the whole files whose id span meets it, checks their rows against the log, then keeps the
+    rows in the range, so a file across two ranges is read by both."""
+
+    def __init__(self, dt: Any, columns: Sequence[str], options: dict[str, str] | None = None) -> None:
+        """dt: a DeltaTable at the version to read (None: no table yet, no rows)."""
+        self.dt, self.columns, self.options = dt, list(columns), options
+        adds = pa.table(dt.get_add_actions(flatten=True)) if dt is not None else pa.table({"path": pa.array([], pa.string())})
+        self.paths = adds.column("path").to_pylist()
+        if self.paths:
+            import pyarrow.fs as pafs
+            from deltalake.fs import DeltaStorageHandler
+
+            self.fs = pafs.PyFileSystem(DeltaStorageHandler(dt.table_uri, options or None))
+            _verify_sizes(dt.table_uri, self.fs, self.paths, adds.column("size_bytes").to_pylist())
+        stats = "min.image_id" in adds.column_names
+        # (files,) id spans; a file without stats spans everything
+        self.lo = pc.fill_null(adds.column("min.image_id"), "") if stats else pa.array([""] * len(self.paths))
+        self.hi = pc.fill_null(adds.column("max.image_id"), "\U0010ffff") if stats \
+            else pa.array(["\U0010ffff"] * len(self.paths))
+
+    def rows(self, after: str | None, until: str | None) -> pa.Table:
+        """The rows with after < image_id <= until (None: unbounded), sorted by image_id."""
+        keep = pa.array(np.ones(len(self.paths), bool))
+        if after is not None:
+            keep = pc.and_(keep, pc.greater(self.hi, after))
+        if until is not None:
+            keep = pc.and_(keep, pc.less_equal(self.lo, until))
+        paths = [p for p, k in zip(self.paths, keep.to_pylist()) if k]
+        cols = [*self.columns, FILE_COLUMN]
+        if not paths:
+            return pa.table({c: pa.array([], pa.string() if c == FILE_COLUMN else IMAGES_SCHEMA.field(c).type)
+                             for c in cols})
+        dataset = ds.FileSystemDataset.from_paths(paths, schema=VIEWS["images"], format=ds.ParquetFileFormat(),
+                                                  filesystem=self.fs)
+        table = read_verified(self.dt, dataset, cols)
+        ids = table.column("image_id")
+        inside = pa.array(np.ones(table.num_rows, bool))
+        if after is not None:
+            inside = pc.and_(inside, pc.greater(ids, after))
+        if until is not None:
+            inside = pc.and_(inside, pc.less_equal(ids, until))
+        table = table.filter(inside)
+        return table.take(pc.sort_indices(table.column("image_id")))
+
+
 def _first_unreadable(uri: str, dataset: ds.Dataset, error: Exception) -> TableDamagedError:
     for fragment in dataset.get_fragments():
         try:
