@@ -71,7 +71,7 @@ def test_parallel_gcs_listing_equals_gcsfs_find(gcs, path, monkeypatch) -> None:
     and no more than `concurrency` pages are ever in flight."""
     reference = _reference(gcs, path)
     assert len(reference) >= 1 and (path != "bkt/images" or len(reference) == 55 + 100 + 8 + 1)
-    real_call, real_split, names = gcs._call, listing_gcs.split_points, sorted(KEYS)
+    real_call, real_split, names = gcs._call, listing.split_points, sorted(KEYS)
 
     def split_on_keys(after: str, until: str | None, prefix: str, n: int) -> list[str]:
         points: list[str] = []
@@ -84,7 +84,7 @@ def test_parallel_gcs_listing_equals_gcsfs_find(gcs, path, monkeypatch) -> None:
     for concurrency, page_size, on_keys in ((1, 1000, False), (1, 3, False), (4, 2, False), (16, 1, False),
                                             (64, 5, False), (4, 2, True), (16, 1, True)):
         seen = {"in_flight": 0, "peak": 0, "offsets": 0}
-        monkeypatch.setattr(listing_gcs, "split_points", split_on_keys if on_keys else real_split)
+        monkeypatch.setattr(listing, "split_points", split_on_keys if on_keys else real_split)
 
         async def call(*args, **params):
             assert params["maxResults"] == page_size
@@ -133,6 +133,41 @@ def test_gcs_input_lists_in_parallel_and_retries_a_page(gcs, monkeypatch) -> Non
     assert fails["left"] == 0
     assert [(it.image_id, it.uri, it.etag, it.size) for it in got] == reference
     assert skipped == {".txt": 1, "": 3, ".heic": 1}  # README, .jpg, a.b/c
+
+
+@pytest.mark.slow
+def test_gcs_parts_follow_each_other_and_stream_into_a_run(gcs, monkeypatch) -> None:
+    """A GCS prefix comes in parts as S3's does: in key order, each right after the one before,
+    joined exactly find's listing, for tight and loose paces; listing after any part's end gives
+    the rest; a run's listing of a `gs://` prefix streams in more than one part."""
+    import gcsfs
+    from fsspec.registry import _registry
+
+    from pipeline.planning.parts import listing_parts
+
+    reference = _reference(gcs, "bkt/images")
+    for concurrency, page_size, part_rows, pace in ((1, 1000, 7, None), (4, 2, 5, listing.Pace(1, 1)),
+                                                    (16, 3, 20, listing.Pace(10, 10)), (64, 5, 100_000, None)):
+        parts = list(GCSLister(gcs, concurrency, page_size).parts("bkt/images", part_rows=part_rows, pace=pace))
+        rows = [row for p in parts for row in zip(*(c.to_pylist() for c in p.columns))]
+        assert rows == reference, (concurrency, page_size, part_rows)
+        assert parts[0].after == "" and parts[-1].until is None
+        assert all(a.until == b.after for a, b in zip(parts, parts[1:]))
+        for p in parts:
+            keys = [f"images/{i}" for i in p.columns[0].to_pylist()]
+            assert all(p.after < k and (p.until is None or k <= p.until) for k in keys), (p.after, p.until, keys)
+    cuts = list(GCSLister(gcs, 4, 3).parts("bkt/images", part_rows=40))
+    assert len(cuts) > 3
+    for p in cuts[:-1]:
+        rest = list(GCSLister(gcs, 4, 3).parts("bkt/images", start_after=p.until))
+        assert [row for r in rest for row in zip(*(c.to_pylist() for c in r.columns))] == \
+            [row for row in reference if f"images/{row[0]}" > p.until]
+    monkeypatch.setitem(_registry, "gs", gcsfs.core.GCSFileSystem)  # no gRPC layout probe
+    streamed = list(listing_parts("gs://bkt/images/", {"token": "anon", "skip_instance_cache": True}, None,
+                                  part_rows=30))
+    assert len(streamed) > 1 and not any(p.snapshotted for p in streamed[:-1]) and streamed[-1].last
+    assert [row for p in streamed for row in p.listing.to_table().to_pylist()] == \
+        [dict(zip(("image_id", "uri", "etag", "size"), row)) for row in reference]
 
 
 @pytest.mark.slow

@@ -14,10 +14,22 @@ from .listing_gcs import GCSLister
 def list_prefix(fs, path: str, skipped: dict[str, int] | None = None) -> Columns:
     """(image_ids, uris, etags, sizes) of the image keys below `path` (ids relative to it);
     `skipped` counts the other keys by extension."""
-    protocols = getattr(fs, "protocol", ())
-    protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
-    if "gs" in protocols:  # gcsfs
-        return GCSLister(fs).list(path, skipped)
-    if "abfs" in protocols:  # adlfs
+    if (lister := range_lister(fs)) is not None:
+        return lister(fs).list(path, skipped)
+    if "abfs" in _protocols(fs):  # adlfs
         return AzureLister(fs).list(path, skipped)
     return listing.list_prefix(fs, path, skipped)
+
+
+def range_lister(fs) -> type[listing.RangeLister] | None:
+    """The lister that lists `fs` by key ranges, in parts as it lists (S3, GCS), or None."""
+    if hasattr(fs, "_call_s3"):  # s3fs
+        return listing.S3Lister
+    if "gs" in _protocols(fs):  # gcsfs
+        return GCSLister
+    return None
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    protocols = getattr(fs, "protocol", ())
+    return (protocols,) if isinstance(protocols, str) else tuple(protocols)

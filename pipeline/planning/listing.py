@@ -29,9 +29,10 @@ import asyncio
 import html
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import AsyncContextManager, Callable
 from urllib.parse import unquote_plus
 
 import pyarrow as pa
@@ -218,8 +219,12 @@ class Pace:
         self.wake()
 
 
-class S3Lister:
-    """Lists one prefix of an s3fs filesystem with up to `concurrency` pages in flight."""
+class RangeLister:
+    """Lists one prefix of an fsspec filesystem as key ranges (after, until] with up to `concurrency`
+    pages in flight (the module's docstring): the engine shared by the S3 and GCS listers, which
+    only say how a page of keys after `after` is fetched (`_pages`)."""
+
+    scheme = "s3"  # of the URIs made from the keys
 
     def __init__(self, fs, concurrency: int | None = None, page_size: int | None = None) -> None:
         self.fs = fs
@@ -238,8 +243,8 @@ class S3Lister:
         """The prefix's keys after `start_after` as key-ordered parts of `part_rows` image rows (the
         first ones fewer: FIRST_PART_ROWS, doubling; the last one whatever is left; 0: whatever each
         page completes), each yielded as soon as every key up to its end has been listed, while the
-        rest is still being listed (on s3fs's event loop, not this thread), at most `pace` ahead
-        of the parts taken (default: AHEAD_PARTS and QUEUED_PARTS parts of `part_rows`)."""
+        rest is still being listed (on the filesystem's event loop, not this thread), at most `pace`
+        ahead of the parts taken (default: AHEAD_PARTS and QUEUED_PARTS parts of `part_rows`)."""
         import queue
 
         pace = pace or Pace(AHEAD_PARTS * max(part_rows, FIRST_PART_ROWS), QUEUED_PARTS * max(part_rows, 1))
@@ -261,6 +266,11 @@ class S3Lister:
         bucket, key, _ = self.fs.split_path(path)
         return bucket, f"{key.rstrip('/')}/" if key else ""
 
+    def _pages(self, bucket: str, prefix: str) -> AsyncContextManager[Callable[[str, str | None], Awaitable[Page]]]:
+        """A context in which `fetch(after, until)` returns the page of keys below `prefix` after
+        `after` (it may hold keys past `until`: they are dropped), retried as LIST_ATTEMPTS says."""
+        raise NotImplementedError
+
     async def _list(self, bucket: str, prefix: str, skipped: dict[str, int] | None, emit: Callable[[Part], None],
                     start_after: str, part_rows: int | None, pace: Pace | None = None) -> None:
         """Each page becomes its image rows' columns as it arrives (the raw page is dropped), filed
@@ -269,9 +279,6 @@ class S3Lister:
         the end, the whole listing). Parts come out sorted (no sort, no second copy of them).
         With `pace`, a range whose next page lies `pace.ahead` rows or more past the frontier parks
         (`parked`) until the frontier nears it, and every range waits while `pace.room` is clear."""
-        import aiohttp
-
-        await self.fs.set_session()
         covered: dict[str, tuple[str | None, list[pa.Array | None]]] = {}  # range start -> (end, image rows)
         ahead = [0]  # image rows in `covered`
         parked: dict[str, str | None] = {}  # start -> end of ranges left until the frontier nears them
@@ -281,7 +288,6 @@ class S3Lister:
         part_after = [start_after]
         size = [min(part_rows or 0, FIRST_PART_ROWS)]  # rows of the next part: doubling up to part_rows
         running: set[asyncio.Task] = set()
-        connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=_ssl(self.fs))
 
         def cover(after: str, end: str | None, cols: list[pa.Array | None]) -> None:
             """Keys in (after, end] are listed: move the frontier over every range now joined to it,
@@ -334,25 +340,7 @@ class S3Lister:
             pace.room, pace.wake = asyncio.Event(), resume
             pace.room.set()
 
-        async with aiohttp.ClientSession(connector=connector, trust_env=True) as http:  # trust_env: HTTPS_PROXY
-            # RequestPayer (requester-pays buckets) and credentials ride in the presigned URL's query
-            async def fetch(after: str) -> Page:
-                params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.page_size, "EncodingType": "url",
-                          **({"StartAfter": after} if after else {}), **getattr(self.fs, "req_kw", {})}
-                for attempt in range(LIST_ATTEMPTS):
-                    try:
-                        url = await self.fs.s3.generate_presigned_url("list_objects_v2", Params=params)
-                        async with http.get(url) as r:
-                            body = await r.read()
-                            if r.status != 200:
-                                raise _error(r.status, body)
-                        return parse_page(body)
-                    except Exception as e:
-                        if attempt == LIST_ATTEMPTS - 1 or not is_transient(e):
-                            raise
-                        await asyncio.sleep(LIST_BACKOFF_S * 2 ** attempt)
-                raise AssertionError("unreachable")
-
+        async with self._pages(bucket, prefix) as fetch:
             async def walk(after: str, until: str | None) -> None:
                 """Keys in (after, until]; then its slot goes to a parked range, before this task is
                 done (a done callback could run after the listing has seen every task done)."""
@@ -365,7 +353,7 @@ class S3Lister:
                 while True:
                     if pace is not None:
                         await pace.room.wait()  # the consumer is QUEUED_PARTS behind
-                    page = await fetch(after)
+                    page = await fetch(after, until)
                     keys = page.keys
                     done = not page.truncated or not len(keys)
                     if until is not None and len(keys) and keys[-1].as_py() >= until:
@@ -373,7 +361,7 @@ class S3Lister:
                         page = Page(keys.filter(keep), page.etags.filter(keep), page.sizes.filter(keep), False)
                         done = True
                     cover(after, until if done else keys[-1].as_py(),
-                          list(_columns(page.keys, page.etags, page.sizes, bucket, prefix, skipped)))
+                          list(_columns(page.keys, page.etags, page.sizes, bucket, prefix, skipped, self.scheme)))
                     if done:
                         return
                     after = keys[-1].as_py()
@@ -402,9 +390,40 @@ class S3Lister:
             finally:
                 ended[0] = True
         if parked:
-            raise AssertionError(f"listing ended with ranges parked: {sorted(parked.items())[:3]} frontier {frontier} covered {sorted((k, v[0], len(v[1][0])) for k, v in covered.items())[:5]} ahead {ahead}")
+            raise AssertionError(f"listing ended with ranges parked: {sorted(parked)[:3]}")  # a bug, never an input
         tasks.clear()  # the closures here form cycles: nothing of the pages may wait for the gc
         covered.clear()
+
+
+class S3Lister(RangeLister):
+    """ListObjectsV2 pages by presigned URL over aiohttp, read by `parse_page` (see the module)."""
+
+    @asynccontextmanager
+    async def _pages(self, bucket: str, prefix: str):
+        import aiohttp
+
+        await self.fs.set_session()
+        connector = aiohttp.TCPConnector(limit=self.concurrency, ssl=_ssl(self.fs))
+        async with aiohttp.ClientSession(connector=connector, trust_env=True) as http:  # trust_env: HTTPS_PROXY
+            # RequestPayer (requester-pays buckets) and credentials ride in the presigned URL's query
+            async def fetch(after: str, until: str | None) -> Page:
+                params = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": self.page_size, "EncodingType": "url",
+                          **({"StartAfter": after} if after else {}), **getattr(self.fs, "req_kw", {})}
+                for attempt in range(LIST_ATTEMPTS):
+                    try:
+                        url = await self.fs.s3.generate_presigned_url("list_objects_v2", Params=params)
+                        async with http.get(url) as r:
+                            body = await r.read()
+                            if r.status != 200:
+                                raise _error(r.status, body)
+                        return parse_page(body)
+                    except Exception as e:
+                        if attempt == LIST_ATTEMPTS - 1 or not is_transient(e):
+                            raise
+                        await asyncio.sleep(LIST_BACKOFF_S * 2 ** attempt)
+                raise AssertionError("unreachable")
+
+            yield fetch
 
 
 async def finish_all(tasks: list[asyncio.Task]) -> None:

@@ -1,12 +1,11 @@
 """Listing a GCS prefix with many objects.list pages in flight, never one `find` of the whole prefix.
 
-As on S3 (pipeline/planning/listing.py): the prefix starts as one key range, and whenever a range gets a
-page back while fewer than LIST_CONCURRENCY ranges run, the rest of it is cut at interpolated keys
-(`split_points`) into new ranges. objects.list bounds a range by `startOffset` (inclusive) and
-`endOffset` (exclusive), so a range holds the keys k with start <= k < until. A range that was cut
-keeps paging with its page token (tokens are tied to the offsets first sent, which therefore stay)
-and drops what a page brings at or past its new end. Ranges partition the key space: every key is
-listed once, and the pages joined by first key are the sorted listing.
+The S3 lister's engine (pipeline/planning/listing.py `RangeLister`): the prefix starts as one key
+range, cut at interpolated keys while slots are free, each range (after, until] walked page by page
+and the pages joined in key order, in parts as they are listed (so a GCS prefix streams into a run
+as an S3 one does) and paced by the parts taken. objects.list bounds a page by `startOffset`
+(inclusive) and `endOffset` (exclusive): a page asks for keys from just after `after` (`after`
++ "\0") to just after `until`, so each page is one request that needs no token of an earlier one.
 
 A page is read by Arrow's JSON reader straight into arrays (name, etag, size): no Python object per
 key. Requests go through gcsfs's own `_call`, so credentials, requester pays (`userProject`), its
@@ -15,17 +14,16 @@ retried on transient failures as S3's are.
 """
 from __future__ import annotations
 
-import asyncio
 import io
+from contextlib import asynccontextmanager
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from pipeline.errors import with_retries_async
 from pipeline.planning import listing
 
-from .listing import Columns, Page, _columns, _join, finish_all, split_points
+from .listing import Page
 
 FIELDS = "items(name,etag,size),nextPageToken"  # the answer trimmed to what the listing keeps
 _PAGE_SCHEMA = pa.schema([
@@ -51,18 +49,14 @@ def parse_gcs_page(body: bytes) -> tuple[Page, str | None]:
                 token is not None), token
 
 
-class GCSLister:
-    """Lists one prefix of a gcsfs filesystem with up to `concurrency` pages in flight."""
+class GCSLister(listing.RangeLister):
+    """Lists one prefix of a gcsfs filesystem with up to `concurrency` pages in flight: the S3
+    lister's key ranges (after, until] (pipeline/planning/listing.py `RangeLister`, in parts as it
+    lists), each page asked with `startOffset` just after `after` and `endOffset` just after `until`."""
 
-    def __init__(self, fs, concurrency: int = listing.LIST_CONCURRENCY, page_size: int = listing.PAGE_SIZE) -> None:
-        self.fs, self.concurrency, self.page_size = fs, concurrency, page_size
-
-    def list(self, path: str, skipped: dict[str, int] | None = None) -> Columns:
-        from fsspec.asyn import sync
-
-        bucket, key, _ = self.fs.split_path(path)
-        prefix = f"{key.rstrip('/')}/" if key else ""
-        return sync(self.fs.loop, self._list, bucket, prefix, skipped)
+    @property
+    def scheme(self) -> str:
+        return self.fs.unstrip_protocol("b").split("://")[0]  # "gs", as fs.find's paths read
 
     async def _page(self, bucket: str, prefix: str, start: str | None, end: str | None,
                     token: str | None) -> tuple[Page, str | None]:
@@ -84,46 +78,16 @@ class GCSLister:
 
         return await with_retries_async(once, listing.LIST_ATTEMPTS, listing.LIST_BACKOFF_S)
 
-    async def _list(self, bucket: str, prefix: str, skipped: dict[str, int] | None) -> Columns:
-        """Each page becomes its image rows' columns as it arrives; the pages are joined in key order
-        at the end, so the listing comes out sorted (no sort of the rows, no second copy)."""
-        scheme = self.fs.unstrip_protocol(bucket).split("://")[0]  # "gs", as fs.find's paths read
-        pages: list[tuple[str, list[pa.Array | None]]] = []  # (first key, the page's image rows)
-        running: set[asyncio.Task] = set()
-        tasks: list[asyncio.Task] = []
-
-        async def walk(start: str | None, until: str | None) -> None:
-            """Keys in [start, until): page after page; idle slots take cut-off parts of the rest."""
-            end, token = until, None
-            while True:
+    @asynccontextmanager
+    async def _pages(self, bucket: str, prefix: str):
+        async def fetch(after: str, until: str | None) -> Page:
+            """Keys after `after` up to `until`: "\0" appended is the next string, so the offsets
+            (start inclusive, end exclusive) ask for exactly (after, until]. An empty page that is
+            not the last (GCS sends them) is paged on with its token, whose offsets stay."""
+            start, end = (after + "\0" if after else None), (until + "\0" if until is not None else None)
+            page, token = await self._page(bucket, prefix, start, end, None)
+            while not len(page.keys) and token is not None:
                 page, token = await self._page(bucket, prefix, start, end, token)
-                keys = page.keys
-                if until is not None and len(keys) and keys[-1].as_py() >= until:
-                    keep = pc.less(keys, until)
-                    page, token = Page(keys.filter(keep), page.etags.filter(keep), page.sizes.filter(keep), False), None
-                if len(page.keys):
-                    pages.append((page.keys[0].as_py(), list(_columns(page.keys, page.etags, page.sizes, bucket,
-                                                                      prefix, skipped, scheme=scheme))))
-                if token is None:
-                    return
-                if not len(keys):
-                    continue  # an empty page that is not the last (GCS sends them): page on
-                free = self.concurrency - len(running)
-                if free > 0:
-                    points = split_points(keys[-1].as_py(), until, prefix, 1 + free // max(1, len(running)))
-                    for a, b in zip(points, points[1:] + [until]):
-                        launch(a, b)
-                    if points:
-                        until = points[0]
+            return Page(page.keys, page.etags, page.sizes, token is not None)
 
-        def launch(start: str | None, until: str | None) -> None:
-            task = asyncio.get_running_loop().create_task(walk(start, until))
-            running.add(task)
-            task.add_done_callback(running.discard)
-            tasks.append(task)
-
-        launch(None, None)
-        await finish_all(tasks)
-        pages.sort(key=lambda p: p[0])
-        tasks.clear()  # the closures here form cycles: nothing of the pages may wait for the gc
-        return _join([cols for _, cols in pages])
+        yield fetch

@@ -7,9 +7,9 @@ before any of its shards can commit, so a run killed while it lists leaves a pre
 listing that the next run continues: it reads the parts back and lists only keys after the last
 `until` (S3 `StartAfter`), and ends with the listing an uninterrupted run would have had.
 
-An S3 prefix comes in parts of PART_ROWS images while the listing runs (`S3Lister.parts`);
-every other input (local or GCS/Azure prefixes, manifests, inventories, one image) is listed in
-one call and comes as one part. Runs of the previous layout left one `listing.parquet` file:
+An S3 or GCS prefix comes in parts of PART_ROWS images while the listing runs (`RangeLister.parts`);
+every other input (local or Azure prefixes, manifests, inventories, one image) is listed in one
+call and comes as one part. Runs of the previous layout left one `listing.parquet` file:
 it reads back as one last part.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ from pipeline.config import SegmentError
 from pipeline.tables.parquet_io import parquet_bytes
 
 from .inventory import is_inventory
-from .listing import PART_ROWS, S3Lister
+from .listers import range_lister
+from .listing import PART_ROWS
 from .sources import Listing, cannot_list, list_inputs, no_images
 
 PARTS_DIR = "listing"  # _runs/<run_id>/listing/part-NNNNN.parquet
@@ -140,8 +141,9 @@ def _list(url: str, storage_options: dict[str, Any] | None, skipped: dict[str, i
     S3 prefixes in parts as they are listed (`StartAfter`), anything else in one part (list_inputs)."""
     fs, path = filesystem(url, storage_options)
     path = path.rstrip("/") or path
-    if hasattr(fs, "_call_s3") and not is_inventory(url) and not fs.isfile(path) and fs.isdir(path):
-        for part in S3Lister(fs).parts(path, skipped, after, part_rows):
+    lister = range_lister(fs)
+    if lister is not None and not is_inventory(url) and not fs.isfile(path) and fs.isdir(path):
+        for part in lister(fs).parts(path, skipped, after, part_rows):
             yield Listing(*part.columns), part.after, part.until
         return
     listing = list_inputs(url, storage_options, skipped)
