@@ -50,7 +50,7 @@ PART_ROWS = 100_000  # image rows per listing part (`S3Lister.parts`): 100 parts
 # The first part is one page's worth, and each next one twice the last until PART_ROWS: the first
 # shards need only the first page, not the first 100k keys, which one range walks at ~5,000 keys/s.
 FIRST_PART_ROWS = 1000
-AHEAD_PARTS = 4  # rows listed past the frontier (not yet joinable into parts) before far-ahead ranges park
+AHEAD_PARTS = 8  # rows listed past the frontier (not yet joinable into parts) before far-ahead ranges park
 QUEUED_PARTS = 2  # rows emitted in parts the consumer has not taken before every range waits
 SPLIT_DIGITS = 8  # key characters after a range's common prefix used to place split points
 _BASE = 96  # digits: printable ASCII 0x20..0x7e -> 0..94, anything above -> 95 (order kept)
@@ -370,7 +370,9 @@ class RangeLister:
                         return
                     free = self.concurrency - len(running)
                     if free > 0:
-                        pieces = 1 + free // max(1, len(running))
+                        # (at least one: with more ranges running than slots free, `free // running`
+                        # would be 0 and the listing would stay at about half its concurrency)
+                        pieces = 1 + max(1, free // max(1, len(running)))
                         points = split_points(after, until, prefix, pieces)
                         for a, b in zip(points, points[1:] + [until]):
                             start(a, b)
