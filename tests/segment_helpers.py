@@ -3,6 +3,9 @@
 The checkpoint's last score and objectness convs are scaled up so logits sit far from 0: with
 raw random init every mask probability is ~0.5, and a binarisation threshold of 0.5 would
 then hinge on the last bit of float arithmetic (a test of "same RLE" must not).
+
+torch, ifcn and PIL are imported where a checkpoint or an image is made: tests/test_table.py's
+killed children import this module (for delta_options) and would otherwise load torch each time.
 """
 from __future__ import annotations
 
@@ -15,10 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
-from PIL import Image
-
-import ifcn
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +27,10 @@ LOGIT_GAIN = 40.0  # pushes random-init logits away from the 0.5 threshold
 
 
 def write_checkpoint(path: Path, seed: int = 0) -> str:
+    import torch
+
+    import ifcn
+
     torch.manual_seed(seed)
     model = ifcn.InstanceFCN(ifcn.ModelConfig(backbone="vgg16_narrow"))
     with torch.no_grad():
@@ -40,6 +43,8 @@ def write_checkpoint(path: Path, seed: int = 0) -> str:
 
 def write_images(folder: Path, names: list[str], seed: int = 0, size: tuple[int, int] = (96, 161)) -> list[Path]:
     """Smooth random blobs (so masks have structure), sides drawn from [size[0], size[1]), saved by extension."""
+    from PIL import Image
+
     rng = np.random.default_rng(seed)
     paths = []
     for name in names:

@@ -80,6 +80,14 @@ def out(tmp_path: Path) -> str:
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An output never damaged, as `out` starts: read only (each test damages its own `out`)."""
+    reference = str(tmp_path_factory.mktemp("check") / "reference")
+    commit_all(reference, "r1")
+    return reference
+
+
 def test_clean_output_passes(out: str) -> None:
     check = check_output(out)
     assert (check.files, check.images, check.damaged) == (3, len(IDS), ())
@@ -89,9 +97,7 @@ def test_clean_output_passes(out: str) -> None:
 
 @pytest.mark.parametrize("kind", ["truncate", "delete", "copy", "flip"])
 def test_each_damage_is_named_then_repaired_and_a_rerun_completes_the_table(out: str, kind: str,
-                                                                            tmp_path: Path) -> None:
-    reference = str(tmp_path / "reference")
-    commit_all(reference, "r1")
+                                                                            reference: str) -> None:
     path, reason = _damage(kind, out)
     check = check_output(out)
     assert [d.path for d in check.damaged] == [path] and check.damaged[0].reason.startswith(reason)

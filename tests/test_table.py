@@ -79,6 +79,18 @@ def _child(out: str, run_id: str, kill_at: str | None, **kw) -> int:
     return subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode
 
 
+def _copy(src: str, dst: str) -> None:
+    """A whole output (table, staging files) to a new place: one run's state shared by several kill
+    steps, each of which then writes its own copy (the log's paths are relative to the table)."""
+    if "://" not in src:
+        shutil.copytree(src, dst)
+        return
+    import fsspec
+
+    fs = fsspec.filesystem(src.split("://", 1)[0], skip_instance_cache=True)
+    fs.copy(src.split("://", 1)[1], dst.split("://", 1)[1], recursive=True)
+
+
 def _uri(out: str) -> str:
     return f"{out if '://' in out else os.path.abspath(out)}/segments"
 
@@ -142,8 +154,10 @@ def test_kill_before_and_after_every_commit_then_rerun_gives_the_uninterrupted_r
     killed, and no version ever showed an image twice or in part."""
     base = f"{request.getfixturevalue('s3_bucket')}/t" if store == "s3" else str(tmp_path)
     first, changed, prune = IDS[:5], ["img0", "img2", "img4", "img5"], ["img3"]
+    before = f"{base}/first"  # the first run, never killed: every output below starts as a copy of it
+    commit_all(before, "r1", ids=first)
     reference = f"{base}/reference"
-    assert _child(reference, "r1", None, ids=first) == 0
+    _copy(before, reference)
     assert _child(reference, "r2", None, ids=changed, salt=1, prune=prune) == 0
     want = _facts(_table(reference))
     assert [f[0] for f in want] == ["img0", "img1", "img2", "img4", "img5"]
@@ -151,7 +165,7 @@ def test_kill_before_and_after_every_commit_then_rerun_gives_the_uninterrupted_r
              for n in ns for when in ("before", "after")]
     for step in steps:
         out = f"{base}/{step.replace(':', '-')}"
-        assert _child(out, "r1", None, ids=first) == 0
+        _copy(before, out)
         assert _child(out, "r2", step, ids=changed, salt=1, prune=prune) == -9, step
         _assert_every_version_whole(out)  # what a kill leaves already holds the invariant
         # the next run plans from the table: the images still holding their first run's rows
@@ -184,11 +198,12 @@ def test_replaced_images_leave_in_the_commit_that_adds_them(tmp_path: Path) -> N
 def test_overwrite_is_one_commit_and_killed_either_side_reruns_clean(tmp_path: Path) -> None:
     """--overwrite after a killed run: the new version holds only the new run's rows (nothing
     rolled forward into it); the old rows stay readable by version."""
-    out, reference = str(tmp_path / "out"), str(tmp_path / "ref")
+    out, reference, killed = str(tmp_path / "out"), str(tmp_path / "ref"), str(tmp_path / "killed")
     commit_all(reference, "n1", IDS[:4], salt=2)
+    assert _child(killed, "old", "after_group:2") == -9  # a run killed mid-way: each step starts from a copy
     for step in ("before_overwrite:1", "after_overwrite:1", "after_group:1"):
         shutil.rmtree(out, ignore_errors=True)
-        assert _child(out, "old", "after_group:2") == -9  # a run killed mid-way
+        _copy(killed, out)
         assert _child(out, "new", step, ids=IDS[:4], salt=2, overwrite=True) == -9
         _assert_every_version_whole(out)
         assert _child(out, "new2", None, ids=IDS[:4], salt=2, overwrite=True) == 0
