@@ -198,8 +198,10 @@ def _process(plan: Plan, config: SegmentConfig, committer: GroupCommitter, colle
     if not plan.listing_ongoing:  # one part (listed in one call): planned in milliseconds
         stream.ended.wait()
     read_rows = min(read_block_rows(stream.pending, res.actors), READ_BLOCK_MAX)  # a block in one call
-    # the whole plan known: plain Arrow blocks; else the feed's queue, drained while the listing goes on
-    inputs = feed.static(read_rows) if stream.ended.is_set() else feed.start(read_rows)
+    # the whole plan known and at most a part's images: plain Arrow blocks (all in the object store at
+    # once); else the feed's queue, drained as the actors go (a 10M-image manifest is one part)
+    whole = stream.ended.is_set() and stream.pending <= config.listing_part
+    inputs = feed.static(read_rows) if whole else feed.start(read_rows)
     try:
         with spread_actors(res, node_cpus, log) as placement, CommitTicker(collector, committer) as ticker:
             # prefetch 0: a batch is handed over as it comes (with prefetching, the last one waits for

@@ -92,17 +92,19 @@ class Feed:
         return ray.data.from_arrow(blocks)
 
     def stop(self) -> None:
-        """Ends the queue actor (a run that failed): the thread's pending put fails and it exits."""
+        """Ends the queue actor (a run that failed; once): the thread's pending put fails and it exits."""
         self.close()
         if self.queue is not None:
             import ray
 
-            ray.kill(self.queue.actor)
+            queue, self.queue = self.queue, None
+            ray.kill(queue.actor)
 
     def _loop(self, block_rows: int, tasks: int) -> None:
+        queue = self.queue  # (`stop` lets go of it)
         try:
             for block in self._blocks(block_rows):
-                self.queue.put(block)
+                queue.put(block)
                 with self.cond:
                     self.backlog -= block.num_rows
                     self.cond.notify_all()
@@ -111,7 +113,7 @@ class Feed:
                     self.first_block_at = time.perf_counter()
                     self.on_first()
             for _ in range(tasks):
-                self.queue.put(None)  # each read task ends at one
+                queue.put(None)  # each read task ends at one
         except BaseException as e:  # noqa: BLE001 - the driver reads it after the graph
             self.error = e
 
