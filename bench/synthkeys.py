@@ -34,10 +34,16 @@ class QuietHandler(BaseHTTPRequestHandler):
         return {k: v[0] for k, v in parse_qs(urlsplit(self.path).query, keep_blank_values=True).items()}
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's listen backlog is 5: a lister opening 64 connections at once had the rest of
+    # its SYNs dropped and retried by TCP 1, 3, 7 s later (small listings took 8-150 s)
+    request_queue_size = 1024
+
+
 def serve(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
     """`handler` on a loopback port, one thread per connection, served from a daemon thread; a client
     that ends mid-answer is no error (a bench may kill its client)."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd = _Server(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     httpd.handle_error = lambda request, address: None
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
