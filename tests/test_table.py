@@ -357,7 +357,7 @@ def test_state_ranges_read_only_the_files_of_a_range(tmp_path: Path, monkeypatch
     read: list[list[str]] = []
     real = files.read_verified
     monkeypatch.setattr(files, "read_verified",
-                        lambda dt, dataset, cols: read.append(sorted(dataset.files)) or real(dt, dataset, cols))
+                        lambda dt, dataset, cols, **kw: read.append(sorted(dataset.files)) or real(dt, dataset, cols, **kw))
     bounds = [None, "", "a", "b", "c", "cc", "f", "g", "i", "w", "x", "z"]
     for after in bounds:
         for until in bounds:

@@ -6,7 +6,7 @@ it is cut at interpolated keys into new ranges (`StartAfter`), so dense parts of
 keep splitting until the slots are full, whatever the key names. Ranges partition the key space
 exactly (a range holds keys k with after < k <= until), so every key is listed once. Each page
 is filed under the range it covers; once the ranges from the start join up without a gap, they
-can go out as a `Part` while the rest is still being listed (`S3Lister.parts`: what lets shards
+can go out as a `Part` while the rest is still being listed (`RangeLister.parts`: what lets shards
 start before the listing ends, pipeline/planning/stream.py).
 
 The listing runs only so far ahead of its consumer (`Pace`): a range parks once AHEAD_PARTS
@@ -47,7 +47,7 @@ LIST_CONCURRENCY = 64  # ListObjectsV2 pages in flight (64 x 1000 keys / 200 ms 
 PAGE_SIZE = 1000  # S3's largest page
 LIST_ATTEMPTS = 5  # a page is retried 4 times, 0.5 + 1 + 2 + 4 s apart
 LIST_BACKOFF_S = 0.5
-PART_ROWS = 100_000  # image rows per listing part (`S3Lister.parts`): 100 parts, snapshots and plans per 10M keys
+PART_ROWS = 100_000  # image rows per listing part (`RangeLister.parts`): 100 parts, snapshots and plans per 10M keys
 # The first part is one page's worth, and each next one twice the last until PART_ROWS: the first
 # shards need only the first page, not the first 100k keys, which one range walks at ~5,000 keys/s.
 FIRST_PART_ROWS = 1000
@@ -193,7 +193,7 @@ class Part:
 
 
 class Pace:
-    """How far `S3Lister.parts` lists ahead of its consumer, in image rows: `ahead` rows past the
+    """How far `RangeLister.parts` lists ahead of its consumer, in image rows: `ahead` rows past the
     frontier before ranges beyond them park, `queued` rows emitted and not taken before all wait.
     `take` is called from the consumer's thread; the rest runs on the listing's event loop."""
 

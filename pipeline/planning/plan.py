@@ -40,7 +40,7 @@ from pipeline.tables.schema import FORMAT
 
 from .parts import PARTS_DIR, listing_parts, read_parts, write_part
 from pipeline.tables.store import OutputStore, new_run_id, now_utc  # noqa: F401  (run.py imports the run-id helpers from here)
-from pipeline.tables.delta import OLD_LAYOUT_MARKERS, OutputTables
+from pipeline.tables.delta import OLD_LAYOUT_MARKERS, STATE_COLUMNS, OutputTables
 from pipeline.tables.files import FILE_COLUMN, StateRanges, TableDamagedError
 
 from .sources import Listing, Span
@@ -148,7 +148,7 @@ class Classifier:
 
     def __init__(self, state: pa.Table | StateRanges, overwrite: bool = False) -> None:
         if overwrite:  # the rows there now are to be replaced, so every listed image is new
-            state = _TableRanges(None)
+            state = StateRanges(None, STATE_COLUMNS)
         elif isinstance(state, pa.Table):
             state = _TableRanges(state)
         self.state = state
@@ -209,11 +209,7 @@ class _TableRanges:
     """A state table held in memory, read by range as `StateRanges` is (sorted by id once; each
     range a zero-copy slice found by two binary searches)."""
 
-    def __init__(self, state: pa.Table | None) -> None:
-        if state is None:
-            state = pa.table({"image_id": pa.array([], pa.string()), "status": pa.array([], pa.string()),
-                              "etag": pa.array([], pa.string()), "size": pa.array([], pa.int64()),
-                              FILE_COLUMN: pa.array([], pa.string())})
+    def __init__(self, state: pa.Table) -> None:
         ids = state.column("image_id")
         if len(ids) > 1 and not pc.all(pc.less(ids.slice(0, len(ids) - 1), ids.slice(1))).as_py():
             state = state.take(pc.sort_indices(ids))  # a table holds each id once: sorted means strictly

@@ -158,17 +158,19 @@ def _verify_sizes(uri: str, fs: Any, paths: list[str], sizes: list[int]) -> None
             raise _damaged(uri, path, f"has {info.size} bytes, the log says {size}")
 
 
-def read_verified(dt: Any, dataset: ds.Dataset, columns: list[str], filter: Any = None) -> pa.Table:
+def read_verified(dt: Any, dataset: ds.Dataset, columns: list[str], filter: Any = None,
+                  adds: pa.Table | None = None) -> pa.Table:
     """`dataset.to_table` that turns an unreadable file into one TableDamagedError naming it and,
     when whole files are read (no filter), checks each file's rows against its logged count and
-    image_id range: a file swapped for another table file of the same size is caught here."""
+    image_id range: a file swapped for another table file of the same size is caught here.
+    adds: `dt`'s add actions (flattened), when the caller holds them already."""
     cols = list(dict.fromkeys([*columns, *(["image_id", FILE_COLUMN] if filter is None else [])]))
     try:
         table = dataset.to_table(columns=cols, filter=filter)
     except (OSError, pa.ArrowException) as e:
         raise _first_unreadable(dt.table_uri, dataset, e) from None
     if filter is None and table.num_rows:
-        _verify_rows(dt, table)
+        _verify_rows(dt, table, adds)
     return table.select(columns)
 
 
@@ -183,6 +185,7 @@ class StateRanges:
         """dt: a DeltaTable at the version to read (None: no table yet, no rows)."""
         self.dt, self.columns, self.options = dt, list(columns), options
         adds = pa.table(dt.get_add_actions(flatten=True)) if dt is not None else pa.table({"path": pa.array([], pa.string())})
+        self.adds = adds  # read once: each range's rows are checked against them
         self.paths = adds.column("path").to_pylist()
         if self.paths:
             import pyarrow.fs as pafs
@@ -210,7 +213,7 @@ class StateRanges:
                              for c in cols})
         dataset = ds.FileSystemDataset.from_paths(paths, schema=VIEWS["images"], format=ds.ParquetFileFormat(),
                                                   filesystem=self.fs)
-        table = read_verified(self.dt, dataset, cols)
+        table = read_verified(self.dt, dataset, cols, adds=self.adds)
         ids = table.column("image_id")
         inside = pa.array(np.ones(table.num_rows, bool))
         if after is not None:
@@ -231,8 +234,8 @@ def _first_unreadable(uri: str, dataset: ds.Dataset, error: Exception) -> TableD
     return TableDamagedError(f"{uri}: reading failed ({str(error).splitlines()[0][:200]})")
 
 
-def _verify_rows(dt: Any, table: pa.Table) -> None:
-    adds = pa.table(dt.get_add_actions(flatten=True))
+def _verify_rows(dt: Any, table: pa.Table, adds: pa.Table | None = None) -> None:
+    adds = adds if adds is not None else pa.table(dt.get_add_actions(flatten=True))
     logged = {p: (n, lo, hi) for p, n, lo, hi in zip(
         adds.column("path").to_pylist(), adds.column("num_records").to_pylist(),
         *(adds.column(c).to_pylist() if c in adds.column_names else [None] * adds.num_rows
