@@ -231,6 +231,7 @@ class DriverThreads:
     def __init__(self) -> None:
         self.cpu: dict[int, tuple[str, float]] = {}
         self.executor_seen: list[float] = []  # first and last time an executor thread was seen
+        self.streaming_cpu: list[float] = []  # the driver's CPU (every thread) at those two times
         self.tick = os.sysconf("SC_CLK_TCK")
         self._stop = threading.Event()
         self.sample()
@@ -244,6 +245,7 @@ class DriverThreads:
 
     def sample(self) -> None:
         names = {t.native_id: t.name for t in threading.enumerate()}
+        executor_running = False
         for tid in os.listdir("/proc/self/task"):
             try:
                 with open(f"/proc/self/task/{tid}/stat") as f:
@@ -261,9 +263,14 @@ class DriverThreads:
             if role == "executor loop":
                 now = time.perf_counter()
                 self.executor_seen = [self.executor_seen[0] if self.executor_seen else now, now]
+                executor_running = True
+        if executor_running:
+            total = sum(cpu for _, cpu in self.cpu.values())
+            self.streaming_cpu = [self.streaming_cpu[0] if self.streaming_cpu else total, total]
 
     def stop(self) -> dict[str, float]:
-        """CPU seconds by role since the start, and the executor loop's run time ("executor s")."""
+        """CPU seconds by role since the start, the executor loop's run time ("executor s") and the driver's
+        CPU, every thread, while it ran ("streaming cpu s")."""
         self._stop.set()
         self.thread.join()
         self.sample()
@@ -271,6 +278,7 @@ class DriverThreads:
         for tid, (role, cpu) in self.cpu.items():
             by_role[role] = by_role.get(role, 0.0) + cpu - self.start.get(tid, (role, 0.0))[1]
         by_role["executor s"] = self.executor_seen[1] - self.executor_seen[0] if self.executor_seen else 0.0
+        by_role["streaming cpu s"] = self.streaming_cpu[1] - self.streaming_cpu[0] if self.streaming_cpu else 0.0
         return by_role
 
 
@@ -396,7 +404,7 @@ def print_driver_threads(runs: dict[tuple[str, int], list[dict[str, Any]]], size
     executor loop also its % of a core while it ran (larger run): a per-second cost, a steady share of a
     core whose per-image figure falls as throughput rises (medians over rounds)."""
     roles = sorted({k for job in ("project", "plain") for m in runs[(job, sizes[1])] for k in m["driver_threads"]}
-                   - {"executor s"})
+                   - {"executor s", "streaming cpu s"})
     for name in roles:
         marg, rate = [], []
         for job in ("project", "plain"):
@@ -407,6 +415,19 @@ def print_driver_threads(runs: dict[tuple[str, int], list[dict[str, Any]]], size
                                           / max(m["driver_threads"]["executor s"], 1e-9) for m in big))
         note = f"    ({rate[0]:.1f}% vs {rate[1]:.1f}% of a core while it ran)" if name == "executor loop" else ""
         print(f"    {name:20s}{marg[0]:10.1f}{marg[1]:10.1f}{note}")
+
+
+def streaming_share(runs: dict[tuple[str, int], list[dict[str, Any]]], job: str,
+                    sizes: tuple[int, int]) -> tuple[float, float, float]:
+    """The driver's steady cost without start-up noise: its CPU, every thread, while the executor ran (the
+    larger run), as % of a core, at the steady throughput (extra images over extra wall time, larger run
+    over smaller), and the two as % of a core per 100 images/s (medians over rounds). The marginal line
+    above carries each run's start-up (imports, planning: +-0.3 CPU-s) into a per-image figure."""
+    big, small = runs[(job, sizes[1])], runs[(job, sizes[0])]
+    share = statistics.median(100 * m["driver_threads"].get("streaming cpu s", 0.0)
+                              / max(m["driver_threads"]["executor s"], 1e-9) for m in big)
+    rate = statistics.median((sizes[1] - sizes[0]) / max(a["wall_s"] - b["wall_s"], 1e-9) for a, b in zip(big, small))
+    return share, rate, 100 * share / rate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'driver % core/100 im/s':22s}{share[0]:10.1f}{share[1]:10.1f}    (its marginal, x 10)")
             print("  driver by thread, % core/100 im/s:")
             print_driver_threads(runs, sizes)
+            steady = [streaming_share(runs, job, sizes) for job in ("project", "plain")]
+            print(f"  {'driver while streaming':22s}{steady[0][2]:10.1f}{steady[1][2]:10.1f}    (% core/100 im/s: "
+                  f"{steady[0][0]:.1f}% vs {steady[1][0]:.1f}% of a core at {steady[0][1]:.0f} vs {steady[1][1]:.0f} "
+                  f"images/s)")
             procs = [statistics.median(m["processes"] for m in runs[(job, sizes[1])]) for job in ("project", "plain")]
             print(f"  {'processes (count)':22s}{procs[0]:10.0f}{procs[1]:10.0f}")
             wall = [statistics.median(m["wall_s"] for m in runs[(job, sizes[1])]) for job in ("project", "plain")]
