@@ -13,7 +13,9 @@ from bench.cpu_side import DriverThreads, streaming_share
 BURN_S = 0.6  # a few of /proc's 10 ms clock ticks, and longer than one sample interval
 
 
-def _burn(burnt: threading.Event, stop: threading.Event) -> None:
+def _burn(burnt: threading.Event, stop: threading.Event, go: threading.Event | None = None) -> None:
+    if go is not None:
+        assert go.wait(120)
     end = time.thread_time() + BURN_S
     while time.thread_time() < end:
         pass
@@ -25,10 +27,16 @@ def test_a_named_thread_is_charged_to_its_role_and_the_executor_time_is_its_life
     threads = DriverThreads()
     stop = threading.Event()
     burnt = [threading.Event() for _ in range(3)]
-    workers = [threading.Thread(target=_burn, args=(done, stop), name=name, daemon=True)
-               for name, done in zip(("StreamingExecutor-dataset_0", "iter_threaded", "someone-else"), burnt)]
+    seen = threading.Event()  # the executor burns once the sampler has seen it: its burn is in the window
+    workers = [threading.Thread(target=_burn, args=(done, stop, seen if i == 0 else None), name=name, daemon=True)
+               for i, (name, done) in enumerate(zip(("StreamingExecutor-dataset_0", "iter_threaded", "someone-else"),
+                                                     burnt))]
     for w in workers:
         w.start()
+    deadline = time.monotonic() + 120
+    while not threads.streaming_cpu and time.monotonic() < deadline:
+        time.sleep(0.05)
+    seen.set()
     for done in burnt:
         assert done.wait(120)
     by_role = threads.stop()
