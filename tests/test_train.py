@@ -215,8 +215,9 @@ def test_cli_forwards_only_given_flags():
     assert (paper.backbone, paper.steps, paper.max_size) == ("vgg16", 40000, 2000)
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.train", *args], capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.train", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
 
 
 def test_cli_wrong_flag_is_a_one_line_usage_error():
@@ -316,9 +317,10 @@ def test_baseline_trains_with_the_same_loop_and_round_trips(tiny_data, tmp_path)
         ifcn.load_baseline(str(tmp_path / "ifcn.pt"))
 
 
-def test_cli_ctrl_c_is_one_line_exit_130_and_a_rerun_resumes(tiny_data, tmp_path):
+def test_cli_ctrl_c_is_one_line_exit_130_and_a_rerun_resumes(tiny_data, tmp_path, ray_head):
     """SIGINT to the job's process group (a terminal's Ctrl-C, data processes included): one line, exit
-    130, no traceback; the same command then resumes from the last checkpoint."""
+    130, no traceback; the same command then resumes from the last checkpoint, here on a running
+    cluster (RAY_ADDRESS, as under `ray job submit`: Ray refuses num_cpus there)."""
     import os
     import signal
 
@@ -336,8 +338,9 @@ def test_cli_ctrl_c_is_one_line_exit_130_and_a_rerun_resumes(tiny_data, tmp_path
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1].startswith("ifcn-train: interrupted; re-running the same command resumes")
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
-    again = run_cli(*args, "--max-steps", "40")
+    again = run_cli(*args, "--max-steps", "16",
+                    env={**os.environ, **ray_head.client_env, "RAY_ADDRESS": ray_head.gcs_address})
     assert again.returncode == 0, again.stderr
     step = int(re.search(r"resuming from \S+ at step (\d+)", again.stdout).group(1))
-    assert 4 <= step < 40  # from a checkpoint the interrupted run wrote, not from scratch
-    assert "saved" in again.stdout and "at step 40" in again.stdout
+    assert 4 <= step < 16  # from a checkpoint the interrupted run wrote, not from scratch
+    assert "saved" in again.stdout and "at step 16" in again.stdout

@@ -395,7 +395,8 @@ def fit_interruptibly(trainer: Any) -> None:
 def train(config: TrainConfig, log: Log = print) -> str:
     """Trains with Ray Train (TorchTrainer, DDP over config.num_workers workers); returns the model URL.
 
-    Starts a local Ray when none is running (and stops it after); otherwise uses the connected one.
+    Starts a local Ray when none is running and RAY_ADDRESS names no cluster (and stops it after);
+    otherwise joins the cluster (RAY_ADDRESS, as under `ray job submit`) or uses the connected Ray.
     Rank 0's progress and validation lines reach `log` through a Ray queue, so a local Ray can keep
     its workers' own output (Ray Train's controller chatter) off the terminal.
     """
@@ -407,7 +408,10 @@ def train(config: TrainConfig, log: Log = print) -> str:
     from ray.util.queue import Empty, Queue
 
     started = False
-    if not ray.is_initialized():
+    if not ray.is_initialized() and os.environ.get("RAY_ADDRESS", "local") != "local":
+        # a cluster (RAY_ADDRESS, `ray job submit`) keeps its own CPUs and dashboard: Ray refuses num_cpus there
+        ray.init(log_to_driver=False, logging_level=logging.ERROR)
+    elif not ray.is_initialized():
         # The dashboard serves the State API that Ray Train's placement-group cleaner polls every second
         # (without it: "Failed to query Ray Train Controller actor state" each time, and no cleanup).
         ray.init(num_cpus=max(os.cpu_count() or 1, config.num_workers * config.cpus_per_worker),
