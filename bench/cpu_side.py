@@ -23,7 +23,9 @@ The stage split is that sampling (each process's CPU growth charged to its curre
 idle workers, raylet/GCS, other Ray processes, driver; what ended between samples is "unsampled").
 Runs are interleaved (project, plain, project, plain ...) at --images/2 and --images per format:
 core-ms per image is the larger run's total / images; marginal = the extra CPU of the larger run per
-extra image (start-up cost cancels). The last line is one JSON object:
+extra image (start-up cost cancels). The driver's share of a core per 100 images/s is printed two
+ways: its marginal x 10, and "while streaming" (its CPU, every thread, while Ray Data's executor ran,
+at the steady throughput: `streaming_share`), which carries no start-up noise. The last line is one JSON object:
 {"jpeg480": {"project": MS, "plain": MS}, "png64": {...}} (median core-ms per image, all processes).
 """
 from __future__ import annotations
