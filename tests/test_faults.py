@@ -31,9 +31,9 @@ from segment_helpers import REPO, cli, cli_env, inference_flags, read_table, wri
 
 NUM_IMAGES = 8  # 4 shards of 2: a kill lands between commits
 SHARD_SIZE = 2
-OUTAGE_S = 12  # beyond s3fs's own retries of one call; within the job's: reads (5 attempts of s3fs's) and writes
-# (STORAGE_ATTEMPTS: ~30 s) ride it out (a 40 s outage was ridden out too: the job never failed, so the
-# exhausted-retries path has its own test below, with an image that never reads)
+OUTAGE_S = 12  # within the job's retries: reads (READ_ATTEMPTS, each with s3fs's own retries) and writes
+# (STORAGE_ATTEMPTS: ~30 s) ride it out. The one 40 s outage run of this test rode it out too, so the
+# exhausted-retries path has its own test below, with an image that never reads.
 
 pytestmark = pytest.mark.slow
 
